@@ -1,0 +1,269 @@
+"""Configuration dataclasses, YAML round trip, dotted CLI overrides and validation.
+
+A run is ``RunConfig(model=ModelConfig, data=DataConfig, train=TrainConfig)``. Every field
+is plain data so configs serialise to YAML/JSON and back unchanged. Unknown keys raise a
+one-line ``ConfigError`` that suggests the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modformer.registry import ConfigError, suggest
+
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig",
+           "from_dict", "load_config", "apply_overrides", "save_yaml"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a model: sizes plus registry names of each component."""
+
+    vocab_size: int = 50304
+    n_layer: int = 2
+    d_model: int = 128
+    n_head: int = 4
+    n_kv_heads: int | None = None      # None = n_head (MHA); 1 = MQA; between = GQA
+    d_head: int | None = None          # None = d_model // n_head
+    d_ff: int | None = None            # None = 4*d_model (MLP) or LLaMA-rounded 8/3*d_model (GLU)
+    ffn_multiple_of: int = 64          # GLU hidden size is rounded up to a multiple of this
+    max_seq_len: int = 1024            # size of the learned position table; cache size limit
+    model: str = "gpt"
+    attention: str = "mha"
+    attn_backend: str = "sdpa"         # sdpa | eager | flex
+    position: str = "learned"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"
+    norm_placement: str = "pre"        # pre | post | sandwich
+    norm_eps: float = 1e-5
+    ffn: str = "gelu"
+    bias: bool = True
+    qk_norm: bool = False
+    causal: bool = True
+    dropout: float = 0.0               # residual/embedding dropout
+    attn_dropout: float = 0.0
+    attn_only: bool = False
+    tie_embeddings: bool = True
+    final_norm: bool = True
+    rezero: bool = False               # learned residual gate initialised at 0 (Bachlechner et al.)
+    grad_checkpointing: bool = False
+    init_std: float = 0.02
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    ffn_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head if self.d_head is not None else self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_head
+
+    def validate(self) -> ModelConfig:
+        """Raise a one-line ConfigError naming the first bad field."""
+        from modformer import registry
+
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.d_head is None and self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}), "
+                "or set model.d_head")
+        if self.kv_heads <= 0 or self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
+        for fld, kind in (("model", "model"), ("attention", "attention"), ("position", "position"),
+                          ("norm", "norm"), ("ffn", "ffn"), ("attn_backend", "attn_backend")):
+            registry.get(kind, getattr(self, fld), field=f"model.{fld}")
+        if self.norm_placement not in ("pre", "post", "sandwich"):
+            raise ConfigError(
+                f"model.norm_placement: unknown {self.norm_placement!r}; allowed: pre, post, sandwich")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        return self
+
+
+@dataclass
+class DataConfig:
+    """What to train on: a registered task (algorithmic) or corpus (text) and its options."""
+
+    name: str = "modular"              # registry name under "task" or "corpus"
+    seq_len: int = 256                 # context length for corpora (tasks set their own)
+    root: str | None = None            # data folder; None = ../shared/data or $MODFORMER_DATA
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, checkpointing and hardware settings of one run."""
+
+    steps: int = 1000
+    batch_size: int = 64               # sequences per optimizer step per process; 0 = full batch
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False     # apply weight decay to embeddings too
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. grokfast settings
+    schedule: str = "cosine"           # constant | cosine | linear
+    warmup_steps: int = 0
+    grad_clip: float = 1.0             # 0 disables
+    eval_every: int = 100
+    eval_batches: int = 20             # 0 = full split
+    eval_batch_size: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 0          # 0 = only at the end
+    early_stop_metric: str | None = None   # e.g. "val/acc"
+    early_stop_target: float | None = None
+    early_stop_mode: str = "max"       # max: stop when metric >= target; min: <=
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    compile: bool = False
+    distributed: str = "ddp"           # ddp | fsdp (used when launched by torchrun)
+    seed: int = 0
+    threads: int | None = None         # torch.set_num_threads on CPU
+    progress: bool = True
+    tensorboard: bool = True
+    sample_tokens: int = 200           # generated sample length in LM reports
+
+
+@dataclass
+class RunConfig:
+    """A whole run: name, output folder and the three sections."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert YAML/CLI values to the annotated type; error names the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=where + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or
+                                           (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):          # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!r}{suggest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings (YAML-parsed values) and return a new RunConfig."""
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=3e-4)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                here = list(node) if isinstance(node, dict) else []
+                raise ConfigError(
+                    f"unknown config key {'.'.join(parts[:depth + 1])!r}{suggest(part, here)}")
+            node = node[part]
+        last = parts[-1]
+        is_options = len(parts) >= 2 and parts[-2].endswith("options")
+        if not isinstance(node, dict) or (last not in node and not is_options):
+            here = list(node) if isinstance(node, dict) else []
+            raise ConfigError(f"unknown config key {key!r}{suggest(last, here)}")
+        node[last] = _parse_scalar(text)
+    return from_dict(RunConfig, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides, validate the model section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    cfg = from_dict(RunConfig, raw)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    cfg.model.validate()
+    return cfg
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write a dataclass config as YAML atomically."""
+    from modformer.utils import atomic_write_text
+
+    data = asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False))

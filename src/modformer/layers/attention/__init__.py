@@ -1,0 +1,1 @@
+"""Attention variants and the shared kernel dispatcher."""

@@ -1,0 +1,181 @@
+"""One attention-kernel dispatcher shared by every attention variant.
+
+Backends (registry kind ``attn_backend``):
+- ``sdpa``: ``F.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient on GPU).
+- ``eager``: explicit softmax in float32; the only backend that returns probabilities, used
+  for analysis (hook_pattern) and as the test reference.
+- ``flex``: FlexAttention with a BlockMask (compiled on GPU; forward-only reference on CPU);
+  structured and learned sparsity plug in through ``block_mask``.
+
+All backends take q ``(B, H, Tq, Dh)`` and k, v ``(B, Hkv, Tk, Dh)`` with ``H % Hkv == 0``
+(GQA/MQA). Query ``i`` sits at absolute position ``q_offset + i`` and key ``j`` at position ``j``;
+``causal`` keeps keys with position <= the query's, which also hides unwritten slots of a
+preallocated (static) KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modformer.registry import register
+
+
+@dataclass
+class AttnSpec:
+    """How one attention call is masked and biased."""
+
+    causal: bool = True
+    q_offset: int = 0
+    alibi_slopes: Tensor | None = None   # (H,) ALiBi slopes, bias = -slope * (q_pos - k_pos)
+    scale: float | None = None
+    dropout_p: float = 0.0
+    block_mask: object | None = None     # flex BlockMask overriding the causal mask (sparse variants)
+
+
+def _positions(tq: int, tk: int, q_offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    q_pos = torch.arange(q_offset, q_offset + tq, device=device)
+    k_pos = torch.arange(tk, device=device)
+    return q_pos, k_pos
+
+
+def attn_bias(spec: AttnSpec, n_head: int, tq: int, tk: int, device: torch.device,
+              dtype: torch.dtype) -> Tensor | None:
+    """Additive float bias ``(1|H, Tq, Tk)`` (0 / -inf plus ALiBi), or None when not needed."""
+    all_visible = not spec.causal or tk <= spec.q_offset + 1
+    if spec.alibi_slopes is None and all_visible:
+        return None
+    q_pos, k_pos = _positions(tq, tk, spec.q_offset, device)
+    rel = (q_pos[:, None] - k_pos[None, :]).to(dtype)             # (Tq, Tk) distance to the key
+    bias = torch.zeros(1, tq, tk, device=device, dtype=dtype)
+    if spec.alibi_slopes is not None:
+        bias = -spec.alibi_slopes.to(device, dtype).view(n_head, 1, 1) * rel.abs().unsqueeze(0)
+    if spec.causal:
+        bias = bias.masked_fill((rel < 0).unsqueeze(0), float("-inf"))
+    return bias
+
+
+def _expand_kv(k: Tensor, v: Tensor, n_head: int) -> tuple[Tensor, Tensor]:
+    rep = n_head // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+@register("attn_backend", "eager")
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
+                    need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Reference path: softmax(q k^T * scale + bias) v, softmax in >= float32; returns probs."""
+    B, H, Tq, Dh = q.shape
+    k, v = _expand_kv(k, v, H)
+    scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(Dh)
+    acc = torch.promote_types(q.dtype, torch.float32)                     # fp32 softmax for bf16/fp16
+    scores = torch.matmul(q, k.transpose(-2, -1)).to(acc) * scale         # (B, H, Tq, Tk)
+    if spec.block_mask is not None:
+        keep = dense_from_block_mask(spec.block_mask, Tq, k.shape[2]).to(q.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    else:
+        bias = attn_bias(spec, H, Tq, k.shape[2], q.device, acc)
+        if bias is not None:
+            scores = scores + bias
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)    # rows with no visible key -> 0
+    drop = F.dropout(probs, spec.dropout_p) if spec.dropout_p > 0 else probs
+    out = torch.matmul(drop.to(v.dtype), v)
+    return out, (probs if need_weights else None)
+
+
+@register("attn_backend", "sdpa")
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
+                   need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """PyTorch SDPA; uses ``is_causal`` (flash-eligible) whenever the mask is plain causal."""
+    if need_weights or spec.block_mask is not None:
+        return eager_attention(q, k, v, spec, need_weights)
+    B, H, Tq, Dh = q.shape
+    Tk = k.shape[2]
+    plain_causal = spec.causal and spec.q_offset == 0 and Tq == Tk and spec.alibi_slopes is None
+    mask = None if plain_causal else attn_bias(spec, H, Tq, Tk, q.device, q.dtype)
+    if k.shape[1] != H and (mask is not None or q.device.type != "cuda"):
+        k, v = _expand_kv(k, v, H)   # enable_gqa only pays off on the fused GPU kernels
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if mask is None else mask.unsqueeze(0), is_causal=plain_causal,
+        dropout_p=spec.dropout_p, scale=spec.scale, enable_gqa=k.shape[1] != H)
+    return out, None
+
+
+@lru_cache(maxsize=64)
+def causal_block_mask(tq: int, tk: int, q_offset: int, device: str) -> object:
+    """Cached FlexAttention BlockMask for causal attention with a query offset."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+        return kv_idx <= q_idx + q_offset
+
+    return create_block_mask(mask_mod, None, None, tq, tk, device=device)
+
+
+def dense_from_block_mask(block_mask: object, tq: int, tk: int) -> Tensor:
+    """Boolean keep-mask ``(B|1, H|1, Tq, Tk)`` equal to a BlockMask (reference for the eager path)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    bq, bk = block_mask.BLOCK_SIZE
+    blocks = block_mask.to_dense().bool()                              # (B, H, Tq/bq, Tk/bk)
+    dense = blocks.repeat_interleave(bq, -2).repeat_interleave(bk, -1)[..., :tq, :tk]
+    b, h = block_mask.shape[:2]
+    return dense & create_mask(block_mask.mask_mod, b, h, tq, tk, device=dense.device)
+
+
+_compiled_flex: Callable | None = None
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+@register("attn_backend", "flex")
+def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
+                           need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """FlexAttention: causal/sparse structure as a BlockMask, ALiBi as a score_mod."""
+    if need_weights or spec.dropout_p > 0:
+        return eager_attention(q, k, v, spec, need_weights)
+    B, H, Tq, Dh = q.shape
+    Tk = k.shape[2]
+    block_mask = spec.block_mask
+    if block_mask is None and spec.causal:
+        block_mask = causal_block_mask(Tq, Tk, spec.q_offset, str(q.device))
+    score_mod = None
+    if spec.alibi_slopes is not None:
+        slopes = spec.alibi_slopes.to(q.device, torch.float32)
+        off = spec.q_offset
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+            return score - slopes[h] * (q_idx + off - kv_idx).abs()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager (uncompiled) flex on CPU warns it is a slow reference
+        out = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.scale,
+                                 enable_gqa=k.shape[1] != H)
+    return out, None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, backend: str = "sdpa",
+           need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Dispatch to a backend; ``need_weights`` forces the eager path and returns probabilities."""
+    from modformer import registry
+
+    if need_weights:
+        return eager_attention(q, k, v, spec, True)
+    return registry.get("attn_backend", backend, field="model.attn_backend")(q, k, v, spec, False)

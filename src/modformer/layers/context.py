@@ -1,0 +1,19 @@
+"""Per-forward state shared by every block: positions, the position module and the KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from modformer.layers.cache import KVCache
+from modformer.layers.position import Position
+
+
+@dataclass
+class Context:
+    pos: Tensor                     # (T,) absolute positions of this call's tokens
+    position: Position              # the model's (shared) position module
+    cache: KVCache | None = None    # updated in place by each attention layer
+    q_offset: int = 0               # absolute position of the first token of this call
+    block_mask: object | None = None  # optional flex BlockMask (sparse attention variants)

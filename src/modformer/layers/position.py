@@ -1,0 +1,124 @@
+"""Position encodings (registry kind ``position``).
+
+A position module may do any of three things, each a no-op by default:
+``embed(pos)`` returns an absolute ``(T, D)`` embedding added to token embeddings;
+``rotate(q, k, pos)`` rotates queries/keys (RoPE); ``alibi_slopes()`` gives per-head linear
+biases (ALiBi) that the attention kernel applies. ``pos`` holds absolute positions ``(T,)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from modformer.config import ModelConfig
+from modformer.registry import register
+
+
+class Position(nn.Module):
+    """Base class: no positional information (also registered as ``none``)."""
+
+    max_len: int | None = None   # longest sequence supported, None = unbounded
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+
+    def embed(self, pos: Tensor) -> Tensor | None:
+        return None
+
+    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return q, k
+
+    def alibi_slopes(self) -> Tensor | None:
+        return None
+
+
+register("position", "none")(Position)
+
+
+@register("position", "learned")
+class LearnedPosition(Position):
+    """A learned table of ``max_seq_len`` absolute position vectors (GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.max_len = cfg.max_seq_len
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+
+    def embed(self, pos: Tensor) -> Tensor:
+        return self.wpe(pos)
+
+
+@register("position", "sinusoidal")
+class SinusoidalPosition(Position):
+    """Fixed sin/cos absolute encodings (Vaswani et al. 2017), computed for any length."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.d_model = cfg.d_model
+
+    def embed(self, pos: Tensor) -> Tensor:
+        half = self.d_model // 2
+        freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device) * 2 / self.d_model)
+        angles = pos.float()[:, None] * freq[None, :]                     # (T, D/2)
+        out = torch.zeros(pos.shape[0], self.d_model, device=pos.device)
+        out[:, 0:2 * half:2] = angles.sin()
+        out[:, 1:2 * half:2] = angles.cos()
+        return out
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@register("position", "rope")
+class RotaryPosition(Position):
+    """Rotary embeddings (Su et al. 2021), half-split convention; ``rope_base`` sets the base.
+
+    The score between positions m and n depends only on m - n (tested).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        dh = cfg.head_dim
+        if dh % 2:
+            raise ValueError(f"model.position='rope' needs an even head dimension, got {dh}")
+        inv_freq = cfg.rope_base ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        angles = pos.float()[:, None] * self.inv_freq.to(pos.device)[None, :]   # (T, Dh/2)
+        angles = torch.cat((angles, angles), dim=-1)                           # (T, Dh)
+        return angles.cos(), angles.sin()
+
+    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.cos_sin(pos)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """ALiBi head slopes (Press et al. 2022): geometric 2^(-8/n); non-powers of two interleave."""
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        return torch.tensor(pow2(n_head))
+    m = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(pow2(m) + pow2(2 * m)[0::2][: n_head - m])
+
+
+@register("position", "alibi")
+class AlibiPosition(Position):
+    """Attention with linear biases: score -= slope_h * |i - j|; no embedding, any length."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.register_buffer("slopes", alibi_slopes(cfg.n_head), persistent=False)
+
+    def alibi_slopes(self) -> Tensor:
+        return self.slopes

@@ -1,0 +1,3 @@
+"""Model families; importing registers them."""
+
+from modformer.models import gpt  # noqa: F401

@@ -1,0 +1,135 @@
+"""Decoder-only GPT (registry model ``gpt``): embeddings -> N blocks -> final norm -> LM head.
+
+Every component comes from the registries named in ``ModelConfig``; with ``attn_only=True``
+the blocks have no FFN (the circuits papers' attention-only transformers). Weight init
+follows GPT-2: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from modformer import registry
+from modformer.config import ModelConfig
+from modformer.layers.block import Block
+from modformer.layers.cache import KVCache, StaticKVCache
+from modformer.layers.context import Context
+from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
+from modformer.layers.norm import build_norm
+from modformer.models.generation import GenerationMixin
+
+
+@registry.register("model", "gpt")
+class GPT(HookedMixin, GenerationMixin, nn.Module):
+    """``model(idx) -> logits (B, T, V)``; ``model(idx, cache=..., return_cache=True)`` decodes incrementally."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position = registry.get("position", cfg.position, field="model.position")(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = build_norm(cfg) if cfg.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.hook_embed = HookPoint()        # (B, T, D) token embeddings
+        self.hook_pos_embed = HookPoint()    # (T, D) absolute position embeddings (if any)
+        self.hook_resid_final = HookPoint()  # (B, T, D) after the final norm
+        self.reset_parameters()
+        name_hook_points(self)
+
+    # ---- initialisation and accounting -------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init; residual projections (``attn.out``, ``mlp.down``) get std / sqrt(2L)."""
+        std = self.cfg.init_std
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                scaled = name.endswith("attn.out") or name.endswith("mlp.down")
+                nn.init.normal_(mod.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if scaled else std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, 0.0, std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters; ``non_embedding`` drops the token and position tables (Kaplan et al.)."""
+        params = {id(p): p for p in self.parameters()}
+        if non_embedding:
+            params.pop(id(self.tok_emb.weight), None)
+            for p in self.position.parameters():
+                params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM appendix B: 6N + 12 L H Dh T.
+
+        N counts every matmul weight, including the (tied) LM head but not the position
+        table, as nanoGPT's MFU estimate does.
+        """
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        n -= sum(p.numel() for p in self.position.parameters())
+        c = self.cfg
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    # ---- forward -----------------------------------------------------------------------
+    def _check_input(self, idx: Tensor, offset: int) -> None:
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+            got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be an integer tensor of shape (B, T); got {got}")
+        T = idx.shape[1]
+        max_len = self.position.max_len
+        if max_len is not None and offset + T > max_len:
+            raise ValueError(f"sequence length {offset + T} exceeds model.max_seq_len={max_len} "
+                             f"(size of the {self.cfg.position} position table)")
+        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); "
+                             f"got min {int(idx.min())}, max {int(idx.max())}")
+
+    def embed(self, idx: Tensor, ctx: Context) -> Tensor:
+        x = self.hook_embed(self.tok_emb(idx))
+        pos_emb = self.position.embed(ctx.pos)
+        if pos_emb is not None:
+            x = x + self.hook_pos_embed(pos_emb.to(x.dtype))
+        return self.drop(x)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, return_cache: bool = False,
+                last_only: bool = False) -> Tensor | tuple[Tensor, KVCache]:
+        """Logits ``(B, T, V)`` (``(B, 1, V)`` if ``last_only``); with a cache, continue from it."""
+        if return_cache and cache is None:
+            cache = KVCache(self.cfg.n_layer)
+        offset = cache.length if cache is not None else 0
+        self._check_input(idx, offset)
+        T = idx.shape[1]
+        ctx = Context(pos=torch.arange(offset, offset + T, device=idx.device), position=self.position,
+                      cache=cache, q_offset=offset)
+        x = self.embed(idx, ctx)
+        use_ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, ctx, use_reentrant=False) if use_ckpt else block(x, ctx)
+        if cache is not None:
+            cache.advance(T)
+        x = self.hook_resid_final(self.ln_f(x))
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        return (logits, cache) if return_cache else logits
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy; targets of -100 are ignored."""
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def new_cache(self, batch: int, static: bool = False, max_len: int | None = None) -> KVCache:
+        """An empty cache; ``static`` preallocates ``max_len`` (default max_seq_len) slots."""
+        if not static:
+            return KVCache(self.cfg.n_layer)
+        p = self.tok_emb.weight
+        return StaticKVCache(self.cfg.n_layer, batch, self.cfg.kv_heads, max_len or self.cfg.max_seq_len,
+                             self.cfg.head_dim, device=p.device, dtype=p.dtype)

@@ -1,0 +1,92 @@
+"""Attention kernels: every backend agrees with a float64 eager reference."""
+
+import pytest
+import torch
+
+from modformer.layers.attention.kernels import AttnSpec, attend, attn_bias, causal_block_mask, eager_attention
+from modformer.layers.position import alibi_slopes
+
+
+def reference(q, k, v, causal, q_offset=0, slopes=None):
+    """Plain float64 softmax attention, written independently of the kernels."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    tq, tk = q.shape[2], k.shape[2]
+    qp = torch.arange(q_offset, q_offset + tq)[:, None]
+    kp = torch.arange(tk)[None, :]
+    if slopes is not None:
+        scores = scores - slopes.double().view(-1, 1, 1) * (qp - kp).abs()
+    if causal:
+        scores = scores.masked_fill(kp > qp, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_backends_match_float64_reference(backend, causal, kv_heads, alibi):
+    B, H, T, Dh = 2, 4, 37, 16
+    q, k, v = torch.randn(B, H, T, Dh), torch.randn(B, kv_heads, T, Dh), torch.randn(B, kv_heads, T, Dh)
+    slopes = alibi_slopes(H) if alibi else None
+    out, _ = attend(q, k, v, AttnSpec(causal=causal, alibi_slopes=slopes), backend)
+    ref = reference(q, k, v, causal, slopes=slopes)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("tq", [1, 5])
+def test_backends_with_query_offset(backend, tq):
+    """Decoding with a cache: queries start at position q_offset, keys at 0."""
+    B, H, Tk, Dh = 1, 4, 20, 8
+    off = Tk - tq
+    q, k, v = torch.randn(B, H, tq, Dh), torch.randn(B, 2, Tk, Dh), torch.randn(B, 2, Tk, Dh)
+    out, _ = attend(q, k, v, AttnSpec(causal=True, q_offset=off), backend)
+    torch.testing.assert_close(out.double(), reference(q, k, v, True, off), atol=2e-5, rtol=1e-4)
+
+
+def test_static_cache_slots_after_query_are_hidden():
+    """Keys beyond the query position (unwritten static-cache slots) get zero weight."""
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    _, probs = eager_attention(q, k, v, AttnSpec(causal=True, q_offset=3), need_weights=True)
+    assert torch.all(probs[..., 4:] == 0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, 1))
+
+
+def test_eager_returns_probabilities_and_gradients_match_sdpa():
+    q = torch.randn(2, 4, 16, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 16, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 4, 16, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for backend in ("eager", "sdpa"):
+        out, probs = attend(q, k, v, AttnSpec(), backend, need_weights=backend == "eager")
+        if probs is not None:
+            torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 16, dtype=probs.dtype))
+            assert torch.all(probs.triu(1) == 0)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_alibi_slopes_and_bias_values():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    # 6 heads: the 4-head sequence, then every other slope of the 8-head sequence (Press et al.)
+    expected6 = [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor(expected6))
+    bias = attn_bias(AttnSpec(causal=True, alibi_slopes=alibi_slopes(4)), 4, 5, 5, torch.device("cpu"),
+                     torch.float32)
+    for h, m in enumerate(alibi_slopes(4).tolist()):
+        for i in range(5):
+            for j in range(5):
+                want = float("-inf") if j > i else -m * (i - j)
+                assert bias[h, i, j].item() == pytest.approx(want)
+
+
+def test_flex_block_mask_is_cached_and_causal():
+    bm = causal_block_mask(8, 8, 0, "cpu")
+    assert bm is causal_block_mask(8, 8, 0, "cpu")
+    from modformer.layers.attention.kernels import dense_from_block_mask
+    dense = dense_from_block_mask(bm, 8, 8)[0, 0]
+    assert torch.equal(dense, torch.ones(8, 8, dtype=torch.bool).tril())

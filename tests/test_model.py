@@ -1,0 +1,176 @@
+"""GPT model: causality for every component combination, caches, round trips, checkpointing."""
+
+import itertools
+
+import pytest
+import torch
+
+import modformer as mf
+from modformer.layers.position import RotaryPosition
+
+
+def tiny(**kw) -> mf.ModelConfig:
+    base = dict(vocab_size=37, n_layer=2, d_model=32, n_head=4, max_seq_len=64)
+    base.update(kw)
+    return mf.ModelConfig(**base)
+
+
+COMBOS = list(itertools.product(
+    ["mha", "gqa", "mqa"], ["learned", "sinusoidal", "rope", "alibi", "none"], ["layernorm", "rmsnorm"],
+    ["pre", "post", "sandwich"], ["relu", "gelu", "swiglu", "geglu"]))
+
+
+@pytest.mark.parametrize("attention,position,norm,placement,ffn", COMBOS)
+def test_causality_every_combination(attention, position, norm, placement, ffn):
+    """Changing tokens after position t never changes logits at positions <= t."""
+    cfg = tiny(n_layer=1, d_model=16, attention=attention, n_kv_heads=2 if attention == "gqa" else None,
+               position=position, norm=norm, norm_placement=placement, ffn=ffn)
+    model = mf.build_model(cfg).eval()
+    idx = torch.randint(0, 37, (2, 12))
+    t = 6
+    changed = idx.clone()
+    changed[:, t + 1:] = torch.randint(0, 37, (2, 12 - t - 1))
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("extra", [{}, {"attn_only": True}, {"rezero": True, "norm": "none"},
+                                   {"qk_norm": True}, {"bias": False, "tie_embeddings": False}])
+def test_backends_agree_in_full_model(backend, extra):
+    cfg = tiny(position="alibi", **extra)
+    ref = mf.build_model(tiny(position="alibi", attn_backend="eager", **extra)).eval()
+    model = mf.build_model(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    if extra.get("rezero"):
+        for p in model.parameters():      # open the zero-initialised gates so attention matters
+            torch.nn.init.normal_(p, std=0.2)
+        ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 37, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_model_sees_the_future():
+    model = mf.build_model(tiny(causal=False)).eval()
+    idx = torch.randint(0, 37, (1, 10))
+    changed = idx.clone()
+    changed[0, -1] = (idx[0, -1] + 1) % 37
+    with torch.no_grad():
+        assert not torch.allclose(model(idx)[:, 0], model(changed)[:, 0])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope = RotaryPosition(tiny(rope_base=500.0))
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m: int, n: int) -> float:
+        qm, _ = rope.rotate(q, q, torch.tensor([m]))
+        _, kn = rope.rotate(k, k, torch.tensor([n]))
+        return (qm * kn).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(27, 23), abs=1e-4)
+    assert score(5, 5) == pytest.approx((q * k).sum().item(), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+
+
+@pytest.mark.parametrize("position", ["learned", "rope", "alibi", "sinusoidal"])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("attention", ["mha", "mqa"])
+def test_cache_matches_full_forward(position, static, attention):
+    model = mf.build_model(tiny(position=position, attention=attention)).eval()
+    idx = torch.randint(0, 37, (2, 15))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, static=static, max_len=20)
+        first = model(idx[:, :9], cache=cache)
+        steps = [model(idx[:, t:t + 1], cache=cache) for t in range(9, 12)]
+        chunk = model(idx[:, 12:], cache=cache)
+    got = torch.cat([first, *steps, chunk], dim=1)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 15
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_generation_same_with_and_without_cache(static):
+    model = mf.build_model(tiny(position="rope", n_kv_heads=2)).eval()
+    prompt = torch.randint(0, 37, (3, 5))
+    a = model.generate(prompt, 20, temperature=0, use_cache=False)
+    b = model.generate(prompt, 20, temperature=0, use_cache=True, static_cache=static)
+    assert a.shape == (3, 25)
+    assert torch.equal(a, b)
+
+
+def test_sampling_respects_top_k_and_top_p():
+    from modformer.models.generation import sample_next
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).flatten().tolist()) <= {3, 4}
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).flatten().tolist()) == {4}
+    assert set(sample_next(logits, 100.0, generator=g).flatten().tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_return_cache_api():
+    model = mf.build_model(tiny()).eval()
+    idx = torch.randint(0, 37, (1, 6))
+    logits, cache = model(idx, return_cache=True)
+    nxt, cache = model(idx[:, :1], cache=cache, return_cache=True)
+    assert logits.shape == (1, 6, 37) and nxt.shape == (1, 1, 37) and cache.length == 7
+
+
+def test_save_load_round_trip(tmp_path):
+    model = mf.build_model(tiny(position="rope", ffn="swiglu", norm="rmsnorm", n_kv_heads=2,
+                                attention_options={}))
+    idx = torch.randint(0, 37, (2, 10))
+    mf.save(model, tmp_path / "m")
+    loaded = mf.load(tmp_path / "m")
+    assert loaded.cfg == model.cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    assert loaded.lm_head.weight is loaded.tok_emb.weight     # tying survives the round trip
+    assert not list(tmp_path.glob("m/*.tmp"))
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    cfg = tiny(grad_checkpointing=False)
+    a = mf.build_model(cfg)
+    b = mf.build_model(tiny(grad_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 37, (2, 16))
+    for m in (a, b):
+        m.train()
+        m.loss(idx[:, :-1], idx[:, 1:]).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_tiny_model_overfits_a_batch():
+    model = mf.build_model(tiny(position="rope", ffn="swiglu"))
+    idx = torch.randint(0, 37, (4, 24))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.0 and loss.item() < 0.05
+
+
+def test_param_and_flop_counts():
+    cfg = tiny(bias=False, final_norm=False, norm="rmsnorm", position="rope", d_ff=64)
+    model = mf.build_model(cfg)
+    D, L, V, F = 32, 2, 37, 64
+    per_block = 4 * D * D + 2 * D * F + 2 * D          # qkv + out, up + down, two RMSNorm weights
+    assert model.num_params() == V * D + L * per_block
+    assert model.num_params(non_embedding=True) == L * per_block
+    assert model.flops_per_token(10) == 6 * (V * D + L * per_block) + 12 * L * 4 * 8 * 10
+
+
+def test_glu_hidden_size_rounded_like_llama():
+    model = mf.build_model(tiny(d_model=128, ffn="swiglu", ffn_multiple_of=64))
+    assert model.blocks[0].mlp.up.out_features == 384     # int(2/3 * 512) = 341 -> 384
