@@ -7,10 +7,13 @@
     mf.save(model, "dir/"); model = mf.load("dir/")
 """
 
-from modformer import registry
+from modformer import (  # noqa: F401  (registers built-in components)
+    data,  # noqa: F401
+    layers,
+    models,
+    registry,
+)
 from modformer.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from modformer import layers, models  # noqa: F401  (registers built-in components)
-from modformer import data  # noqa: F401
 from modformer.saving import build_model, load, save
 
 __version__ = "0.1.0"

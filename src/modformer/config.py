@@ -26,7 +26,7 @@ __all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig
 class ModelConfig:
     """Architecture of a model: sizes plus registry names of each component."""
 
-    vocab_size: int = 50304
+    vocab_size: int = 0                # 0 = take it from the dataset (the trainer fills it in)
     n_layer: int = 2
     d_model: int = 128
     n_head: int = 4
@@ -67,13 +67,19 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_head
 
-    def validate(self) -> ModelConfig:
-        """Raise a one-line ConfigError naming the first bad field."""
+    def validate(self, vocab_from_data: bool = False) -> ModelConfig:
+        """Raise a one-line ConfigError naming the first bad field.
+
+        ``vocab_from_data`` accepts ``vocab_size=0`` (run configs: the trainer fills it in).
+        """
         from modformer import registry
 
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"):
+            if name == "vocab_size" and vocab_from_data and self.vocab_size == 0:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+                hint = " (0 means 'from the dataset', which only the trainer fills in)" if name == "vocab_size" else ""
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}{hint}")
         if self.d_head is None and self.d_model % self.n_head:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}), "
@@ -108,7 +114,8 @@ class TrainConfig:
     """Optimisation, evaluation, checkpointing and hardware settings of one run."""
 
     steps: int = 1000
-    batch_size: int = 64               # sequences per optimizer step per process; 0 = full batch
+    batch_size: int = 64               # sequences per optimizer step, all processes and micro-steps
+                                       # together (so results don't depend on the GPU count); 0 = full batch
     grad_accum: int = 1
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -138,6 +145,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     sample_tokens: int = 200           # generated sample length in LM reports
+    keep_checkpoints: int = 2          # newest checkpoints kept on disk
 
 
 @dataclass
@@ -257,7 +265,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     cfg = from_dict(RunConfig, raw)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    cfg.model.validate()
+    cfg.model.validate(vocab_from_data=True)
     return cfg
 
 

@@ -1,0 +1,140 @@
+"""The ``modformer`` command line: train, eval, generate, list.
+
+Every failure a user can cause (bad config key, missing file, diverged run) ends with one
+``error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from modformer.registry import ConfigError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from modformer.config import load_config
+    from modformer.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
+    if "report" in summary:
+        keys = [k for k in summary if k.startswith("final_val_")]
+        print(" ".join(f"{k[len('final_val_'):]}={summary[k]:.4g}" for k in keys))
+        print(f"report: {summary['report']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from modformer.runs import run_config, run_model
+    from modformer.train.trainer import Trainer
+
+    cfg = run_config(args.run_dir)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = run_model(args.run_dir, device)
+    trainer = Trainer.__new__(Trainer)        # evaluation only: reuse the loop's evaluate()
+    from modformer.data import build_dataset
+    from modformer.train.distributed import World
+    from modformer.train.trainer import resolve_dtype
+
+    trainer.cfg, trainer.world, trainer.device = cfg, World(), torch.device(device)
+    trainer.dtype = resolve_dtype(cfg.train.dtype, trainer.device)
+    trainer.model = trainer.raw_model = model
+    trainer.data, trainer.step = build_dataset(cfg.data), -1
+    trainer.run_dir = Path(args.run_dir)
+    result = {"split": args.split, **trainer.evaluate(args.split, args.max_batches)}
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from modformer.runs import run_dataset, run_model
+
+    model = run_model(args.run_dir, args.device or "cpu")
+    data = run_dataset(args.run_dir)
+    ids = data.encode(args.prompt)
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens")
+    idx = torch.tensor([ids], device=model.tok_emb.weight.device)
+    g = torch.Generator(device=idx.device).manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, generator=g)
+    print(data.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from modformer import registry
+
+    table = registry.available(args.kind) if args.kind else registry.available()
+    if isinstance(table, list):
+        table = {args.kind: table}
+    for kind, names in table.items():
+        print(f"{kind:14s} {', '.join(names)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config: modformer train CONFIG.yaml [key=value ...]")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.n_layer=4")
+    t.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's newest checkpoint on a split")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="val")
+    e.add_argument("--max-batches", type=int, default=0, help="0 = the full split")
+    e.add_argument("--device", default=None)
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None)
+    g.set_defaults(fn=cmd_generate)
+
+    ls = sub.add_parser("list", help="registered components")
+    ls.add_argument("kind", nargs="?")
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command != "train"]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra   # key=value given after --flags
+    from modformer.train.checkpoint import CheckpointError
+    from modformer.train.trainer import TrainingError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the newest checkpoint is kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The Dataset contract plus its two shapes: in-memory example sets (tasks) and token streams (corpora).
+
+Every batch is ``x (B, T)`` int64 token ids and ``y (B, T)`` int64 next-token targets with
+``IGNORE_INDEX`` (-100, the default ``ignore_index`` of ``F.cross_entropy``) where no loss is taken.
+Random batches use only the caller's ``torch.Generator`` so a saved generator state resumes exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from modformer.registry import ConfigError
+
+IGNORE_INDEX = -100
+
+
+class Dataset(abc.ABC):
+    """Source of (x, y) batches: x (B, T) int64 token ids, y (B, T) int64 targets with -100 where no loss."""
+
+    vocab_size: int
+    seq_len: int            # T of every batch
+    kind: str               # "task" or "corpus"
+    splits: tuple[str, ...] = ("train", "val")
+
+    @abc.abstractmethod
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Random batch drawn ONLY with `generator` (so saving generator.get_state() makes resume exact).
+        batch_size <= 0 means the whole split (tasks; full-batch training). For corpora: random windows."""
+
+    @abc.abstractmethod
+    def iter_eval(self, split: str, batch_size: int, max_batches: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Deterministic evaluation batches; max_batches=0 means the full split."""
+
+    @abc.abstractmethod
+    def metrics(self, loss_sum: float, n_targets: int, n_correct: int) -> dict[str, float]:
+        """Split-level metrics from summed token NLL, target count and correct argmax predictions."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids."""
+
+    @abc.abstractmethod
+    def split_size(self, split: str) -> int:
+        """Number of examples (tasks) or tokens (corpora) in ``split``."""
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ConfigError(f"unknown split {split!r}; allowed: {', '.join(self.splits)}")
+
+
+def _base_metrics(loss_sum: float, n_targets: int, n_correct: int) -> dict[str, float]:
+    n = max(n_targets, 1)
+    return {"loss": loss_sum / n, "acc": n_correct / n}
+
+
+def _safe_exp(v: float) -> float:
+    return math.exp(v) if v < 700 else float("inf")
+
+
+class ExampleDataset(Dataset):
+    """A task: a fixed pool of sequences, split train/val by a seeded permutation, held as tensors.
+
+    Subclasses build ``seqs (N, T+1)`` and a boolean ``answer (N, T+1)`` marking the tokens to predict,
+    then call ``_setup``; x = seqs[:, :-1], y = seqs[:, 1:] with non-answer targets set to -100.
+    """
+
+    kind = "task"
+
+    def _setup(self, seqs: Tensor, answer: Tensor, symbols: list[str], train_fraction: float,
+               generator: torch.Generator) -> None:
+        if not 0.0 < train_fraction <= 1.0:
+            raise ConfigError(f"data.options.train_fraction must be in (0, 1], got {train_fraction}")
+        n = seqs.shape[0]
+        n_train = int(n * train_fraction)
+        if n_train < 1:
+            raise ConfigError(f"data.options.train_fraction={train_fraction} leaves no training examples")
+        x = seqs[:, :-1].contiguous()                                          # (N, T)
+        y = seqs[:, 1:].masked_fill(~answer[:, 1:], IGNORE_INDEX).contiguous()  # (N, T)
+        perm = torch.randperm(n, generator=generator)
+        self._x = {"train": x[perm[:n_train]], "val": x[perm[n_train:]]}
+        self._y = {"train": y[perm[:n_train]], "val": y[perm[n_train:]]}
+        self.symbols = symbols
+        self._stoi = {s: i for i, s in enumerate(symbols)}
+        self.vocab_size = len(symbols)
+        self.seq_len = x.shape[1]
+
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        self._check_split(split)
+        x, y = self._x[split], self._y[split]
+        if batch_size <= 0:
+            return x, y
+        n = x.shape[0]
+        if batch_size <= n:   # distinct examples within a batch
+            idx = torch.randperm(n, generator=generator)[:batch_size]
+        else:
+            idx = torch.randint(n, (batch_size,), generator=generator)
+        return x[idx], y[idx]
+
+    def iter_eval(self, split: str, batch_size: int, max_batches: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        self._check_split(split)
+        x, y = self._x[split], self._y[split]
+        step = batch_size if batch_size > 0 else max(x.shape[0], 1)
+        for k, i in enumerate(range(0, x.shape[0], step)):
+            if max_batches and k >= max_batches:
+                return
+            yield x[i:i + step], y[i:i + step]
+
+    def metrics(self, loss_sum: float, n_targets: int, n_correct: int) -> dict[str, float]:
+        return _base_metrics(loss_sum, n_targets, n_correct)
+
+    def encode(self, text: str) -> list[int]:
+        """Whitespace-separated symbols -> ids (e.g. "3 5 =")."""
+        try:
+            return [self._stoi[s] for s in text.split()]
+        except KeyError as e:
+            raise ValueError(f"unknown symbol {e.args[0]!r} for this task") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.symbols[int(i)] for i in ids)
+
+    def split_size(self, split: str) -> int:
+        self._check_split(split)
+        return int(self._x[split].shape[0])
+
+
+class StreamDataset(Dataset):
+    """A corpus: one 1-D token stream per split (usually a memory-mapped .npy), read in windows.
+
+    Training batches are random windows x = s[i:i+T], y = s[i+1:i+T+1]. Evaluation covers a split with
+    consecutive non-overlapping windows; the last one is padded (x with 0, y with -100), so every token
+    after the first is predicted exactly once.
+
+    ``words`` (split -> whitespace word count of that split's text), when set, adds ``word_ppl`` =
+    exp(loss_sum / n_words). A partial evaluation (max_batches) counts words in proportion to the
+    targets it covered. ``metrics`` uses the split of the most recent ``iter_eval`` unless told.
+    """
+
+    kind = "corpus"
+
+    def __init__(self, streams: dict[str, np.ndarray], vocab_size: int, seq_len: int,
+                 words: dict[str, int] | None = None) -> None:
+        if seq_len <= 0:
+            raise ConfigError(f"data.seq_len must be a positive integer, got {seq_len}")
+        self._streams = streams
+        self.splits = tuple(streams)
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.words = words
+        self._last_eval_split: str | None = None
+
+    def stream(self, split: str) -> np.ndarray:
+        """The raw token stream of ``split`` (N,)."""
+        self._check_split(split)
+        return self._streams[split]
+
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        s, t = self.stream(split), self.seq_len
+        if batch_size <= 0:
+            raise ConfigError("batch_size <= 0 (full batch) is for tasks; corpora need batch_size > 0")
+        if len(s) <= t:
+            raise ConfigError(f"data.seq_len={t} is too long for split {split!r} of {len(s)} tokens")
+        ix = torch.randint(len(s) - t, (batch_size,), generator=generator).numpy()
+        chunk = torch.from_numpy(s[ix[:, None] + np.arange(t + 1)].astype(np.int64))  # (B, T+1)
+        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+    def iter_eval(self, split: str, batch_size: int, max_batches: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        s, t = self.stream(split), self.seq_len
+        self._last_eval_split = split
+        n = len(s)
+        starts = np.arange(0, max(n - 1, 0), t)
+        step = batch_size if batch_size > 0 else max(len(starts), 1)
+        for k, i in enumerate(range(0, len(starts), step)):
+            if max_batches and k >= max_batches:
+                return
+            pos = starts[i:i + step, None] + np.arange(t + 1)                      # (b, T+1)
+            chunk = torch.from_numpy(s[np.minimum(pos, n - 1)].astype(np.int64))
+            valid = torch.from_numpy(pos < n)
+            x = chunk[:, :-1].masked_fill(~valid[:, :-1], 0)
+            y = chunk[:, 1:].masked_fill(~valid[:, 1:], IGNORE_INDEX)
+            yield x, y
+
+    def metrics(self, loss_sum: float, n_targets: int, n_correct: int, split: str | None = None,
+                ) -> dict[str, float]:
+        out = _base_metrics(loss_sum, n_targets, n_correct)
+        out["ppl"] = _safe_exp(out["loss"])
+        split = split or self._last_eval_split or "val"
+        if self.words is not None and split in self.words and n_targets > 0:
+            n_words = self.words[split] * n_targets / max(len(self._streams[split]) - 1, 1)
+            out["word_ppl"] = _safe_exp(loss_sum / max(n_words, 1e-9))
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """Pre-tokenized streams: whitespace-separated integer ids (corpora override with their tokenizer)."""
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def split_size(self, split: str) -> int:
+        return len(self.stream(split))

@@ -1,0 +1,382 @@
+"""The training loop: one code path for CPU, one GPU and torchrun (DDP / FSDP2).
+
+``Trainer(run_cfg).fit()`` trains, evaluates, checkpoints and reports into ``out_dir/name``:
+config.yaml, metrics.jsonl, tb/, checkpoints/, plots/*.png, summary.json, report.md.
+Resume is exact: model, optimizer, gradient filter, RNG and data-generator state are all
+checkpointed, and the LR schedule is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from modformer.config import ConfigError, ModelConfig, RunConfig, from_dict, save_yaml
+from modformer.data import Dataset, build_dataset
+from modformer.saving import build_model, unwrap
+from modformer.train import checkpoint as ckpt
+from modformer.train.distributed import World, all_reduce_sum, barrier, init_world, shutdown, wrap_model
+from modformer.train.grokfast import build_grad_filter
+from modformer.train.logging import MetricsLogger, ProgressDisplay
+from modformer.train.optim import build_optimizer
+from modformer.train.report import plot_metrics, write_report, write_summary
+from modformer.train.schedule import lr_schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. non-finite loss); the message says what was kept."""
+
+
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world is not None and world.size > 1:
+        name = f"cuda:{world.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ConfigError(f"train.dtype: unknown {name!r}; allowed: auto, {', '.join(table)}")
+    return table[name]
+
+
+def config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return [f"{k}: {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k]]
+
+
+class Trainer:
+    """Builds data, model and optimizer from a RunConfig and runs the loop."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+                 callbacks: list[Callable[[Trainer, int], None]] | None = None) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.t_start = time.perf_counter()
+        self.world = init_world("cuda" if t.device.startswith("cuda") or (
+            t.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(t.device, self.world)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.dtype = resolve_dtype(t.dtype, self.device)
+        self.callbacks = callbacks or []
+        self.run_dir = cfg.run_dir
+        self.data: Dataset = build_dataset(cfg.data)
+        self._fill_model_config()
+        torch.manual_seed(t.seed)
+        self.raw_model = build_model(cfg.model).to(self.device)
+        self.model = wrap_model(self.raw_model, self.world, t.distributed, self.device)
+        if t.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(self.raw_model, t)
+        self.lr_at = lr_schedule(t)
+        self.grad_filter = build_grad_filter(t.optimizer_options)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.data_gen = torch.Generator().manual_seed(t.seed + 1)
+        self.step = 0
+        self.best: dict[str, Any] = {}
+        self.wall_offset = 0.0
+        self.stop_reason = "steps"
+        self._prepare_run_dir(resume, overwrite)
+        self.logger = MetricsLogger(self.run_dir, t.tensorboard, enabled=self.world.is_main)
+        if resume:
+            self._resume()
+
+    # ---- set-up ------------------------------------------------------------------------
+    def _fill_model_config(self) -> None:
+        m, d = self.cfg.model, self.data
+        if m.vocab_size == 0:
+            m.vocab_size = d.vocab_size
+        elif m.vocab_size < d.vocab_size:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the dataset's vocabulary "
+                              f"({d.vocab_size}); set model.vocab_size=0 to take it from the data")
+        if m.position == "learned" and d.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        b, parts = self.cfg.train.batch_size, self.world.size * self.cfg.train.grad_accum
+        if b > 0 and b % parts:
+            raise ConfigError(f"train.batch_size={b} must be divisible by processes x grad_accum = {parts}")
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        has_run = (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.jsonl").exists()
+        if self.world.is_main:
+            if has_run and not resume:
+                if not overwrite:
+                    raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                                      "--overwrite to replace it, or choose another name=")
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
+        barrier(self.world)
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            raise ConfigError(f"cannot resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        state = ckpt.load_trainer_state(path)
+        saved = from_dict(ModelConfig, state["model_config"])
+        diff = config_diff(saved, self.cfg.model)
+        if diff:
+            raise ConfigError(f"cannot resume {self.run_dir}: model config differs from the checkpoint "
+                              f"({'; '.join(diff)})")
+        from safetensors.torch import load_model
+
+        load_model(self.raw_model, str(path / "model.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.grad_filter is not None and state.get("grad_filter") is not None:
+            self.grad_filter.load_state_dict(state["grad_filter"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data_gen.set_state(state["data_gen"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.best, self.wall_offset = state["step"], state["best"], state["wall_s"]
+        self.logger.truncate_after(self.step)
+
+    # ---- one optimisation step ---------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _micro_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
+        """Draw the global batch (same on every rank) and return this rank's micro-batches."""
+        t = self.cfg.train
+        x, y = self.data.get_batch("train", t.batch_size, self.data_gen)
+        n_targets = int((y != -100).sum())
+        parts = self.world.size * t.grad_accum
+        xs, ys = x.tensor_split(parts), y.tensor_split(parts)
+        mine = range(self.world.rank * t.grad_accum, (self.world.rank + 1) * t.grad_accum)
+        return [(xs[i], ys[i]) for i in mine], n_targets, x.numel()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Forward/backward over the micro-batches, filter, clip, step.
+
+        Returns this rank's summed NLL and correct count (device tensors, no sync) and the
+        global batch's token and target counts.
+        """
+        t = self.cfg.train
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro, n_targets, n_tokens = self._micro_batches()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.model.train()
+        for i, (x, y) in enumerate(micro):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
+                logits = self.model(x)
+                nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                                      reduction="sum")
+                loss = nll * (self.world.size / max(n_targets, 1))   # exact global mean after DDP's average
+                aux = getattr(unwrap(self.model), "aux_loss", None)
+                if aux is not None:
+                    loss = loss + aux / len(micro)
+            self.scaler.scale(loss).backward()
+            loss_sum += nll.detach()
+            correct += ((logits.argmax(-1) == y) & (y != -100)).sum()
+        if self.grad_filter is not None:
+            self.grad_filter(self.raw_model)
+        if t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum, correct, n_tokens, n_targets
+
+    # ---- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str, max_batches: int | None = None) -> dict[str, float]:
+        """Loss/acc (+ppl for corpora) on ``split``; every rank evaluates the same batches."""
+        t = self.cfg.train
+        max_batches = t.eval_batches if max_batches is None else max_batches
+        bs = t.eval_batch_size or (t.batch_size if t.batch_size > 0 else 0)
+        self.model.eval()
+        loss_sum, n, correct = 0.0, 0, 0
+        for x, y in self.data.iter_eval(split, bs, max_batches):
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.model(x)
+            loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                                        reduction="sum").item()
+            mask = y != -100
+            n += int(mask.sum())
+            correct += int(((logits.argmax(-1) == y) & mask).sum())
+        try:
+            out = self.data.metrics(loss_sum, n, correct, split=split)
+        except TypeError:
+            out = self.data.metrics(loss_sum, n, correct)
+        if not math.isfinite(out["loss"]):
+            raise TrainingError(f"{split} loss is {out['loss']} at step {self.step}; training stopped, "
+                                f"{self._kept()}")
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.t_start
+
+    def _kept(self) -> str:
+        last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        return f"last good checkpoint kept: {last}" if last else "no checkpoint was written"
+
+    def _metric_value(self, key: str, rows: dict[str, dict[str, float]]) -> float | None:
+        split, _, name = key.partition("/")
+        return rows.get(split, {}).get(name)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps`` (or early stop) and write the run's artefacts; returns the summary."""
+        t = self.cfg.train
+        progress = ProgressDisplay(t.steps, self.step, t.progress and self.world.is_main)
+        stats = [torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long)]
+        window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
+        try:
+            while self.step < t.steps:
+                loss_sum, correct, n_tokens, n_targets = self.train_step()
+                stats[0] += loss_sum
+                stats[1] += correct
+                window_tokens += n_tokens
+                targets_in_window += n_targets
+                last = self.step == t.steps
+                do_eval = self.step % t.eval_every == 0 or last
+                do_ckpt = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last
+                if self.step % t.log_every == 0 or do_eval or do_ckpt:
+                    loss_tot, corr_tot = all_reduce_sum([stats[0].item(), float(stats[1].item())],
+                                                        self.device, self.world)
+                    train_loss = loss_tot / max(targets_in_window, 1)
+                    if not math.isfinite(train_loss):
+                        raise TrainingError(f"training loss is {train_loss} at step {self.step}; stopped, "
+                                            f"{self._kept()}")
+                    tps = window_tokens / max(time.perf_counter() - window_t0, 1e-9)
+                    row = {"step": self.step, "split": "train", "loss": train_loss,
+                           "acc": corr_tot / max(targets_in_window, 1), "lr": self.lr_at(self.step - 1),
+                           "tokens_per_s": tps, "wall_s": self.wall()}
+                    self.logger.log(row)
+                    progress.update(self.step, f"loss {train_loss:.4f}  {tps:,.0f} tok/s")
+                    stats = [torch.zeros_like(stats[0]), torch.zeros_like(stats[1])]
+                    window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
+                if do_eval:
+                    val = self.evaluate("val")
+                    self.logger.log({"step": self.step, "split": "val", **val, "wall_s": self.wall()})
+                    self._update_best(val)
+                    shown = "  ".join(f"{k} {v:.4g}" for k, v in val.items())
+                    progress.message(f"step {self.step}/{t.steps}  val {shown}  "
+                                     f"({self.wall():.1f}s, ETA {progress.eta(self.step)})")
+                    if self._early_stop({"val": val}):
+                        self.stop_reason = f"early stop: {t.early_stop_metric} reached {t.early_stop_target}"
+                        progress.message(self.stop_reason)
+                        do_ckpt = True
+                if do_ckpt:
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, self.step)
+                if self.stop_reason != "steps":
+                    break
+        finally:
+            progress.close()
+            self.logger.close()
+        summary = self.finish()
+        shutdown(self.world)
+        return summary
+
+    def _update_best(self, val: dict[str, float]) -> None:
+        for k, v in val.items():
+            better = v < self.best.get(f"val_{k}", math.inf) if k in ("loss", "ppl", "word_ppl") else \
+                v > self.best.get(f"val_{k}", -math.inf)
+            if better:
+                self.best[f"val_{k}"] = v
+                self.best[f"val_{k}_step"] = self.step
+        target = self.cfg.train.early_stop_target
+        key = self.cfg.train.early_stop_metric
+        if key and target is not None and "first_target_step" not in self.best:
+            v = val.get(key.partition("/")[2])
+            if v is not None and self._reached(v):
+                self.best["first_target_step"] = self.step
+                self.best["first_target_wall_s"] = self.wall()
+
+    def _reached(self, v: float) -> bool:
+        t = self.cfg.train
+        return v >= t.early_stop_target if t.early_stop_mode == "max" else v <= t.early_stop_target
+
+    def _early_stop(self, rows: dict[str, dict[str, float]]) -> bool:
+        t = self.cfg.train
+        if not t.early_stop_metric or t.early_stop_target is None:
+            return False
+        v = self._metric_value(t.early_stop_metric, rows)
+        if v is None:
+            raise ConfigError(f"train.early_stop_metric={t.early_stop_metric!r} is not among the logged "
+                              f"metrics ({', '.join('val/' + k for k in rows['val'])})")
+        return self._reached(v)
+
+    def save_checkpoint(self) -> Path | None:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "grad_filter": self.grad_filter.state_dict() if self.grad_filter else None,
+                 "scaler": self.scaler.state_dict(), "data_gen": self.data_gen.get_state(),
+                 "rng": ckpt.rng_state(), "best": self.best, "wall_s": self.wall(),
+                 "model_config": dataclasses.asdict(self.cfg.model)}
+        path = None
+        if self.world.is_main:
+            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.raw_model, state,
+                                        self.cfg.train.keep_checkpoints)
+        barrier(self.world)
+        return path
+
+    # ---- end of run --------------------------------------------------------------------
+    def samples(self, n: int = 2) -> list[str]:
+        """Generated text for LM runs (prompt: the start of the validation split)."""
+        if self.data.kind != "corpus" or self.cfg.train.sample_tokens <= 0:
+            return []
+        x, _ = next(iter(self.data.iter_eval("val", 1, 1)))
+        prompt = x[:, : min(16, x.shape[1])].to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        out = []
+        model = self.raw_model
+        max_new = self.cfg.train.sample_tokens
+        if model.position.max_len is not None:
+            max_new = min(max_new, model.position.max_len - prompt.shape[1])
+        for _ in range(n):
+            with self._autocast():
+                ids = model.generate(prompt, max_new, temperature=0.8, top_k=50, generator=g)
+            out.append(self.data.decode(ids[0].tolist()))
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        final = {}
+        if self.world.is_main:
+            from modformer.train.logging import read_metrics
+
+            rows = read_metrics(self.run_dir / "metrics.jsonl")
+            last_val = [r for r in rows if r["split"] == "val"]
+            final = {k: v for k, v in (last_val[-1] if last_val else {}).items() if k not in ("split",)}
+        summary = {"steps": self.step, "stop_reason": self.stop_reason, "wall_s": self.wall(),
+                   **{f"final_val_{k}": v for k, v in final.items() if k not in ("step", "wall_s")},
+                   **self.best, "params": unwrap(self.raw_model).num_params(),
+                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                   "world_size": self.world.size}
+        if self.world.is_main:
+            write_summary(self.run_dir, summary)
+            metric = "ppl" if self.data.kind == "corpus" else "acc"
+            plot_metrics(self.run_dir, metric)
+            samples = self.samples()
+            report = write_report(self.run_dir, self.cfg.to_dict(), summary, samples)
+            summary["report"] = str(report)
+        return summary
