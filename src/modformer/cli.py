@@ -63,8 +63,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--prompt encodes to no tokens")
     idx = torch.tensor([ids], device=model.tok_emb.weight.device)
     g = torch.Generator(device=idx.device).manual_seed(args.seed)
+    max_len = model.position.max_len
+    fits = max_len is None or idx.shape[1] + args.max_new_tokens <= max_len
+    if max_len is not None and idx.shape[1] > max_len:
+        idx = idx[:, -max_len:]
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=g)
+                         top_p=args.top_p, generator=g, use_cache=fits)   # slide the window past the table
     print(data.decode(out[0].tolist()))
     return 0
 
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, TrainingError, CheckpointError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -211,12 +211,15 @@ class Trainer:
         t = self.cfg.train
         max_batches = t.eval_batches if max_batches is None else max_batches
         bs = t.eval_batch_size or (t.batch_size if t.batch_size > 0 else 0)
-        self.model.eval()
+        # Eager (not torch.compile'd) forward: a compiled model would recompile for eval mode and
+        # again for the ragged last batch, costing more than the evaluation itself.
+        model = getattr(self.model, "_orig_mod", self.model)
+        model.eval()
         loss_sum, n, correct = 0.0, 0, 0
         for x, y in self.data.iter_eval(split, bs, max_batches):
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                logits = self.model(x)
+                logits = model(x)
             loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
                                         reduction="sum").item()
             mask = y != -100

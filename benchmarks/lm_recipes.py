@@ -1,0 +1,286 @@
+"""GPU language-model recipes through the real CLI: time to a target val loss, and WikiText-2 test ppl.
+
+Every run is a fresh ``python -m modformer.cli train CONFIG ...`` process, so the times count everything
+a user waits for: interpreter start, imports, data loading, model build, torch.compile, evaluations.
+
+    # Tiny Shakespeare (char): wall time from process start to the first evaluation with val loss
+    # <= target, for the nanoGPT-like baby GPT and our fast recipe (each alone on the GPU, cold
+    # torch.compile caches) -> results/time_to_loss.json
+    python benchmarks/lm_recipes.py time_to_loss --target 1.47
+
+    # WikiText-2 (word level): train the recipe, then `modformer eval RUN --split test`
+    # -> results/wikitext2.json
+    python benchmarks/lm_recipes.py wikitext2
+
+``--run NAME CONFIG [key=value ...]`` (repeatable) replaces the default runs; ``--set key=value`` adds an
+override to every run (e.g. ``data.root=...``). ``--parallel`` (wikitext2 only) trains the runs at the
+same time on one GPU: a sweep; each run's time is then an upper bound of its time alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T_SCRIPT = time.perf_counter()
+
+
+class Run:
+    """One ``modformer train`` process: launched, its output time-stamped and kept in a log file."""
+
+    def __init__(self, name: str, config: str, overrides: list[str], runs_dir: Path, env: dict[str, str],
+                 max_seconds: float | None = None) -> None:
+        self.name, self.config, self.overrides = name, config, overrides
+        self.run_dir = runs_dir / name
+        self.argv = [sys.executable, "-u", "-m", "modformer.cli", "train", config, *overrides,
+                     f"name={name}", f"out_dir={runs_dir}", "--overwrite"]
+        self.env, self.max_seconds = env, max_seconds
+        self.lines: list[tuple[float, str]] = []
+        self.t_target: float | None = None
+        self.returncode: int | None = None
+        self.seconds: float | None = None
+
+    def start(self) -> None:
+        runs_log = self.run_dir.parent / f"{self.name}.log"
+        runs_log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(runs_log, "w")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            t = time.perf_counter() - self.t0
+            self.lines.append((t, line.rstrip()))
+            self._log.write(f"[{t:8.2f}s] {line}")
+            self._log.flush()
+            if self.t_target is None and line.startswith("early stop:"):
+                self.t_target = t
+
+    def wait(self) -> None:
+        try:
+            self.returncode = self.proc.wait(timeout=self.max_seconds)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = self.proc.wait()
+        self._reader.join()
+        self.seconds = time.perf_counter() - self.t0
+        self._log.close()
+
+    def summary(self) -> dict:
+        path = self.run_dir / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+    def tokens_per_s(self) -> float | None:
+        rows = [r["tokens_per_s"] for r in self.metrics() if r.get("split") == "train"]
+        return statistics.median(rows[2:]) if len(rows) > 2 else None
+
+    def tail(self, n: int = 5) -> str:
+        return "\n".join(line for _, line in self.lines[-n:])
+
+
+def make_env(args: argparse.Namespace, name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    if not args.warm_cache:   # cold torch.compile: no kernels cached by an earlier run
+        cache = Path(tempfile.mkdtemp(prefix=f"compile-{name}-"))
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+        env["TRITON_CACHE_DIR"] = str(cache / "triton")
+    return env
+
+
+def device_info() -> tuple[str, str]:
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return name, torch.__version__
+
+
+def write_result(args: argparse.Namespace, name: str, headline: dict, rows: list[dict]) -> Path:
+    dev, ver = device_info()
+    out = {"benchmark": name, "device": dev, "torch": ver, "date": datetime.date.today().isoformat(),
+           "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+           "headline": headline, "rows": rows}
+    path = Path(args.results) / f"{args.results_name or name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def build_runs(args: argparse.Namespace, defaults: list[list[str]], extra: list[str]) -> list[Run]:
+    specs = args.run or defaults
+    runs_dir = Path(args.runs_dir)
+    out = []
+    for spec in specs:
+        name, config, *overrides = spec
+        overrides = [f"train.device={args.device}", *extra, *args.set, *overrides]
+        out.append(Run(name, config, overrides, runs_dir, make_env(args, name), args.max_seconds))
+    return out
+
+
+def over_deadline(args: argparse.Namespace) -> bool:
+    return args.deadline is not None and time.perf_counter() - T_SCRIPT > args.deadline
+
+
+# ---- Tiny Shakespeare: time to a target val loss --------------------------------------------------
+def time_to_loss(args: argparse.Namespace) -> None:
+    defaults = [["nanogpt_like", "configs/shakespeare_char.yaml", "train.compile=true"],
+                ["fast", "configs/shakespeare_char_fast.yaml"]]
+    stop = ["train.early_stop_metric=val/loss", "train.early_stop_mode=min",
+            f"train.early_stop_target={args.target}"]
+    rows = []
+    for run in build_runs(args, defaults, stop):   # one at a time: each run has the GPU to itself
+        if over_deadline(args):
+            print(f"skipped {run.name}: past --deadline")
+            continue
+        run.start()
+        run.wait()
+        s = run.summary()
+        row = {"name": run.name, "config": run.config, "overrides": run.overrides,
+               "seconds_to_target": run.t_target, "trainer_seconds_to_target": s.get("first_target_wall_s"),
+               "steps_to_target": s.get("first_target_step"), "best_val_loss": s.get("val_loss"),
+               "best_val_loss_step": s.get("val_loss_step"), "steps": s.get("steps"),
+               "process_seconds": run.seconds, "params": s.get("params"), "tokens_per_s": run.tokens_per_s(),
+               "returncode": run.returncode}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if run.returncode:
+            print(run.tail(20))
+    by = {r["name"]: r for r in rows}
+    reached = [r for r in rows if r["seconds_to_target"] is not None]
+    best = min(reached, key=lambda r: r["seconds_to_target"]) if reached else None
+    headline = {"target": args.target,
+                "seconds_to_target": by.get(args.headline, {}).get("seconds_to_target"),
+                "steps_to_target": by.get(args.headline, {}).get("steps_to_target"),
+                "nanogpt_like_seconds_to_target": by.get("nanogpt_like", {}).get("seconds_to_target"),
+                "nanogpt_like_steps_to_target": by.get("nanogpt_like", {}).get("steps_to_target"),
+                "nanogpt_like_best_val_loss": by.get("nanogpt_like", {}).get("best_val_loss"),
+                "best_run": best["name"] if best else None,
+                "best_seconds_to_target": best["seconds_to_target"] if best else None}
+    if headline["seconds_to_target"] and headline["nanogpt_like_seconds_to_target"]:
+        headline["speedup_vs_nanogpt_like"] = (headline["nanogpt_like_seconds_to_target"]
+                                               / headline["seconds_to_target"])
+    write_result(args, "time_to_loss", headline, rows)
+    print_table(rows, ["name", "seconds_to_target", "steps_to_target", "best_val_loss", "process_seconds",
+                       "tokens_per_s"])
+
+
+# ---- WikiText-2: test perplexity of a recipe ------------------------------------------------------
+def evaluate(run: Run, split: str, env: dict[str, str]) -> dict:
+    argv = [sys.executable, "-m", "modformer.cli", "eval", str(run.run_dir), "--split", split]
+    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    if p.returncode:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def wikitext2(args: argparse.Namespace) -> None:
+    runs = build_runs(args, [["recipe", "configs/wikitext2.yaml"]], [])
+    if args.parallel:
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.wait()
+    else:
+        for run in runs:
+            if over_deadline(args):
+                print(f"skipped {run.name}: past --deadline")
+                continue
+            run.start()
+            run.wait()
+    rows = []
+    for run in runs:
+        if run.returncode is None:
+            continue
+        s = run.summary()
+        test = evaluate(run, "test", run.env) if not args.no_test and s else {}
+        cfg = run.run_dir / "config.yaml"
+        tokens = None
+        if cfg.is_file():
+            import yaml
+
+            c = yaml.safe_load(cfg.read_text())
+            tokens = s.get("steps", 0) * c["train"]["batch_size"] * c["data"]["seq_len"]
+        row = {"name": run.name, "config": run.config, "overrides": run.overrides,
+               "test_ppl": test.get("ppl"), "test_loss": test.get("loss"),
+               "valid_ppl": s.get("final_val_ppl"), "best_valid_ppl": s.get("val_ppl"),
+               "best_valid_ppl_step": s.get("val_ppl_step"), "steps": s.get("steps"),
+               "epochs": tokens / 2_088_628 if tokens else None,
+               "train_minutes": s["wall_s"] / 60 if "wall_s" in s else None,
+               "process_minutes": run.seconds / 60, "params": s.get("params"),
+               "tokens_per_s": run.tokens_per_s(), "concurrent_runs": len(runs) if args.parallel else 1,
+               "returncode": run.returncode}
+        if "error" in test:
+            row["test_error"] = test["error"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if run.returncode:
+            print(run.tail(20))
+    by = {r["name"]: r for r in rows}
+    scored = [r for r in rows if r["valid_ppl"] is not None]
+    head = by.get(args.headline) or (min(scored, key=lambda r: r["valid_ppl"]) if scored else {})
+    headline = {"test_ppl": head.get("test_ppl"), "valid_ppl": head.get("valid_ppl"),
+                "train_minutes": head.get("train_minutes"), "run": head.get("name"),
+                "concurrent_runs": head.get("concurrent_runs"), "goal_test_ppl": 85.0,
+                "goal_train_minutes": 15.0}
+    write_result(args, "wikitext2", headline, rows)
+    print_table(rows, ["name", "test_ppl", "valid_ppl", "best_valid_ppl", "epochs", "train_minutes",
+                       "tokens_per_s"])
+
+
+def print_table(rows: list[dict], keys: list[str]) -> None:
+    def fmt(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(fmt(r.get(k)) for k in keys))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("benchmark", choices=["time_to_loss", "wikitext2"])
+    p.add_argument("--run", nargs="+", action="append", metavar="NAME CONFIG [key=value]",
+                   help="a run: name, config file and overrides (repeatable; replaces the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", help="override for every run")
+    p.add_argument("--target", type=float, default=1.47, help="time_to_loss: target val loss")
+    p.add_argument("--headline", default=None, help="run whose figures make the headline "
+                   "(default: 'fast' for time_to_loss, 'recipe' or the best valid ppl for wikitext2)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--parallel", action="store_true", help="wikitext2: train all runs at once (a sweep)")
+    p.add_argument("--no-test", action="store_true", help="wikitext2: skip the test-split evaluation")
+    p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
+    p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")
+    p.add_argument("--deadline", type=float, default=None, help="start no run after this many seconds")
+    p.add_argument("--runs-dir", default="runs/bench")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--results-name", default=None, help="file name (default: the benchmark's name)")
+    args = p.parse_args()
+    if args.headline is None:
+        args.headline = "fast" if args.benchmark == "time_to_loss" else "recipe"
+    (time_to_loss if args.benchmark == "time_to_loss" else wikitext2)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Training engine: exact resume, failure handling, schedules, optimizer groups, DDP on gloo."""
+
+import errno
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import modformer as mf
+from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, save_yaml
+from modformer.train import checkpoint as ckpt
+from modformer.train.grokfast import GrokfastEMA
+from modformer.train.logging import read_metrics
+from modformer.train.optim import param_groups
+from modformer.train.schedule import lr_schedule
+from modformer.train.trainer import Trainer, TrainingError
+
+
+def run_cfg(tmp_path: Path, name: str = "r", **train) -> RunConfig:
+    t = dict(steps=12, batch_size=32, lr=3e-3, eval_every=4, eval_batches=0, log_every=2, checkpoint_every=4,
+             progress=False, tensorboard=False, seed=3, device="cpu", schedule="cosine", warmup_steps=2,
+             optimizer_options={"grokfast": {"kind": "ema", "alpha": 0.9, "lamb": 1.0}})
+    t.update(train)
+    return RunConfig(name=name, out_dir=str(tmp_path),
+                     model=ModelConfig(n_layer=1, d_model=32, n_head=2, max_seq_len=8, dropout=0.1),
+                     data=DataConfig(name="modular", options={"p": 13, "train_fraction": 0.5}),
+                     train=TrainConfig(**t))
+
+
+def strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]
+
+
+class Kill(Exception):
+    pass
+
+
+def kill_at(step: int):
+    def cb(trainer, s):
+        if s == step:
+            raise Kill
+    return cb
+
+
+def test_resume_after_kill_reproduces_metrics_exactly(tmp_path):
+    full = Trainer(run_cfg(tmp_path, "full")).fit()
+    with pytest.raises(Kill):
+        Trainer(run_cfg(tmp_path, "broken"), callbacks=[kill_at(6)]).fit()
+    rows_before = read_metrics(tmp_path / "broken" / "metrics.jsonl")
+    assert max(r["step"] for r in rows_before) == 6             # rows after checkpoint 4 exist ...
+    resumed = Trainer(run_cfg(tmp_path, "broken"), resume=True).fit()
+    a = strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
+    b = strip(read_metrics(tmp_path / "broken" / "metrics.jsonl"))
+    assert a == b                                                # ... and are replaced, not duplicated
+    assert resumed["steps"] == full["steps"] == 12
+    wa = mf.load(ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints")).state_dict()
+    wb = mf.load(ckpt.latest_checkpoint(tmp_path / "broken" / "checkpoints")).state_dict()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_run_directory_contents(tmp_path):
+    summary = Trainer(run_cfg(tmp_path, tensorboard=True)).fit()
+    run = tmp_path / "r"
+    for f in ["config.yaml", "metrics.jsonl", "summary.json", "report.md", "plots/loss.png", "plots/metric.png"]:
+        assert (run / f).is_file(), f
+    assert list((run / "tb").iterdir())
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2          # keep_checkpoints=2
+    rows = read_metrics(run / "metrics.jsonl")
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert all({"step", "split", "loss", "acc", "wall_s"} <= set(r) for r in rows)
+    assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"] == 12
+    assert mf.load_config(run / "config.yaml").model.vocab_size == 14    # filled in from the data
+
+
+def test_refuses_to_overwrite_and_resume_checks_model_config(tmp_path):
+    Trainer(run_cfg(tmp_path, steps=4)).fit()
+    with pytest.raises(mf.ConfigError, match="already holds a run"):
+        Trainer(run_cfg(tmp_path, steps=4))
+    cfg = run_cfg(tmp_path, steps=8)
+    cfg.model.d_model = 64
+    with pytest.raises(mf.ConfigError, match=r"model config differs.*d_model: 32 -> 64"):
+        Trainer(cfg, resume=True)
+    Trainer(run_cfg(tmp_path, steps=4), overwrite=True).fit()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    def poison(trainer, step):
+        if step == 5:
+            with torch.no_grad():
+                trainer.raw_model.tok_emb.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"loss is nan at step 6.*last good checkpoint kept: .*step_0000004"):
+        Trainer(run_cfg(tmp_path), callbacks=[poison]).fit()
+    last = ckpt.latest_checkpoint(tmp_path / "r" / "checkpoints")
+    assert last.name == "step_0000004"
+    assert all(torch.isfinite(p).all() for p in mf.load(last).parameters())
+
+
+def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    real = ckpt.save
+    calls = {"n": 0}
+
+    def flaky(model, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (Path(path) / "partial").mkdir(parents=True, exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, path)
+
+    monkeypatch.setattr(ckpt, "save", flaky)
+    with pytest.raises(ckpt.CheckpointError, match=r"No space left on device.*previous checkpoint kept"):
+        Trainer(run_cfg(tmp_path)).fit()
+    root = tmp_path / "r" / "checkpoints"
+    assert ckpt.latest_checkpoint(root).name == "step_0000004"
+    assert not list(root.glob(".tmp*"))
+    mf.load(ckpt.latest_checkpoint(root))
+
+
+def test_bad_training_config(tmp_path):
+    with pytest.raises(mf.ConfigError, match="train.optimizer: unknown optimizer 'adamww'.*did you mean 'adamw'"):
+        Trainer(run_cfg(tmp_path, optimizer="adamww"))
+    with pytest.raises(mf.ConfigError, match="train.schedule"):
+        Trainer(run_cfg(tmp_path, "s", schedule="step")).fit()
+    with pytest.raises(mf.ConfigError, match="must be divisible"):
+        Trainer(run_cfg(tmp_path, "g", grad_accum=5))
+    cfg = run_cfg(tmp_path, "d")
+    cfg.data = DataConfig(name="wikitext2", root=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Trainer(cfg)
+    cfg.data = DataConfig(name="modulo")
+    with pytest.raises(mf.ConfigError, match="did you mean 'modular'"):
+        Trainer(cfg)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    cfgs = [run_cfg(tmp_path, n, grad_accum=k, steps=4, optimizer_options={}) for n, k in (("a", 1), ("b", 4))]
+    for c in cfgs:
+        c.model.dropout = 0.0       # dropout masks depend on the micro-batch split
+    a, b = (Trainer(c).fit() for c in cfgs)
+    ra, rb = strip(read_metrics(tmp_path / "a" / "metrics.jsonl")), strip(read_metrics(tmp_path / "b" /
+                                                                                       "metrics.jsonl"))
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert a["steps"] == b["steps"]
+
+
+def test_schedule_and_param_groups():
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, steps=110, schedule="cosine")
+    f = lr_schedule(t)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    lin = lr_schedule(TrainConfig(lr=1.0, min_lr=0.0, steps=100, schedule="linear"))
+    assert lin(50) == pytest.approx(0.5)
+    model = mf.build_model(ModelConfig(vocab_size=10, n_layer=1, d_model=16, n_head=2))
+    decay, no_decay = param_groups(model, 0.1, decay_embeddings=False)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.tok_emb.weight) not in decayed and id(model.blocks[0].attn.qkv.weight) in decayed
+    assert id(model.blocks[0].ln1.weight) not in decayed and id(model.blocks[0].attn.qkv.bias) not in decayed
+    decay2, _ = param_groups(model, 0.1, decay_embeddings=True)
+    assert id(model.tok_emb.weight) in {id(p) for p in decay2["params"]}
+    n_unique = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_unique
+
+
+def test_grokfast_ema_filter():
+    lin = torch.nn.Linear(2, 1, bias=False)
+    f = GrokfastEMA(alpha=0.5, lamb=2.0)
+    lin.weight.grad = torch.tensor([[1.0, 0.0]])
+    f(lin)                                         # h = g; g <- g + 2h = 3g
+    torch.testing.assert_close(lin.weight.grad, torch.tensor([[3.0, 0.0]]))
+    lin.weight.grad = torch.tensor([[0.0, 1.0]])
+    f(lin)                                         # h = 0.5*[1,0] + 0.5*[0,1]
+    torch.testing.assert_close(lin.weight.grad, torch.tensor([[1.0, 2.0]]))
+
+
+def test_cli_train_eval_generate_list(tmp_path):
+    cfg = run_cfg(tmp_path, "cli", steps=4)
+    cfg.data = DataConfig(name="shakespeare_char", seq_len=8)
+    cfg.train.sample_tokens = 5
+    cfg.train.optimizer_options = {}
+    path = tmp_path / "c.yaml"
+    save_yaml(cfg, path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "modformer.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+
+    out = cli("train", str(path), "train.batch_size=8")
+    assert out.returncode == 0, out.stderr
+    assert "report:" in out.stdout
+    out = cli("eval", str(tmp_path / "cli"), "--split", "val", "--max-batches", "2")
+    assert out.returncode == 0 and json.loads(out.stdout)["split"] == "val"
+    out = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "3")
+    assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
+    out = cli("list")
+    assert "attention" in out.stdout and "gqa" in out.stdout and "rope" in out.stdout
+    bad = cli("train", str(path), "train.lrr=1")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "did you mean 'lr'" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None
+                    and shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_ddp_two_processes_gloo_matches_single_process(tmp_path):
+    """Two gloo processes with the same global batch reproduce the single-process run."""
+    cfg = run_cfg(tmp_path, "ddp", steps=6, checkpoint_every=0, optimizer_options={})
+    cfg.model.dropout = 0.0
+    path = tmp_path / "c.yaml"
+    save_yaml(cfg, path)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "modformer.cli", "train",
+                          str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg.name = "single"
+    single = Trainer(cfg).fit()
+    a = strip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"))
+    b = strip(read_metrics(tmp_path / "single" / "metrics.jsonl"))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["step"] == y["step"] and x["split"] == y["split"]
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4), (x, y)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+    assert single["world_size"] == 1
