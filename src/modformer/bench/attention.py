@@ -1,0 +1,94 @@
+"""Attention kernels: forward and forward+backward TF/s, causal, bf16, T = 512 ... 16k.
+
+Compares raw ``F.scaled_dot_product_attention`` with modformer's dispatcher (``attend`` with the
+``sdpa`` and ``flex`` backends) on the same q/k/v, FlashAttention-benchmark shapes: B*T = 16k
+tokens, model width 2048 (H = 2048 / Dh). FLOPs: causal forward 2 * B*H*T^2*Dh (half of
+4*B*H*T^2*Dh), backward 2.5x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from modformer.bench.common import print_table, time_fn, write_result
+from modformer.layers.attention.kernels import AttnSpec, attend
+
+
+def flops(b: int, h: int, t: int, dh: int, backward: bool) -> float:
+    fwd = 2.0 * b * h * t * t * dh
+    return fwd * 3.5 if backward else fwd
+
+
+def bench_one(t: int, dh: int, device: torch.device, dtype: torch.dtype, total_tokens: int, width: int,
+              iters: int) -> list[dict[str, Any]]:
+    b, h = max(total_tokens // t, 1), width // dh
+    q, k, v = (torch.randn(b, h, t, dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(b, h, t, dh, device=device, dtype=dtype)
+    impls = {
+        "raw_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "modformer_sdpa": lambda: attend(q, k, v, AttnSpec(causal=True), "sdpa")[0],
+        "modformer_flex": lambda: attend(q, k, v, AttnSpec(causal=True), "flex")[0],
+    }
+    rows = []
+    for name, fn in impls.items():
+        if name == "modformer_flex" and device.type != "cuda":
+            continue           # flex has no CPU backward; its CPU forward is a slow reference
+        row: dict[str, Any] = {"impl": name, "T": t, "head_dim": dh, "batch": b, "heads": h}
+        try:
+            with torch.no_grad():
+                tf = time_fn(fn, device, warmup=3, iters=iters)
+            row["fwd_ms"], row["fwd_tflops"] = tf * 1e3, flops(b, h, t, dh, False) / tf / 1e12
+
+            def fwd_bwd(fn=fn) -> None:
+                fn().backward(grad)
+
+            tb = time_fn(fwd_bwd, device, warmup=3, iters=iters)
+            row["fwd_bwd_ms"], row["fwd_bwd_tflops"] = tb * 1e3, flops(b, h, t, dh, True) / tb / 1e12
+        except torch.OutOfMemoryError:
+            row["error"] = "OOM"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        q.grad = k.grad = v.grad = None
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench attention", description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--tokens", type=int, default=16384, help="B*T per call")
+    p.add_argument("--width", type=int, default=2048, help="H*Dh")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for dh in args.head_dim:
+        for t in args.seq:
+            rows += bench_one(t, dh, device, dtype, args.tokens, args.width, args.iters)
+            print_table(rows[-3:])
+    for r in rows:     # ratio of each implementation's time to raw SDPA's at the same shape
+        ref = next(x for x in rows if x["impl"] == "raw_sdpa" and x["T"] == r["T"] and x["head_dim"] == r["head_dim"])
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            if key in r and key in ref:
+                r[key.replace("_ms", "_ratio_vs_sdpa")] = ref[key] / r[key]
+    ours = [r for r in rows if r["impl"] == "modformer_sdpa"]
+    ratios = [r[k] for r in ours for k in ("fwd_ratio_vs_sdpa", "fwd_bwd_ratio_vs_sdpa") if k in r]
+    big = [r["fwd_bwd_tflops"] for r in ours if r["head_dim"] == 128 and r["T"] >= 4096 and "fwd_bwd_tflops" in r]
+    headline = {"min_ratio_vs_sdpa": min(ratios) if ratios else None,
+                "fwd_bwd_tflops_causal_hd128_t4k": min(big) if big else None}
+    print_table(rows, ["impl", "T", "head_dim", "fwd_tflops", "fwd_bwd_tflops", "fwd_ratio_vs_sdpa",
+                       "fwd_bwd_ratio_vs_sdpa"])
+    print(f"headline: {headline}")
+    print(f"wrote {write_result('attention', headline, rows, device, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

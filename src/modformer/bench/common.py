@@ -1,0 +1,80 @@
+"""Shared benchmark plumbing: device facts, CUDA-event timing, result JSON, tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modformer.utils import atomic_write_text
+
+H100_BF16_PEAK = 989e12   # dense bf16 TF/s of an H100 SXM (the MFU denominator the issue fixes)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds per call after ``warmup`` calls (device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_ceiling(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul FLOP/s (the practical ceiling MFU is compared against)."""
+    if device.type != "cuda":
+        n = 512
+        dtype = torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=3, iters=10)
+    return 2 * n ** 3 / t
+
+
+def write_result(name: str, headline: dict[str, Any], rows: list[dict[str, Any]], device: torch.device,
+                 out_dir: str | Path = "benchmarks/results", extra: dict[str, Any] | None = None) -> Path:
+    """benchmarks/results/<name>.json in the project's format (device, torch, date, command, ...)."""
+    result = {"benchmark": name, "device": device_name(device), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "command": " ".join(["modformer", *sys.argv[1:]])
+              if Path(sys.argv[0]).name == "modformer" else " ".join(["python", *sys.argv]),
+              "headline": headline, "rows": rows, **(extra or {})}
+    path = Path(out_dir) / f"{name}.json"
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """A plain fixed-width table (stdout), floats shown with 4 significant digits."""
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
