@@ -90,6 +90,15 @@ class Run:
             return []
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
+    def settings(self) -> dict:
+        """The run's resolved model/data/train settings (its config.yaml), so rows outlive config edits."""
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            return {}
+        import yaml
+
+        return {k: v for k, v in yaml.safe_load(path.read_text()).items() if k in ("model", "data", "train")}
+
     def tokens_per_s(self) -> float | None:
         rows = [r["tokens_per_s"] for r in self.metrics() if r.get("split") == "train"]
         return statistics.median(rows[2:]) if len(rows) > 2 else None
@@ -162,11 +171,17 @@ def time_to_loss(args: argparse.Namespace) -> None:
                "steps_to_target": s.get("first_target_step"), "best_val_loss": s.get("val_loss"),
                "best_val_loss_step": s.get("val_loss_step"), "steps": s.get("steps"),
                "process_seconds": run.seconds, "params": s.get("params"), "tokens_per_s": run.tokens_per_s(),
-               "returncode": run.returncode}
+               "returncode": run.returncode, "settings": run.settings()}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if run.returncode:
             print(run.tail(20))
+        write_time_to_loss(args, rows)   # after every run, so a cut-off benchmark keeps what it measured
+    print_table(rows, ["name", "seconds_to_target", "steps_to_target", "best_val_loss", "process_seconds",
+                       "tokens_per_s"])
+
+
+def write_time_to_loss(args: argparse.Namespace, rows: list[dict]) -> None:
     by = {r["name"]: r for r in rows}
     reached = [r for r in rows if r["seconds_to_target"] is not None]
     best = min(reached, key=lambda r: r["seconds_to_target"]) if reached else None
@@ -182,8 +197,6 @@ def time_to_loss(args: argparse.Namespace) -> None:
         headline["speedup_vs_nanogpt_like"] = (headline["nanogpt_like_seconds_to_target"]
                                                / headline["seconds_to_target"])
     write_result(args, "time_to_loss", headline, rows)
-    print_table(rows, ["name", "seconds_to_target", "steps_to_target", "best_val_loss", "process_seconds",
-                       "tokens_per_s"])
 
 
 # ---- WikiText-2: test perplexity of a recipe ------------------------------------------------------
@@ -195,8 +208,43 @@ def evaluate(run: Run, split: str, env: dict[str, str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def size_runs_to_budget(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Set each run's ``train.steps`` so that all of them end ``--minutes`` after the script started.
+
+    A short probe of every run (at the same concurrency as the real runs, sharing its compile cache)
+    measures tokens/s; the real run gets the steps that fit in the time left, less a reserve for
+    compilation, evaluations and the test evaluation.
+    """
+    probes = [Run(r.name + "_probe", r.config, [*r.overrides, f"train.steps={args.probe_steps}",
+                                                "train.log_every=20", "train.eval_every=1000000"],
+                  r.run_dir.parent, r.env, args.max_seconds) for r in runs]
+    for p in probes:
+        p.start()
+        if not args.parallel:
+            p.wait()
+    for p in probes:
+        if p.returncode is None:
+            p.wait()
+    import yaml
+
+    left = args.minutes * 60 - (time.perf_counter() - T_SCRIPT) - args.reserve_seconds
+    for run, probe in zip(runs, probes):
+        tps = probe.tokens_per_s()
+        if not tps or probe.returncode:
+            print(f"probe of {run.name} failed:\n{probe.tail(20)}")
+            continue
+        c = yaml.safe_load((probe.run_dir / "config.yaml").read_text())
+        share = left if args.parallel else left / len(runs)
+        steps = int(tps * share / (c["train"]["batch_size"] * c["data"]["seq_len"]) / 100) * 100
+        print(f"{run.name}: {tps:,.0f} tok/s in the probe -> train.steps={steps}", flush=True)
+        run.overrides.append(f"train.steps={steps}")
+        run.argv.insert(run.argv.index(f"name={run.name}"), f"train.steps={steps}")
+
+
 def wikitext2(args: argparse.Namespace) -> None:
     runs = build_runs(args, [["recipe", "configs/wikitext2.yaml"]], [])
+    if args.minutes:
+        size_runs_to_budget(args, runs)
     if args.parallel:
         for run in runs:
             run.start()
@@ -230,7 +278,7 @@ def wikitext2(args: argparse.Namespace) -> None:
                "train_minutes": s["wall_s"] / 60 if "wall_s" in s else None,
                "process_minutes": run.seconds / 60, "params": s.get("params"),
                "tokens_per_s": run.tokens_per_s(), "concurrent_runs": len(runs) if args.parallel else 1,
-               "returncode": run.returncode}
+               "returncode": run.returncode, "settings": run.settings()}
         if "error" in test:
             row["test_error"] = test["error"]
         rows.append(row)
@@ -269,6 +317,11 @@ def main() -> None:
                    "(default: 'fast' for time_to_loss, 'recipe' or the best valid ppl for wikitext2)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--parallel", action="store_true", help="wikitext2: train all runs at once (a sweep)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wikitext2: size train.steps (after a probe) so the runs end this long after start")
+    p.add_argument("--probe-steps", type=int, default=200)
+    p.add_argument("--reserve-seconds", type=float, default=90,
+                   help="with --minutes: time kept for compilation, evaluations and the test split")
     p.add_argument("--no-test", action="store_true", help="wikitext2: skip the test-split evaluation")
     p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
     p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")

@@ -54,7 +54,9 @@ class ModelConfig:
     final_norm: bool = True
     rezero: bool = False               # learned residual gate initialised at 0 (Bachlechner et al.)
     grad_checkpointing: bool = False
+    init: str = "gpt2"                 # gpt2 (N(0, init_std), scaled residual projections) | torch (defaults)
     init_std: float = 0.02
+    embed_init_std: float | None = None  # token-embedding std; None = init_std
     attention_options: dict[str, Any] = field(default_factory=dict)
     ffn_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +92,8 @@ class ModelConfig:
         for fld, kind in (("model", "model"), ("attention", "attention"), ("position", "position"),
                           ("norm", "norm"), ("ffn", "ffn"), ("attn_backend", "attn_backend")):
             registry.get(kind, getattr(self, fld), field=f"model.{fld}")
+        if self.init not in ("gpt2", "torch"):
+            raise ConfigError(f"model.init: unknown {self.init!r}; allowed: gpt2, torch")
         if self.norm_placement not in ("pre", "post", "sandwich"):
             raise ConfigError(
                 f"model.norm_placement: unknown {self.norm_placement!r}; allowed: pre, post, sandwich")
@@ -128,6 +132,7 @@ class TrainConfig:
     schedule: str = "cosine"           # constant | cosine | linear
     warmup_steps: int = 0
     grad_clip: float = 1.0             # 0 disables
+    label_smoothing: float = 0.0       # training loss only; evaluation reports the plain NLL
     eval_every: int = 100
     eval_batches: int = 20             # 0 = full split
     eval_batch_size: int | None = None

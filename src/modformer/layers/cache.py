@@ -4,6 +4,12 @@
 ``(B, Hkv, max_len, Dh)`` buffers once and writes in place, so tensor shapes never change
 between decoding steps (what torch.compile / CUDA graphs need); unwritten slots sit at
 positions after every query and the causal mask hides them.
+
+Besides the standard per-layer key/value slots, both caches hold a generic per-layer tensor store,
+``append(layer, name, x)``, for attention variants that cache something else (MLA's compressed latent
+and shared RoPE key, multichannel's per-channel K/V). Stored tensors have the time axis at ``-2``;
+the static cache allocates each entry (and the standard slots) on first use with ``max_len`` slots.
+``bytes_per_token()`` reports cache bytes per cached token of one sequence, summed over layers.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ class KVCache:
     def __init__(self, n_layer: int) -> None:
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
+        self.tensors: dict[tuple[int, str], Tensor] = {}   # generic store, time on axis -2
         self.length = 0   # tokens already cached (= absolute position of the next token)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,6 +35,14 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def append(self, layer: int, name: str, x: Tensor) -> Tensor:
+        """Generic store: append ``x`` (time on axis -2) to entry ``name`` of ``layer``; return all so far."""
+        old = self.tensors.get((layer, name))
+        if old is not None:
+            x = torch.cat([old, x], dim=-2)
+        self.tensors[(layer, name)] = x
+        return x
+
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer has been updated with ``n`` tokens."""
         self.length += n
@@ -37,28 +52,59 @@ class KVCache:
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None:
                 self.keys[i], self.values[i] = k[:, :, :length], v[:, :, :length]
+        for key, x in self.tensors.items():
+            self.tensors[key] = x[..., :length, :]
         self.length = min(self.length, length)
 
+    def _all(self) -> list[Tensor]:
+        return [t for t in self.keys + self.values + list(self.tensors.values()) if t is not None]
+
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._all())
+
+    def bytes_per_token(self) -> float:
+        """Bytes per cached token (slot) of one sequence, all layers: ``(B, ..., T, d)`` -> numel / (B * T)."""
+        return sum(t.numel() * t.element_size() / (t.shape[0] * t.shape[-2]) for t in self._all())
 
 
 class StaticKVCache(KVCache):
-    """Preallocated cache of fixed capacity ``max_len``; returns the whole buffers."""
+    """Preallocated cache of fixed capacity ``max_len``; returns the whole buffers.
 
-    def __init__(self, n_layer: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+    With ``n_kv_heads`` and ``head_dim`` given, the standard key/value buffers are allocated now;
+    with None (what ``GPT.new_cache`` passes) each layer's buffers are allocated on its first write,
+    so variants that never use the standard slots (e.g. MLA) hold only what they store.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_heads: int | None, max_len: int, head_dim: int | None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(n_layer)
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
+        self.max_len, self.device, self.dtype = max_len, device, dtype
+        if n_kv_heads is not None and head_dim is not None:
+            shape = (batch, n_kv_heads, max_len, head_dim)
+            self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+            self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        t = k.shape[2]
+    def _check(self, t: int) -> None:
         if self.length + t > self.max_len:
             raise ValueError(f"static KV cache holds {self.max_len} tokens; "
                              f"cannot add {t} after {self.length}")
+
+    def _buffer(self, like: Tensor) -> Tensor:
+        return torch.zeros((*like.shape[:-2], self.max_len, like.shape[-1]), device=self.device, dtype=self.dtype)
+
+    def append(self, layer: int, name: str, x: Tensor) -> Tensor:
+        self._check(x.shape[-2])
+        buf = self.tensors.get((layer, name))
+        if buf is None:
+            buf = self.tensors[(layer, name)] = self._buffer(x)
+        buf[..., self.length:self.length + x.shape[-2], :] = x
+        return buf
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        t = k.shape[2]
+        self._check(t)
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = self._buffer(k), self._buffer(v)
         self.keys[layer][:, :, self.length:self.length + t] = k
         self.values[layer][:, :, self.length:self.length + t] = v
         return self.keys[layer], self.values[layer]

@@ -3,6 +3,12 @@
 Every component comes from the registries named in ``ModelConfig``; with ``attn_only=True``
 the blocks have no FFN (the circuits papers' attention-only transformers). Weight init
 follows GPT-2: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer).
+
+``model_options``: ``denseformer: true`` adds depth-weighted averaging after the blocks
+(``layers/dwa.py``; ``dwa_dilation``, ``dwa_period``). Auxiliary losses: any submodule with an
+``aux_loss`` attribute (set in its forward, e.g. MoE load balancing) is summed into ``model.aux_loss``
+after each forward (None when there is none), which the trainer adds to the loss; their
+``aux_stats`` dicts (e.g. MoE overflow counts) are summed into ``model.aux_stats``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ from modformer.config import ModelConfig
 from modformer.layers.block import Block
 from modformer.layers.cache import KVCache, StaticKVCache
 from modformer.layers.context import Context
+from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
 from modformer.models.generation import GenerationMixin
+from modformer.registry import ConfigError
+
+GPT_OPTIONS = {"denseformer", "dwa_dilation", "dwa_period"}
 
 
 @registry.register("model", "gpt")
@@ -42,21 +52,40 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
         self.hook_embed = HookPoint()        # (B, T, D) token embeddings
         self.hook_pos_embed = HookPoint()    # (T, D) absolute position embeddings (if any)
         self.hook_resid_final = HookPoint()  # (B, T, D) after the final norm
+        unknown = set(cfg.model_options) - GPT_OPTIONS
+        if unknown:
+            raise ConfigError(f"model.model_options: unknown {sorted(unknown)} for model 'gpt'; "
+                              f"allowed: {', '.join(sorted(GPT_OPTIONS))}")
+        opts = cfg.model_options
+        self.dwa = DepthWeightedAverage(cfg.n_layer, int(opts.get("dwa_dilation", 1)),
+                                        int(opts.get("dwa_period", 1))) if opts.get("denseformer") else None
         self.reset_parameters()
         name_hook_points(self)
+        self._aux_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
+        self.aux_loss: Tensor | None = None
+        self.aux_stats: dict[str, Tensor] = {}
 
     # ---- initialisation and accounting -------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 init; residual projections (``attn.out``, ``mlp.down``) get std / sqrt(2L)."""
+        """``init: gpt2``: N(0, init_std), residual projections (``attn.out``, ``mlp.down``) scaled by
+        1/sqrt(2L), zero biases. ``init: torch``: PyTorch's default Linear init (Kaiming-uniform), as
+        the grokking papers' models use. Token embeddings get ``embed_init_std`` (default init_std)."""
         std = self.cfg.init_std
         for name, mod in self.named_modules():
             if isinstance(mod, nn.Linear):
+                if self.cfg.init == "torch":
+                    mod.reset_parameters()
+                    continue
                 scaled = name.endswith("attn.out") or name.endswith("mlp.down")
                 nn.init.normal_(mod.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if scaled else std)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
             elif isinstance(mod, nn.Embedding):
                 nn.init.normal_(mod.weight, 0.0, std)
+        if self.cfg.embed_init_std is not None:
+            nn.init.normal_(self.tok_emb.weight, 0.0, self.cfg.embed_init_std)
+        if self.cfg.tie_embeddings is False and self.cfg.init == "torch":
+            self.lm_head.reset_parameters()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; ``non_embedding`` drops the token and position tables (Kaplan et al.)."""
@@ -111,8 +140,13 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
                       cache=cache, q_offset=offset)
         x = self.embed(idx, ctx)
         use_ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        history = [x] if self.dwa is not None else None
+        for i, block in enumerate(self.blocks):
             x = checkpoint(block, x, ctx, use_reentrant=False) if use_ckpt else block(x, ctx)
+            if history is not None:
+                history.append(x)
+                x = self.dwa(i, history)
+        self._collect_aux()
         if cache is not None:
             cache.advance(T)
         x = self.hook_resid_final(self.ln_f(x))
@@ -120,6 +154,17 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
             x = x[:, -1:]
         logits = self.lm_head(x)
         return (logits, cache) if return_cache else logits
+
+    def _collect_aux(self) -> None:
+        """Sum submodules' ``aux_loss`` into ``self.aux_loss`` and their ``aux_stats`` into ``self.aux_stats``."""
+        losses, stats = [], {}
+        for m in self._aux_modules:
+            if m.aux_loss is not None:
+                losses.append(m.aux_loss)
+            for k, v in getattr(m, "aux_stats", {}).items():
+                stats[k] = stats[k] + v if k in stats else v
+        self.aux_loss = torch.stack(losses).sum() if losses else None
+        self.aux_stats = stats
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy; targets of -100 are ignored."""
@@ -131,5 +176,6 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
         if not static:
             return KVCache(self.cfg.n_layer)
         p = self.tok_emb.weight
-        return StaticKVCache(self.cfg.n_layer, batch, self.cfg.kv_heads, max_len or self.cfg.max_seq_len,
-                             self.cfg.head_dim, device=p.device, dtype=p.dtype)
+        # Buffers are allocated per layer on first write, shaped by what each attention variant stores.
+        return StaticKVCache(self.cfg.n_layer, batch, None, max_len or self.cfg.max_seq_len, None,
+                             device=p.device, dtype=p.dtype)

@@ -41,6 +41,8 @@ def resolve_device(name: str, world: World | None = None) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and world is not None and world.size > 1:
         name = f"cuda:{world.local_rank}"
+    elif name == "cuda" and torch.cuda.is_available():
+        name = f"cuda:{torch.cuda.current_device()}"   # torch.cuda.set_device rejects an index-less device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
     return torch.device(name)
@@ -96,6 +98,8 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self.wall_offset = 0.0
         self.stop_reason = "steps"
+        self._aux_window: dict[str, torch.Tensor] = {}   # aux loss / stats summed since the last log row
+        self._aux_steps = 0
         self._prepare_run_dir(resume, overwrite)
         self.logger = MetricsLogger(self.run_dir, t.tensorboard, enabled=self.world.is_main)
         if resume:
@@ -184,12 +188,17 @@ class Trainer:
             sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
                 logits = self.model(x)
-                nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
-                                      reduction="sum")
-                loss = nll * (self.world.size / max(n_targets, 1))   # exact global mean after DDP's average
+                flat_logits, flat_y = logits.flatten(0, 1).float(), y.flatten()
+                nll = F.cross_entropy(flat_logits, flat_y, ignore_index=-100, reduction="sum")
+                objective = nll if not t.label_smoothing else F.cross_entropy(
+                    flat_logits, flat_y, ignore_index=-100, reduction="sum", label_smoothing=t.label_smoothing)
+                loss = objective * (self.world.size / max(n_targets, 1))   # exact global mean after DDP's average
                 aux = getattr(unwrap(self.model), "aux_loss", None)
                 if aux is not None:
                     loss = loss + aux / len(micro)
+                    self._track_aux("aux_loss", aux.detach() / len(micro))
+                for key, value in getattr(unwrap(self.model), "aux_stats", {}).items():
+                    self._track_aux(key, value.detach())   # e.g. moe_overflow, moe_assignments
             self.scaler.scale(loss).backward()
             loss_sum += nll.detach()
             correct += ((logits.argmax(-1) == y) & (y != -100)).sum()
@@ -202,7 +211,17 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._aux_steps += 1
         return loss_sum, correct, n_tokens, n_targets
+
+    def _track_aux(self, key: str, value: torch.Tensor) -> None:
+        self._aux_window[key] = self._aux_window[key] + value if key in self._aux_window else value
+
+    def _pop_aux(self) -> dict[str, float]:
+        """Per-step means of the model's aux loss and stats since the last call (logged with train rows)."""
+        out = {k: float(v) / max(self._aux_steps, 1) for k, v in self._aux_window.items()}
+        self._aux_window, self._aux_steps = {}, 0
+        return out
 
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()
@@ -272,13 +291,15 @@ class Trainer:
                     tps = window_tokens / max(time.perf_counter() - window_t0, 1e-9)
                     row = {"step": self.step, "split": "train", "loss": train_loss,
                            "acc": corr_tot / max(targets_in_window, 1), "lr": self.lr_at(self.step - 1),
-                           "tokens_per_s": tps, "wall_s": self.wall()}
+                           "tokens_per_s": tps, "wall_s": self.wall(), **self._pop_aux()}
                     self.logger.log(row)
                     progress.update(self.step, f"loss {train_loss:.4f}  {tps:,.0f} tok/s")
                     stats = [torch.zeros_like(stats[0]), torch.zeros_like(stats[1])]
                     window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
                 if do_eval:
                     val = self.evaluate("val")
+                    if t.eval_batches and self._early_stop({"val": val}):
+                        val = self.evaluate("val", 0)     # a partial eval passed: confirm on the full split
                     self.logger.log({"step": self.step, "split": "val", **val, "wall_s": self.wall()})
                     self._update_best(val)
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in val.items())

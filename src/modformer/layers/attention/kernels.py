@@ -33,26 +33,29 @@ class AttnSpec:
     """How one attention call is masked and biased."""
 
     causal: bool = True
-    q_offset: int = 0
+    q_offset: int | None = 0             # None: positions only known as the tensor q_pos (graph-safe decoding)
+    q_pos: Tensor | None = None          # (Tq,) absolute query positions, used when q_offset is None
     alibi_slopes: Tensor | None = None   # (H,) ALiBi slopes, bias = -slope * (q_pos - k_pos)
     scale: float | None = None
     dropout_p: float = 0.0
     block_mask: object | None = None     # flex BlockMask overriding the causal mask (sparse variants)
 
 
-def _positions(tq: int, tk: int, q_offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    q_pos = torch.arange(q_offset, q_offset + tq, device=device)
-    k_pos = torch.arange(tk, device=device)
-    return q_pos, k_pos
+def _positions(spec: AttnSpec, tq: int, tk: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    if spec.q_offset is None:
+        q_pos = spec.q_pos.to(device)
+    else:
+        q_pos = torch.arange(spec.q_offset, spec.q_offset + tq, device=device)
+    return q_pos, torch.arange(tk, device=device)
 
 
 def attn_bias(spec: AttnSpec, n_head: int, tq: int, tk: int, device: torch.device,
               dtype: torch.dtype) -> Tensor | None:
     """Additive float bias ``(1|H, Tq, Tk)`` (0 / -inf plus ALiBi), or None when not needed."""
-    all_visible = not spec.causal or tk <= spec.q_offset + 1
+    all_visible = not spec.causal or (spec.q_offset is not None and tk <= spec.q_offset + 1)
     if spec.alibi_slopes is None and all_visible:
         return None
-    q_pos, k_pos = _positions(tq, tk, spec.q_offset, device)
+    q_pos, k_pos = _positions(spec, tq, tk, device)
     rel = (q_pos[:, None] - k_pos[None, :]).to(dtype)             # (Tq, Tk) distance to the key
     bias = torch.zeros(1, tq, tk, device=device, dtype=dtype)
     if spec.alibi_slopes is not None:
@@ -154,6 +157,8 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
     block_mask = spec.block_mask
+    if spec.q_offset is None:
+        return sdpa_attention(q, k, v, spec)          # tensor positions (compiled decoding): dense path
     if block_mask is None and spec.causal:
         block_mask = causal_block_mask(Tq, Tk, spec.q_offset, str(q.device))
     score_mod = None
