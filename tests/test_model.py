@@ -174,3 +174,11 @@ def test_param_and_flop_counts():
 def test_glu_hidden_size_rounded_like_llama():
     model = mf.build_model(tiny(d_model=128, ffn="swiglu", ffn_multiple_of=64))
     assert model.blocks[0].mlp.up.out_features == 384     # int(2/3 * 512) = 341 -> 384
+
+
+def test_compiled_static_decoding_matches_eager():
+    """generate(compile=True): positions enter as a tensor, cache writes are index_copy_; same tokens."""
+    model = mf.build_model(tiny(position="rope", n_kv_heads=2)).eval()
+    prompt = torch.randint(0, 37, (2, 4))
+    eager = model.generate(prompt, 8, temperature=0, use_cache=False)
+    assert torch.equal(model.generate(prompt, 8, temperature=0, compile=True), eager)

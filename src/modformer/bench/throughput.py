@@ -37,13 +37,17 @@ def measure(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, 
             fused: bool, compile_model: bool, steps: int, device: torch.device) -> dict[str, float]:
     """Median step time of forward + cross-entropy + backward + AdamW step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
-    fwd = torch.compile(model) if compile_model else model
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def step() -> None:
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with amp:
-            logits = fwd(input_ids=x).logits if hf else fwd(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            logits = model(input_ids=x).logits if hf else model(x)
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    fwd = torch.compile(loss_fn) if compile_model else loss_fn   # same compiled region for both models
+
+    def step() -> None:
+        loss = fwd(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -84,29 +84,41 @@ class StaticKVCache(KVCache):
             self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
             self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
 
+    # Writes go to the absolute positions in ``self.positions`` (a (T,) tensor the model sets before
+    # each forward) with index_copy_, so no Python int that changes per step enters a compiled graph.
+    positions: Tensor | None = None
+
     def _check(self, t: int) -> None:
-        if self.length + t > self.max_len:
+        if not torch.compiler.is_compiling() and self.length + t > self.max_len:
             raise ValueError(f"static KV cache holds {self.max_len} tokens; "
                              f"cannot add {t} after {self.length}")
 
     def _buffer(self, like: Tensor) -> Tensor:
-        return torch.zeros((*like.shape[:-2], self.max_len, like.shape[-1]), device=self.device, dtype=self.dtype)
+        buf = torch.zeros((*like.shape[:-2], self.max_len, like.shape[-1]), device=self.device, dtype=self.dtype)
+        torch._dynamo.mark_static_address(buf)   # fixed address: CUDA graphs may capture in-place writes
+        return buf
+
+    def _write(self, buf: Tensor, x: Tensor) -> None:
+        t = x.shape[-2]
+        if self.positions is not None:
+            buf.index_copy_(buf.dim() - 2, self.positions.to(buf.device), x.to(buf.dtype))
+        else:
+            buf[..., self.length:self.length + t, :] = x
 
     def append(self, layer: int, name: str, x: Tensor) -> Tensor:
         self._check(x.shape[-2])
         buf = self.tensors.get((layer, name))
         if buf is None:
             buf = self.tensors[(layer, name)] = self._buffer(x)
-        buf[..., self.length:self.length + x.shape[-2], :] = x
+        self._write(buf, x)
         return buf
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        t = k.shape[2]
-        self._check(t)
+        self._check(k.shape[2])
         if self.keys[layer] is None:
             self.keys[layer], self.values[layer] = self._buffer(k), self._buffer(v)
-        self.keys[layer][:, :, self.length:self.length + t] = k
-        self.values[layer][:, :, self.length:self.length + t] = v
+        self._write(self.keys[layer], k)
+        self._write(self.values[layer], v)
         return self.keys[layer], self.values[layer]
 
     def crop(self, length: int) -> None:

@@ -15,5 +15,5 @@ class Context:
     pos: Tensor                     # (T,) absolute positions of this call's tokens
     position: Position              # the model's (shared) position module
     cache: KVCache | None = None    # updated in place by each attention layer
-    q_offset: int = 0               # absolute position of the first token of this call
+    q_offset: int | None = 0        # absolute position of the first token; None = only known as `pos`
     block_mask: object | None = None  # optional flex BlockMask (sparse attention variants)

@@ -31,14 +31,19 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, static_cache: bool = False,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 compile: bool = False) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + new)``.
 
         Without a cache each step re-runs the whole (cropped) context; with one, only the new
-        token. Greedy decoding (temperature=0) gives identical tokens either way.
+        token. Greedy decoding (temperature=0) gives identical tokens either way. ``compile=True``
+        (implies a static cache) compiles the one-token decode step with torch.compile in
+        "reduce-overhead" mode, i.e. CUDA graphs on GPU: positions enter as a tensor, so one graph
+        serves every step.
         """
         was_training = self.training
         self.eval()
+        static_cache = static_cache or compile
         max_len = self.position.max_len
         if use_cache and max_len is not None and idx.shape[1] + max_new_tokens > max_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -47,12 +52,22 @@ class GenerationMixin:
         if use_cache:
             cache = self.new_cache(idx.shape[0], static=static_cache,
                                    max_len=idx.shape[1] + max_new_tokens if static_cache else None)
+        step_fn = self._decode_step_fn() if compile and use_cache else None
+        pos = None
         finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
         step_input = idx
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if cache is None:
                 step_input = idx if max_len is None else idx[:, -max_len:]
-            logits = self(step_input, cache=cache, last_only=True)[:, -1]
+            if step_fn is not None and i > 0:          # prefill runs eagerly; decode steps use the graph
+                if pos is None:
+                    pos = torch.tensor([cache.length], device=idx.device)
+                else:
+                    pos.add_(1)
+                logits = step_fn(step_input, pos, cache)[:, -1]
+                cache.length += 1
+            else:
+                logits = self(step_input, cache=cache, last_only=True)[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(finished, eos_token_id)
@@ -63,3 +78,15 @@ class GenerationMixin:
                 break
         self.train(was_training)
         return idx
+
+    def _decode_step_fn(self):  # noqa: ANN202
+        """The compiled one-token step ``(idx (B, 1), pos (1,), cache) -> logits``, built once per model."""
+        fn = getattr(self, "_compiled_decode", None)
+        if fn is None:
+            def step(idx: Tensor, pos: Tensor, cache: object) -> Tensor:
+                return self(idx, cache=cache, pos=pos, last_only=True).clone()
+
+            mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
+            fn = torch.compile(step, mode=mode)
+            object.__setattr__(self, "_compiled_decode", fn)
+        return fn

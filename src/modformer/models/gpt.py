@@ -129,15 +129,23 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
         return self.drop(x)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, return_cache: bool = False,
-                last_only: bool = False) -> Tensor | tuple[Tensor, KVCache]:
-        """Logits ``(B, T, V)`` (``(B, 1, V)`` if ``last_only``); with a cache, continue from it."""
+                last_only: bool = False, pos: Tensor | None = None) -> Tensor | tuple[Tensor, KVCache]:
+        """Logits ``(B, T, V)`` (``(B, 1, V)`` if ``last_only``); with a cache, continue from it.
+
+        ``pos`` (T,) gives the absolute positions as a tensor (compiled decoding with a static cache):
+        then no Python-side length is read or advanced; the caller tracks it.
+        """
         if return_cache and cache is None:
             cache = KVCache(self.cfg.n_layer)
-        offset = cache.length if cache is not None else 0
-        self._check_input(idx, offset)
+        graph_safe = pos is not None
+        if not graph_safe:
+            offset = cache.length if cache is not None else 0
+            self._check_input(idx, offset)
+            pos = torch.arange(offset, offset + idx.shape[1], device=idx.device)
         T = idx.shape[1]
-        ctx = Context(pos=torch.arange(offset, offset + T, device=idx.device), position=self.position,
-                      cache=cache, q_offset=offset)
+        if cache is not None:
+            cache.positions = pos
+        ctx = Context(pos=pos, position=self.position, cache=cache, q_offset=None if graph_safe else offset)
         x = self.embed(idx, ctx)
         use_ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         history = [x] if self.dwa is not None else None
@@ -147,7 +155,7 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
                 history.append(x)
                 x = self.dwa(i, history)
         self._collect_aux()
-        if cache is not None:
+        if cache is not None and not graph_safe:
             cache.advance(T)
         x = self.hook_resid_final(self.ln_f(x))
         if last_only:

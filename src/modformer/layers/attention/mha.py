@@ -62,7 +62,8 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project_qkv(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
-        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, alibi_slopes=ctx.position.alibi_slopes(),
+        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
+                        alibi_slopes=ctx.position.alibi_slopes(),
                         dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask)
         if self.hook_pattern.active:
             _, probs = eager_attention(q, k, v, spec, need_weights=True)

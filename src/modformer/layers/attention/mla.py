@@ -106,7 +106,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_c, v = self.kv_up(c_kv).view(B, Tk, Hkv, dn + Dh).transpose(1, 2).split([dn, Dh], dim=-1)
         k = torch.cat([k_c, k_r.expand(B, Hkv, Tk, dr)], dim=-1) if dr else k_c
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, alibi_slopes=ctx.position.alibi_slopes(),
+        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
+                        alibi_slopes=ctx.position.alibi_slopes(),
                         dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask)
         if self.hook_pattern.active:
             _, probs = eager_attention(q, k, v, spec, need_weights=True)

@@ -60,7 +60,8 @@ class TalkingHeadsAttention(MultiHeadAttention):
         acc = torch.promote_types(q.dtype, torch.float32)
         logits = torch.matmul(q, k.transpose(-2, -1)).to(acc) / math.sqrt(Dh)          # (B, H, Tq, Tk)
         logits = self.hook_logits(torch.einsum("bhqk,hg->bgqk", logits, self.mix_logits.to(acc)))
-        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, alibi_slopes=ctx.position.alibi_slopes())
+        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
+                        alibi_slopes=ctx.position.alibi_slopes())
         Tk = k.shape[2]
         if ctx.block_mask is not None:
             keep = dense_from_block_mask(ctx.block_mask, T, Tk).to(q.device)
