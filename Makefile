@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,peft]"
+	$(PY) -m pip install -q -e ".[dev,peft,interp]"
 	touch $(STAMP)
 
 test: $(STAMP)

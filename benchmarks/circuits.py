@@ -51,11 +51,33 @@ def run_config(name: str, n_layer: int, args: argparse.Namespace, runs: Path) ->
                           threads=args.threads, seed=0, sample_tokens=0))
 
 
-def train(name: str, n_layer: int, args: argparse.Namespace, runs: Path) -> tuple[torch.nn.Module, dict, float]:
+def train(name: str, n_layer: int, args: argparse.Namespace, runs: Path) -> tuple[Trainer, dict, float]:
     t0 = time.perf_counter()
     trainer = Trainer(run_config(name, n_layer, args, runs), overwrite=True)
     summary = trainer.fit()
-    return trainer.raw_model.eval(), summary, time.perf_counter() - t0
+    trainer.raw_model.eval()
+    return trainer, summary, time.perf_counter() - t0
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
+
+
+def notes(result: dict) -> list[str]:
+    """What the figures mean for the paper's claims (added to the JSON)."""
+    out = []
+    s = result["settings"]
+    tokens = {n: steps * s["batch"] * s["seq_len"] for n, steps in (("1l", s["steps_1l"]), ("2l", s["steps_2l"]))}
+    if result["headline"]["induction_prefix_matching"] < 0.5:
+        out.append(f"no layer-1 head reaches prefix matching 0.5: induction heads did not form within "
+                   f"{tokens['2l']:,} training tokens (far fewer than the papers' runs)")
+    out.append(f"1-layer model trained on {tokens['1l']:,} tokens; copying = OV eigenvalue score "
+               f"> {s['copy_threshold']} (paper: 10 of 12 heads copy)")
+    return out
 
 
 def main() -> int:
@@ -77,16 +99,18 @@ def main() -> int:
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="circuits_runs_"))
     rows = []
 
-    model1, s1, t1 = train("attn_only_1l", 1, args, runs)
+    tr1, s1, t1 = train("attn_only_1l", 1, args, runs)
+    model1 = tr1.raw_model
     w1 = interp.extract_weights(model1)
     copy1 = interp.copying_scores(w1)[0]
     frac = float((copy1 > args.copy_threshold).float().mean())
-    analyze(model1, runs / "attn_only_1l" / "circuits", title="1-layer attention-only")
+    analyze(model1, runs / "attn_only_1l" / "circuits", tr1.data, title="1-layer attention-only")
     rows.append({"model": "attn_only_1l", "steps": args.steps_1l, "train_s": round(t1, 1),
                  "val_loss": s1.get("final_val_loss"), "copying_scores": [round(float(v), 3) for v in copy1],
                  "copying_heads": int((copy1 > args.copy_threshold).sum()), "n_heads": len(copy1)})
 
-    model2, s2, t2 = train("attn_only_2l", 2, args, runs)
+    tr2, s2, t2 = train("attn_only_2l", 2, args, runs)
+    model2 = tr2.raw_model
     w2 = interp.extract_weights(model2)
     scores = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32)
     kcomp = interp.composition_scores(w2, "k", baseline=True)
@@ -100,20 +124,21 @@ def main() -> int:
                           "top_k_composition_from": f"L0H{src}", "k_comp": round(float(kcomp[0, src, 1, h]), 3),
                           "is_top_prev_token_head": src == best_prev,
                           "prev_token_score_of_it": round(float(prev[0, src]), 3)})
-    analyze(model2, runs / "attn_only_2l" / "circuits", title="2-layer attention-only")
+    analyze(model2, runs / "attn_only_2l" / "circuits", tr2.data, title="2-layer attention-only")
     rows.append({"model": "attn_only_2l", "steps": args.steps_2l, "train_s": round(t2, 1),
                  "val_loss": s2.get("final_val_loss"),
                  "induction_scores_l1": [round(float(v), 3) for v in ind[1]],
                  "prev_token_scores_l0": [round(float(v), 3) for v in prev[0]],
                  "induction_heads": pairs, "copying_scores": [[round(float(v), 3) for v in r]
                                                               for r in interp.copying_scores(w2)]})
-    result = {"benchmark": "circuits", "device": args.device if args.device != "cpu" else "cpu",
+    result = {"benchmark": "circuits", "device": device_name(args.device),
               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/circuits.py " + shlex.join(sys.argv[1:]),
               "headline": {"induction_prefix_matching": round(float(ind[1].max()), 4),
                            "copying_heads_fraction_1l": round(frac, 4)},
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
               "runs_dir": str(runs), "rows": rows}
+    result["notes"] = notes(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""The ``modformer`` command line: train, eval, generate, list.
+"""The ``modformer`` command line: train, eval, generate, circuits, list.
 
 Every failure a user can cause (bad config key, missing file, diverged run) ends with one
 ``error: ...`` line and exit status 2, never a traceback.
@@ -73,6 +73,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_circuits(args: argparse.Namespace) -> int:
+    from modformer.interp.report import analyze
+    from modformer.runs import run_dataset, run_model
+
+    model = run_model(args.run_dir, args.device or "cpu")
+    data = run_dataset(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "circuits"
+    summary = analyze(model, out, data, html=args.html, text=args.text, title=f"circuits: {Path(args.run_dir).name}")
+    print("\n".join(summary["files"]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from modformer.bench import BENCHMARKS
+
+    if args.name not in BENCHMARKS:
+        from modformer.registry import suggest
+
+        raise ConfigError(f"unknown benchmark {args.name!r}{suggest(args.name, list(BENCHMARKS))}; "
+                          f"allowed: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"modformer.bench.{args.name}").main(args.args)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from modformer import registry
 
@@ -112,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None)
     g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("circuits", help="interpretability report (HTML, plots, head table) of a run's checkpoint")
+    c.add_argument("run_dir")
+    c.add_argument("--html", default=None, help="attention page path (default OUT/circuits.html)")
+    c.add_argument("--out", default=None, help="output folder (default RUN_DIR/circuits)")
+    c.add_argument("--text", default=None, help="text shown in the attention page (default: a validation example)")
+    c.add_argument("--device", default=None)
+    c.set_defaults(fn=cmd_circuits)
+
+    b = sub.add_parser("bench", help="run a benchmark: throughput | attention | generation | memory")
+    b.add_argument("name")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see NAME --help)")
+    b.set_defaults(fn=cmd_bench)
 
     ls = sub.add_parser("list", help="registered components")
     ls.add_argument("kind", nargs="?")

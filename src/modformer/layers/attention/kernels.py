@@ -144,6 +144,9 @@ def _flex_fn(device: torch.device) -> Callable:
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
+        # one specialised kernel per shape; the default recompile limit (8) would silently fall
+        # back to the unfused reference after a few sequence lengths
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 

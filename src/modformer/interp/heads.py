@@ -1,0 +1,185 @@
+"""Head detectors from attention patterns on repeated random tokens, and the per-head table.
+
+Olsson et al. (2022), "In-context Learning and Induction Heads": feed ``[r_1..r_L, r_1..r_L]`` (random
+tokens repeated once) and average, over the destinations of the second half, the attention to
+
+- previous token:   position t-1 (all destinations t >= 1)
+- duplicate token:  t-L, the earlier copy of the same token
+- induction:        t-L+1, the token after the earlier copy ("prefix matching"; >= 0.8 is a clear
+                    induction head)
+
+plus ``positional``: 1 - the mean total-variation distance between each sequence's attention row and
+the batch-mean row, i.e. 1 when the pattern depends on positions only (the same for every input).
+Copying comes in two forms: ``copying`` = the OV-eigenvalue score (Elhage et al. 2021, used by
+Olsson et al.) from ``circuits.copying_scores``; ``copying_rank`` = empirically, the mean percentile of
+the most-attended source token among the head's direct logit effects, at destinations where the head
+attends sharply (1: the head raises exactly the token it attends to; 0.5: unrelated).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from modformer.interp.circuits import copying_scores
+from modformer.interp.weights import ModelWeights, extract_weights
+
+
+def repeated_random_tokens(vocab_size: int, length: int, batch: int = 16, seed: int = 0,
+                           distinct: bool = True) -> Tensor:
+    """``(batch, 2 * length)``: random tokens (distinct within a half when possible), repeated once."""
+    g = torch.Generator().manual_seed(seed)
+    if distinct and vocab_size >= length:
+        half = torch.rand(batch, vocab_size, generator=g).argsort(1)[:, :length]
+    else:
+        half = torch.randint(vocab_size, (batch, length), generator=g)
+    return torch.cat([half, half], 1)
+
+
+@torch.no_grad()
+def attention_patterns(model: nn.Module, idx: Tensor, extra: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """Run once and cache every ``hook_pattern`` ``(B, H, T, T)`` (plus hook names ending in ``extra``)."""
+    suffixes = ("attn.hook_pattern", *extra)
+    _, cache = model.run_with_cache(idx, names_filter=lambda n: n.endswith(suffixes))
+    return cache
+
+
+def stack_patterns(cache: dict[str, Tensor], n_layer: int) -> Tensor:
+    """``(L, B, H, T, T)`` from ``blocks.{i}.attn.hook_pattern`` entries."""
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(n_layer)]
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise ValueError(f"no attention pattern at {missing[0]}: this attention variant exposes none per block")
+    return torch.stack([cache[n] for n in names]).float()
+
+
+def offset_attention(patterns: Tensor, offset: int, start: int = 0) -> Tensor:
+    """Mean attention ``(L, H)`` from destination t to t - offset, over destinations t >= max(start, offset)."""
+    T = patterns.shape[-1]
+    t = torch.arange(max(start, offset), T)
+    return patterns[..., t, t - offset].mean((1, -1))
+
+
+def previous_token_scores(patterns: Tensor) -> Tensor:
+    return offset_attention(patterns, 1)
+
+
+def duplicate_token_scores(patterns: Tensor, length: int) -> Tensor:
+    return offset_attention(patterns, length, start=length)
+
+
+def induction_scores(patterns: Tensor, length: int) -> Tensor:
+    """Prefix-matching score: attention to the token after the earlier copy."""
+    return offset_attention(patterns, length - 1, start=length)
+
+
+def positional_scores(patterns: Tensor) -> Tensor:
+    """1 - mean total variation between each input's attention rows and the batch mean ``(L, H)``."""
+    mean = patterns.mean(1, keepdim=True)
+    tv = 0.5 * (patterns - mean).abs().sum(-1)                      # (L, B, H, T)
+    return 1 - tv[..., 1:].mean((1, -1))                            # row 0 can only attend to itself
+
+
+@torch.no_grad()
+def copying_rank_scores(model: nn.Module, idx: Tensor, min_attention: float = 0.5) -> Tensor:
+    """Empirical copying ``(L, H)``: percentile of the most-attended source token in the head's direct logits.
+
+    Averaged over destinations where the head puts at least ``min_attention`` on one position (all
+    destinations if there are none), so that "the attended token" is well defined. Needs only
+    ``hook_pattern`` and ``hook_result`` (any attention variant that has them).
+    """
+    L = len(model.blocks)
+    last = f"blocks.{L - 1}.hook_resid_post"
+    names = {f"blocks.{i}.attn.{h}" for i in range(L) for h in ("hook_pattern", "hook_result")} | {last}
+    _, cache = model.run_with_cache(idx, names_filter=lambda n: n in names)
+    resid = cache[last].float()
+    final_norm = getattr(model, "ln_f", None)
+    kind = {"LayerNorm": "layernorm", "RMSNorm": "rmsnorm"}.get(type(final_norm).__name__, "none")
+    eps = getattr(final_norm, "eps", 1e-5) or 1e-5
+    W_U = model.lm_head.weight.detach().float().T                         # (D, V), final-norm weight folded in
+    if kind != "none" and getattr(final_norm, "weight", None) is not None:
+        W_U = W_U * final_norm.weight.detach().float()[:, None]
+    if kind == "none":
+        scale = torch.ones_like(resid[..., :1])
+    elif kind == "rmsnorm":
+        scale = 1 / torch.sqrt(resid.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        scale = 1 / torch.sqrt(resid.var(-1, unbiased=False, keepdim=True) + eps)
+    n_head = cache["blocks.0.attn.hook_pattern"].shape[1]
+    out = torch.zeros(L, n_head)
+    V = W_U.shape[1]
+    for i in range(L):
+        pat = cache[f"blocks.{i}.attn.hook_pattern"].float()[:, :, 1:]   # (B, H, T-1, T) rows t >= 1
+        res = cache[f"blocks.{i}.attn.hook_result"].float()[:, 1:]       # (B, T-1, H, D)
+        if kind == "layernorm":
+            res = res - res.mean(-1, keepdim=True)
+        res = res * scale[:, 1:, None]
+        top, src = pat.max(-1)                                            # (B, H, T-1) most-attended position
+        for h in range(n_head):
+            logits = res[:, :, h] @ W_U                                 # (B, T-1, V) direct logit effect
+            tok = idx.gather(1, src[:, h])                                # (B, T-1) the attended token
+            own = logits.gather(-1, tok[..., None])
+            less, ties = (logits < own).float().sum(-1), (logits == own).float().sum(-1) - 1
+            pct = (less + 0.5 * ties) / max(V - 1, 1)                     # (B, T-1) mid-rank percentile
+            sharp = top[:, h] >= min_attention
+            out[i, h] = pct[sharp].mean() if sharp.any() else pct.mean()
+    return out
+
+
+@torch.no_grad()
+def head_scores(model: nn.Module, length: int | None = None, batch: int = 16, seed: int = 0,
+                w: ModelWeights | None = None) -> dict[str, Tensor]:
+    """Every detector's ``(L, H)`` scores on repeated random tokens (``length`` fits the position table)."""
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    max_len = getattr(model.position, "max_len", None) or 256
+    length = length or min(32, max_len // 2)
+    if 2 * length > max_len:
+        raise ValueError(f"2 * length = {2 * length} exceeds the model's max_seq_len {max_len}")
+    if w is None:
+        try:
+            w = extract_weights(model, fold_ln=True)
+        except ValueError:          # attention without fused per-head weights: pattern-based scores only
+            w = None
+    device = model.tok_emb.weight.device
+    idx = repeated_random_tokens(cfg.vocab_size, length, batch, seed).to(device)
+    pats = stack_patterns(attention_patterns(model, idx), cfg.n_layer)
+    scores = {
+        "prev_token": previous_token_scores(pats),
+        "duplicate_token": duplicate_token_scores(pats, length),
+        "induction": induction_scores(pats, length),
+    }
+    if w is not None:
+        scores["copying"] = copying_scores(w)
+    try:
+        scores["copying_rank"] = copying_rank_scores(model, idx[:8])
+    except KeyError:                # no hook_result
+        pass
+    rand = torch.randint(cfg.vocab_size, (batch, 2 * length), generator=torch.Generator().manual_seed(seed + 1))
+    scores["positional"] = positional_scores(stack_patterns(attention_patterns(model, rand.to(device)),
+                                                            cfg.n_layer))
+    from modformer.interp.gradflow import attention_distance, attention_entropy
+
+    scores["entropy"] = attention_entropy(pats)
+    scores["distance"] = attention_distance(pats)
+    model.train(was_training)
+    return {k: v.float().cpu() for k, v in scores.items()}
+
+
+def head_table(scores: dict[str, Tensor]) -> list[dict]:
+    """One row per head: ``{"layer", "head", "name", <score>: float, ...}``."""
+    L, H = next(iter(scores.values())).shape
+    return [{"layer": i, "head": h, "name": f"L{i}H{h}", **{k: round(float(v[i, h]), 4) for k, v in scores.items()}}
+            for i in range(L) for h in range(H)]
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The per-head table as a markdown table."""
+    if not rows:
+        return ""
+    keys = [k for k in rows[0] if k not in ("layer", "head")]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
