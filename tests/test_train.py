@@ -182,7 +182,10 @@ def test_grokfast_ema_filter():
 
 def test_cli_train_eval_generate_list(tmp_path):
     cfg = run_cfg(tmp_path, "cli", steps=4)
-    cfg.data = DataConfig(name="shakespeare_char", seq_len=8)
+    corpus = tmp_path / "data" / "tinyshakespeare" / "input.txt"      # self-contained: no shared data needed
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 40)
+    cfg.data = DataConfig(name="shakespeare_char", seq_len=8, root=str(tmp_path / "data"))
     cfg.train.sample_tokens = 5
     cfg.train.optimizer_options = {}
     path = tmp_path / "c.yaml"
