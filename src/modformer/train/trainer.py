@@ -143,8 +143,21 @@ class Trainer:
                               f"({'; '.join(diff)})")
         from safetensors.torch import load_model
 
-        load_model(self.raw_model, str(path / "model.safetensors"), device=str(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            plain = build_model(self.cfg.model)
+            load_model(plain, str(path / "model.safetensors"))
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, plain.state_dict(), options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            load_model(self.raw_model, str(path / "model.safetensors"), device=str(self.device))
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.grad_filter is not None and state.get("grad_filter") is not None:
             self.grad_filter.load_state_dict(state["grad_filter"])
         self.scaler.load_state_dict(state["scaler"])
@@ -293,7 +306,7 @@ class Trainer:
                            "acc": corr_tot / max(targets_in_window, 1), "lr": self.lr_at(self.step - 1),
                            "tokens_per_s": tps, "wall_s": self.wall(), **self._pop_aux()}
                     self.logger.log(row)
-                    progress.update(self.step, f"loss {train_loss:.4f}  {tps:,.0f} tok/s")
+                    progress.update(self.step, f"loss {train_loss:.4f}  acc {row['acc']:.3f}  {tps:,.0f} tok/s")
                     stats = [torch.zeros_like(stats[0]), torch.zeros_like(stats[1])]
                     window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
                 if do_eval:
@@ -351,15 +364,34 @@ class Trainer:
                               f"metrics ({', '.join('val/' + k for k in rows['val'])})")
         return self._reached(v)
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 under torchrun: parameters are DTensor shards; state must be gathered collectively."""
+        return self.cfg.train.distributed == "fsdp" and self.world.size > 1
+
     def save_checkpoint(self) -> Path | None:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+        model, optim_state = self.raw_model, None
+        if self.sharded:   # every rank takes part in gathering the full state; rank 0 writes it
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(self.model, options=opts)
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+            if self.world.is_main:
+                model = build_model(self.cfg.model)
+                model.load_state_dict(full)
+        state = {"step": self.step, "optimizer": optim_state or self.optimizer.state_dict(),
                  "grad_filter": self.grad_filter.state_dict() if self.grad_filter else None,
                  "scaler": self.scaler.state_dict(), "data_gen": self.data_gen.get_state(),
                  "rng": ckpt.rng_state(), "best": self.best, "wall_s": self.wall(),
                  "model_config": dataclasses.asdict(self.cfg.model)}
         path = None
         if self.world.is_main:
-            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.raw_model, state,
+            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, model, state,
                                         self.cfg.train.keep_checkpoints)
         barrier(self.world)
         return path
@@ -400,7 +432,8 @@ class Trainer:
             write_summary(self.run_dir, summary)
             metric = "ppl" if self.data.kind == "corpus" else "acc"
             plot_metrics(self.run_dir, metric)
-            samples = self.samples()
+        samples = self.samples() if self.world.is_main or self.sharded else []   # FSDP: all ranks decode
+        if self.world.is_main:
             report = write_report(self.run_dir, self.cfg.to_dict(), summary, samples)
             summary["report"] = str(report)
         return summary
