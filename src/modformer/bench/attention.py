@@ -24,7 +24,7 @@ def flops(b: int, h: int, t: int, dh: int, backward: bool) -> float:
 
 
 def bench_one(t: int, dh: int, device: torch.device, dtype: torch.dtype, total_tokens: int, width: int,
-              iters: int) -> list[dict[str, Any]]:
+              iters: int, rounds: int = 3) -> list[dict[str, Any]]:
     b, h = max(total_tokens // t, 1), width // dh
     q, k, v = (torch.randn(b, h, t, dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(b, h, t, dh, device=device, dtype=dtype)
@@ -33,27 +33,31 @@ def bench_one(t: int, dh: int, device: torch.device, dtype: torch.dtype, total_t
         "modformer_sdpa": lambda: attend(q, k, v, AttnSpec(causal=True), "sdpa")[0],
         "modformer_flex": lambda: attend(q, k, v, AttnSpec(causal=True), "flex")[0],
     }
-    rows = []
-    for name, fn in impls.items():
-        if name == "modformer_flex" and device.type != "cuda":
-            continue           # flex has no CPU backward; its CPU forward is a slow reference
-        row: dict[str, Any] = {"impl": name, "T": t, "head_dim": dh, "batch": b, "heads": h}
-        try:
-            with torch.no_grad():
-                tf = time_fn(fn, device, warmup=3, iters=iters)
-            row["fwd_ms"], row["fwd_tflops"] = tf * 1e3, flops(b, h, t, dh, False) / tf / 1e12
+    names = [n for n in impls if not (n == "modformer_flex" and device.type != "cuda")]  # flex: no CPU backward
+    rows = {n: {"impl": n, "T": t, "head_dim": dh, "batch": b, "heads": h} for n in names}
+    for r in range(rounds):       # rotate the order each round and keep each impl's best median, so
+        for name in names[r % len(names):] + names[:r % len(names)]:   # clocks/heat favour no one
+            row, fn = rows[name], impls[name]
+            if "error" in row:
+                continue
+            try:
+                with torch.no_grad():
+                    tf = time_fn(fn, device, warmup=3, iters=iters)
 
-            def fwd_bwd(fn=fn) -> None:
-                fn().backward(grad)
+                def fwd_bwd(fn=fn) -> None:
+                    fn().backward(grad)
 
-            tb = time_fn(fwd_bwd, device, warmup=3, iters=iters)
-            row["fwd_bwd_ms"], row["fwd_bwd_tflops"] = tb * 1e3, flops(b, h, t, dh, True) / tb / 1e12
-        except torch.OutOfMemoryError:
-            row["error"] = "OOM"
-            torch.cuda.empty_cache()
-        rows.append(row)
-        q.grad = k.grad = v.grad = None
-    return rows
+                tb = time_fn(fwd_bwd, device, warmup=3, iters=iters)
+            except torch.OutOfMemoryError:
+                row["error"] = "OOM"
+                torch.cuda.empty_cache()
+                continue
+            q.grad = k.grad = v.grad = None
+            if tf * 1e3 < row.get("fwd_ms", float("inf")):
+                row["fwd_ms"], row["fwd_tflops"] = tf * 1e3, flops(b, h, t, dh, False) / tf / 1e12
+            if tb * 1e3 < row.get("fwd_bwd_ms", float("inf")):
+                row["fwd_bwd_ms"], row["fwd_bwd_tflops"] = tb * 1e3, flops(b, h, t, dh, True) / tb / 1e12
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="B*T per call")
     p.add_argument("--width", type=int, default=2048, help="H*Dh")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds in rotated order; best median kept")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dh in args.head_dim:
         for t in args.seq:
-            rows += bench_one(t, dh, device, dtype, args.tokens, args.width, args.iters)
+            rows += bench_one(t, dh, device, dtype, args.tokens, args.width, args.iters, args.rounds)
             print_table(rows[-3:])
     for r in rows:     # ratio of each implementation's time to raw SDPA's at the same shape
         ref = next(x for x in rows if x["impl"] == "raw_sdpa" and x["T"] == r["T"] and x["head_dim"] == r["head_dim"])
