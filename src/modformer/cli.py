@@ -1,4 +1,4 @@
-"""The ``modformer`` command line: train, eval, generate, circuits, list.
+"""The ``modformer`` command line: train, eval, generate, circuits, prune, lora, list.
 
 Every failure a user can cause (bad config key, missing file, diverged run) ends with one
 ``error: ...`` line and exit status 2, never a traceback.
@@ -98,6 +98,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(f"modformer.bench.{args.name}").main(args.args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from modformer.sweep import Sweep, load_sweep
+
+    spec = load_sweep(args.sweep, args.overrides)
+    Sweep(spec, workers=args.workers, resume=args.resume).run()
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from modformer.sweep.results import read_table
+    from modformer.sweep.scaling import analyze
+
+    out = Path(args.out) if args.out else Path(args.results).parent / "scaling"
+    result = analyze(read_table(args.results), out, loss_key=args.loss, n_key=args.n, d_key=args.d,
+                     c_key=args.c, budgets=args.budget, bootstrap=args.bootstrap)
+    print(json.dumps({k: v for k, v in result.items() if k != "plots"}, indent=1, default=float))
+    print(f"wrote {out / 'scaling.json'}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from modformer import registry
 
@@ -151,6 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see NAME --help)")
     b.set_defaults(fn=cmd_bench)
 
+    sw = sub.add_parser("sweep", help="run a sweep: modformer sweep SWEEP.yaml [--workers N] [--resume] [key=value]")
+    sw.add_argument("sweep")
+    sw.add_argument("overrides", nargs="*", help="the sweep file's own keys, e.g. num_samples=4 halving.min_steps=50")
+    sw.add_argument("--workers", type=int, default=None, help="trials at once on CPU (default: the file's workers)")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep, skipping finished trials")
+    sw.set_defaults(fn=cmd_sweep)
+
+    sc = sub.add_parser("scaling", help="fit scaling laws to sweep results: modformer scaling RESULTS.{jsonl,csv}")
+    sc.add_argument("results")
+    sc.add_argument("--budget", type=float, nargs="*", default=None, help="FLOP budgets for compute-optimal sizes")
+    sc.add_argument("--out", default=None, help="output folder (default: RESULTS' folder/scaling)")
+    sc.add_argument("--loss", default="final_val_loss", help="loss column")
+    sc.add_argument("--n", default="params", help="model-size column")
+    sc.add_argument("--d", default="tokens", help="training-tokens column")
+    sc.add_argument("--c", default="flops", help="training-compute column")
+    sc.add_argument("--bootstrap", type=int, default=200)
+    sc.set_defaults(fn=cmd_scaling)
+
+    from modformer.compress.commands import add_parsers as add_compress_parsers
+
+    add_compress_parsers(sub)                  # prune, lora
+
     ls = sub.add_parser("list", help="registered components")
     ls.add_argument("kind", nargs="?")
     ls.set_defaults(fn=cmd_list)
@@ -160,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command != "train"]
+    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("train", "sweep")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:

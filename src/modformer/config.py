@@ -60,6 +60,24 @@ class ModelConfig:
     attention_options: dict[str, Any] = field(default_factory=dict)
     ffn_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
+    # Per-layer overrides (empty, or one dict per layer) of LAYER_FIELDS, e.g. a pruned model's
+    # {"n_head": 3, "d_head": 32, "d_ff": 96}; Block builds layer i from for_layer(i).
+    layer_overrides: list[dict[str, Any]] = field(default_factory=list)
+
+    LAYER_FIELDS = ("n_head", "n_kv_heads", "d_head", "d_ff", "attn_only", "attention", "ffn",
+                    "attention_options", "ffn_options")
+
+    def for_layer(self, i: int) -> ModelConfig:
+        """The config layer ``i`` is built from: this one with ``layer_overrides[i]`` applied.
+
+        A layer that changes ``n_head`` keeps the model's head width unless it sets ``d_head``.
+        """
+        over = self.layer_overrides[i] if self.layer_overrides else {}
+        if not over:
+            return self
+        if "n_head" in over and "d_head" not in over and self.d_head is None:
+            over = {**over, "d_head": self.head_dim}
+        return dataclasses.replace(self, layer_overrides=[], **over)
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +118,19 @@ class ModelConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.layer_overrides:
+            if len(self.layer_overrides) != self.n_layer:
+                raise ConfigError(f"model.layer_overrides needs one entry per layer ({self.n_layer}), "
+                                  f"got {len(self.layer_overrides)}")
+            for i, over in enumerate(self.layer_overrides):
+                bad = set(over) - set(self.LAYER_FIELDS)
+                if bad:
+                    raise ConfigError(f"model.layer_overrides[{i}]: {sorted(bad)} cannot vary per layer; "
+                                      f"allowed: {', '.join(self.LAYER_FIELDS)}")
+                sub = self.for_layer(i)
+                if sub.n_head <= 0 or sub.kv_heads <= 0 or sub.n_head % sub.kv_heads:
+                    raise ConfigError(f"model.layer_overrides[{i}]: n_head ({sub.n_head}) must be a positive "
+                                      f"multiple of n_kv_heads ({sub.n_kv_heads})")
         return self
 
 

@@ -35,6 +35,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        cfg = cfg.for_layer(layer_idx)          # per-layer head counts / FFN widths (model.layer_overrides)
         self.placement = cfg.norm_placement
         self.attn = build_component("attention", cfg.attention, cfg.attention_options, cfg, layer_idx)
         self.ln1 = build_norm(cfg)

@@ -1,3 +1,3 @@
 """Model families; importing registers them."""
 
-from modformer.models import gpt  # noqa: F401
+from modformer.models import gpt, hourglass  # noqa: F401

@@ -105,7 +105,8 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
         n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         n -= sum(p.numel() for p in self.position.parameters())
         c = self.cfg
-        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+        heads = sum(c.for_layer(i).n_head * c.for_layer(i).head_dim for i in range(c.n_layer))  # per-layer shapes
+        return 6 * n + 12 * heads * seq_len
 
     # ---- forward -----------------------------------------------------------------------
     def _check_input(self, idx: Tensor, offset: int) -> None:

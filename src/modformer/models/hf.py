@@ -90,6 +90,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise _unsupported(why, f"model.ffn={cfg.ffn!r} (GPT-2 needs one of {', '.join(_TO_HF_ACT)})")
     if cfg.ffn_options:
         raise _unsupported(why, f"model.ffn_options={cfg.ffn_options!r} (GPT-2 has none)")
+    if cfg.layer_overrides:
+        raise _unsupported(why, "model.layer_overrides (per-layer shapes, e.g. a pruned model; GPT-2 has one shape)")
     kv = cfg.attention_options.get("n_kv_heads") or cfg.kv_heads
     if kv != cfg.n_head:
         raise _unsupported(why, f"model.n_kv_heads={kv} (GPT-2 needs multi-head attention, n_kv_heads "

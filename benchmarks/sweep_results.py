@@ -1,0 +1,58 @@
+"""Summarise a finished architecture-search sweep into benchmarks/results/<name>.json.
+
+    python benchmarks/sweep_results.py archsearch runs/sweeps/archsearch_small [more sweep folders ...]
+
+Headline: the trial that reached the early-stop target (val acc >= 0.99) with the fewest training
+FLOPs, the smallest model (parameters) that reached it, and how many trials reached it at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from modformer.bench.common import print_table, write_result  # noqa: E402
+from modformer.sweep.results import read_table  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("name")
+    p.add_argument("sweep_dirs", nargs="+")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+    import yaml
+
+    specs = [yaml.safe_load((Path(d) / "sweep.yaml").read_text()) for d in args.sweep_dirs]
+    rows = []
+    for d in args.sweep_dirs:
+        rows += [{**r, "sweep_dir": Path(d).name} for r in read_table(Path(d) / "results.jsonl")]
+    keys = list(dict.fromkeys(k for spec in specs for k in spec["space"]))
+    cols = ["sweep_dir", "trial", *keys, "params", "final_val_acc", "first_target_step", "flops_to_target", "wall_s",
+            "first_target_wall_s", "status"]
+    slim = [{k: r.get(k) for k in cols} for r in rows]
+    print_table(slim, cols)
+    grokked = [r for r in slim if isinstance(r["flops_to_target"], (int, float))]
+
+    def cfg(r: dict | None) -> dict | None:
+        return None if r is None else {k: r.get(k) for k in keys + ["params", "first_target_step", "flops_to_target"]}
+
+    fastest = min(grokked, key=lambda r: r["flops_to_target"]) if grokked else None
+    smallest = min(grokked, key=lambda r: (r["params"], r["flops_to_target"])) if grokked else None
+    headline = {"trials": len(slim), "reached_target": len(grokked),
+                "fastest_per_flop": cfg(fastest), "smallest_that_groks": cfg(smallest),
+                "metric": specs[0]["metric"], "sweep": specs[0]["name"], "overrides": specs[0].get("overrides"),
+                "note": "one seed per configuration; CPU seconds measured with 2 trials sharing 2 busy cores"}
+    import torch
+
+    print(f"headline: {headline}")
+    print(f"wrote {write_result(args.name, headline, slim, torch.device('cpu'), args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

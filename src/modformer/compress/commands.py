@@ -1,0 +1,149 @@
+"""``modformer prune`` and ``modformer lora``: compress a run's newest checkpoint.
+
+    modformer prune RUN_DIR --method {magnitude,heads,neurons,layers} --amount F [--finetune-steps N] [--out DIR]
+    modformer lora RUN_DIR --task 'data.options.op="-"' [--rank 4] [--targets qkv,out,up,down] [--steps N] [--out DIR]
+
+Both evaluate before and after on the run's validation split (the trainer's eval settings), print
+one JSON line and write it next to the result (``prune.json`` / ``modformer.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modformer.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def _eval(model: nn.Module, data: Any, cfg: Any) -> dict[str, float]:
+    from modformer.compress.finetune import evaluate
+
+    t = cfg.train
+    bs = t.eval_batch_size or (t.batch_size if t.batch_size > 0 else 1024)
+    return evaluate(model, data, "val", bs, 0 if data.kind == "task" else t.eval_batches)
+
+
+def _latency(model: nn.Module, data: Any, cfg: Any, iters: int = 5) -> float:
+    """Median seconds of one forward over an evaluation batch."""
+    import torch
+
+    from modformer.bench.common import time_fn
+
+    x, _ = next(iter(data.iter_eval("val", cfg.train.eval_batch_size or 512, 1)))
+    model.eval()
+    with torch.no_grad():
+        return time_fn(lambda: model(x), torch.device("cpu"), warmup=2, iters=iters)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from modformer.compress import structured, unstructured
+    from modformer.compress.finetune import batches, finetune
+    from modformer.runs import run_config, run_dataset, run_model
+    from modformer.saving import save
+
+    if not 0.0 <= args.amount < 1.0:
+        raise ValueError(f"--amount must be in [0, 1), got {args.amount}")
+    cfg = run_config(args.run_dir)
+    model, data = run_model(args.run_dir).eval(), run_dataset(args.run_dir)
+    before = {**_eval(model, data, cfg), "params": structured.count_params(model),
+              "latency_s": _latency(model, data, cfg)}
+    info: dict[str, Any] = {}
+    if args.method == "magnitude":
+        info["sparsity"] = unstructured.magnitude_prune(model, args.amount, args.scope)
+    else:
+        scoring = batches(data, "train", args.score_batch_size, args.score_batches)
+        model, info = structured.prune_structured(model, args.method, args.amount, scoring, args.importance)
+        info.pop("scores", None)
+    pruned = _eval(model, data, cfg)
+    if args.finetune_steps:
+        finetune(model, data, cfg.train, args.finetune_steps, lr=args.lr, seed=cfg.train.seed)
+    if args.method == "magnitude":
+        unstructured.make_permanent(model)
+        info["sparsity"] = unstructured.sparsity_of(model)
+    after = {**_eval(model, data, cfg), "params": structured.count_params(model),
+             "latency_s": _latency(model, data, cfg)}
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"pruned_{args.method}_{args.amount:g}"
+    save(model, out)
+    result = {"run": str(args.run_dir), "method": args.method, "amount": args.amount, "out": str(out),
+              "before": before, "pruned": pruned, "finetune_steps": args.finetune_steps, "after": after,
+              **info, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(out / "prune.json", json.dumps(result, indent=2))
+    if "removed" in result:                  # the full lists are in prune.json
+        result["removed"] = {k: len(v) for k, v in result["removed"].items()}
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    from modformer.compress import lora
+    from modformer.compress.finetune import finetune
+    from modformer.config import apply_overrides
+    from modformer.data import build_dataset
+    from modformer.runs import run_config, run_model
+    from modformer.saving import save
+
+    cfg = apply_overrides(run_config(args.run_dir), args.task)
+    data = build_dataset(cfg.data)
+    base = run_model(args.run_dir).eval()
+    if data.vocab_size > base.cfg.vocab_size:
+        raise ValueError(f"the task's vocabulary ({data.vocab_size}) is larger than the model's "
+                         f"({base.cfg.vocab_size})")
+    base_eval = _eval(base, data, cfg)
+    targets = [t for t in args.targets.split(",") if t]
+    pm = lora.add_lora(base, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
+                       adapter_name=args.name)
+    trainable, total, frac = lora.trainable_fraction(pm)
+    finetune(pm, data, cfg.train, args.steps, lr=args.lr, seed=cfg.train.seed)
+    after = _eval(pm, data, cfg)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "adapters" / args.name
+    meta = {"base_run": str(Path(args.run_dir).resolve()), "task": args.task, "rank": args.rank,
+            "alpha": args.alpha if args.alpha is not None else 2 * args.rank, "targets": targets,
+            "steps": args.steps, "trainable_params": trainable, "total_params": total,
+            "trainable_fraction": frac, "base_on_task": base_eval, "adapter_on_task": after}
+    lora.save_adapter(pm, out, args.name, meta)
+    if args.merge:
+        save(lora.merged_model(pm), out / "merged")
+        meta["merged"] = str(out / "merged")
+    print(json.dumps({"out": str(out), **meta}))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``prune`` and ``lora`` on the CLI's subparsers."""
+    p = sub.add_parser("prune", help="prune a run's newest checkpoint (magnitude | heads | neurons | layers)")
+    p.add_argument("run_dir")
+    p.add_argument("--method", required=True, choices=["magnitude", "heads", "neurons", "layers"])
+    p.add_argument("--amount", type=float, required=True,
+                   help="fraction removed: of all weights (magnitude) or of heads / neurons / layers")
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="magnitude: one ranking or per matrix")
+    p.add_argument("--importance", default="gradient", choices=["gradient", "ablation", "magnitude"],
+                   help="unit scores: gradient (Michel et al. 2019), ablation (heads), magnitude (neurons)")
+    p.add_argument("--finetune-steps", type=int, default=0, help="train this many steps after pruning")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the run's train.lr)")
+    p.add_argument("--score-batches", type=int, default=8)
+    p.add_argument("--score-batch-size", type=int, default=512)
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/pruned_METHOD_AMOUNT)")
+    p.set_defaults(fn=cmd_prune)
+
+    q = sub.add_parser("lora", help="train a LoRA adapter (HF PEFT) on a task from a run's newest checkpoint")
+    q.add_argument("run_dir")
+    q.add_argument("--task", nargs="+", default=[], metavar="KEY=VALUE",
+                   help='overrides of the run config for the new task, e.g. \'data.options.op="-"\' '
+                        'train.lr=3e-3 (quote "-": values are YAML)')
+    q.add_argument("--rank", type=int, default=4)
+    q.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
+    q.add_argument("--dropout", type=float, default=0.0)
+    q.add_argument("--targets", default="qkv,out,up,down", help="comma-separated module names")
+    q.add_argument("--steps", type=int, default=300)
+    q.add_argument("--lr", type=float, default=None, help="default: the run's (or --task's) train.lr")
+    q.add_argument("--name", default="default", help="adapter name")
+    q.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
+    q.add_argument("--out", default=None, help="adapter folder (default RUN_DIR/adapters/NAME)")
+    q.set_defaults(fn=cmd_lora)

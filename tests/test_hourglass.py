@@ -1,0 +1,240 @@
+"""Hourglass model (issue 6): causality for every option combination, generation, hooks, options, FLOPs."""
+
+import itertools
+
+import pytest
+import torch
+
+import modformer as mf
+from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from modformer.layers.shorten import shift_and_group
+from modformer.train.logging import read_metrics
+from modformer.train.trainer import Trainer
+
+V = 23
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids oversubscription stalls on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hourglass(options: dict | None = None, **kw) -> mf.ModelConfig:
+    base = dict(vocab_size=V, n_layer=1, d_model=16, n_head=2, max_seq_len=40, model="hourglass",
+                model_options=options or {})
+    base.update(kw)
+    return mf.ModelConfig(**base)
+
+
+def level_options(levels: int, k: int) -> dict:
+    g = [3, 2] if k == 1 else [4, 4]
+    return {"levels": levels, "group_len": g[:levels], "n_latents": [k] * levels}
+
+
+def assert_causal(model: torch.nn.Module, length: int = 19, sees_itself: bool = True) -> None:
+    """Row 0 is a random sequence; row t + 1 changes only token t. Logits before t must not move."""
+    idx = torch.randint(0, V, (1, length))
+    batch = idx.repeat(length + 1, 1)
+    for t in range(length):
+        batch[t + 1, t] = (idx[0, t] + 1 + t % 5) % V
+    with torch.no_grad():
+        out = model(batch)
+    for t in range(length):
+        torch.testing.assert_close(out[t + 1, :t], out[0, :t], atol=1e-5, rtol=1e-5, msg=f"token {t} leaked")
+        if sees_itself:
+            assert not torch.allclose(out[t + 1, t], out[0, t]), f"position {t} ignores its own token"
+    assert not torch.allclose(out[1], out[0])
+
+
+COMBOS = list(itertools.product(["perceiver", "last_k"], ["repeat", "attention"],
+                                ["alternate", "local_first", "global", "local"], [1, 2], [1, 2]))
+
+
+@pytest.mark.parametrize("compression,upsampling,schedule,levels,k", COMBOS)
+def test_causality_every_combination(compression, upsampling, schedule, levels, k):
+    opts = {**level_options(levels, k), "compression": compression, "upsampling": upsampling,
+            "schedule": schedule, "encoder_layers": 2, "decoder_layers": 2, "latent_layers": 1}
+    assert_causal(mf.build_model(hourglass(opts, position="rope")).eval())
+
+
+EXTRAS = {
+    "no_skip": ({"skip": False}, {}),
+    "denseformer": ({"denseformer": True, "latent_layers": 3, "dwa_dilation": 2}, {}),
+    "latent_loss": ({"latent_loss": 0.5}, {}),
+    "latent_head_dim": ({"latent_block": {"n_head": 4, "d_head": 2}}, {}),
+    "multichannel": ({"latent_block": {"attention": "multichannel", "attn_only": True,
+                                       "attention_options": {"n_channels": 2}}}, {}),
+    "latent_heads": ({"latent_block": {"n_head": 4}, "upsampling": "attention"}, {"position": "alibi"}),
+    "moe_latents": ({"latent_block": {"ffn": "moe", "ffn_options": {"n_experts": 2, "top_k": 1}}}, {}),
+    "learned": ({}, {"position": "learned"}),
+    "sinusoidal": ({}, {"position": "sinusoidal"}),
+    "alibi": ({"upsampling": "attention"}, {"position": "alibi"}),
+    "nopos": ({"compression": "last_k"}, {"position": "none"}),
+    "eager_post_swiglu": ({}, {"attn_backend": "eager", "norm_placement": "post", "ffn": "swiglu"}),
+    "flex": ({"schedule": "local_first", "encoder_layers": 2}, {"attn_backend": "flex"}),
+    "three_levels": ({"levels": 3, "group_len": [2, 2, 2], "n_latents": [1, 2, 1], "encoder_layers": 1,
+                      "decoder_layers": [1, 2, 1], "upsampling": "attention"}, {"position": "learned"}),
+    "g_equals_k": ({"group_len": 2, "n_latents": 2, "compression": "last_k"}, {}),
+    "rmsnorm_untied": ({"encoder_layers": 0, "decoder_layers": 0}, {"norm": "rmsnorm", "tie_embeddings": False}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRAS))
+def test_causality_extra_options(name):
+    opts, kw = EXTRAS[name]
+    kw = {"position": "rope", **kw}
+    model = mf.build_model(hourglass(opts, **kw)).eval()
+    # without a skip connection (or token-level layers) position t only learns token t through its
+    # group's latent, which serves it only when t is the first position of a group
+    sees = opts.get("skip", True) and sum(model.opts.encoder_layers[:1] + model.opts.decoder_layers[:1]) > 0
+    assert_causal(model, sees_itself=sees)
+
+
+def test_shift_is_g_minus_one():
+    x = torch.arange(1, 8, dtype=torch.float32).view(1, 7, 1)        # positions 0..6 hold 1..7
+    groups = shift_and_group(x, torch.zeros(1), 3)                   # n = 3 groups
+    assert groups.squeeze(-1).tolist() == [[[0, 0, 1], [2, 3, 4], [5, 6, 7]]]   # group i ends at position 3i
+
+
+CACHE_OPTIONS = [
+    ({"schedule": "global"}, {"position": "rope"}, True),
+    ({"schedule": "global", "upsampling": "attention", "compression": "last_k", "group_len": 4, "n_latents": 2,
+      "encoder_layers": [1, 2], "decoder_layers": [2]}, {"position": "learned"}, True),
+    ({"schedule": "global", "skip": False, "latent_loss": 0.2, "denseformer": True}, {"position": "alibi"}, True),
+    ({"schedule": "global", "latent_block": {"attention": "multichannel", "attn_only": True}},
+     {"position": "sinusoidal", "attention": "gqa", "n_kv_heads": 1}, True),
+    ({"schedule": "alternate"}, {"position": "rope"}, False),                    # local token layer: fallback
+    ({"levels": 2, "group_len": [2, 2], "upsampling": "attention"}, {"position": "rope"}, False),
+]
+
+
+@pytest.mark.parametrize("options,kw,incremental", CACHE_OPTIONS)
+def test_greedy_generation_same_with_and_without_cache(options, kw, incremental):
+    model = mf.build_model(hourglass(options, **kw)).eval()
+    assert model.incremental == incremental
+    prompt = torch.randint(0, V, (2, 5))
+    a = model.generate(prompt, 12, temperature=0, use_cache=False)
+    b = model.generate(prompt, 12, temperature=0, use_cache=True)
+    assert a.shape == (2, 17) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="compiled"):
+        model.generate(prompt, 2, compile=True)
+
+
+@pytest.mark.parametrize("options,kw,incremental", CACHE_OPTIONS)
+def test_cache_calls_match_full_forward(options, kw, incremental):
+    model = mf.build_model(hourglass(options, **kw)).eval()
+    idx = torch.randint(0, V, (2, 14))
+    with torch.no_grad():
+        full = model(idx)
+        first, cache = model(idx[:, :6], return_cache=True)
+        steps = [model(idx[:, t:t + 1], cache=cache) for t in range(6, 9)]
+        rest = model(idx[:, 9:], cache=cache)
+        last = model(torch.randint(0, V, (2, 1)), cache=cache, last_only=True)
+    torch.testing.assert_close(torch.cat([first, *steps, rest], 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 15 and last.shape == (2, 1, V)
+    assert type(cache).__name__ == ("HourglassCache" if incremental else "TokenCache")
+
+
+def test_run_with_cache_exposes_latents_per_level():
+    model = mf.build_model(hourglass({"levels": 2, "group_len": [4, 3], "n_latents": [2, 1]})).eval()
+    logits, acts = model.run_with_cache(torch.randint(0, V, (2, 17)))
+    assert acts["shorten.0.hook_latents"].shape == (2, 10, 16)        # ceil(17 / 4) groups x 2 latents
+    assert acts["shorten.1.hook_latents"].shape == (2, 4, 16)         # ceil(10 / 3) groups x 1
+    assert acts["hook_latent_out"].shape == (2, 4, 16)
+    assert acts["hook_upsampled_1"].shape == (2, 10, 16) and acts["hook_upsampled_0"].shape == (2, 17, 16)
+    assert "latent_blocks.0.attn.hook_pattern" in acts and logits.shape == (2, 17, V)
+    assert model.lengths(17) == [17, 10, 4]
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"levls": 2}, "unknown"),
+    ({"group_len": 4, "n_latents": 3}, "n_latents"),
+    ({"levels": 2, "group_len": [4]}, "group_len"),
+    ({"compression": "mean"}, "compression"),
+    ({"upsampling": "linear"}, "upsampling"),
+    ({"schedule": "random"}, "schedule"),
+    ({"encoder_layers": [1, 1, 1]}, "encoder_layers"),
+    ({"latent_loss": -1}, "latent_loss"),
+    ({"latent_block": {"vocab_size": 3}}, "latent_block"),
+    ({"skip": "yes"}, "skip"),
+])
+def test_bad_options_raise_config_errors(options, match):
+    with pytest.raises(mf.ConfigError, match=match):
+        mf.build_model(hourglass(options))
+
+
+def test_latent_loss_is_an_aux_loss_in_training_only():
+    model = mf.build_model(hourglass({"latent_loss": 0.3}))
+    idx = torch.randint(0, V, (2, 16))
+    model.train()
+    model(idx)
+    assert model.aux_loss is not None and model.aux_loss > 0 and "latent_loss" in model.aux_stats
+    model.aux_loss.backward()
+    assert model.latent_head.weight.grad.abs().sum() > 0
+    model.eval()
+    model(idx)
+    assert model.aux_loss is None
+
+
+def test_params_and_flops():
+    # g = K = 1: every part runs on every token, so the matmul term is 6 x (non-position parameters)
+    model = mf.build_model(hourglass({"group_len": 1, "n_latents": 1, "schedule": "global"}, position="learned"))
+    n = model.num_params() - sum(p.numel() for m in (model.position, *model.positions) for p in m.parameters())
+    T, hd = 32, 16
+    attn = 12 * hd * (T * 3 + 1)            # 3 global self-attention layers over T keys, perceiver over g = 1
+    assert model.flops_per_token(T) == pytest.approx(6 * n + attn)
+    assert model.num_params(non_embedding=True) < model.num_params()
+    # shortening by 4 with most layers in the latent stack costs far fewer FLOPs than a GPT of equal depth
+    deep = mf.build_model(hourglass({"group_len": 4, "latent_layers": 6}, max_seq_len=2048))
+    gpt = mf.build_model(mf.ModelConfig(vocab_size=V, n_layer=8, d_model=16, n_head=2, max_seq_len=2048))
+    assert deep.flops_per_token(2048) < 0.5 * gpt.flops_per_token(2048)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = mf.build_model(hourglass({"levels": 2, "group_len": [2, 2], "compression": "last_k",
+                                      "latent_loss": 0.1, "denseformer": True}, position="learned"))
+    idx = torch.randint(0, V, (2, 11))
+    mf.save(model, tmp_path / "m")
+    loaded = mf.load(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    opts = {"schedule": "alternate", "encoder_layers": [2, 1], "decoder_layers": [2]}
+    a = mf.build_model(hourglass(opts))
+    b = mf.build_model(hourglass(opts, grad_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, V, (2, 13))
+    for m in (a, b):
+        m.loss(idx[:, :-1], idx[:, 1:]).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_tiny_hourglass_overfits_a_batch():
+    model = mf.build_model(hourglass({"group_len": 2}, d_model=32, position="rope"))
+    idx = torch.randint(0, V, (2, 12))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(40):
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3
+
+
+def test_trainer_runs_hourglass_with_latent_loss(tmp_path):
+    cfg = RunConfig(name="hg", out_dir=str(tmp_path),
+                    model=ModelConfig(model="hourglass", n_layer=1, d_model=16, n_head=2, max_seq_len=8,
+                                      model_options={"group_len": 2, "latent_loss": 0.1}),
+                    data=DataConfig(name="modular", options={"p": 13, "train_fraction": 0.5}),
+                    train=TrainConfig(steps=4, batch_size=16, eval_every=4, eval_batches=1, log_every=2,
+                                      progress=False, tensorboard=False, device="cpu"))
+    Trainer(cfg).fit()
+    rows = [r for r in read_metrics(tmp_path / "hg" / "metrics.jsonl") if r["split"] == "train"]
+    assert rows and all(r["aux_loss"] > 0 and "latent_loss" in r for r in rows)
