@@ -13,8 +13,6 @@ after each forward (None when there is none), which the trainer adds to the loss
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,6 +26,7 @@ from modformer.layers.context import Context
 from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
+from modformer.models.common import AuxLossMixin, init_linear_and_embeddings
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
 
@@ -35,7 +34,7 @@ GPT_OPTIONS = {"denseformer", "dwa_dilation", "dwa_period"}
 
 
 @registry.register("model", "gpt")
-class GPT(HookedMixin, GenerationMixin, nn.Module):
+class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
     """``model(idx) -> logits (B, T, V)``; ``model(idx, cache=..., return_cache=True)`` decodes incrementally."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -61,27 +60,15 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
                                         int(opts.get("dwa_period", 1))) if opts.get("denseformer") else None
         self.reset_parameters()
         name_hook_points(self)
-        self._aux_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
-        self.aux_loss: Tensor | None = None
-        self.aux_stats: dict[str, Tensor] = {}
+        self.init_aux()
 
     # ---- initialisation and accounting -------------------------------------------------
     def reset_parameters(self) -> None:
         """``init: gpt2``: N(0, init_std), residual projections (``attn.out``, ``mlp.down``) scaled by
         1/sqrt(2L), zero biases. ``init: torch``: PyTorch's default Linear init (Kaiming-uniform), as
         the grokking papers' models use. Token embeddings get ``embed_init_std`` (default init_std)."""
-        std = self.cfg.init_std
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear):
-                if self.cfg.init == "torch":
-                    mod.reset_parameters()
-                    continue
-                scaled = name.endswith("attn.out") or name.endswith("mlp.down")
-                nn.init.normal_(mod.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if scaled else std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.Embedding):
-                nn.init.normal_(mod.weight, 0.0, std)
+        init_linear_and_embeddings(self, self.cfg, self.cfg.n_layer,
+                                   lambda name: name.endswith(("attn.out", "mlp.down")))
         if self.cfg.embed_init_std is not None:
             nn.init.normal_(self.tok_emb.weight, 0.0, self.cfg.embed_init_std)
         if self.cfg.tie_embeddings is False and self.cfg.init == "torch":
@@ -163,17 +150,6 @@ class GPT(HookedMixin, GenerationMixin, nn.Module):
             x = x[:, -1:]
         logits = self.lm_head(x)
         return (logits, cache) if return_cache else logits
-
-    def _collect_aux(self) -> None:
-        """Sum submodules' ``aux_loss`` into ``self.aux_loss`` and their ``aux_stats`` into ``self.aux_stats``."""
-        losses, stats = [], {}
-        for m in self._aux_modules:
-            if m.aux_loss is not None:
-                losses.append(m.aux_loss)
-            for k, v in getattr(m, "aux_stats", {}).items():
-                stats[k] = stats[k] + v if k in stats else v
-        self.aux_loss = torch.stack(losses).sum() if losses else None
-        self.aux_stats = stats
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy; targets of -100 are ignored."""

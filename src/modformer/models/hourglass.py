@@ -71,6 +71,7 @@ from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
 from modformer.layers.shorten import AttentionUpsample, Shorten, n_groups, upsample_repeat
+from modformer.models.common import AuxLossMixin, init_linear_and_embeddings
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
 
@@ -224,7 +225,7 @@ class HourglassCache:
 
 
 @registry.register("model", "hourglass")
-class Hourglass(HookedMixin, GenerationMixin, nn.Module):
+class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
     """``model(idx) -> logits (B, T, V)``; see the module docstring for the options."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -283,27 +284,15 @@ class Hourglass(HookedMixin, GenerationMixin, nn.Module):
         self.incremental = o.levels == 1 and "local" not in self.encoders[0].kinds + self.decoders[0].kinds
         self.reset_parameters()
         name_hook_points(self)
-        self._aux_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
-        self.aux_loss: Tensor | None = None
-        self.aux_stats: dict[str, Tensor] = {}
+        self.init_aux()
 
     # ---- initialisation and accounting -------------------------------------------------
     def reset_parameters(self) -> None:
         """GPT-2 init (as ``gpt``): N(0, init_std), residual projections scaled by 1/sqrt(2 n_blocks);
         perceiver queries and within-group positions N(0, init_std); the shift pad starts at 0."""
         std = self.cfg.init_std
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear):
-                if self.cfg.init == "torch":
-                    mod.reset_parameters()
-                    continue
-                scaled = name.endswith(("attn.out", "mlp.down", "compress.out")) or \
-                    (name.startswith("upsample_attn.") and name.endswith(".out"))
-                nn.init.normal_(mod.weight, 0.0, std / math.sqrt(2 * max(self.n_blocks, 1)) if scaled else std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.Embedding):
-                nn.init.normal_(mod.weight, 0.0, std)
+        init_linear_and_embeddings(self, self.cfg, max(self.n_blocks, 1), lambda name: name.endswith(
+            ("attn.out", "mlp.down", "compress.out")) or (name.startswith("upsample_attn.") and name.endswith(".out")))
         for name, p in self.named_parameters():
             if name.endswith(("compress.queries", "compress.group_pos")):
                 nn.init.normal_(p, 0.0, std)
@@ -443,7 +432,7 @@ class Hourglass(HookedMixin, GenerationMixin, nn.Module):
                 x = x + self.upsample_attn[r](x, lat, g, k)
             x = getattr(self, f"hook_upsampled_{r}")(self._add_pos(x, positions[r]))
             x = self.decoders[r](x, positions[r], ckpt)
-        self._collect_aux(latent_loss)
+        self._collect_aux(latent_loss, "latent_loss")
         return self.hook_resid_final(self.ln_f(x))
 
     def _latent_stack(self, x: Tensor, ckpt: bool = False) -> tuple[Tensor, Tensor]:
@@ -482,7 +471,7 @@ class Hourglass(HookedMixin, GenerationMixin, nn.Module):
         x = self.decoders[0](x, self.position, cache=cache.kv, offset=off)
         cache.kv.advance(T)
         cache.length = off + T
-        self._collect_aux(None)
+        self._collect_aux()
         return self.hook_resid_final(self.ln_f(x))
 
     def _latent_loss(self, latent_in: Tensor, latent_out: Tensor) -> Tensor | None:
@@ -494,19 +483,6 @@ class Hourglass(HookedMixin, GenerationMixin, nn.Module):
         pred = self.latent_head(self.latent_norm(latent_out[:, :-k])).float()
         return self.opts.latent_loss * F.mse_loss(pred, target)
 
-    def _collect_aux(self, extra: Tensor | None) -> None:
-        """Sum submodules' ``aux_loss`` (e.g. MoE) and the latent loss into ``self.aux_loss``; ``aux_stats`` too."""
-        losses = [] if extra is None else [extra]
-        stats: dict[str, Tensor] = {}
-        for m in self._aux_modules:
-            if m.aux_loss is not None:
-                losses.append(m.aux_loss)
-            for key, v in getattr(m, "aux_stats", {}).items():
-                stats[key] = stats[key] + v if key in stats else v
-        if extra is not None:
-            stats["latent_loss"] = extra.detach()
-        self.aux_loss = torch.stack(losses).sum() if losses else None
-        self.aux_stats = stats
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy (targets of -100 ignored); ``aux_loss`` is not included."""

@@ -1,0 +1,54 @@
+"""Pieces every model family shares: GPT-2 weight init and auxiliary-loss collection."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from modformer.config import ModelConfig
+
+
+def init_linear_and_embeddings(model: nn.Module, cfg: ModelConfig, depth: int,
+                               is_residual_out: Callable[[str], bool]) -> None:
+    """``init: gpt2``: Linear weights N(0, init_std), residual output projections (``is_residual_out``
+    on the module name) scaled by 1/sqrt(2 * depth), zero biases; ``init: torch``: PyTorch's default
+    Linear init. Embeddings N(0, init_std) either way."""
+    std = cfg.init_std
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            if cfg.init == "torch":
+                mod.reset_parameters()
+                continue
+            nn.init.normal_(mod.weight, 0.0, std / math.sqrt(2 * depth) if is_residual_out(name) else std)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.Embedding):
+            nn.init.normal_(mod.weight, 0.0, std)
+
+
+class AuxLossMixin:
+    """Sums submodules' ``aux_loss`` (e.g. MoE load balancing) into ``model.aux_loss`` and their
+    ``aux_stats`` into ``model.aux_stats`` after each forward; the trainer adds ``aux_loss``."""
+
+    def init_aux(self) -> None:
+        """Call at the end of ``__init__``, once every submodule exists."""
+        self._aux_modules = [m for m in self.modules() if m is not self and hasattr(m, "aux_loss")]
+        self.aux_loss: Tensor | None = None
+        self.aux_stats: dict[str, Tensor] = {}
+
+    def _collect_aux(self, extra: Tensor | None = None, extra_name: str = "") -> None:
+        """``extra`` (a model-level loss, e.g. the hourglass latent loss) is added and logged as ``extra_name``."""
+        losses = [] if extra is None else [extra]
+        stats: dict[str, Tensor] = {}
+        for m in self._aux_modules:
+            if m.aux_loss is not None:
+                losses.append(m.aux_loss)
+            for key, v in getattr(m, "aux_stats", {}).items():
+                stats[key] = stats[key] + v if key in stats else v
+        if extra is not None:
+            stats[extra_name] = extra.detach()
+        self.aux_loss = torch.stack(losses).sum() if losses else None
+        self.aux_stats = stats
