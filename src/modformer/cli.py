@@ -1,4 +1,4 @@
-"""The ``modformer`` command line: train, eval, generate, circuits, prune, lora, list.
+"""The ``modformer`` command line: train, eval, generate, circuits, prune, lora, distill, list.
 
 Every failure a user can cause (bad config key, missing file, diverged run) ends with one
 ``error: ...`` line and exit status 2, never a traceback.
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.set_defaults(fn=cmd_circuits)
 
-    b = sub.add_parser("bench", help="run a benchmark: throughput | attention | generation | memory")
+    b = sub.add_parser("bench", help="run a benchmark: throughput | attention | generation | memory | fidelity")
     b.add_argument("name")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see NAME --help)")
     b.set_defaults(fn=cmd_bench)
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from modformer.compress.commands import add_parsers as add_compress_parsers
 
     add_compress_parsers(sub)                  # prune, lora
+    from modformer.compress.distill import add_parser as add_distill_parser
+
+    add_distill_parser(sub)                    # distill
 
     ls = sub.add_parser("list", help="registered components")
     ls.add_argument("kind", nargs="?")
@@ -202,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("train", "sweep")]
+    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("train", "sweep", "distill")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:

@@ -266,9 +266,9 @@ def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply ``section.key=value`` strings (YAML-parsed values) and return a new RunConfig."""
-    data = cfg.to_dict()
+    data = asdict(cfg)                  # any config dataclass (RunConfig, the distill config, ...)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=3e-4)")
@@ -282,12 +282,12 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                     f"unknown config key {'.'.join(parts[:depth + 1])!r}{suggest(part, here)}")
             node = node[part]
         last = parts[-1]
-        is_options = len(parts) >= 2 and parts[-2].endswith("options")
+        is_options = len(parts) >= 2 and (parts[-2].endswith("options") or parts[-2] == "student")
         if not isinstance(node, dict) or (last not in node and not is_options):
             here = list(node) if isinstance(node, dict) else []
             raise ConfigError(f"unknown config key {key!r}{suggest(last, here)}")
         node[last] = _parse_scalar(text)
-    return from_dict(RunConfig, data)
+    return from_dict(type(cfg), data)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -39,6 +39,8 @@ class AttnSpec:
     scale: float | None = None
     dropout_p: float = 0.0
     block_mask: object | None = None     # flex BlockMask overriding the causal mask (sparse variants)
+    keep: Tensor | None = None           # dense bool keep-mask (Tq, Tk) or (B|1, H|1, Tq, Tk) overriding the causal
+                                         # mask: the sparse variants' reference path (eager / sdpa)
 
 
 def _positions(spec: AttnSpec, tq: int, tk: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -81,7 +83,9 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(Dh)
     acc = torch.promote_types(q.dtype, torch.float32)                     # fp32 softmax for bf16/fp16
     scores = torch.matmul(q, k.transpose(-2, -1)).to(acc) * scale         # (B, H, Tq, Tk)
-    if spec.block_mask is not None:
+    if spec.keep is not None:
+        scores = scores.masked_fill(~spec.keep.to(q.device), float("-inf"))
+    elif spec.block_mask is not None:
         keep = dense_from_block_mask(spec.block_mask, Tq, k.shape[2]).to(q.device)
         scores = scores.masked_fill(~keep, float("-inf"))
     else:
@@ -103,11 +107,15 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
     plain_causal = spec.causal and spec.q_offset == 0 and Tq == Tk and spec.alibi_slopes is None
-    mask = None if plain_causal else attn_bias(spec, H, Tq, Tk, q.device, q.dtype)
+    plain_causal = plain_causal and spec.keep is None
+    mask = spec.keep if spec.keep is not None else (
+        None if plain_causal else attn_bias(spec, H, Tq, Tk, q.device, q.dtype))
     if k.shape[1] != H and (mask is not None or q.device.type != "cuda"):
         k, v = _expand_kv(k, v, H)   # enable_gqa only pays off on the fused GPU kernels
+    if mask is not None and mask.dim() < 4:
+        mask = mask.unsqueeze(0)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=None if mask is None else mask.unsqueeze(0), is_causal=plain_causal,
+        q, k, v, attn_mask=mask, is_causal=plain_causal,
         dropout_p=spec.dropout_p, scale=spec.scale, enable_gqa=k.shape[1] != H)
     return out, None
 
@@ -157,7 +165,7 @@ def _flex_fn(device: torch.device) -> Callable:
 def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
                            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """FlexAttention: causal/sparse structure as a BlockMask, ALiBi as a score_mod."""
-    if need_weights or spec.dropout_p > 0:
+    if need_weights or spec.dropout_p > 0 or spec.keep is not None:
         return eager_attention(q, k, v, spec, need_weights)
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]

@@ -57,14 +57,18 @@ class MultiHeadAttention(nn.Module):
         q, k = ctx.position.rotate(q, k, ctx.pos)
         return self.hook_q(q), self.hook_k(k), self.hook_v(v)
 
+    def attn_spec(self, q: Tensor, k: Tensor, ctx: Context) -> AttnSpec:
+        """Masking of this call; sparse variants (``sparse.py``) override it to add their pattern."""
+        return AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
+                        alibi_slopes=ctx.position.alibi_slopes(),
+                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask)
+
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
-        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
-                        alibi_slopes=ctx.position.alibi_slopes(),
-                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask)
+        spec = self.attn_spec(q, k, ctx)
         if self.hook_pattern.active:
             _, probs = eager_attention(q, k, v, spec, need_weights=True)
             probs = self.hook_pattern(probs)                                   # may be patched
@@ -72,6 +76,10 @@ class MultiHeadAttention(nn.Module):
             z = torch.matmul(probs.to(v.dtype), v.repeat_interleave(rep, dim=1))
         else:
             z, _ = attend(q, k, v, spec, self.backend)
+        return self.merge_heads(z, B, T)
+
+    def merge_heads(self, z: Tensor, B: int, T: int) -> Tensor:
+        """Per-head values (B, H, T, Dh) -> hook_z, hook_result -> output projection (B, T, D)."""
         z = self.hook_z(z)                                                     # (B, H, T, Dh)
         if self.hook_result.active:
             w_o = self.out.weight.view(-1, self.n_head, self.head_dim)        # (D, H, Dh)

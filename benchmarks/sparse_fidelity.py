@@ -1,0 +1,231 @@
+"""Issue 7 end to end: teacher -> distil each sparse attention -> fidelity suite -> table + JSON.
+
+    python benchmarks/sparse_fidelity.py --quick                 # CPU, tiny model, Tiny Shakespeare, minutes
+    python benchmarks/sparse_fidelity.py --out runs/sparse_fidelity   # GPU: WikiText-2, T=1024, timing 512..16k
+
+Steps: (1) train the GPT-2-architecture teacher with the ordinary trainer (configs/sparse_teacher.yaml, or
+the quick tiny config) and save it in HF format (``OUT/teacher_hf``), unless ``--teacher PATH`` is given;
+(2) for each method (configs/sparse_{window,sink,gate,performer}.yaml) build the student from the teacher,
+measure it without fine-tuning, distil it (``modformer.compress.distill``) and run the fidelity suite
+(``modformer.bench.fidelity``); on CUDA also peak memory of a training step and of inference vs the dense
+eager and SDPA teacher; (3) on CUDA, attention-forward time vs dense flash SDPA at T=512..16k with ~90%
+block sparsity. The result JSON is rewritten after every method (``OUT/sparse_fidelity.json`` and, unless
+``--no-results``, benchmarks/results/sparse_fidelity.json); a failing method is recorded with its error
+and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from modformer.bench import fidelity  # noqa: E402
+from modformer.bench.common import print_table, write_result  # noqa: E402
+from modformer.compress.distill import Distiller, build_student, load_distill_config, load_teacher  # noqa: E402
+from modformer.config import DataConfig, load_config  # noqa: E402
+
+METHODS = ("window", "sink", "gate", "performer")
+QUICK_TEACHER = [
+    "name=teacher", "model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.max_seq_len=256",
+    "model.dropout=0.0", "data.name=shakespeare_char", "data.seq_len=256", "train.steps=400",
+    "train.batch_size=32", "train.lr=3e-3", "train.warmup_steps=50", "train.eval_every=200",
+    "train.eval_batches=4", "train.log_every=100", "train.compile=false", "train.device=cpu",
+    "train.tensorboard=false", "train.sample_tokens=0"]
+QUICK_STUDENT = {   # T=256, blocks of 16: ~75-80% of the causal pairs dropped
+    "window": {"attention_options": {"window": 32, "block_size": 16}},
+    "sink": {"attention_options": {"sinks": 4, "window": 28, "block_size": 16}},
+    "gate": {"attention_options": {"block_size": 16, "top_k": 3, "select": "topk", "grad": "none", "gate_loss": 1.0}},
+    "performer": {"attention_options": {"n_features": 64, "chunk": 32}},
+}
+COLUMNS = ["method", "stage", "kl", "top1_agree", "ppl", "teacher_ppl", "ppl_retention", "acc", "attn_mse",
+           "grad_cos", "density", "train_s"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_teacher(args: argparse.Namespace, out: Path) -> Path:
+    """Train the teacher with the trainer and save it in HF format; returns the HF folder."""
+    from modformer.models.hf import save_hf
+    from modformer.runs import run_model
+    from modformer.train.trainer import Trainer
+
+    over = [f"out_dir={out}"] + (QUICK_TEACHER if args.quick else ["name=teacher"])
+    if args.teacher_steps:
+        over.append(f"train.steps={args.teacher_steps}")
+    cfg = load_config(ROOT / "configs" / "sparse_teacher.yaml", over)
+    if args.quick:
+        cfg.train.threads = 2
+    summary = Trainer(cfg, overwrite=True).fit()
+    hf_dir = out / "teacher_hf"
+    save_hf(run_model(cfg.run_dir), hf_dir)
+    (out / "teacher_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    log(f"teacher: val ppl {summary.get('final_val_ppl', float('nan')):.4g} in {summary['wall_s']:.0f}s -> {hf_dir}")
+    return hf_dir
+
+
+def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, batch: int,
+                device: torch.device) -> list[dict[str, Any]]:
+    """Peak CUDA memory of inference and of a training step: student vs dense eager / SDPA teacher."""
+    x, y = data.get_batch("train", batch, torch.Generator().manual_seed(0))
+    x, y = x.to(device), y.to(device)
+    models = {"teacher_eager": build_student(teacher, {"attn_backend": "eager"}),
+              "teacher_sdpa": build_student(teacher, {"attn_backend": "sdpa"}), "student": student}
+    rows = []
+    for name, m in models.items():
+        m.train()
+
+        def step(m: torch.nn.Module = m) -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1).float(), y.flatten())
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+
+        def infer(m: torch.nn.Module = m) -> None:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                m(x)
+
+        step()                                   # compile / warm up outside the measurement
+        rows.append({"model": name, "train_peak_mb": fidelity.peak_memory(step, device) / 2 ** 20,
+                     "infer_peak_mb": fidelity.peak_memory(infer, device) / 2 ** 20})
+    ref = rows[0]
+    for r in rows:
+        r["train_reduction_vs_eager"] = 1 - r["train_peak_mb"] / ref["train_peak_mb"]
+        r["infer_reduction_vs_eager"] = 1 - r["infer_peak_mb"] / ref["infer_peak_mb"]
+    rows[-1]["peak_mem_reduction"] = rows[-1]["train_reduction_vs_eager"]
+    return rows
+
+
+def run_method(method: str, args: argparse.Namespace, teacher_dir: Path, out: Path,
+               device: torch.device) -> dict[str, Any]:
+    """Student before and after distillation, fidelity suite, memory (CUDA); returns the method's record."""
+    over = [f"teacher={teacher_dir}", f"out_dir={out}", f"name={method}", f"device={device.type}"]
+    if args.distill_steps:
+        over.append(f"steps={args.distill_steps}")
+    cfg = load_distill_config(ROOT / "configs" / f"sparse_{method}.yaml", over)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, data=DataConfig(name="shakespeare_char", seq_len=256), batch_size=8,
+                                  lr=1e-3, eval_every=100, eval_batches=4, log_every=25,
+                                  student={"attention": cfg.student["attention"], **QUICK_STUDENT[method]})
+    teacher, _ = load_teacher(teacher_dir, device)
+    dist = Distiller(cfg, teacher=teacher)
+    block = int(cfg.student.get("attention_options", {}).get("block_size", 64))
+    rec: dict[str, Any] = {"method": method, "attention": cfg.student["attention"],
+                           "options": cfg.student.get("attention_options", {})}
+    bs, nb = cfg.eval_batch_size or cfg.batch_size, cfg.eval_batches
+    log(f"{method}: fidelity without fine-tuning")
+    rec["before"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
+    t0 = time.perf_counter()
+    dist.fit()
+    rec["train_s"] = time.perf_counter() - t0
+    log(f"{method}: fidelity after {cfg.steps} distillation steps ({rec['train_s']:.0f}s)")
+    rec["after"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
+    data = dist.data
+    prompts = [data.decode(x[0, :24].tolist()) for x, _ in data.iter_eval("val", 1, 2)]
+    rec["generations"] = fidelity.generations(dist.teacher, dist.student, data, prompts, 20 if args.quick else 40)
+    if device.type == "cuda":
+        try:
+            rec["memory"] = memory_rows(dist.teacher, dist.student, data, cfg.batch_size, device)
+        except Exception as e:  # noqa: BLE001
+            rec["memory_error"] = f"{type(e).__name__}: {e}"[:300]
+    return rec
+
+
+def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append({"method": r["method"], "stage": "error", "error": r["error"]})
+            continue
+        for stage in ("before", "after"):
+            row = {"method": r["method"], "attention": r["attention"], "stage": stage,
+                   **{k: v for k, v in r[stage].items() if k != "edge_cases"}}
+            row["edge_cases_finite"] = all(e["finite"] for e in r[stage]["edge_cases"])
+            row["edge_cases_max_kl"] = max(e["kl"] for e in r[stage]["edge_cases"])
+            if stage == "after":
+                row["train_s"] = r["train_s"]
+            rows.append(row)
+    return rows
+
+
+def write_all(records: list[dict[str, Any]], timing: list[dict[str, Any]], args: argparse.Namespace, out: Path,
+              device: torch.device, teacher: dict[str, Any]) -> None:
+    rows = flat_rows(records)
+    after = [r for r in rows if r.get("stage") == "after"]
+    memory = [m for r in records for m in r.get("memory", []) if m["model"] == "student"]
+    headline = fidelity.headline_of(after, timing, memory)
+    extra = {"mode": "quick (CPU)" if args.quick else "full", "teacher": teacher, "methods": records,
+             "attention_timing": timing}
+    write_result("sparse_fidelity", headline, rows, device, out, extra)
+    if not args.no_results:
+        write_result("sparse_fidelity", headline, rows, device, ROOT / "benchmarks" / "results", extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CPU: tiny teacher on Tiny Shakespeare, T=256")
+    p.add_argument("--out", default=None, help="run folder (default runs/sparse_fidelity[_quick])")
+    p.add_argument("--teacher", default=None, help="existing teacher (run dir / saved model / HF dir): skip training")
+    p.add_argument("--teacher-steps", type=int, default=None)
+    p.add_argument("--distill-steps", type=int, default=None)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--no-results", action="store_true", help="write only OUT/sparse_fidelity.json")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    if args.quick:
+        torch.set_num_threads(2)
+        args.distill_steps = args.distill_steps or 200
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(args.out or ("runs/sparse_fidelity_quick" if args.quick else "runs/sparse_fidelity"))
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log(f"device {device}, torch {torch.__version__}, out {out}")
+    teacher_dir = Path(args.teacher) if args.teacher else train_teacher(args, out)
+    teacher_info = {"path": str(teacher_dir)}
+    summary = out / "teacher_summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        teacher_info.update({k: s.get(k) for k in ("final_val_ppl", "final_val_acc", "wall_s", "params", "steps")})
+    records: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
+    for method in args.methods:
+        log(f"=== {method} ===")
+        try:
+            records.append(run_method(method, args, teacher_dir, out, device))
+        except Exception as e:  # noqa: BLE001 - one failing method must not end the run
+            traceback.print_exc()
+            records.append({"method": method, "error": f"{type(e).__name__}: {e}"[:500]})
+        write_all(records, timing, args, out, device, teacher_info)
+        log(f"wrote {out / 'sparse_fidelity.json'} ({time.perf_counter() - t_start:.0f}s so far)")
+    if device.type == "cuda" and args.seq:
+        log("=== attention forward timing (dense flash SDPA vs flex block-sparse, ~90% of causal blocks skipped) ===")
+        try:
+            timing = fidelity.attention_speed(args.seq, device)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            timing = [{"error": f"{type(e).__name__}: {e}"[:500]}]
+        write_all(records, timing, args, out, device, teacher_info)
+    rows = flat_rows(records)
+    print_table(rows, COLUMNS)
+    if timing:
+        print_table(timing, ["T", "mask", "block_density", "dense_sdpa_ms", "flex_ms", "speedup"])
+    log(f"done in {time.perf_counter() - t_start:.0f}s; results: {out / 'sparse_fidelity.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""Fidelity and efficiency of a student (sparse / linear attention) against its dense teacher.
+
+Metric functions (hand-checked in tests/test_sparse.py):
+``next_token_kl`` KL(P_teacher || P_student) per token, ``top1_agreement``, ``accuracy``, ``ppl_retention``
+(teacher ppl / student ppl, 1 = no loss), ``attn_prob_mse`` (squared error of attention probabilities on
+the entries the student keeps), ``grad_cosine`` (cosine of the attention layers' weight gradients of the
+LM loss, student vs teacher), ``peak_memory`` (``torch.cuda.max_memory_allocated``; None on CPU),
+``attention_speed`` (attention forward alone, dense flash SDPA vs FlexAttention with a block-sparse mask,
+timed with CUDA events), ``edge_cases`` (all-padding, one repeated token, T not a multiple of the block
+size) and ``generations`` (greedy continuations side by side).
+
+``modformer bench fidelity --teacher PATH --student RUN_DIR [RUN_DIR ...]`` evaluates distilled students
+(``modformer distill`` run folders) and writes ``benchmarks/results/sparse_fidelity.json``;
+``benchmarks/sparse_fidelity.py`` runs the whole pipeline (teacher, distillation, this suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modformer.bench.common import print_table, time_fn, write_result
+
+
+# ---- metric functions ----------------------------------------------------------------------
+def next_token_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0,
+                  mask: Tensor | None = None) -> Tensor:
+    """Mean over tokens (those with ``mask``) of KL(softmax(t / T) || softmax(s / T)), in nats."""
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    mask = mask.float()
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def top1_agreement(teacher_logits: Tensor, student_logits: Tensor) -> float:
+    """Fraction of positions where both models' most likely next token is the same."""
+    return float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).float().mean())
+
+
+def accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Top-1 next-token accuracy over targets != -100."""
+    mask = targets != -100
+    return float(((logits.argmax(-1) == targets) & mask).sum() / mask.sum().clamp_min(1))
+
+
+def ppl_retention(teacher_ppl: float, student_ppl: float) -> float:
+    """teacher ppl / student ppl: 1.0 = the student is as good, 0.95 = 5% worse ppl."""
+    return teacher_ppl / student_ppl
+
+
+def attn_prob_mse(teacher_probs: Tensor, student_probs: Tensor, keep: Tensor | None = None) -> float:
+    """Mean squared difference of attention probabilities over the kept entries (default: student > 0)."""
+    keep = student_probs > 0 if keep is None else keep
+    keep = keep.expand_as(student_probs)
+    diff = (teacher_probs.float() - student_probs.float())[keep]
+    return float((diff ** 2).mean()) if diff.numel() else 0.0
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak CUDA bytes allocated while ``fn()`` runs (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _attn_grads(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    names = [n for n, _ in model.named_parameters() if ".attn." in n and n.endswith(("qkv.weight", "out.weight"))]
+    params = dict(model.named_parameters())
+    flags = {n: params[n].requires_grad for n in names}
+    for n in names:
+        params[n].requires_grad_(True)
+    try:
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+    finally:
+        for n, f in flags.items():
+            params[n].requires_grad_(f)
+    return dict(zip(names, grads))
+
+
+def grad_cosine(teacher: nn.Module, student: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Cosine similarity of the LM loss's gradients w.r.t. the attention projections (qkv, out), all layers."""
+    gt, gs = _attn_grads(teacher, x, y), _attn_grads(student, x, y)
+    common = [n for n in gt if n in gs]
+    a = torch.cat([gt[n].flatten().float() for n in common])
+    b = torch.cat([gs[n].flatten().float() for n in common])
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def attention_patterns(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """``{layer: probs (B, H, T, T)}`` through ``hook_pattern`` (eager; absent for performer)."""
+    _, cache = model.run_with_cache(x, names_filter=lambda n: n.endswith("hook_pattern"))
+    return cache
+
+
+# ---- model-level comparisons ---------------------------------------------------------------
+@torch.no_grad()
+def compare_models(teacher: nn.Module, student: nn.Module,
+                   batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """KL, top-1 agreement, ppl and accuracy of both models (and retention) over ``batches``."""
+    was = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    kl = agree = nll_t = nll_s = corr_t = corr_s = 0.0
+    n = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        lt, ls = teacher(x).float(), student(x).float()
+        mask = y != -100
+        m = int(mask.sum())
+        kl += float(next_token_kl(lt, ls, mask=mask)) * m
+        agree += float(((lt.argmax(-1) == ls.argmax(-1)) & mask).sum())
+        nll_t += float(F.cross_entropy(lt.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+        nll_s += float(F.cross_entropy(ls.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+        corr_t += accuracy(lt, y) * m
+        corr_s += accuracy(ls, y) * m
+        n += m
+    student.train(was)
+    n = max(n, 1)
+    ppl_t, ppl_s = math.exp(min(nll_t / n, 700)), math.exp(min(nll_s / n, 700))
+    return {"kl": kl / n, "top1_agree": agree / n, "ppl": ppl_s, "teacher_ppl": ppl_t,
+            "ppl_retention": ppl_retention(ppl_t, ppl_s), "acc": corr_s / n, "teacher_acc": corr_t / n,
+            "acc_retention": (corr_s / corr_t) if corr_t else 1.0}
+
+
+def pattern_fidelity(teacher: nn.Module, student: nn.Module, x: Tensor) -> dict[str, float | None]:
+    """Attention-probability MSE on the kept entries and the kept fraction of causal pairs (density)."""
+    was = student.training
+    student.eval()
+    with torch.no_grad():
+        pt, ps = attention_patterns(teacher, x), attention_patterns(student, x)
+    student.train(was)
+    if not ps:
+        return {"attn_mse": None, "density": None}
+    mse, kept, causal = [], 0, 0
+    for name, p in ps.items():
+        mse.append(attn_prob_mse(pt[name], p))
+        T = p.shape[-1]
+        kept += int((p > 0).sum())
+        causal += p.shape[0] * p.shape[1] * T * (T + 1) // 2
+    return {"attn_mse": sum(mse) / len(mse), "density": kept / max(causal, 1)}
+
+
+def edge_cases(teacher: nn.Module, student: nn.Module, vocab: int, seq_len: int, block: int = 64,
+               pad_id: int = 0) -> list[dict[str, Any]]:
+    """KL and finiteness on degenerate inputs: all padding, one repeated token, T not a multiple of block."""
+    device = next(student.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    t_odd = min(seq_len, max(block + 7, (seq_len // block) * block - block + 7))
+    cases = {"all_padding": torch.full((2, seq_len), pad_id),
+             "repeated_token": torch.full((2, seq_len), min(5, vocab - 1)),
+             f"T={t_odd}_not_multiple_of_{block}": torch.randint(0, vocab, (2, t_odd), generator=g)}
+    rows = []
+    student.eval()
+    with torch.no_grad():
+        for name, x in cases.items():
+            x = x.to(device)
+            lt, ls = teacher(x).float(), student(x).float()
+            rows.append({"case": name, "T": x.shape[1], "finite": bool(torch.isfinite(ls).all()),
+                         "kl": float(next_token_kl(lt, ls)), "top1_agree": top1_agreement(lt, ls)})
+    return rows
+
+
+def generations(teacher: nn.Module, student: nn.Module, data: Any, prompts: list[str],
+                max_new_tokens: int = 30) -> list[dict[str, str]]:
+    """Greedy continuations of each prompt by teacher and student."""
+    device = next(student.parameters()).device
+    out = []
+    student.eval()
+    for prompt in prompts:
+        ids = torch.tensor([data.encode(prompt)], device=device)
+        row = {"prompt": prompt}
+        for who, model in (("teacher", teacher), ("student", student)):
+            gen = model.generate(ids, max_new_tokens, temperature=0.0)
+            row[who] = data.decode(gen[0, ids.shape[1]:].tolist())
+        out.append(row)
+    return out
+
+
+# ---- attention timing ----------------------------------------------------------------------
+def sparse_block_masks(t: int, density: float, block: int, device: str) -> dict[str, object]:
+    """BlockMasks keeping about ``density`` of the causal blocks: sink + window, and random top-k blocks."""
+    from modformer.layers.attention.gate import block_mask_from_blocks
+    from modformer.layers.attention.sparse import pattern_block_mask
+
+    nb = -(-t // block)
+    causal_blocks = nb * (nb + 1) / 2
+    per_row = max(1, round(density * causal_blocks / nb))
+    masks = {"sink_window": pattern_block_mask("sink_window", (block, max(1, per_row - 1) * block), t, t, 0,
+                                               device, block)}
+    g = torch.Generator(device=device).manual_seed(0)
+    scores = torch.rand(1, 1, nb, nb, generator=g, device=device)
+    qb = torch.arange(nb, device=device)
+    past = qb[None, :] < qb[:, None]
+    keep = torch.zeros(1, 1, nb, nb, dtype=torch.bool, device=device)
+    if per_row > 1:
+        keep.scatter_(-1, scores.masked_fill(~past, -1.0).topk(min(per_row - 1, nb), -1).indices, True)
+    keep = (keep & past) | (qb[None, :] == qb[:, None])
+    masks["learned_gate_topk"] = block_mask_from_blocks(keep, qb, t, t, block)
+    return masks
+
+
+def attention_speed(seqs: list[int], device: torch.device, heads: int = 16, head_dim: int = 64,
+                    density: float = 0.1, block: int = 128, iters: int = 20) -> list[dict[str, Any]]:
+    """Attention forward time (bf16, B=1): dense flash SDPA (causal) vs flex with block-sparse masks."""
+    from modformer.layers.attention.kernels import AttnSpec, attend
+
+    rows = []
+    for t in seqs:
+        qkv = [torch.randn(1, heads, t, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3)]
+        with torch.no_grad():
+            dense = time_fn(lambda qkv=qkv: F.scaled_dot_product_attention(*qkv, is_causal=True), device, 3, iters)
+            for name, bm in sparse_block_masks(t, density, block, str(device)).items():
+                try:
+                    spec = AttnSpec(block_mask=bm)
+                    sec = time_fn(lambda spec=spec, qkv=qkv: attend(*qkv, spec, "flex"), device, 3, iters)
+                    blocks = bm.to_dense()[0, 0].float()
+                    kept = float(blocks.sum()) / (blocks.shape[-1] * (blocks.shape[-1] + 1) / 2)
+                    rows.append({"T": t, "mask": name, "block_density": kept, "dense_sdpa_ms": dense * 1e3,
+                                 "flex_ms": sec * 1e3, "speedup": dense / sec})
+                except Exception as e:  # noqa: BLE001 - one failing shape must not end the sweep
+                    rows.append({"T": t, "mask": name, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(f"  attention T={t} {name}: {rows[-1]}", flush=True)
+        del qkv
+    return rows
+
+
+def suite(teacher: nn.Module, student: nn.Module, data: Any, batch_size: int = 8, eval_batches: int = 8,
+          block: int = 64) -> dict[str, Any]:
+    """Every per-model metric of one student: compare_models, pattern fidelity, grad cosine, edge cases."""
+    device = next(student.parameters()).device
+    row: dict[str, Any] = dict(compare_models(teacher, student, data.iter_eval("val", batch_size, eval_batches)))
+    x, y = next(iter(data.iter_eval("val", min(batch_size, 2), 1)))
+    x, y = x.to(device), y.to(device)
+    row.update(pattern_fidelity(teacher, student, x))
+    row["grad_cos"] = grad_cosine(teacher, student, x, y)
+    row["edge_cases"] = edge_cases(teacher, student, data.vocab_size, x.shape[1], block)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    from modformer.compress.distill import load_teacher
+    from modformer.data import build_dataset
+    from modformer.runs import run_config, run_model
+
+    p = argparse.ArgumentParser(prog="modformer bench fidelity", description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True, help="run dir, saved model or HF GPT-2 dir")
+    p.add_argument("--student", nargs="+", required=True, help="modformer distill run folders")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seq", type=int, nargs="*", default=[], help="attention timing lengths (CUDA only)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    teacher, _ = load_teacher(args.teacher, device)
+    teacher.eval()
+    rows = []
+    for run in args.student:
+        student = run_model(run, device).eval()
+        data = build_dataset(run_config(run).data)
+        row = {"student": run, "attention": student.cfg.attention, **suite(teacher, student, data, args.batch_size,
+                                                                          args.eval_batches)}
+        rows.append(row)
+    timing = attention_speed(args.seq, device) if args.seq and device.type == "cuda" else []
+    print_table(rows, ["attention", "kl", "top1_agree", "ppl", "teacher_ppl", "ppl_retention", "attn_mse",
+                       "grad_cos", "density"])
+    headline = headline_of(rows, timing, [])
+    print(f"wrote {write_result('sparse_fidelity', headline, rows + timing, device, args.out)}")
+    return 0
+
+
+def headline_of(rows: list[dict[str, Any]], timing: list[dict[str, Any]],
+                memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """The DESIGN.md headline: the best distilled student's figures plus the 16k speed-up."""
+    ok = [r for r in rows if "kl" in r]
+    best = min(ok, key=lambda r: r["kl"]) if ok else {}
+    at16k = [r["speedup"] for r in timing if r.get("T") == 16384 and "speedup" in r]
+    mem = [r["peak_mem_reduction"] for r in memory if r.get("peak_mem_reduction") is not None]
+    return {"kl": best.get("kl"), "attn_mse": best.get("attn_mse"), "grad_cos": best.get("grad_cos"),
+            "peak_mem_reduction": max(mem) if mem else None, "attn_speedup_16k": max(at16k) if at16k else None,
+            "ppl_retention": best.get("ppl_retention"), "best_method": best.get("method", best.get("attention"))}

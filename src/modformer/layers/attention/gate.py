@@ -1,0 +1,225 @@
+"""Learned block-sparse attention (registry attention ``learned_gate``; after SeerAttention, Gao et al. 2024).
+
+Same parameters as ``mha`` plus a small gate (``gate_q``, ``gate_k``). Per head, the sequence is cut into
+blocks of ``block_size`` tokens. Query block j is summarised by the mean query over the ``block_size``
+positions ending at the block's first token (so the choice made for block j depends only on tokens every
+query in it can see: no future leakage), key block b by the mean and max of its keys. The gate scores
+``S[j, b] = (W_q q_j) . (W_k [mean_b; max_b]) / sqrt(d_gate)`` over the strictly past blocks b < j and keeps
+
+- ``select: topk``: the ``top_k - 1`` best past blocks (``top_k`` blocks with the diagonal);
+- ``select: threshold``: past blocks whose softmax gate exceeds ``threshold``;
+- ``select: sparsemax``: past blocks with non-zero sparsemax weight (Martins & Astudillo 2016);
+
+plus, always, the diagonal block (causal inside). ``top_k >= n_blocks`` or ``threshold <= 0`` keeps every
+causal block, which is exactly dense attention. The gate starts as the identity map (``W_q = I``,
+``W_k = [I, 0]``: pooled attention logits), so it is sensible before training.
+
+Training the gate (options):
+- ``gate_loss`` (weight, default 1.0): SeerAttention's distillation target, the layer's own dense
+  attention map pooled to blocks (mass per key block, mean over each query block's rows, renormalised over
+  past blocks), matched by KL to the softmax gate; added to ``self.aux_loss`` (training mode only).
+- ``grad: ste``: additionally, end to end, the attention probabilities of kept blocks are multiplied by
+  ``1 + g - stopgrad(g)`` (value 1, gradient to the gate ``g``): straight-through top-k. ``grad: none``
+  (default) trains the gate through ``gate_loss`` only. With ``select: sparsemax``, ``g`` is the sparsemax weight.
+The aux-loss route is the one that works in our measurements (benchmarks/sparse_fidelity.py); STE alone
+only sees kept blocks, so it cannot learn to promote a dropped one.
+
+Execution: the flex backend on CUDA builds a ``BlockMask`` from the kept block indices (off-diagonal
+blocks full, diagonal block partial with the causal ``mask_mod``): dropped blocks are never computed.
+Elsewhere a dense keep-mask goes to the eager / SDPA kernel. KV caches store the queries too
+(``cache.append(layer, "gate_q", q)``) for the causal query summaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modformer.config import ModelConfig
+from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention
+from modformer.layers.attention.mha import MultiHeadAttention
+from modformer.layers.attention.sparse import use_flex
+from modformer.layers.context import Context
+from modformer.registry import ConfigError, register
+
+
+def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
+    """Euclidean projection onto the simplex along ``dim`` (-inf entries get 0; all -inf rows give 0)."""
+    finite = torch.isfinite(z)
+    z = torch.where(finite, z, torch.full_like(z, -1e9))
+    zs, _ = z.sort(dim=dim, descending=True)
+    rng = torch.arange(1, z.shape[dim] + 1, device=z.device, dtype=z.dtype)
+    rng = rng.view([-1 if i == (dim % z.dim()) else 1 for i in range(z.dim())])
+    cs = zs.cumsum(dim)
+    support = (1 + rng * zs > cs).to(z.dtype)
+    k = support.sum(dim=dim, keepdim=True).clamp_min(1)
+    tau = (cs.gather(dim, k.long() - 1) - 1) / k
+    return (z - tau).clamp_min(0) * finite.any(dim, keepdim=True)
+
+
+def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_size: int) -> object:
+    """FlexAttention BlockMask from kept blocks ``(B, H, nq, nk)`` of query blocks ``qb`` (prefill: qb = 0..nq-1):
+    off-diagonal kept blocks full (no mask_mod work), the diagonal block partial with the causal mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, nq, nk = keep.shape
+    full = (keep & (torch.arange(nk, device=keep.device)[None, :] != qb[:, None])).to(torch.int32)
+    full_idx = full.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    diag_idx = torch.zeros_like(full_idx)
+    diag_idx[..., 0] = qb.to(torch.int32)
+    ones = torch.ones(B, H, nq, device=keep.device, dtype=torch.int32)
+
+    q0 = int(qb[0])
+
+    def kept_causal(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+        # the block choice is in mask_mod too, so references that only evaluate mask_mod (eager flex on CPU)
+        # agree; compiled flex evaluates it only on the partial (diagonal) blocks
+        bi, hi = (b if B > 1 else 0), (h if H > 1 else 0)
+        return keep[bi, hi, q_idx // block_size - q0, kv_idx // block_size] & (q_idx >= kv_idx)
+
+    return BlockMask.from_kv_blocks(ones, diag_idx, full.sum(-1).to(torch.int32), full_idx,
+                                    BLOCK_SIZE=block_size, mask_mod=kept_causal, seq_lengths=(tq, tk))
+
+
+@register("attention", "learned_gate")
+class LearnedGateAttention(MultiHeadAttention):
+    """``mha`` attending, per query block, to the key blocks a small learned gate picks (see module doc)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, block_size: int = 64, top_k: int = 4,
+                 threshold: float = 0.0, select: str = "topk", grad: str = "none", gate_loss: float = 1.0,
+                 d_gate: int | None = None, n_kv_heads: int | None = None) -> None:
+        super().__init__(cfg, layer_idx, n_kv_heads)
+        if select not in ("topk", "threshold", "sparsemax") or grad not in ("none", "ste"):
+            raise ConfigError(f"learned_gate: select must be topk | threshold | sparsemax and grad none | ste; "
+                              f"got {select!r}, {grad!r}")
+        if block_size < 1 or top_k < 1 or not cfg.causal or cfg.position == "alibi":
+            raise ConfigError("learned_gate needs block_size >= 1, top_k >= 1, causal attention and no ALiBi")
+        self.block_size, self.top_k, self.threshold = block_size, top_k, threshold
+        self.select, self.grad, self.gate_loss = select, grad, gate_loss
+        Dh = self.head_dim
+        dg = d_gate or Dh
+        self.gate_q = nn.Linear(Dh, dg, bias=False)
+        self.gate_k = nn.Linear(2 * Dh, dg, bias=False)
+        self.reset_gate()
+        self.aux_loss: Tensor | None = None
+        self.last_keep: Tensor | None = None     # (B, H, n_qblocks, n_kblocks) kept blocks of the last call
+
+    @torch.no_grad()
+    def reset_gate(self) -> None:
+        """Identity start: the gate scores are the attention logits of the pooled query and mean key."""
+        dg, Dh = self.gate_q.weight.shape
+        eye = torch.eye(dg, Dh)
+        self.gate_q.weight.copy_(eye)
+        self.gate_k.weight.copy_(torch.cat([eye, torch.zeros(dg, Dh)], 1) * math.sqrt(dg / Dh))
+
+    def _keeps_all(self, n_kblocks: int) -> bool:
+        return (self.select == "topk" and self.top_k >= n_kblocks) or (self.select == "threshold"
+                                                                       and self.threshold <= 0)
+
+    def gate(self, q_all: Tensor, k: Tensor, offset: int, tq: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Scores ``(B, H, nq, nk)`` over strictly past blocks (-inf elsewhere), kept blocks (bool), the
+        absolute query-block indices ``(nq,)`` and the past-block mask ``(nq, nk)``."""
+        bs, L = self.block_size, offset + tq
+        B, H, _, Dh = q_all.shape
+        k = k[:, :, :L]
+        if k.shape[1] != H:
+            k = k.repeat_interleave(H // k.shape[1], dim=1)
+        nk = -(-L // bs)
+        pad = nk * bs - L
+        kb = F.pad(k, (0, 0, 0, pad)).view(B, H, nk, bs, Dh)
+        counts = torch.full((nk,), bs, device=k.device, dtype=k.dtype)
+        counts[-1] = bs - pad
+        k_mean = kb.sum(3) / counts[:, None]
+        k_max = F.pad(k, (0, 0, 0, pad), value=float("-inf")).view(B, H, nk, bs, Dh).amax(3)
+        qb = torch.arange(offset // bs, (L - 1) // bs + 1, device=k.device)          # (nq,) absolute blocks
+        cs = F.pad(q_all[:, :, :L].float().cumsum(2), (0, 0, 1, 0))                  # (B, H, L + 1, Dh)
+        start = qb * bs
+        lo = (start - bs + 1).clamp_min(0)
+        q_sum = ((cs[:, :, start + 1] - cs[:, :, lo]) / (start + 1 - lo)[:, None].to(cs.dtype)).to(k.dtype)
+        gq, gk = self.gate_q(q_sum), self.gate_k(torch.cat([k_mean, k_max], -1))
+        scores = (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])      # (B, H, nq, nk)
+        past = torch.arange(nk, device=k.device)[None, :] < qb[:, None]              # (nq, nk)
+        scores = scores.masked_fill(~past, float("-inf"))
+        if self.select == "topk":
+            kk = min(self.top_k - 1, nk)
+            sel = torch.zeros_like(scores, dtype=torch.bool)
+            if kk > 0:
+                sel.scatter_(-1, scores.topk(kk, dim=-1).indices, True)
+        elif self.select == "threshold":
+            sel = torch.softmax(scores, -1).nan_to_num(0.0) > self.threshold
+        else:
+            sel = sparsemax(scores) > 0
+        diag = torch.arange(nk, device=k.device)[None, :] == qb[:, None]
+        return scores, (sel & past) | diag, qb, past
+
+    def _dense_keep(self, keep: Tensor, qb: Tensor, offset: int, tq: int, tk: int) -> Tensor:
+        """Token-level keep-mask ``(B, H, Tq, Tk)`` from kept blocks (causal inside)."""
+        qpos = torch.arange(offset, offset + tq, device=keep.device)
+        return self._expand_blocks(keep, qb, offset, tq, tk) & (qpos[:, None] >= torch.arange(tk, device=keep.device))
+
+    def _gate_target_loss(self, q: Tensor, k: Tensor, scores: Tensor, past: Tensor) -> Tensor:
+        """KL(pooled dense attention || softmax gate) over past blocks (SeerAttention's gate distillation)."""
+        with torch.no_grad():
+            _, probs = eager_attention(q, k, k, AttnSpec(causal=True), need_weights=True)  # (B, H, T, T)
+            B, H, T, _ = probs.shape
+            bs, nq, nk = self.block_size, scores.shape[2], scores.shape[3]
+            mass = F.pad(probs, (0, nk * bs - T)).view(B, H, T, nk, bs).sum(-1)        # (B, H, T, nk)
+            mass = F.pad(mass, (0, 0, 0, nq * bs - T)).view(B, H, nq, bs, nk).sum(3)
+            target = mass.masked_fill(~past, 0.0)
+            has = target.sum(-1, keepdim=True) > 0
+            target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+        logp = torch.log_softmax(scores, -1).masked_fill(~past, 0.0)
+        kl = (target * (target.clamp_min(1e-12).log() - logp)).sum(-1, keepdim=True)
+        return (kl * has).sum() / has.sum().clamp_min(1)
+
+    def project_qkv(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = super().project_qkv(x, ctx)
+        # the causal query summaries need every earlier query: keep them in the cache's generic store
+        self._q_all = ctx.cache.append(self.layer_idx, "gate_q", q) if ctx.cache is not None else q
+        return q, k, v
+
+    def forward(self, x: Tensor, ctx: Context) -> Tensor:
+        B, T, _ = x.shape
+        if ctx.q_offset is None:
+            raise ValueError("learned_gate does not support tensor positions (compiled decoding)")
+        self.aux_loss, self.last_keep = None, None
+        train_gate = self.training and self.gate_loss > 0 and ctx.q_offset == 0
+        if self._keeps_all(-(-(ctx.q_offset + T) // self.block_size)) and not train_gate:
+            return super().forward(x, ctx)                                   # sparsity 0: exactly mha
+        q, k, v = self.project_qkv(x, ctx)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)
+        offset, tk = ctx.q_offset, k.shape[2]
+        spec = self.attn_spec(q, k, ctx)
+        scores, keep, qb, past = self.gate(self._q_all, k, offset, T)
+        self.last_keep = keep.detach()
+        if train_gate:
+            self.aux_loss = self.gate_loss * self._gate_target_loss(q.detach(), k.detach(), scores, past)
+        ste = self.training and self.grad == "ste"
+        if self._keeps_all(keep.shape[-1]):
+            z, _ = attend(q, k, v, spec, self.backend)
+        elif ste or self.hook_pattern.active:
+            spec.keep = self._dense_keep(keep, qb, offset, T, tk)
+            _, probs = eager_attention(q, k, v, spec, need_weights=True)
+            if ste:
+                g = sparsemax(scores) if self.select == "sparsemax" else torch.softmax(scores, -1).nan_to_num(0.0)
+                probs = probs * self._expand_blocks(keep.to(g.dtype) + g - g.detach(), qb, offset, T, tk)
+            probs = self.hook_pattern(probs)
+            rep = self.n_head // self.n_kv_heads
+            z = torch.matmul(probs.to(v.dtype), v.repeat_interleave(rep, dim=1))
+        elif use_flex(self.backend, q, ctx) and offset == 0:
+            spec.block_mask = block_mask_from_blocks(keep, qb, T, tk, self.block_size)
+            z, _ = attend(q, k, v, spec, "flex")
+        else:
+            spec.keep = self._dense_keep(keep, qb, offset, T, tk)
+            z, _ = attend(q, k, v, spec, self.backend)
+        return self.merge_heads(z, B, T)
+
+    def _expand_blocks(self, blocks: Tensor, qb: Tensor, offset: int, tq: int, tk: int) -> Tensor:
+        """Block values ``(B, H, nq, nk)`` -> token grid ``(B, H, Tq, Tk)``."""
+        qpos = torch.arange(offset, offset + tq, device=blocks.device)
+        cols = (torch.arange(tk, device=blocks.device) // self.block_size).clamp_max(blocks.shape[-1] - 1)
+        return blocks[:, :, qpos // self.block_size - qb[0]][..., cols]

@@ -1,0 +1,265 @@
+"""Sparse attention kinds, the distillation engine and the fidelity metrics (issue 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+import modformer as mf
+from modformer.bench import fidelity
+from modformer.compress.distill import DistillConfig, Distiller, build_student
+from modformer.config import DataConfig
+from modformer.layers.attention.gate import sparsemax
+from modformer.layers.attention.kernels import AttnSpec, eager_attention
+from modformer.layers.attention.performer import causal_linear_attention, orthogonal_features, positive_features
+from modformer.layers.attention.sparse import PATTERNS
+
+V, T = 37, 45           # T is not a multiple of the block sizes used below
+
+FIXED = {"sliding_window": {"window": 7}, "block_local": {"block": 8}, "sink_window": {"sinks": 2, "window": 5},
+         "strided": {"window": 3, "stride": 4}, "dilated": {"window": 4, "dilation": 3}}
+DENSE = {"sliding_window": {"window": T}, "block_local": {"block": 64}, "sink_window": {"sinks": 1, "window": T},
+         "strided": {"window": 2, "stride": 1}, "dilated": {"window": T, "dilation": 1},
+         "learned_gate": {"block_size": 8, "top_k": 6}}
+
+
+def _teacher(backend: str = "eager", **kw: object) -> torch.nn.Module:
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=2, d_model=32, n_head=4, max_seq_len=64, attn_backend=backend, **kw)
+    return mf.build_model(cfg).eval()
+
+
+def _student(teacher: torch.nn.Module, attention: str, options: dict) -> torch.nn.Module:
+    return build_student(teacher, {"attention": attention, "attention_options": options}).eval()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", sorted(DENSE))
+def test_sparsity_zero_is_dense_attention_exactly(kind: str, backend: str) -> None:
+    teacher = _teacher(backend)
+    student = _student(teacher, kind, DENSE[kind])
+    x = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher(x))
+
+
+def test_threshold_zero_gate_is_dense() -> None:
+    teacher = _teacher()
+    student = _student(teacher, "learned_gate", {"block_size": 8, "select": "threshold", "threshold": 0.0})
+    x = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher(x))
+
+
+@pytest.mark.parametrize("kind", sorted(FIXED))
+def test_fixed_pattern_attends_exactly_the_kept_pairs(kind: str) -> None:
+    student = _student(_teacher(), kind, FIXED[kind])
+    x = torch.randint(0, V, (1, T))
+    probs = fidelity.attention_patterns(student, x)["blocks.0.attn.hook_pattern"][0]       # (H, T, T)
+    pos = torch.arange(T)
+    keep = PATTERNS[kind][0](pos[:, None], pos[None, :], *student.blocks[0].attn.params)
+    assert torch.equal(probs > 0, keep.expand_as(probs))             # every kept pair attended, nothing else
+    assert not keep.triu(1).any() and keep.diagonal().all()
+    assert torch.allclose(probs.sum(-1), torch.ones(4, T))
+
+
+@pytest.mark.parametrize("kind,options", [*FIXED.items(), ("learned_gate", {"block_size": 8, "top_k": 2}),
+                                          ("learned_gate", {"block_size": 8, "select": "sparsemax"}),
+                                          ("learned_gate", {"block_size": 8, "select": "threshold",
+                                                            "threshold": 0.3}),
+                                          ("performer", {"n_features": 32, "chunk": 8})])
+def test_no_future_leakage(kind: str, options: dict) -> None:
+    student = _student(_teacher(), kind, options)
+    x = torch.randint(0, V, (2, T))
+    for cut in (1, 8, 20, 33):
+        y = x.clone()
+        y[:, cut:] = torch.randint(0, V, (2, T - cut))
+        with torch.no_grad():
+            a, b = student(x)[:, :cut], student(y)[:, :cut]
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (kind, cut)
+
+
+def test_learned_gate_respects_top_k_and_keeps_the_diagonal() -> None:
+    bs, k = 8, 3
+    student = _student(_teacher(), "learned_gate", {"block_size": bs, "top_k": k})
+    x = torch.randint(0, V, (2, T))
+    probs = fidelity.attention_patterns(student, x)
+    for layer in student.blocks:
+        keep = layer.attn.last_keep                                    # (B, H, nq, nk)
+        nq = keep.shape[2]
+        assert nq == math.ceil(T / bs) == keep.shape[3]
+        counts = keep.sum(-1)
+        assert torch.equal(counts, torch.arange(nq).add(1).clamp_max(k).expand_as(counts))
+        assert keep.diagonal(dim1=-2, dim2=-1).all() and not keep.triu(1).any()
+    p = probs["blocks.1.attn.hook_pattern"]
+    blocks = student.blocks[1].attn.last_keep
+    pos = torch.arange(T)
+    dense = blocks[:, :, pos // bs][..., pos // bs] & (pos[:, None] >= pos[None, :])
+    assert torch.equal(p > 0, dense)                                   # kept blocks are attended, no others
+
+
+def test_learned_gate_cached_generation_matches_recompute() -> None:
+    student = _student(_teacher(), "learned_gate", {"block_size": 4, "top_k": 2})
+    idx = torch.randint(0, V, (2, 9))
+    a = student.generate(idx, 20, temperature=0.0, use_cache=True)
+    b = student.generate(idx, 20, temperature=0.0, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_gate_loss_and_ste_give_gate_gradients() -> None:
+    teacher = _teacher()
+    for opts in ({"gate_loss": 1.0, "grad": "none"}, {"gate_loss": 0.0, "grad": "ste"}):
+        student = _student(teacher, "learned_gate", {"block_size": 8, "top_k": 2, **opts}).train()
+        logits = student(torch.randint(0, V, (2, T)))
+        loss = logits.logsumexp(-1).mean() + (student.aux_loss if student.aux_loss is not None else 0)
+        loss.backward()
+        g = student.blocks[0].attn.gate_q.weight.grad
+        assert g is not None and g.abs().sum() > 0, opts
+
+
+def test_performer_approximates_softmax_attention() -> None:
+    torch.manual_seed(0)
+    B, H, L, Dh, m = 1, 2, 24, 8, 8192
+    q, k, v = (torch.randn(B, H, L, Dh) * 0.5 for _ in range(3))
+    w = orthogonal_features(m, Dh, torch.Generator().manual_seed(1))
+    s = Dh ** -0.25
+    approx = causal_linear_attention(positive_features(q * s, w, True), positive_features(k * s, w, False), v, 0, 5)
+    exact, _ = eager_attention(q, k, v, AttnSpec(causal=True))
+    assert (approx - exact).abs().max() < 0.1 and (approx - exact).abs().mean() < 0.01
+    few = causal_linear_attention(positive_features(q * s, w[:16], True), positive_features(k * s, w[:16], False), v)
+    assert (few - exact).abs().mean() > (approx - exact).abs().mean()   # more features, better estimate
+
+
+def test_causal_linear_attention_chunking_and_offset() -> None:
+    qf, kf = torch.rand(1, 2, 10, 6), torch.rand(1, 2, 10, 6)
+    v = torch.randn(1, 2, 10, 3)
+    naive = torch.einsum("bhim,bhjm->bhij", qf, kf).tril()
+    ref = (naive @ v) / naive.sum(-1, keepdim=True)
+    for chunk in (1, 3, 10):
+        assert torch.allclose(causal_linear_attention(qf, kf, v, 0, chunk), ref, atol=1e-6)
+    assert torch.allclose(causal_linear_attention(qf[:, :, 7:], kf, v, 7, 2), ref[:, :, 7:], atol=1e-6)
+
+
+def test_sparsemax() -> None:
+    z = torch.tensor([[1.0, 0.5, -2.0, float("-inf")], [float("-inf")] * 4])
+    p = sparsemax(z)
+    assert torch.allclose(p[0], torch.tensor([0.75, 0.25, 0.0, 0.0]))
+    assert torch.equal(p[1], torch.zeros(4))
+
+
+def test_metric_functions_on_hand_computed_cases() -> None:
+    t = torch.tensor([[0.5, 0.5], [0.9, 0.1]]).log()
+    s = torch.tensor([[0.25, 0.75], [0.9, 0.1]]).log()
+    want = (0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75)) / 2
+    assert fidelity.next_token_kl(t, s).item() == pytest.approx(want, rel=1e-5)
+    assert fidelity.next_token_kl(t, s, mask=torch.tensor([False, True])).item() == pytest.approx(0.0, abs=1e-7)
+    assert fidelity.next_token_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    assert fidelity.top1_agreement(t, s) == 0.5                         # argmax ties resolve to index 0
+    logits = torch.tensor([[[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]])
+    assert fidelity.accuracy(logits, torch.tensor([[0, 0, -100]])) == 0.5
+    assert fidelity.ppl_retention(10.0, 20.0) == 0.5
+    pt = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    ps = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert fidelity.attn_prob_mse(pt, ps) == pytest.approx(0.125)      # kept: (0,0) err 0, (1,0) err 0.25
+    a = torch.nn.Linear(2, 2)
+    assert fidelity.peak_memory(lambda: a(torch.ones(2)), torch.device("cpu")) is None
+
+
+def test_grad_cosine_is_one_for_identical_models_and_edge_cases_are_finite() -> None:
+    teacher = _teacher()
+    student = _student(teacher, "sliding_window", {"window": 4})
+    x = torch.randint(0, V, (2, T))
+    assert fidelity.grad_cosine(teacher, _student(teacher, "mha", {}), x, x) == pytest.approx(1.0, abs=1e-5)
+    assert fidelity.grad_cosine(teacher, student, x, x) < 1.0
+    rows = fidelity.edge_cases(teacher, _student(teacher, "learned_gate", {"block_size": 8, "top_k": 2}), V, 40, 8)
+    assert len(rows) == 3 and all(r["finite"] for r in rows)
+    assert any(r["T"] % 8 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def shakespeare() -> object:
+    from modformer.data import build_dataset
+
+    return build_dataset(DataConfig(name="shakespeare_char", seq_len=32))
+
+
+def test_distill_freezes_other_params_and_lowers_kl(tmp_path: object, shakespeare: object) -> None:
+    torch.manual_seed(0)
+    teacher = mf.build_model(mf.ModelConfig(vocab_size=shakespeare.vocab_size, n_layer=2, d_model=32, n_head=4,
+                                            max_seq_len=32, init_std=0.3)).eval()
+    cfg = DistillConfig(name="d", out_dir=str(tmp_path), student={"attention": "sliding_window",
+                                                                    "attention_options": {"window": 3}},
+                        trainable=["blocks.*.attn", "blocks.1.mlp"], steps=30, batch_size=16, lr=3e-3,
+                        eval_every=30, eval_batches=2, device="cpu", progress=False)
+    d = Distiller(cfg, teacher=teacher, data=shakespeare)
+    before = {n: p.detach().clone() for n, p in d.student.named_parameters()}
+    summary = d.fit()
+    changed = {n for n, p in d.student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".attn." in n or n.startswith("blocks.1.mlp.") for n in changed)
+    assert "blocks.1.mlp.up.weight" in changed and "blocks.0.mlp.up.weight" not in changed
+    assert summary["final_val_kl"] < 0.7 * summary["before_kl"]
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert {"kl", "top1_agree", "ppl_retention"} <= set(rows[-1]) and rows[-1]["split"] == "val"
+
+
+def test_cli_distill_on_a_tiny_config(tmp_path: object) -> None:
+    from modformer.cli import main
+    from modformer.runs import run_model
+
+    teacher = mf.build_model(mf.ModelConfig(vocab_size=65, n_layer=1, d_model=16, n_head=2, max_seq_len=32))
+    mf.save(teacher, tmp_path / "teacher")
+    cfg = {"name": "gate", "out_dir": str(tmp_path / "runs"), "teacher": str(tmp_path / "teacher"),
+           "student": {"attention": "learned_gate", "attention_options": {"block_size": 8, "top_k": 2}},
+           "data": {"name": "shakespeare_char", "seq_len": 32}, "steps": 4, "batch_size": 4, "eval_every": 2,
+           "eval_batches": 1, "device": "cpu", "progress": False}
+    (tmp_path / "gate.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", str(tmp_path / "gate.yaml"), "steps=3", "student.attention_options.top_k=3"]) == 0
+    run = tmp_path / "runs" / "gate"
+    student = run_model(run)
+    assert student.cfg.attention == "learned_gate" and student.cfg.attention_options["top_k"] == 3
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert main(["distill", str(tmp_path / "gate.yaml"), "steps=oops"]) == 2
+
+
+def test_gqa_student_and_fixed_kind_options_are_checked() -> None:
+    teacher = _teacher(n_kv_heads=2)
+    x = torch.randint(0, V, (1, T))
+    for kind, opts in (("sliding_window", {"window": 5}), ("learned_gate", {"block_size": 8, "top_k": 2}),
+                       ("performer", {"n_features": 16})):
+        assert torch.isfinite(_student(teacher, kind, opts)(x)).all()
+    with pytest.raises(mf.ConfigError):
+        _student(teacher, "sliding_window", {"width": 5})
+    with pytest.raises(mf.ConfigError):
+        build_student(teacher, {"attention": "sliding_window", "attention_options": {"window": 0}})
+    cfg = dataclasses.replace(teacher.cfg, attention="performer", position="alibi")
+    with pytest.raises(mf.ConfigError):
+        mf.build_model(cfg)
+
+
+def test_flex_block_masks_match_the_dense_reference() -> None:
+    """The BlockMasks the GPU path runs (fixed patterns, learned gate) keep exactly the dense reference's pairs."""
+    from modformer.layers.attention.gate import block_mask_from_blocks
+    from modformer.layers.attention.kernels import attend, dense_from_block_mask
+    from modformer.layers.attention.sparse import pattern_block_mask
+
+    pos = torch.arange(T)
+    for kind, opts in FIXED.items():
+        params = tuple(opts.values())
+        bm = pattern_block_mask(kind, params, T, T, 0, "cpu", 16)
+        want = PATTERNS[kind][0](pos[:, None], pos[None, :], *params)
+        assert torch.equal(dense_from_block_mask(bm, T, T)[0, 0], want)
+    student = _student(_teacher(), "learned_gate", {"block_size": 16, "top_k": 2})
+    attn = student.blocks[0].attn
+    student(torch.randint(0, V, (2, T)))
+    keep, qb = attn.last_keep, torch.arange(attn.last_keep.shape[2])
+    bm = block_mask_from_blocks(keep, qb, T, T, 16)
+    want = attn._dense_keep(keep, qb, 0, T, T)
+    assert torch.equal(dense_from_block_mask(bm, T, T), want)
+    q, k, v = (torch.randn(2, 4, T, 8) for _ in range(3))
+    flex, _ = attend(q, k, v, AttnSpec(block_mask=bm), "flex")
+    ref, _ = eager_attention(q, k, v, AttnSpec(keep=want))
+    assert torch.allclose(flex, ref, atol=1e-5)
