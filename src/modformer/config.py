@@ -290,15 +290,20 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return from_dict(type(cfg), data)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply overrides, validate the model section."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (empty file: {}); ConfigError when missing or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    cfg = from_dict(RunConfig, raw)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides, validate the model section."""
+    cfg = from_dict(RunConfig, read_yaml_mapping(path))
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     cfg.model.validate(vocab_from_data=True)

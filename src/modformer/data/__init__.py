@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modformer import registry
-from modformer.data import tasks, text  # noqa: F401  (registers the built-ins)
+from modformer.data import compose_tasks, shard, tasks, text  # noqa: F401  (registers the built-ins)
 from modformer.data.base import IGNORE_INDEX, Dataset, ExampleDataset, StreamDataset
 from modformer.data.files import DataFileNotFoundError, default_root, download_corpus
 from modformer.registry import ConfigError

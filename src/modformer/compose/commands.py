@@ -1,0 +1,51 @@
+"""``modformer compose cbtm | gates | calm CONFIG.yaml [key=value ...]``.
+
+Each method reads its YAML (``configs/compose_*.yaml``) over its defaults, applies dotted overrides
+(e.g. ``experts.steps=100 device=cpu``), runs, prints a table and writes ``OUT_DIR/NAME/METHOD.json``.
+``cbtm --stage plan`` only writes the per-expert run configs and ``jobs.txt`` (to launch elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+METHODS = {"cbtm": "modformer.compose.cbtm", "gates": "modformer.compose.gates_run",
+           "calm": "modformer.compose.calm"}
+CBTM_STAGES = ("cluster", "plan", "train", "eval")
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from modformer.bench.common import print_table
+    from modformer.compose.spec import load_spec
+
+    module = importlib.import_module(METHODS[args.method])
+    spec = load_spec(args.config, module.DEFAULTS, args.overrides)
+    if args.device:
+        spec["device"] = args.device
+    if args.method == "cbtm":
+        stages = CBTM_STAGES if args.stage == "all" else tuple(args.stage.split(","))
+        bad = [s for s in stages if s not in CBTM_STAGES]
+        if bad:
+            raise ValueError(f"--stage: unknown {bad}; allowed: all or a comma list of {', '.join(CBTM_STAGES)}")
+        result = module.run(spec, stages)
+    else:
+        result = module.run(spec)
+    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in result.get("rows", [])]
+    print_table(rows)
+    if "headline" in result:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["headline"].items()))
+    print(f"wrote {spec['out_dir']}/{spec['name']}/{args.method}.json")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``compose`` on the CLI's subparsers."""
+    p = sub.add_parser("compose", help="composition of experts: cbtm | gates | calm CONFIG.yaml [key=value ...]")
+    p.add_argument("method", choices=list(METHODS))
+    p.add_argument("config", help="YAML file (configs/compose_METHOD.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. experts.steps=100 out_dir=runs/x")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: the config's, auto)")
+    p.add_argument("--stage", default="all", help="cbtm only: all, or a comma list of cluster,plan,train,eval")
+    p.set_defaults(fn=cmd_compose)

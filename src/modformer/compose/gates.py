@@ -1,0 +1,222 @@
+"""PHATGOOSE (Muqeeth et al. 2024): per-module sigmoid gates trained with frozen experts, top-k token routing.
+
+Experts are deltas on a shared frozen base, one per target ``nn.Linear``: LoRA adapters trained with HF
+PEFT (``lora_deltas``) or full fine-tunes of the target weights (``full_deltas``). ``attach_experts``
+replaces each target Linear of a copy of the base by an ``ExpertLinear`` holding every expert's delta
+(frozen buffers) and one trainable gate vector per expert. Its ``mode``:
+
+- ``base``: the base alone; ``expert``: base + expert j (the oracle when j is the input's task);
+- ``gated``: base + sigmoid(x . g_j) * delta_j(x): how gate j is trained, with expert j frozen, on
+  expert j's own data (``train_gates(..., joint=False)``: each gate knows nothing of the others);
+- ``route``: PHATGOOSE inference: standardise the activation and each gate (zero mean, unit variance),
+  scores s_j = x_hat . g_hat_j / sqrt(d), softmax over the top-k scores (k=2 default):
+  base(x) + sum_j w_j delta_j(x). ``granularity="prefix"`` scores each token by the causal running
+  mean of the standardised activations instead (a variant: early layers see the task tag, not only
+  the current token). ``train_gates(..., joint=True)`` trains all gates together in this mode, on
+  the union of the experts' data (the gates then "know the others exist").
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from modformer.compose.routing import standardize, topk_softmax
+
+Delta = dict[str, Tensor]      # {"down": (r, in), "up": (out, r)[, "bias": (out,)]}
+
+
+class ExpertLinear(nn.Module):
+    """A frozen base Linear plus E frozen low-rank expert deltas and E trainable gate vectors."""
+
+    def __init__(self, base: nn.Linear, deltas: Sequence[Delta], top_k: int = 2, granularity: str = "token",
+                 temperature: float = 1.0, gate_init_std: float = 0.01) -> None:
+        super().__init__()
+        if granularity not in ("token", "prefix"):
+            raise ValueError(f"granularity must be 'token' or 'prefix', got {granularity!r}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        rank = max(d["down"].shape[0] for d in deltas)
+
+        def pad(t: Tensor, dim: int) -> Tensor:       # experts of different ranks share one stacked tensor
+            shape = list(t.shape)
+            shape[dim] = rank - shape[dim]
+            return torch.cat([t, t.new_zeros(shape)], dim)
+
+        self.register_buffer("down", torch.stack([pad(d["down"].detach().float(), 0) for d in deltas]))  # (E, r, in)
+        self.register_buffer("up", torch.stack([pad(d["up"].detach().float(), 1) for d in deltas]))      # (E, out, r)
+        bias = [d.get("bias") for d in deltas]
+        self.register_buffer("bias", torch.stack([b.detach().float() if b is not None else
+                                                  torch.zeros(base.out_features) for b in bias]))     # (E, out)
+        self.gates = nn.ParameterList(nn.Parameter(torch.randn(base.in_features) * gate_init_std)
+                                      for _ in deltas)
+        self.n_experts, self.top_k, self.granularity, self.temperature = len(deltas), top_k, granularity, temperature
+        self.mode, self.expert = "route", 0
+        self.record = False
+        self.last_top: Tensor | None = None     # (..., k) chosen experts of the last routed call (when record)
+
+    def delta(self, x: Tensor, j: int) -> Tensor:
+        """delta_j(x) (..., out)."""
+        return (x @ self.down[j].T) @ self.up[j].T + self.bias[j]
+
+    def scores(self, x: Tensor) -> Tensor:
+        """Routing scores (..., E) of activations x (..., T, in)."""
+        xs = standardize(x.float())
+        if self.granularity == "prefix":
+            steps = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=xs.dtype)[:, None]
+            xs = xs.cumsum(-2) / steps
+        g = standardize(torch.stack(list(self.gates)))                           # (E, in)
+        return xs @ g.T / math.sqrt(x.shape[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.mode == "base":
+            return out
+        if self.mode == "expert":
+            return out + self.delta(x, self.expert).to(out.dtype)
+        if self.mode == "gated":
+            gate = torch.sigmoid(x.float() @ self.gates[self.expert])[..., None]
+            return out + (gate * self.delta(x, self.expert)).to(out.dtype)
+        s = self.scores(x)                                                        # (..., E)
+        w = topk_softmax(s / self.temperature, self.top_k)                        # (..., E)
+        if self.record:
+            self.last_top = s.topk(min(self.top_k, self.n_experts), -1).indices.detach()
+        h = torch.einsum("...i,eri->...er", x.float(), self.down)                 # (..., E, r)
+        o = torch.einsum("...er,eor->...eo", h, self.up) + self.bias              # (..., E, out)
+        return out + (w[..., None] * o).sum(-2).to(out.dtype)
+
+
+def expert_linears(model: nn.Module) -> dict[str, ExpertLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLinear)}
+
+
+def lora_deltas(peft_model: Any, adapter: str | None = None) -> dict[str, Delta]:
+    """{module path in the base model: delta} of a PEFT LoRA adapter (scaling folded into ``up``)."""
+    adapter = adapter or peft_model.active_adapter
+    out = {}
+    for name, mod in peft_model.named_modules():
+        a = getattr(mod, "lora_A", None)
+        if a is None or adapter not in a:
+            continue
+        path = name.removeprefix("base_model.model.")
+        out[path] = {"down": a[adapter].weight.detach().clone(),
+                     "up": mod.lora_B[adapter].weight.detach().clone() * mod.scaling[adapter]}
+    if not out:
+        raise ValueError(f"no LoRA adapter {adapter!r} in the model")
+    return out
+
+
+def full_deltas(base: nn.Module, expert: nn.Module, targets: Sequence[str]) -> dict[str, Delta]:
+    """{path: delta} of a fully fine-tuned expert: W_e - W_base (as down, with up = I) and b_e - b_base."""
+    out = {}
+    ex = dict(expert.named_modules())
+    for name, mod in base.named_modules():
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            e = ex[name]
+            d: Delta = {"down": (e.weight - mod.weight).detach().clone(), "up": torch.eye(mod.out_features)}
+            if mod.bias is not None:
+                d["bias"] = (e.bias - mod.bias).detach().clone()
+            out[name] = d
+    return out
+
+
+def attach_experts(base: nn.Module, experts: Sequence[dict[str, Delta]], top_k: int = 2,
+                   granularity: str = "token", temperature: float = 1.0, seed: int = 0) -> nn.Module:
+    """A copy of ``base`` whose target Linears (those every expert changes) are ``ExpertLinear``s.
+
+    Everything but the gates is frozen.
+    """
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    paths = set(experts[0])
+    for e in experts[1:]:
+        paths &= set(e)
+    if not paths:
+        raise ValueError("the experts share no target module")
+    torch.manual_seed(seed)
+    for path in sorted(paths):
+        lin = model.get_submodule(path)
+        model.set_submodule(path, ExpertLinear(lin, [e[path] for e in experts], top_k, granularity, temperature))
+    return model
+
+
+def set_mode(model: nn.Module, mode: str, expert: int = 0, **settings: Any) -> None:
+    """Set every ExpertLinear's mode (base | expert | gated | route), expert index and e.g. top_k."""
+    if mode not in ("base", "expert", "gated", "route"):
+        raise ValueError(f"unknown mode {mode!r}")
+    for m in expert_linears(model).values():
+        m.mode, m.expert = mode, expert
+        for key, value in settings.items():
+            setattr(m, key, value)
+
+
+def gate_parameters(model: nn.Module, expert: int | None = None) -> list[nn.Parameter]:
+    """Gate vectors of one expert (or all) across modules."""
+    return [p for m in expert_linears(model).values()
+            for j, p in enumerate(m.gates) if expert is None or j == expert]
+
+
+def train_gates(model: nn.Module, datasets: Sequence[Any], train_cfg: Any, steps: int, lr: float,
+                joint: bool = False, mixture: Any = None, seed: int = 0) -> list[float]:
+    """PHATGOOSE gate training; everything but the gates stays frozen (bit-identical).
+
+    Independent (default): for each expert j, ``steps`` steps of gate j alone in ``gated`` mode on
+    ``datasets[j]``. Joint: ``len(datasets) * steps`` steps of all gates together in ``route`` mode on
+    ``mixture`` (the union of the experts' data). Returns the losses.
+    """
+    from modformer.compress.finetune import finetune
+
+    cfg = dataclasses.replace(train_cfg, weight_decay=0.0, label_smoothing=0.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    losses: list[float] = []
+    if joint:
+        for p in gate_parameters(model):
+            p.requires_grad_(True)
+        set_mode(model, "route")
+        losses += finetune(model, mixture, cfg, steps * len(datasets), lr=lr, seed=seed)
+    else:
+        for j, data in enumerate(datasets):
+            for p in gate_parameters(model):
+                p.requires_grad_(False)
+            for p in gate_parameters(model, j):
+                p.requires_grad_(True)
+            set_mode(model, "gated", j)
+            losses += finetune(model, data, cfg, steps, lr=lr, seed=seed + j)
+    for p in gate_parameters(model):
+        p.requires_grad_(False)
+    set_mode(model, "route")
+    return losses
+
+
+@torch.no_grad()
+def routing_accuracy(model: nn.Module, x: Tensor, expert_of_row: Tensor) -> dict[str, float]:
+    """Share of (token, module) routing decisions whose top-1 (and top-k) holds the row's true expert.
+
+    ``x`` (B, T) inputs of known origin, ``expert_of_row`` (B,) their expert index.
+    """
+    mods = expert_linears(model)
+    for m in mods.values():
+        m.record = True
+    try:
+        model.eval()
+        model(x)
+        top1, topk = [], []
+        for m in mods.values():
+            if m.last_top is None:
+                raise ValueError("routing_accuracy needs the model in route mode")
+            want = expert_of_row.to(m.last_top.device)[:, None]
+            top1.append((m.last_top[..., 0] == want).float().mean())
+            topk.append((m.last_top == want[..., None]).any(-1).float().mean())
+    finally:
+        for m in mods.values():
+            m.record, m.last_top = False, None
+    return {"routing_top1": float(torch.stack(top1).mean()), "routing_topk": float(torch.stack(topk).mean())}
