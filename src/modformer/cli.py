@@ -1,4 +1,4 @@
-"""The ``modformer`` command line: train, eval, generate, circuits, prune, lora, distill, list.
+"""The ``modformer`` command line: train, eval, generate, circuits, prune, lora, distill, compose, list.
 
 Every failure a user can cause (bad config key, missing file, diverged run) ends with one
 ``error: ...`` line and exit status 2, never a traceback.
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from modformer.compress.commands import add_parsers as add_compress_parsers
 
     add_compress_parsers(sub)                  # prune, lora
+    from modformer.compose.commands import add_parsers as add_compose_parsers
+
+    add_compose_parsers(sub)                   # compose cbtm | gates | calm
     from modformer.compress.distill import add_parser as add_distill_parser
 
     add_distill_parser(sub)                    # distill
@@ -205,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("train", "sweep", "distill")]
+    takes_overrides = ("train", "sweep", "distill", "compose")
+    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in takes_overrides]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
