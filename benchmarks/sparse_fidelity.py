@@ -8,10 +8,11 @@ the quick tiny config) and save it in HF format (``OUT/teacher_hf``), unless ``-
 (2) for each method (configs/sparse_{window,sink,gate,performer}.yaml) build the student from the teacher,
 measure it without fine-tuning, distil it (``modformer.compress.distill``) and run the fidelity suite
 (``modformer.bench.fidelity``); on CUDA also peak memory of a training step and of inference vs the dense
-eager and SDPA teacher; (3) on CUDA, attention-forward time vs dense flash SDPA at T=512..16k with ~90%
-block sparsity. The result JSON is rewritten after every method (``OUT/sparse_fidelity.json`` and, unless
-``--no-results``, benchmarks/results/sparse_fidelity.json); a failing method is recorded with its error
-and the run goes on.
+eager and SDPA teacher. On CUDA the attention-forward timing (dense flash SDPA vs FlexAttention with ~90%
+of the causal blocks skipped, T=512..16k) runs first, as it needs no teacher. The result JSON is rewritten
+after every step (``OUT/sparse_fidelity.json`` and, unless ``--no-results``,
+benchmarks/results/sparse_fidelity.json); a failing method is recorded with its error and the run goes on;
+``--budget-s`` (GPU default 450) skips methods that would start after it.
 """
 
 from __future__ import annotations
@@ -126,12 +127,14 @@ def run_method(method: str, args: argparse.Namespace, teacher_dir: Path, out: Pa
                            "options": cfg.student.get("attention_options", {})}
     bs, nb = cfg.eval_batch_size or cfg.batch_size, cfg.eval_batches
     log(f"{method}: fidelity without fine-tuning")
-    rec["before"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
+    with dist._autocast():         # bf16 on CUDA: the same compiled flex kernels as distillation
+        rec["before"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
     t0 = time.perf_counter()
     dist.fit()
     rec["train_s"] = time.perf_counter() - t0
     log(f"{method}: fidelity after {cfg.steps} distillation steps ({rec['train_s']:.0f}s)")
-    rec["after"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
+    with dist._autocast():
+        rec["after"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
     data = dist.data
     prompts = [data.decode(x[0, :24].tolist()) for x, _ in data.iter_eval("val", 1, 2)]
     rec["generations"] = fidelity.generations(dist.teacher, dist.student, data, prompts, 20 if args.quick else 40)
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--no-results", action="store_true", help="write only OUT/sparse_fidelity.json")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="skip methods not started after this many seconds (0 = no limit; GPU default 450)")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     if args.quick:
@@ -190,20 +195,37 @@ def main(argv: list[str] | None = None) -> int:
         args.distill_steps = args.distill_steps or 200
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
+        # one compiled flex kernel per (pattern, shape, dtype): keep them all instead of falling back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        args.budget_s = args.budget_s or 450
     out = Path(args.out or ("runs/sparse_fidelity_quick" if args.quick else "runs/sparse_fidelity"))
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     log(f"device {device}, torch {torch.__version__}, out {out}")
+    records: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
+    if device.type == "cuda" and args.seq:   # first: it needs no teacher and gives attn_speedup_16k
+        log("=== attention forward timing (dense flash SDPA vs flex block-sparse, ~90% of causal blocks skipped) ===")
+        try:
+            timing = fidelity.attention_speed(args.seq, device)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            timing = [{"error": f"{type(e).__name__}: {e}"[:500]}]
+        write_all(records, timing, args, out, device, {})
     teacher_dir = Path(args.teacher) if args.teacher else train_teacher(args, out)
     teacher_info = {"path": str(teacher_dir)}
     summary = out / "teacher_summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
         teacher_info.update({k: s.get(k) for k in ("final_val_ppl", "final_val_acc", "wall_s", "params", "steps")})
-    records: list[dict[str, Any]] = []
-    timing: list[dict[str, Any]] = []
     for method in args.methods:
         log(f"=== {method} ===")
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            log(f"{method}: skipped, past the --budget-s {args.budget_s:.0f}s")
+            records.append({"method": method, "error": f"skipped: time budget {args.budget_s:.0f}s"})
+            continue
         try:
             records.append(run_method(method, args, teacher_dir, out, device))
         except Exception as e:  # noqa: BLE001 - one failing method must not end the run
@@ -211,14 +233,6 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"method": method, "error": f"{type(e).__name__}: {e}"[:500]})
         write_all(records, timing, args, out, device, teacher_info)
         log(f"wrote {out / 'sparse_fidelity.json'} ({time.perf_counter() - t_start:.0f}s so far)")
-    if device.type == "cuda" and args.seq:
-        log("=== attention forward timing (dense flash SDPA vs flex block-sparse, ~90% of causal blocks skipped) ===")
-        try:
-            timing = fidelity.attention_speed(args.seq, device)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            timing = [{"error": f"{type(e).__name__}: {e}"[:500]}]
-        write_all(records, timing, args, out, device, teacher_info)
     rows = flat_rows(records)
     print_table(rows, COLUMNS)
     if timing:

@@ -246,7 +246,7 @@ def suite(teacher: nn.Module, student: nn.Module, data: Any, batch_size: int = 8
     device = next(student.parameters()).device
     student.eval()                  # e.g. no learned-gate aux loss while measuring
     row: dict[str, Any] = dict(compare_models(teacher, student, data.iter_eval("val", batch_size, eval_batches)))
-    x, y = next(iter(data.iter_eval("val", min(batch_size, 2), 1)))
+    x, y = next(iter(data.iter_eval("val", batch_size, 1)))      # the eval batch shape: no new flex compile
     x, y = x.to(device), y.to(device)
     row.update(pattern_fidelity(teacher, student, x))
     row["grad_cos"] = grad_cosine(teacher, student, x, y)
