@@ -108,6 +108,7 @@ def main() -> int:
     rows.append({"model": "attn_only_1l", "steps": args.steps_1l, "train_s": round(t1, 1),
                  "val_loss": s1.get("final_val_loss"), "copying_scores": [round(float(v), 3) for v in copy1],
                  "copying_heads": int((copy1 > args.copy_threshold).sum()), "n_heads": len(copy1)})
+    write(args, runs, rows, {"copying_heads_fraction_1l": round(frac, 4)})
 
     tr2, s2, t2 = train("attn_only_2l", 2, args, runs)
     model2 = tr2.raw_model
@@ -131,19 +132,25 @@ def main() -> int:
                  "prev_token_scores_l0": [round(float(v), 3) for v in prev[0]],
                  "induction_heads": pairs, "copying_scores": [[round(float(v), 3) for v in r]
                                                               for r in interp.copying_scores(w2)]})
+    write(args, runs, rows, {"induction_prefix_matching": round(float(ind[1].max()), 4),
+                             "copying_heads_fraction_1l": round(frac, 4)})
+    return 0
+
+
+def write(args: argparse.Namespace, runs: Path, rows: list[dict], headline: dict) -> None:
+    """Write the result JSON (also after the 1-layer run, so a cut-off run keeps its first half)."""
     result = {"benchmark": "circuits", "device": device_name(args.device),
               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/circuits.py " + shlex.join(sys.argv[1:]),
-              "headline": {"induction_prefix_matching": round(float(ind[1].max()), 4),
-                           "copying_heads_fraction_1l": round(frac, 4)},
+              "headline": headline,
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
               "runs_dir": str(runs), "rows": rows}
-    result["notes"] = notes(result)
+    if "induction_prefix_matching" in headline:
+        result["notes"] = notes(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["headline"]), "->", out)
-    return 0
+    print(json.dumps(result["headline"]), "->", out, flush=True)
 
 
 if __name__ == "__main__":

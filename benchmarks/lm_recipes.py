@@ -200,8 +200,10 @@ def write_time_to_loss(args: argparse.Namespace, rows: list[dict]) -> None:
 
 
 # ---- WikiText-2: test perplexity of a recipe ------------------------------------------------------
-def evaluate(run: Run, split: str, env: dict[str, str]) -> dict:
+def evaluate(run: Run, split: str, env: dict[str, str], stride: int = 0) -> dict:
     argv = [sys.executable, "-m", "modformer.cli", "eval", str(run.run_dir), "--split", split]
+    if stride:
+        argv += ["--stride", str(stride)]
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode:
         return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
@@ -281,6 +283,9 @@ def wikitext2(args: argparse.Namespace) -> None:
                "returncode": run.returncode, "settings": run.settings()}
         if "error" in test:
             row["test_error"] = test["error"]
+        if args.eval_stride and s and not args.no_test:
+            slid = evaluate(run, "test", run.env, args.eval_stride)
+            row["test_ppl_strided"], row["eval_stride"] = slid.get("ppl"), args.eval_stride
         rows.append(row)
         print(json.dumps(row), flush=True)
         if run.returncode:
@@ -288,12 +293,13 @@ def wikitext2(args: argparse.Namespace) -> None:
     by = {r["name"]: r for r in rows}
     scored = [r for r in rows if r["valid_ppl"] is not None]
     head = by.get(args.headline) or (min(scored, key=lambda r: r["valid_ppl"]) if scored else {})
-    headline = {"test_ppl": head.get("test_ppl"), "valid_ppl": head.get("valid_ppl"),
+    headline = {"test_ppl": head.get("test_ppl"), "test_ppl_strided": head.get("test_ppl_strided"),
+                "valid_ppl": head.get("valid_ppl"),
                 "train_minutes": head.get("train_minutes"), "run": head.get("name"),
                 "concurrent_runs": head.get("concurrent_runs"), "goal_test_ppl": 85.0,
                 "goal_train_minutes": 15.0}
     write_result(args, "wikitext2", headline, rows)
-    print_table(rows, ["name", "test_ppl", "valid_ppl", "best_valid_ppl", "epochs", "train_minutes",
+    print_table(rows, ["name", "test_ppl", "test_ppl_strided", "valid_ppl", "best_valid_ppl", "epochs", "train_minutes",
                        "tokens_per_s"])
 
 
@@ -323,6 +329,8 @@ def main() -> None:
     p.add_argument("--reserve-seconds", type=float, default=90,
                    help="with --minutes: time kept for compilation, evaluations and the test split")
     p.add_argument("--no-test", action="store_true", help="wikitext2: skip the test-split evaluation")
+    p.add_argument("--eval-stride", type=int, default=0, help="wikitext2: also report the test ppl with "
+                   "sliding-window evaluation (each token scored with >= seq_len - STRIDE tokens of context)")
     p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
     p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")
     p.add_argument("--deadline", type=float, default=None, help="start no run after this many seconds")

@@ -199,6 +199,23 @@ def test_stream_windows_and_eval() -> None:
         ds.get_batch("train", 0, g)
 
 
+@pytest.mark.parametrize("n,stride", [(2, 3), (95, 1), (95, 5), (96, 7), (17, 16), (300, 4)])
+def test_strided_eval_scores_every_target_once_with_long_context(n: int, stride: int) -> None:
+    t = 16
+    ds = StreamDataset({"val": np.arange(n, dtype=np.uint16)}, vocab_size=1000, seq_len=t)
+    scored = []
+    for x, y in ds.iter_eval("val", 3, stride=stride):
+        for xr, yr in zip(x, y):
+            keep = (yr != IGNORE_INDEX).nonzero().flatten()
+            assert torch.equal(yr[keep], xr[keep] + 1)                # the target follows its input token
+            if int(xr[0]) > 0:                                         # past the first window: long context
+                assert int(keep.min()) >= t - stride
+            scored += yr[keep].tolist()
+    assert scored == list(range(1, n))                                 # every target once, in order
+    with pytest.raises(ConfigError, match="stride"):
+        next(ds.iter_eval("val", 3, stride=-1))
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("cache"))

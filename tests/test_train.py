@@ -201,6 +201,11 @@ def test_cli_train_eval_generate_list(tmp_path):
     assert "report:" in out.stdout
     out = cli("eval", str(tmp_path / "cli"), "--split", "val", "--max-batches", "2")
     assert out.returncode == 0 and json.loads(out.stdout)["split"] == "val"
+    full = json.loads(cli("eval", str(tmp_path / "cli"), "--split", "val").stdout)
+    same = json.loads(cli("eval", str(tmp_path / "cli"), "--split", "val", "--stride", "8").stdout)
+    assert same["loss"] == pytest.approx(full["loss"], rel=1e-6)       # stride = seq_len: non-overlapping
+    slid = cli("eval", str(tmp_path / "cli"), "--split", "val", "--stride", "2")
+    assert slid.returncode == 0 and math.isfinite(json.loads(slid.stdout)["loss"])
     out = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "3")
     assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
     out = cli("list")

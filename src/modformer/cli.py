@@ -34,6 +34,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from modformer.train.trainer import Trainer
 
     cfg = run_config(args.run_dir)
+    if args.stride is not None:
+        cfg.train.eval_stride = args.stride
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = run_model(args.run_dir, device)
     trainer = Trainer.__new__(Trainer)        # evaluation only: reuse the loop's evaluate()
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--split", default="val")
     e.add_argument("--max-batches", type=int, default=0, help="0 = the full split")
+    e.add_argument("--stride", type=int, default=None,
+                   help="corpora: sliding-window evaluation, each token scored with >= seq_len - STRIDE context")
     e.add_argument("--device", default=None)
     e.set_defaults(fn=cmd_eval)
 

@@ -167,6 +167,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 20             # 0 = full split
     eval_batch_size: int | None = None
+    eval_stride: int = 0               # corpora: 0 = non-overlapping windows; S < seq_len = sliding windows
     log_every: int = 10
     checkpoint_every: int = 0          # 0 = only at the end
     early_stop_metric: str | None = None   # e.g. "val/acc"

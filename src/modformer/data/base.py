@@ -173,20 +173,34 @@ class StreamDataset(Dataset):
         chunk = torch.from_numpy(s[ix[:, None] + np.arange(t + 1)].astype(np.int64))  # (B, T+1)
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
-    def iter_eval(self, split: str, batch_size: int, max_batches: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def iter_eval(self, split: str, batch_size: int, max_batches: int = 0,
+                  stride: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Windows covering ``split`` so that every target is scored exactly once.
+
+        ``stride`` 0 (or >= seq_len): non-overlapping windows, the average token sees T/2 of context.
+        ``0 < stride < seq_len``: sliding windows every ``stride`` tokens; each window after the first
+        scores only its last ``stride`` targets, so every scored token (past the first window) sees at
+        least T - stride tokens of context (the strided protocol of HF's perplexity guide).
+        """
         s, t = self.stream(split), self.seq_len
+        if stride < 0:
+            raise ConfigError(f"evaluation stride must be >= 0, got {stride}")
+        stride = t if stride == 0 or stride >= t else stride
         self._last_eval_split = split
         n = len(s)
-        starts = np.arange(0, max(n - 1, 0), t)
+        # windows start every `stride` tokens until one reaches the last target
+        starts = np.arange(0, max(n - 1 - t, 0) + stride, stride) if n > 1 else np.arange(0)
         step = batch_size if batch_size > 0 else max(len(starts), 1)
         for k, i in enumerate(range(0, len(starts), step)):
             if max_batches and k >= max_batches:
                 return
-            pos = starts[i:i + step, None] + np.arange(t + 1)                      # (b, T+1)
+            first = starts[i:i + step, None]
+            pos = first + np.arange(t + 1)                                          # (b, T+1)
             chunk = torch.from_numpy(s[np.minimum(pos, n - 1)].astype(np.int64))
-            valid = torch.from_numpy(pos < n)
-            x = chunk[:, :-1].masked_fill(~valid[:, :-1], 0)
-            y = chunk[:, 1:].masked_fill(~valid[:, 1:], IGNORE_INDEX)
+            inside = torch.from_numpy(pos < n)
+            new = torch.from_numpy((pos > first + t - stride) | (first == 0))       # not scored by an earlier window
+            x = chunk[:, :-1].masked_fill(~inside[:, :-1], 0)
+            y = chunk[:, 1:].masked_fill(~(inside & new)[:, 1:], IGNORE_INDEX)
             yield x, y
 
     def metrics(self, loss_sum: float, n_targets: int, n_correct: int, split: str | None = None,

@@ -71,7 +71,7 @@ def composition_scores(w: ModelWeights, mode: str, baseline: bool = False, n_sam
                          X.reshape(L * H, D, Dh), Y.reshape(L * H, D, Dh)).view(L, H, L, H)
     if baseline:
         s = s - composition_baseline(D, Dh, n_samples, seed)
-    layer = torch.arange(L)
+    layer = torch.arange(L, device=s.device)
     mask = (layer[:, None] < layer[None, :]).view(L, 1, L, 1)
     return (s * mask).float()
 

@@ -224,7 +224,7 @@ def plot_eigenvalues(eigs: Tensor, path: str | Path, scores: Tensor | None = Non
             ax, e = axes[i][h], eigs[i, h]
             lim = float(e.abs().max()) * 1.1 or 1.0
             color = ["#2f855a" if v.real >= 0 else "#c53030" for v in e]
-            ax.scatter(e.real.numpy(), e.imag.numpy(), s=8, c=color)
+            ax.scatter(e.real.cpu().numpy(), e.imag.cpu().numpy(), s=8, c=color)
             ax.axhline(0, color="#999", lw=0.5)
             ax.axvline(0, color="#999", lw=0.5)
             ax.set_xlim(-lim, lim)
@@ -246,7 +246,7 @@ def plot_composition(scores: dict[str, Tensor], path: str | Path, title: str = "
         L, H = s.shape[:2]
         m = s.reshape(L * H, L * H)
         rows, cols = slice(0, (L - 1) * H), slice(H, L * H)          # writers: layers < L-1; readers: > 0
-        im = ax.imshow(m[rows, cols].numpy(), cmap="viridis", aspect="auto")
+        im = ax.imshow(m[rows, cols].cpu().numpy(), cmap="viridis", aspect="auto")
         labels = [f"L{i}H{h}" for i in range(L) for h in range(H)]
         step = max(1, (L * H) // 16)
         ax.set_yticks(range(0, (L - 1) * H, step), labels[: (L - 1) * H: step], fontsize=6)
@@ -270,7 +270,7 @@ def plot_head_scores(scores: dict[str, Tensor], path: str | Path,
     for ax, k in zip(axes[0], keys):
         s = scores[k]
         lo = -1.0 if k == "copying" else 0.0
-        im = ax.imshow(s.numpy(), cmap="RdBu_r" if k == "copying" else "viridis", vmin=lo, vmax=1.0, aspect="auto")
+        im = ax.imshow(s.cpu().numpy(), cmap="RdBu_r" if k == "copying" else "viridis", vmin=lo, vmax=1.0, aspect="auto")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)

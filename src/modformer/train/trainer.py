@@ -248,7 +248,9 @@ class Trainer:
         model = getattr(self.model, "_orig_mod", self.model)
         model.eval()
         loss_sum, n, correct = 0.0, 0, 0
-        for x, y in self.data.iter_eval(split, bs, max_batches):
+        windows = (self.data.iter_eval(split, bs, max_batches, stride=t.eval_stride) if self.data.kind == "corpus"
+                   else self.data.iter_eval(split, bs, max_batches))
+        for x, y in windows:
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits = model(x)
