@@ -41,6 +41,22 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, iters:
     return statistics.median(times)
 
 
+def kernel_time(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> float:
+    """Seconds of GPU kernel time per call (torch.profiler, CUDA activity only): isolates the device work of
+    ``fn`` from Python/launch overhead, which dominates short calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / 1e6 / iters
+
+
 def matmul_ceiling(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """Measured dense matmul FLOP/s (the practical ceiling MFU is compared against)."""
     if device.type != "cuda":

@@ -25,7 +25,9 @@ The aux-loss route is the one that works in our measurements (benchmarks/sparse_
 only sees kept blocks, so it cannot learn to promote a dropped one.
 
 Execution: the flex backend on CUDA builds a ``BlockMask`` from the kept block indices (off-diagonal
-blocks full, diagonal block partial with the causal ``mask_mod``): dropped blocks are never computed.
+blocks full, diagonal block partial with the causal ``mask_mod``): dropped blocks are never computed. This
+needs ``block_size`` to be a multiple of 128 (the compiled kernel's tile; smaller blocks failed to lower on
+the H100); other sizes run through the dense keep-mask below.
 Elsewhere a dense keep-mask goes to the eager / SDPA kernel. KV caches store the queries too
 (``cache.append(layer, "gate_q", q)``) for the causal query summaries.
 """
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 from modformer.config import ModelConfig
 from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention
 from modformer.layers.attention.mha import MultiHeadAttention
-from modformer.layers.attention.sparse import use_flex
+from modformer.layers.attention.sparse import FLEX_TILE, use_flex
 from modformer.layers.context import Context
 from modformer.registry import ConfigError, register
 
@@ -210,7 +212,7 @@ class LearnedGateAttention(MultiHeadAttention):
             probs = self.hook_pattern(probs)
             rep = self.n_head // self.n_kv_heads
             z = torch.matmul(probs.to(v.dtype), v.repeat_interleave(rep, dim=1))
-        elif use_flex(self.backend, q, ctx) and offset == 0:
+        elif use_flex(self.backend, q, ctx) and offset == 0 and self.block_size % FLEX_TILE == 0:
             spec.block_mask = block_mask_from_blocks(keep, qb, T, tk, self.block_size)
             z, _ = attend(q, k, v, spec, "flex")
         else:

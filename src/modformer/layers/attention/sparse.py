@@ -59,6 +59,15 @@ def pattern_block_mask(name: str, params: tuple, tq: int, tk: int, q_offset: int
                              _compile=device.startswith("cuda"))
 
 
+FLEX_TILE = 128   # compiled flex kernels tile queries/keys by up to 128 on H100: BlockMask blocks must divide by it
+
+
+def flex_block_size(block_size: int) -> int:
+    """BlockMask granularity for a pattern of ``block_size`` blocks: rounded up to a multiple of the flex tile
+    (the mask_mod keeps the exact pattern inside partial blocks, so only the skipping gets coarser)."""
+    return -(-block_size // FLEX_TILE) * FLEX_TILE
+
+
 def use_flex(backend: str, q: Tensor, ctx: Context) -> bool:
     """Real block skipping: the flex backend on CUDA, a prefill with a known integer offset."""
     return backend == "flex" and q.device.type == "cuda" and ctx.q_offset is not None and q.shape[2] > 1
@@ -97,7 +106,7 @@ class SparseAttention(MultiHeadAttention):
             return spec                                      # keeps every causal pair: the dense path
         if use_flex(self.backend, q, ctx):
             spec.block_mask = pattern_block_mask(self.pattern, self.params, tq, tk, ctx.q_offset,
-                                                 str(q.device), self.block_size)
+                                                 str(q.device), flex_block_size(self.block_size))
         else:
             spec.keep = self.keep_mask(*_positions(spec, tq, tk, q.device))
         return spec
