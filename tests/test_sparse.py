@@ -121,6 +121,16 @@ def test_gate_loss_and_ste_give_gate_gradients() -> None:
         assert g is not None and g.abs().sum() > 0, opts
 
 
+def test_gate_loss_trains_only_the_gate() -> None:
+    """The gate's own loss must not reach q/k/v (it would reshape the attention the student is distilled for)."""
+    student = _student(_teacher(), "learned_gate", {"block_size": 8, "top_k": 2, "gate_loss": 1.0}).train()
+    student(torch.randint(0, V, (2, T)))
+    student.aux_loss.backward()
+    attn = student.blocks[0].attn
+    assert attn.gate_q.weight.grad.abs().sum() > 0
+    assert attn.qkv.weight.grad is None or attn.qkv.weight.grad.abs().sum() == 0
+
+
 def test_performer_approximates_softmax_attention() -> None:
     torch.manual_seed(0)
     B, H, L, Dh, m = 1, 2, 24, 8, 8192

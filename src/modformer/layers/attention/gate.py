@@ -126,6 +126,10 @@ class LearnedGateAttention(MultiHeadAttention):
         absolute query-block indices ``(nq,)`` and the past-block mask ``(nq, nk)``."""
         bs, L = self.block_size, offset + tq
         B, H, _, Dh = q_all.shape
+        # the gate reads q/k but never trains them: its losses (gate_loss, STE) update gate_q/gate_k only, as
+        # SeerAttention trains the gate with the attention frozen (a gradient into q/k from the gate loss
+        # reshaped the attention itself and raised the student's KL 0.08 -> 0.29 in the H100 run)
+        q_all, k = q_all.detach(), k.detach()
         k = k[:, :, :L]
         if k.shape[1] != H:
             k = k.repeat_interleave(H // k.shape[1], dim=1)
