@@ -28,16 +28,14 @@ DEFAULTS: dict[str, Any] = {
     "out_dir": "runs/compose",
     "device": "auto",
     "seed": 0,
-    "data": {"p": 97, "n_keys": 300, "key_len": 3, "n_letters": 8, "train_keys": 0.5, "n_examples": 20000,
-             "n_val": 2000, "aug_examples": 20000, "seed": 0},
+    "data": {"p": 53, "n_keys": 300, "key_len": 3, "n_letters": 8, "train_keys": 0.5, "n_examples": 20000,
+             "n_val": 2000, "aug_examples": 20000, "modular": False, "seed": 0},
     # anchor / augmenting: RunConfig mappings (the data section is filled in)
-    "anchor": {"model": {**_SMALL, "norm": "none", "ffn": "relu", "tie_embeddings": False, "init": "torch",
-                         "embed_init_std": 0.3},
-               "train": {"steps": 1500, "batch_size": 512, "lr": 7e-3, "betas": [0.8, 0.95], "weight_decay": 2.0,
-                         "decay_embeddings": True, "label_smoothing": 0.2, "schedule": "constant",
-                         "warmup_steps": 10, "grad_clip": 0, "eval_every": 50, "eval_batch_size": 2048,
-                         "eval_batches": 1, "early_stop_metric": "val/acc", "early_stop_target": 0.99,
-                         "progress": False, "tensorboard": False}},
+    "anchor": {"model": dict(_SMALL),
+               "train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "weight_decay": 0.1, "schedule": "constant",
+                         "warmup_steps": 50, "eval_every": 100, "eval_batch_size": 2048, "eval_batches": 1,
+                         "early_stop_metric": "val/acc", "early_stop_target": 0.99, "progress": False,
+                         "tensorboard": False}},
     "augmenting": {"model": dict(_SMALL),
                    "train": {"steps": 2000, "batch_size": 256, "lr": 3e-3, "weight_decay": 0.1,
                              "schedule": "constant", "warmup_steps": 20, "eval_every": 100, "eval_batches": 2,
@@ -54,7 +52,7 @@ def _datasets(d: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
     from modformer.config import DataConfig
     from modformer.data import build_dataset
 
-    common = {k: d[k] for k in ("p", "n_keys", "key_len", "n_letters", "seed")}
+    common = {k: d[k] for k in ("p", "n_keys", "key_len", "n_letters", "modular", "seed")}
     aug_opts = {**common, "n_examples": d["aug_examples"]}
     arith = build_dataset(DataConfig(name="kv_arith", options={**common, "train_keys": d["train_keys"],
                                                                  "n_examples": d["n_examples"], "n_val": d["n_val"]}))
@@ -83,6 +81,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         r = {"method": method, "heldout_key_acc": accuracy(model, arith, "val"),
              "train_key_acc": accuracy(model, arith, "train"), "trainable_params": n_train, "seconds": seconds, **kw}
         rows.append(r)
+        write_json(out / "partial.json", {"rows": rows})  # incremental
         return r
 
     row("anchor alone", anchor, 0, time.perf_counter() - t0, own_task_acc=accuracy(anchor, anchor_data))

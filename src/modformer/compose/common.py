@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,21 @@ def train_run(run: dict[str, Any], name: str, out: Path, data_name: str, data_op
     raw["data"] = {**raw.get("data", {}), "name": data_name, "options": data_options}
     raw.setdefault("train", {})["device"] = device
     cfg = from_dict(RunConfig, raw)
-    if retrain or not (cfg.run_dir / "summary.json").is_file():
+    if retrain or not _finished_same(cfg):
         Trainer(cfg, overwrite=True).fit()
     return run_model(cfg.run_dir, device).eval()
+
+
+def _finished_same(cfg: Any) -> bool:
+    """True when ``cfg``'s run folder holds a finished run of the same model, data and training settings."""
+    from modformer.runs import run_config
+
+    if not (cfg.run_dir / "summary.json").is_file():
+        return False
+    old = run_config(cfg.run_dir)
+    old.model.vocab_size = cfg.model.vocab_size           # the trainer fills it in
+    return (old.model, old.data, dataclasses.replace(old.train, device=cfg.train.device)) == (
+        cfg.model, cfg.data, cfg.train)
 
 
 def accuracy(model: nn.Module, data: Any, split: str = "val", batch_size: int = 1024) -> float:

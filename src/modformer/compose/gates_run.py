@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "out_dir": "runs/compose",
     "device": "auto",
     "seed": 0,
-    "data": {"length": 6, "n_symbols": 10, "n_examples": 2000, "train_fraction": 0.9, "seed": 0},
+    "data": {"length": 6, "n_symbols": 10, "n_examples": 2000, "train_fraction": 0.9, "window": None, "seed": 0},
     # the base model: a RunConfig mapping (the data section is filled in)
     "base": {"model": {"n_layer": 2, "d_model": 128, "n_head": 4, "max_seq_len": 16},
              "train": {"steps": 600, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 20,
@@ -94,7 +94,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = list(spec["experts"]["tasks"])
     per_task = [_data(spec, [t]) for t in tasks]
     mixture = _data(spec, tasks)
-    base_opts = {**spec["data"], "tasks": list(spec["base_tasks"])}
+    base_opts = {**spec["data"], "tasks": list(spec["base_tasks"]), "window": None}   # the base sees every digit
     base = train_run(spec["base"], "base", out, "multitask", base_opts, device, spec["retrain"])
     e = spec["experts"]
     tcfg = TrainConfig(batch_size=int(e["batch_size"]), lr=float(e["lr"]), weight_decay=0.0, grad_clip=1.0)
@@ -102,6 +102,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     def row(method: str, acc: tuple[float, list[float]], **kw: Any) -> dict[str, Any]:
         rows.append({"method": method, "acc": acc[0], **{f"acc_{t}": a for t, a in zip(tasks, acc[1])}, **kw})
+        write_json(out / "partial.json", {"rows": rows})  # incremental
         return rows[-1]
 
     t0 = time.perf_counter()

@@ -12,11 +12,12 @@ concatenated into token streams (the algorithmic-mixture corpus of the c-BTM ben
 2024). ``n_keys`` keys (strings of ``key_len`` letters) have random values in [0, p). Numbers are single
 tokens. The three share one vocabulary and one template of ``2 * key_len + 2`` tokens:
 
-- ``kv_anchor``: ``_ _ x + _ _ y =`` -> (x + y) mod p, numbers right-aligned in key-sized slots (no keys).
+- ``kv_anchor``: ``_ _ x + _ _ y =`` -> (x + y) mod p (``modular: false``: x + y, tokens up to 2p - 2),
+  numbers right-aligned in key-sized slots (no keys).
 - ``kv_aug``: streams of ``key value`` records and filler operators at random offsets; loss on each value
   (the augmenting model memorises every key's value, and knows no arithmetic).
-- ``kv_arith``: ``a1 a2 a3 + b1 b2 b3 =`` -> (value(a) + value(b)) mod p. Split by key: ``train`` uses the
-  first ``train_keys`` fraction of keys only, ``val`` only the others (both keys held out).
+- ``kv_arith``: ``a1 a2 a3 + b1 b2 b3 =`` -> value(a) + value(b) (mod p when ``modular``). Split by key:
+  ``train`` uses the first ``train_keys`` fraction of keys only, ``val`` only the others (both keys held out).
 """
 
 from __future__ import annotations
@@ -52,10 +53,21 @@ def multitask_symbols(n_symbols: int) -> list[str]:
     return [str(i) for i in range(n_symbols)] + ["|"] + [f"<{t}>" for t in TASK_NAMES]
 
 
-def multitask_examples(task: str, n: int, length: int, n_symbols: int, g: torch.Generator) -> Tensor:
-    """(n, 2L+2) sequences ``TASK x | f(x)`` of one task, distinct x."""
+def window_offset(task: str, n_symbols: int, window: int) -> int:
+    """First digit of ``task``'s input window: windows spread evenly over the alphabet in TASK_NAMES order."""
+    return round(TASK_NAMES.index(task) * (n_symbols - window) / (len(TASK_NAMES) - 1))
+
+
+def multitask_examples(task: str, n: int, length: int, n_symbols: int, g: torch.Generator,
+                       window: int | None = None) -> Tensor:
+    """(n, 2L+2) sequences ``TASK x | f(x)`` of one task, distinct x; with ``window`` the inputs use only
+    ``window`` consecutive digits (each task its own, overlapping, range: domains that differ in content)."""
     _need(task in TRANSFORMS, f"tasks: unknown {task!r}; allowed: {', '.join(TASK_NAMES)}")
-    x = _uniform_rows(n, length, n_symbols, g)                                    # (n, L)
+    if window is None:
+        x = _uniform_rows(n, length, n_symbols, g)                                # (n, L)
+    else:
+        _need(1 <= window <= n_symbols, f"window must be in [1, n_symbols={n_symbols}], got {window}")
+        x = _uniform_rows(n, length, window, g) + window_offset(task, n_symbols, window)
     tag = torch.full((n, 1), n_symbols + 1 + TASK_NAMES.index(task))
     sep = torch.full((n, 1), n_symbols)
     return torch.cat([tag, x, sep, TRANSFORMS[task](x, n_symbols)], 1)
@@ -81,12 +93,13 @@ def set_splits(ds: ExampleDataset, parts: dict[str, tuple[Tensor, Tensor]], symb
 @register("task", "multitask")
 class MultiTask(ExampleDataset):
     """Task-tagged sequence transforms (copy, reverse, sort, increment, cumsum) of ``length`` digits;
-    ``n_examples`` per task; loss on the transformed half. Each task's examples and train/val split
-    depend on (seed, task) only, so a task's val examples are never in another subset's train split."""
+    ``n_examples`` per task (``window``: per-task input digit ranges); loss on the transformed half. Each
+    task's examples and train/val split depend on (seed, task) only, so a task's val examples are never
+    in another subset's train split."""
 
     def __init__(self, seq_len: int = 0, root: Path | None = None, *, tasks: list[str] | None = None,
                  length: int = 6, n_symbols: int = 10, n_examples: int = 2000, train_fraction: float = 0.9,
-                 seed: int = 0) -> None:
+                 window: int | None = None, seed: int = 0) -> None:
         tasks = list(tasks or TASK_NAMES)
         _need(length >= 1 and n_symbols >= 2, f"length ({length}) >= 1 and n_symbols ({n_symbols}) >= 2")
         _need(0.0 < train_fraction < 1.0, f"train_fraction must be in (0, 1), got {train_fraction}")
@@ -94,7 +107,7 @@ class MultiTask(ExampleDataset):
         for t in tasks:
             _need(t in TRANSFORMS, f"tasks: unknown {t!r}; allowed: {', '.join(TASK_NAMES)}")
             g = torch.Generator().manual_seed(seed * 1000 + TASK_NAMES.index(t))
-            seqs = multitask_examples(t, n_examples, length, n_symbols, g)
+            seqs = multitask_examples(t, n_examples, length, n_symbols, g, window)
             seqs = seqs[torch.randperm(len(seqs), generator=g)]
             n_train = max(1, int(len(seqs) * train_fraction))
             parts["train"].append(seqs[:n_train])
@@ -144,17 +157,21 @@ class TaskMix(StreamDataset):
 class _KeyValue(ExampleDataset):
     """Shared vocabulary and key table of the kv_* tasks: numbers 0..p-1, letters, '_', '+', '='."""
 
-    def _keys(self, p: int, n_keys: int, key_len: int, n_letters: int, seed: int) -> None:
+    def _keys(self, p: int, n_keys: int, key_len: int, n_letters: int, seed: int, modular: bool) -> None:
         _need(n_letters ** key_len >= n_keys, f"n_keys ({n_keys}) exceeds n_letters ** key_len "
               f"({n_letters ** key_len})")
         _need(p >= 2, f"p must be >= 2, got {p}")
         g = torch.Generator().manual_seed(seed + 12345)      # the key table depends on `seed` only
-        self.keys = _uniform_rows(n_keys, key_len, n_letters, g) + p          # (K, key_len) letter tokens
+        nums = p if modular else 2 * p - 1                                    # number tokens: values and sums
+        self.keys = _uniform_rows(n_keys, key_len, n_letters, g) + nums       # (K, key_len) letter tokens
         self.values = torch.randint(p, (n_keys,), generator=g)                # (K,)
-        self.p, self.key_len, self.width = p, key_len, 2 * key_len + 2
-        self.pad, self.plus, self.eq = p + n_letters, p + n_letters + 1, p + n_letters + 2
-        self.kv_symbols = ([str(i) for i in range(p)] + [chr(ord("a") + i) if i < 26 else f"l{i}"
-                                                           for i in range(n_letters)] + ["_", "+", "="])
+        self.p, self.modular, self.key_len, self.width = p, modular, key_len, 2 * key_len + 2
+        self.pad, self.plus, self.eq = nums + n_letters, nums + n_letters + 1, nums + n_letters + 2
+        self.kv_symbols = ([str(i) for i in range(nums)] + [chr(ord("a") + i) if i < 26 else f"l{i}"
+                                                              for i in range(n_letters)] + ["_", "+", "="])
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a + b) % self.p if self.modular else a + b
 
     def _expression(self, left: Tensor, right: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
         """(N, key_len) slots -> ``left + right = answer`` (N, width + 1), loss on the answer."""
@@ -171,11 +188,12 @@ class KVAnchor(_KeyValue):
     """``_ _ x + _ _ y =`` -> (x + y) mod p over all p^2 number pairs (the anchor's arithmetic)."""
 
     def __init__(self, seq_len: int = 0, root: Path | None = None, *, p: int = 97, n_keys: int = 300,
-                 key_len: int = 3, n_letters: int = 8, train_fraction: float = 0.8, seed: int = 0) -> None:
-        self._keys(p, n_keys, key_len, n_letters, seed)
+                 key_len: int = 3, n_letters: int = 8, train_fraction: float = 0.8, modular: bool = True,
+                 seed: int = 0) -> None:
+        self._keys(p, n_keys, key_len, n_letters, seed, modular)
         a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).unbind(1)
         pad = torch.full((p * p, key_len - 1), self.pad)
-        seqs, mask = self._expression(torch.cat([pad, a[:, None]], 1), torch.cat([pad, b[:, None]], 1), (a + b) % p)
+        seqs, mask = self._expression(torch.cat([pad, a[:, None]], 1), torch.cat([pad, b[:, None]], 1), self.add(a, b))
         self._setup(seqs, mask, self.kv_symbols, train_fraction, torch.Generator().manual_seed(seed))
 
 
@@ -186,8 +204,8 @@ class KVAugment(_KeyValue):
 
     def __init__(self, seq_len: int = 0, root: Path | None = None, *, p: int = 97, n_keys: int = 300,
                  key_len: int = 3, n_letters: int = 8, n_examples: int = 20000, train_fraction: float = 0.95,
-                 seed: int = 0) -> None:
-        self._keys(p, n_keys, key_len, n_letters, seed)
+                 modular: bool = True, seed: int = 0) -> None:
+        self._keys(p, n_keys, key_len, n_letters, seed, modular)
         g = torch.Generator().manual_seed(seed)
         length = self.width + 1
         rows, masks = [], []
@@ -215,8 +233,8 @@ class KVArith(_KeyValue):
 
     def __init__(self, seq_len: int = 0, root: Path | None = None, *, p: int = 97, n_keys: int = 300,
                  key_len: int = 3, n_letters: int = 8, train_keys: float = 0.5, n_examples: int = 20000,
-                 n_val: int = 2000, seed: int = 0) -> None:
-        self._keys(p, n_keys, key_len, n_letters, seed)
+                 n_val: int = 2000, modular: bool = True, seed: int = 0) -> None:
+        self._keys(p, n_keys, key_len, n_letters, seed, modular)
         n_train = int(round(n_keys * train_keys))
         _need(0 < n_train < n_keys, f"train_keys={train_keys} must leave keys on both sides")
         g = torch.Generator().manual_seed(seed + 1)
@@ -225,7 +243,7 @@ class KVArith(_KeyValue):
                               ("val", torch.arange(n_train, n_keys), n_val)):
             n = min(n, len(ids) ** 2)
             pairs = ids[_uniform_rows(n, 2, len(ids), g)]                          # (n, 2) key indices
-            answer = (self.values[pairs[:, 0]] + self.values[pairs[:, 1]]) % p
+            answer = self.add(self.values[pairs[:, 0]], self.values[pairs[:, 1]])
             parts[split] = self._expression(self.keys[pairs[:, 0]], self.keys[pairs[:, 1]], answer)
         self.n_train_keys = n_train
         set_splits(self, parts, self.kv_symbols)
