@@ -236,7 +236,7 @@ def test_cli_cbtm(tmp_path):
                     "options": {"doc_examples": 4, "train_docs": 12, "val_docs": 3, "tasks": ["copy", "sort"]}},
            "train": {**TINY_TRAIN, "threads": 1}}
     cfg = _write(tmp_path, "b", {"name": "b", "out_dir": str(tmp_path), "run": run,
-                                 "cluster": {"k": 2, "dim": 4, "doc_len": 56}, "experts": {"steps": 2},
+                                 "cluster": {"k": 2, "dim": 4, "doc_len": 56}, "experts": {"steps": 2, "workers": 2},
                                  "eval": {"max_tokens": 0, "context": 28}})
     assert main(["compose", "cbtm", cfg, "--stage", "cluster,plan"]) == 0
     jobs = (tmp_path / "b" / "jobs.txt").read_text().splitlines()

@@ -208,18 +208,23 @@ class KVAugment(_KeyValue):
         self._keys(p, n_keys, key_len, n_letters, seed, modular)
         g = torch.Generator().manual_seed(seed)
         length = self.width + 1
-        rows, masks = [], []
         fillers = [self.pad, self.plus, self.eq]
-        for _ in range(n_examples):
+        coin = torch.rand(n_examples, length, generator=g).tolist()        # drawn in bulk: fast for 1e5 rows
+        pick = torch.randint(n_keys, (n_examples, length), generator=g).tolist()
+        fill = torch.randint(3, (n_examples, length), generator=g).tolist()
+        keys, values = self.keys.tolist(), self.values.tolist()
+        rows, masks = [], []
+        for i in range(n_examples):
             row: list[int] = []
             mask: list[bool] = []
-            while len(row) < length:
-                if len(row) + key_len + 1 <= length and float(torch.rand((), generator=g)) < 0.6:
-                    k = int(torch.randint(n_keys, (), generator=g))
-                    row += self.keys[k].tolist() + [int(self.values[k])]
+            for j in range(length):
+                if len(row) >= length:
+                    break
+                if len(row) + key_len + 1 <= length and coin[i][j] < 0.6:
+                    row += keys[pick[i][j]] + [values[pick[i][j]]]
                     mask += [False] * key_len + [True]
                 else:
-                    row.append(fillers[int(torch.randint(3, (), generator=g))])
+                    row.append(fillers[fill[i][j]])
                     mask.append(False)
             rows.append(row)
             masks.append(mask)
