@@ -27,12 +27,13 @@ from modformer.compose import calm, cbtm, gates_run  # noqa: E402
 from modformer.compose.spec import load_spec  # noqa: E402
 
 H100 = {   # overrides of the CPU configs for one H100 (bigger models, more data and steps)
-    "gates": ["base.model.d_model=256", "base.model.max_seq_len=32", "base.model.n_layer=4", "base.train.steps=3000", "base.train.batch_size=512",
-              "data.length=10", "data.n_examples=20000", "experts.steps=2000", "experts.batch_size=512",
-              "experts.rank=8", "gates.steps=300", "base.train.threads=null"],
-    "calm": ["data.n_keys=1000", "data.n_letters=12", "data.aug_examples=100000", "data.n_examples=100000", "anchor.model.d_model=256",
-             "augmenting.model.d_model=256", "augmenting.model.n_layer=4", "augmenting.train.steps=6000",
-             "anchor.train.steps=3000", "calm.steps=3000", "calm.every=2", "anchor.model.max_seq_len=8",
+    "gates": ["base.model.d_model=256", "base.model.max_seq_len=32", "base.model.n_layer=4",
+              "base.train.steps=3000", "base.train.batch_size=512", "data.length=10", "data.n_examples=20000",
+              "experts.steps=2000", "experts.batch_size=512", "experts.rank=8", "gates.steps=300",
+              "base.train.threads=null"],
+    "calm": ["data.n_keys=1000", "data.n_letters=12", "data.aug_examples=100000", "data.n_examples=100000",
+             "anchor.model.d_model=256", "augmenting.model.d_model=256", "augmenting.model.n_layer=4",
+             "augmenting.train.steps=6000", "anchor.train.steps=3000", "calm.steps=3000", "calm.every=2",
              "anchor.train.threads=null", "augmenting.train.threads=null"],
     "cbtm": ["run.model.d_model=384", "run.model.n_layer=4", "run.model.n_head=6", "run.model.max_seq_len=256",
              "run.data.seq_len=256", "run.train.batch_size=64", "experts.steps=600", "experts.workers=2",
