@@ -274,3 +274,90 @@ def test_cli_prune_and_lora(tiny_run, tmp_path, capsys):
     assert 0 < meta["trainable_fraction"] < 0.2 and (tmp_path / "sub" / "adapter_model.safetensors").is_file()
     assert mf.load(tmp_path / "sub" / "merged").num_params() == mf.load(out).num_params()
     assert main(["prune", str(run), "--method", "heads", "--amount", "1.5"]) == 2
+
+
+def test_hard_concrete_samples_in_unit_interval_and_reach_both_ends():
+    from modformer.compress.l0 import HardConcreteGates
+
+    gates = HardConcreteGates([4, 3], init_log_alpha=0.0)
+    with torch.no_grad():
+        gates.log_alpha[0].copy_(torch.tensor([-8.0, -1.0, 1.0, 8.0]))
+    g = torch.Generator().manual_seed(0)
+    zs = [gates.sample(g) for _ in range(500)]
+    flat = torch.cat([torch.cat(z) for z in zs])
+    assert flat.min() >= 0.0 and flat.max() <= 1.0
+    assert (flat == 0).any() and (flat == 1).any() and ((flat > 0) & (flat < 1)).any()   # exact 0/1 mass
+    det = gates.deterministic()
+    assert det[0][0] == 0.0 and det[0][3] == 1.0 and all(((d >= 0) & (d <= 1)).all() for d in det)
+    z = gates.sample(g)[0]                                   # reparametrised: gradients reach log_alpha
+    z.sum().backward()
+    assert gates.log_alpha[0].grad is not None
+
+
+def test_expected_l0_hand_computed():
+    from modformer.compress.l0 import HardConcreteGates
+
+    gates = HardConcreteGates([2, 1], init_log_alpha=0.0)
+    # P(z != 0) = sigmoid(log_alpha - beta log(-gamma / zeta)); log_alpha = 0, beta = 2/3, gamma = -0.1,
+    # zeta = 1.1: sigmoid((2/3) log 11) = sigmoid(1.598597) = 0.831822 per gate, 3 gates
+    assert float(gates.expected_l0().detach()) == pytest.approx(3 * 0.831822, abs=1e-5)
+    with torch.no_grad():
+        gates.log_alpha[1].fill_(-1.598597)                  # exactly at the shift: P = 0.5
+    assert float(gates.expected_l0().detach()) == pytest.approx(2 * 0.831822 + 0.5, abs=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention": "mqa"}])
+def test_closed_gates_equal_physically_pruned_model(kw, tmp_path):
+    from modformer.compress.l0 import HardConcreteGates, prune_closed_heads
+
+    model = tiny(**kw)
+    gates = HardConcreteGates([4, 4])
+    with torch.no_grad():
+        gates.log_alpha[0].copy_(torch.tensor([9.0, -9.0, 0.3, 9.0]))     # head 1 closed, head 2 partly open
+        gates.log_alpha[1].copy_(torch.tensor([-9.0, -9.0, -9.0, -9.0]))  # all closed: one is kept (zeroed)
+    assert gates.closed() == {0: [1], 1: [0, 1, 2, 3]}
+    with torch.no_grad(), masked(model, heads=gates.deterministic()):
+        ref = model(X)
+    small = prune_closed_heads(model, gates)
+    assert [b.attn.n_head for b in small.blocks] == [3, 1]
+    torch.testing.assert_close(small(X), ref, rtol=1e-5, atol=1e-5)
+    mf.save(small, tmp_path / "m")
+    torch.testing.assert_close(mf.load(tmp_path / "m")(X), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_gate_training_penalty_closes_gates(joint):
+    from modformer.compress.l0 import train_head_gates
+
+    model = tiny()
+    before = copy.deepcopy(model.state_dict())
+    batches = [(X, torch.roll(X, -1, 1))]
+    gates, log = train_head_gates(model, batches, steps=150, lam=1.0, lr=0.1, joint=joint)
+    assert log[-1]["expected_l0"] < log[0]["expected_l0"] and log[-1]["closed"] > 0
+    changed = any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert changed == joint                                          # frozen unless joint
+    assert all(p.requires_grad for p in model.parameters())
+    small, info = prune_structured(model, "heads", 0.5, batches, "l0", {"steps": 20})
+    assert sum(b.attn.n_head for b in small.blocks) == 4 and len(info["scores"]) == 2
+
+
+def test_cli_prune_l0(tiny_run, tmp_path, capsys):
+    run, _, _ = tiny_run
+    out = tmp_path / "l0"
+    assert main(["prune", str(run), "--method", "heads", "--importance", "l0", "--l0-closed", "--l0-lambda", "2",
+                 "--l0-steps", "60", "--l0-lr", "0.2", "--score-batches", "1", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert mf.load(out).num_params() == result["after"]["params"] < result["before"]["params"]
+    assert main(["prune", str(run), "--method", "heads", "--importance", "l0", "--amount", "0.25",
+                 "--l0-steps", "10", "--out", str(tmp_path / "l0b")]) == 0
+    assert main(["prune", str(run), "--method", "magnitude", "--l0-closed"]) == 2
+
+
+def test_lora_dotted_targets_and_embedding():
+    from modformer.compress import lora
+
+    pm = lora.add_lora(tiny(), r=1, targets=("blocks.0.attn.qkv", "tok_emb"))
+    # qkv of layer 0 only: 1 x (32 + 96); embedding: 1 x (17 + 32)
+    assert lora.trainable_fraction(pm)[0] == 32 + 96 + 17 + 32
+    with pytest.raises(ValueError, match="match no"):
+        lora.add_lora(tiny(), r=1, targets=("blocks.5.attn.qkv",))

@@ -1,6 +1,7 @@
 """``modformer prune`` and ``modformer lora``: compress a run's newest checkpoint.
 
     modformer prune RUN_DIR --method {magnitude,heads,neurons,layers} --amount F [--finetune-steps N] [--out DIR]
+    modformer prune RUN_DIR --method heads --importance l0 [--l0-lambda 0.05] (--amount F | --l0-closed)
     modformer lora RUN_DIR --task 'data.options.op="-"' [--rank 4] [--targets qkv,out,up,down] [--steps N] [--out DIR]
 
 Both evaluate before and after on the run's validation split (the trainer's eval settings), print
@@ -47,18 +48,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from modformer.runs import run_config, run_dataset, run_model
     from modformer.saving import save
 
-    if not 0.0 <= args.amount < 1.0:
+    if args.l0_closed and (args.method != "heads" or args.importance != "l0"):
+        raise ValueError("--l0-closed needs --method heads --importance l0")
+    if args.amount is None and not args.l0_closed:
+        raise ValueError("--amount is required (unless --l0-closed)")
+    if args.amount is not None and not 0.0 <= args.amount < 1.0:
         raise ValueError(f"--amount must be in [0, 1), got {args.amount}")
     cfg = run_config(args.run_dir)
     model, data = run_model(args.run_dir).eval(), run_dataset(args.run_dir)
     before = {**_eval(model, data, cfg), "params": structured.count_params(model),
               "latency_s": _latency(model, data, cfg)}
     info: dict[str, Any] = {}
+    l0_opts = {"steps": args.l0_steps, "lam": args.l0_lambda, "lr": args.l0_lr, "joint": args.l0_joint}
     if args.method == "magnitude":
         info["sparsity"] = unstructured.magnitude_prune(model, args.amount, args.scope)
+    elif args.l0_closed:
+        from modformer.compress.l0 import prune_closed_heads, train_head_gates
+
+        scoring = batches(data, "train", args.score_batch_size, args.score_batches)
+        gates, log = train_head_gates(model, scoring, **l0_opts)
+        info = {"removed": {str(k): v for k, v in gates.closed().items() if v}, "l0_log": log,
+                "gates": [z.tolist() for z in gates.deterministic()]}
+        model = prune_closed_heads(model, gates)
     else:
         scoring = batches(data, "train", args.score_batch_size, args.score_batches)
-        model, info = structured.prune_structured(model, args.method, args.amount, scoring, args.importance)
+        model, info = structured.prune_structured(model, args.method, args.amount, scoring, args.importance,
+                                                  l0_opts if args.importance == "l0" else None)
         info.pop("scores", None)
     pruned = _eval(model, data, cfg)
     if args.finetune_steps:
@@ -68,7 +83,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         info["sparsity"] = unstructured.sparsity_of(model)
     after = {**_eval(model, data, cfg), "params": structured.count_params(model),
              "latency_s": _latency(model, data, cfg)}
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"pruned_{args.method}_{args.amount:g}"
+    tag = "l0closed" if args.l0_closed else f"{args.amount:g}"
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"pruned_{args.method}_{tag}"
     save(model, out)
     result = {"run": str(args.run_dir), "method": args.method, "amount": args.amount, "out": str(out),
               "before": before, "pruned": pruned, "finetune_steps": args.finetune_steps, "after": after,
@@ -119,12 +135,20 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("prune", help="prune a run's newest checkpoint (magnitude | heads | neurons | layers)")
     p.add_argument("run_dir")
     p.add_argument("--method", required=True, choices=["magnitude", "heads", "neurons", "layers"])
-    p.add_argument("--amount", type=float, required=True,
+    p.add_argument("--amount", type=float, default=None,
                    help="fraction removed: of all weights (magnitude) or of heads / neurons / layers")
     p.add_argument("--scope", default="global", choices=["global", "layer"],
                    help="magnitude: one ranking or per matrix")
-    p.add_argument("--importance", default="gradient", choices=["gradient", "ablation", "magnitude"],
-                   help="unit scores: gradient (Michel et al. 2019), ablation (heads), magnitude (neurons)")
+    p.add_argument("--importance", default="gradient", choices=["gradient", "ablation", "magnitude", "l0"],
+                   help="unit scores: gradient (Michel et al. 2019), ablation (heads), magnitude (neurons), "
+                        "l0 (heads: learned hard-concrete gates, Voita et al. 2019)")
+    p.add_argument("--l0-lambda", type=float, default=0.05, help="l0: weight of the expected-L0 penalty")
+    p.add_argument("--l0-steps", type=int, default=300, help="l0: gate training steps (over the scoring batches)")
+    p.add_argument("--l0-lr", type=float, default=0.05, help="l0: Adam lr of the gates")
+    p.add_argument("--l0-joint", action="store_true", help="l0: train the model with the gates (default frozen)")
+    p.add_argument("--l0-closed", action="store_true",
+                   help="l0: remove exactly the heads whose gates closed (instead of --amount); open gates "
+                        "are folded into the out-projection")
     p.add_argument("--finetune-steps", type=int, default=0, help="train this many steps after pruning")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the run's train.lr)")
     p.add_argument("--score-batches", type=int, default=8)

@@ -7,6 +7,8 @@ Masks act through the hook points, so the model is never edited: a head mask mul
 * gradient (Michel et al. 2019): I_h = E_batch |dL/dxi_h| at xi = 1 (a first-order estimate of the
   loss change when unit h is removed); head scores are L2-normalised per layer, as in the paper.
 * ablation: loss with the unit zeroed minus the unmasked loss (exact, one forward per unit).
+* l0 (heads; Voita et al. 2019): the trained location ``log_alpha`` of a hard-concrete gate per head
+  (``compress/l0.py``).
 """
 
 from __future__ import annotations
@@ -99,9 +101,14 @@ def _gradient_scores(model: nn.Module, batches: Batches, kind: str) -> list[Tens
 
 
 def head_importance(model: nn.Module, batches: Batches, method: str = "gradient",
-                    normalize: bool = True) -> list[Tensor]:
-    """One score per head and layer (higher = more important): ``gradient`` or ``ablation``."""
+                    normalize: bool = True, **options: object) -> list[Tensor]:
+    """One score per head and layer (higher = more important): ``gradient``, ``ablation`` or ``l0``
+    (``options`` go to ``l0.train_head_gates``: steps, lam, lr, joint, ...)."""
     batches = list(batches)
+    if method == "l0":
+        from modformer.compress.l0 import gate_scores
+
+        return gate_scores(model, batches, **options)
     if method == "gradient":
         scores = _gradient_scores(model, batches, "heads")
         if normalize:
@@ -118,7 +125,7 @@ def head_importance(model: nn.Module, batches: Batches, method: str = "gradient"
                 with masked(model, heads=masks):
                     scores[i][h] = mean_loss(model, batches) - base
         return scores
-    raise ValueError(f"unknown head importance method {method!r}; allowed: gradient, ablation")
+    raise ValueError(f"unknown head importance method {method!r}; allowed: gradient, ablation, l0")
 
 
 def neuron_importance(model: nn.Module, batches: Batches, method: str = "gradient") -> list[Tensor]:

@@ -1,7 +1,8 @@
 """LoRA adapters through HF PEFT on any modformer model (Hu et al. 2021).
 
 PEFT wraps ``nn.Linear`` children by name, so ``target_modules`` are our module names:
-``qkv`` and ``out`` (attention), ``up`` / ``down`` / ``gate`` (FFN), ``lm_head``. The base stays
+``qkv`` and ``out`` (attention), ``up`` / ``down`` / ``gate`` (FFN), ``lm_head``, ``tok_emb`` (PEFT's
+Embedding LoRA), or one layer's module by a dotted suffix (``blocks.0.attn.qkv``). The base stays
 frozen; adapters are saved on their own (``adapter_model.safetensors`` + ``adapter_config.json``,
 plus ``modformer.json`` naming the base), several can be loaded into one model and switched, and
 ``merge`` folds the active one into the weights (``unmerge`` restores them exactly up to rounding).
@@ -36,10 +37,13 @@ def lora_config(r: int = 4, alpha: float | None = None, dropout: float = 0.0,
 
 
 def _check_targets(model: nn.Module, targets: Sequence[str]) -> None:
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in targets if t not in names]
+    """Each target must name a Linear or Embedding by its last name(s), as PEFT matches them: ``qkv`` (every
+    layer), ``blocks.0.attn.qkv`` (one layer), ``tok_emb``."""
+    full = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in full)]
     if missing:
-        raise ValueError(f"LoRA targets {missing} match no Linear module; available: {', '.join(sorted(names))}")
+        names = sorted({n.rsplit(".", 1)[-1] for n in full})
+        raise ValueError(f"LoRA targets {missing} match no Linear module; available: {', '.join(names)}")
 
 
 def add_lora(model: nn.Module, r: int = 4, alpha: float | None = None, dropout: float = 0.0,

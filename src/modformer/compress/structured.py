@@ -165,15 +165,17 @@ def lowest(scores: list[Tensor], amount: float, min_keep: int = 1,
 
 
 def prune_structured(model: nn.Module, method: str, amount: float, batches: list[tuple[Tensor, Tensor]],
-                     importance: str = "gradient") -> tuple[nn.Module, dict]:
+                     importance: str = "gradient", importance_options: dict | None = None) -> tuple[nn.Module, dict]:
     """Score units on ``batches`` and remove the lowest ``amount`` fraction: method heads | neurons | layers.
+
+    ``importance_options`` go to the head scorer (``l0``: gate training settings).
 
     Returns the new model and ``{"removed": {...}, "scores": [...]}``.
     """
     from modformer.compress import importance as imp
 
     if method == "heads":
-        scores = imp.head_importance(model, batches, importance)
+        scores = imp.head_importance(model, batches, importance, **(importance_options or {}))
         removed = lowest(scores, amount, group=[head_groups(b.attn) for b in model.blocks])
         new = remove_heads(model, removed)
     elif method == "neurons":
