@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import modformer as mf
-from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from modformer.train.logging import read_metrics
 from modformer.train.trainer import Trainer
 
@@ -62,6 +62,11 @@ VARIANTS: dict[str, dict] = {
 
 
 def base_model(args: argparse.Namespace) -> ModelConfig:
+    if args.recipe == "grokking":                      # the grokking recipe's model: no norm, learned positions
+        cfg = load_config(ROOT / "configs" / "grokking.yaml").model
+        cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head = args.p + 1, args.d_model, args.n_layer, args.n_head
+        cfg.d_ff = None                                # 4 x d_model, as the default base
+        return cfg
     return ModelConfig(vocab_size=args.p + 1, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
                        max_seq_len=4, position="rope", ffn="gelu", norm="layernorm")
 
@@ -101,8 +106,23 @@ def kv_bytes_per_token(cfg: ModelConfig) -> float:
     return cache.bytes_per_token()
 
 
+def recipe_run(name: str, cfg: ModelConfig, args: argparse.Namespace, runs_dir: Path) -> RunConfig:
+    """``--recipe grokking``: the training settings of configs/grokking.yaml (AdamW 7e-3, batch 512, weight
+    decay 2, label smoothing 0.2: groks in ~250 steps) with the variant's model."""
+    run = load_config(ROOT / "configs" / "grokking.yaml")
+    run.name, run.out_dir, run.model = name, str(runs_dir), cfg
+    run.data.options = {**run.data.options, "p": args.p, "train_fraction": args.train_fraction, "seed": args.seed}
+    t = run.train
+    t.steps, t.device, t.threads, t.seed, t.progress, t.tensorboard = args.steps, args.device, args.threads, \
+        args.seed, False, False
+    t.eval_every = t.log_every = args.eval_every
+    if args.no_early_stop:
+        t.early_stop_metric = t.early_stop_target = None
+    return run
+
+
 def train(name: str, cfg: ModelConfig, args: argparse.Namespace, runs_dir: Path) -> dict:
-    run = RunConfig(
+    run = recipe_run(name, cfg, args, runs_dir) if args.recipe == "grokking" else RunConfig(
         name=name, out_dir=str(runs_dir), model=cfg,
         data=DataConfig(name="modular", options={"p": args.p, "op": "+", "train_fraction": args.train_fraction,
                                                  "seed": args.seed}),
@@ -132,6 +152,8 @@ def train(name: str, cfg: ModelConfig, args: argparse.Namespace, runs_dir: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", choices=["default", "grokking"], default="default",
+                    help="grokking: configs/grokking.yaml's model and optimiser (fast on CPU)")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--train-fraction", type=float, default=0.3)
@@ -168,6 +190,7 @@ def main() -> None:
         row.update(train(name, cfg, args, runs_dir))
         rows.append(row)
         print(f"{name}: val acc {row['final_val_acc']}, steps to {args.target} {row['steps_to_99']}", flush=True)
+        write(args, rows)
 
     cols = ["variant", "non_embedding_params", "kv_bytes_per_token", "final_val_acc", "final_val_loss",
             "steps_to_99", "seconds_to_99", "train_tokens_per_s"]
@@ -175,6 +198,37 @@ def main() -> None:
     for r in rows:
         cells = [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
         print("| " + " | ".join(cells) + " |")
+    print(f"wrote {write(args, rows)}")
+
+
+def plot(rows: list[dict], budget: int, path: Path) -> Path:
+    """Bar chart: steps to the target accuracy (not reached: the budget, hatched) and KV-cache bytes per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    steps = [r["steps_to_99"] or budget for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    bars = a.barh(names, steps, color="tab:blue")
+    for bar, r in zip(bars, rows):
+        if r["steps_to_99"] is None:
+            bar.set_hatch("//")
+            bar.set_color("tab:gray")
+    a.set_xlabel(f"steps to 99% val acc (gray: not within {budget})")
+    a.invert_yaxis()
+    b.barh(names, [r["kv_bytes_per_token"] for r in rows], color="tab:orange")
+    b.set_xlabel("KV-cache bytes per token (fp32, all layers)")
+    fig.suptitle("attention / FFN variants on modular addition (equal non-embedding parameters)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> Path:
+    """The result JSON (rewritten after every variant, so an interrupted run keeps what it measured)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     out = {"benchmark": "variants", "device": device, "torch": torch.__version__,
            "date": datetime.date.today().isoformat(),
@@ -184,7 +238,8 @@ def main() -> None:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    plot(rows, args.steps, path.with_suffix(".png"))
+    return path
 
 
 if __name__ == "__main__":
