@@ -24,6 +24,7 @@ def main() -> int:
     p.add_argument("name")
     p.add_argument("sweep_dirs", nargs="+")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--note", default="one seed per configuration; CPU seconds measured on a shared 2-core machine")
     args = p.parse_args()
     import yaml
 
@@ -46,7 +47,7 @@ def main() -> int:
     headline = {"trials": len(slim), "reached_target": len(grokked),
                 "fastest_per_flop": cfg(fastest), "smallest_that_groks": cfg(smallest),
                 "metric": specs[0]["metric"], "sweep": specs[0]["name"], "overrides": specs[0].get("overrides"),
-                "note": "one seed per configuration; CPU seconds measured with 2 trials sharing 2 busy cores"}
+                "note": args.note}
     import torch
 
     print(f"headline: {headline}")
