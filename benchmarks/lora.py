@@ -34,6 +34,13 @@ CONFIGS = {   # name -> (rank, targets)
     "r2_qkv_out": (2, ("qkv", "out")),
     "r3_qkv": (3, ("qkv",)),
     "r4_qkv_out_up_down": (4, ("qkv", "out", "up", "down")),
+    # <= 1% of the 425,088 parameters, adapters on one layer (dotted names) and/or the (un)embedding
+    "r8_qkv_l0": (8, ("blocks.0.attn.qkv",)),
+    "r4_qkv_out_l0": (4, ("blocks.0.attn.qkv", "blocks.0.attn.out")),
+    "r2_qkv_out_up_down_l0": (2, ("blocks.0.attn.qkv", "blocks.0.attn.out", "blocks.0.mlp.up", "blocks.0.mlp.down")),
+    "r3_up_down_l0": (3, ("blocks.0.mlp.up", "blocks.0.mlp.down")),
+    "r3_qkv_out_l0_emb_head": (3, ("blocks.0.attn.qkv", "blocks.0.attn.out", "tok_emb", "lm_head")),
+    "r2_up_down_l1": (2, ("blocks.1.mlp.up", "blocks.1.mlp.down")),
 }
 
 
@@ -53,6 +60,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="full fine-tuning lr")
     p.add_argument("--lora-lr", type=float, default=1e-2)
     p.add_argument("--lora-wd", type=float, default=0.0)
+    p.add_argument("--alpha-scale", type=float, default=2.0, help="LoRA alpha = this * rank")
+    p.add_argument("--name", default="lora", help="results/NAME.json")
     p.add_argument("--configs", nargs="+", default=["r1_qkv_out_up_down", "r2_qkv_out", "r3_qkv",
                                                      "r4_qkv_out_up_down"], choices=list(CONFIGS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -90,7 +99,8 @@ def main() -> int:
     for name in args.configs:
         r, targets = CONFIGS[name]
         t0 = time.perf_counter()
-        pm = lora.add_lora(copy.deepcopy(base), r=r, targets=targets, adapter_name=name.replace("_", "-"))
+        pm = lora.add_lora(copy.deepcopy(base), r=r, alpha=args.alpha_scale * r, targets=targets,
+                           adapter_name=name.replace("_", "-"))
         trainable, _, _ = lora.trainable_fraction(pm)
         curve = train_curve(pm, sub, lora_cfg, args.steps, args.lora_lr, args.every)
         with torch.no_grad(), pm.disable_adapter():
@@ -135,9 +145,9 @@ def main() -> int:
                 "steps": args.steps}
     print_table([{k: v for k, v in r.items() if k not in ("curve", "targets")} for r in rows])
     print(headline)
-    write_result("lora", headline, rows, torch.device("cpu"), args.out,
+    write_result(args.name, headline, rows, torch.device("cpu"), args.out,
                  extra={"checks": checks, "threads": 1, "base_params": n_base, "full_lr": args.lr,
-                        "lora_lr": args.lora_lr, "lora_weight_decay": args.lora_wd,
+                        "lora_lr": args.lora_lr, "lora_weight_decay": args.lora_wd, "alpha_scale": args.alpha_scale,
                         "full_weight_decay": rc.train.weight_decay})
     return 0
 
