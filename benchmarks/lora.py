@@ -37,6 +37,7 @@ CONFIGS = {   # name -> (rank, targets)
     # <= 1% of the 425,088 parameters, adapters on one layer (dotted names) and/or the (un)embedding
     "r8_qkv_l0": (8, ("blocks.0.attn.qkv",)),
     "r4_qkv_out_l0": (4, ("blocks.0.attn.qkv", "blocks.0.attn.out")),
+    "r5_qkv_out_l0": (5, ("blocks.0.attn.qkv", "blocks.0.attn.out")),
     "r2_qkv_out_up_down_l0": (2, ("blocks.0.attn.qkv", "blocks.0.attn.out", "blocks.0.mlp.up", "blocks.0.mlp.down")),
     "r3_up_down_l0": (3, ("blocks.0.mlp.up", "blocks.0.mlp.down")),
     "r3_qkv_out_l0_emb_head": (3, ("blocks.0.attn.qkv", "blocks.0.attn.out", "tok_emb", "lm_head")),
