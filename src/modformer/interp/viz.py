@@ -270,7 +270,8 @@ def plot_head_scores(scores: dict[str, Tensor], path: str | Path,
     for ax, k in zip(axes[0], keys):
         s = scores[k]
         lo = -1.0 if k == "copying" else 0.0
-        im = ax.imshow(s.cpu().numpy(), cmap="RdBu_r" if k == "copying" else "viridis", vmin=lo, vmax=1.0, aspect="auto")
+        cmap = "RdBu_r" if k == "copying" else "viridis"
+        im = ax.imshow(s.cpu().numpy(), cmap=cmap, vmin=lo, vmax=1.0, aspect="auto")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
