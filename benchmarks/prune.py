@@ -176,7 +176,10 @@ def main() -> int:
     return 0
 
 
-def plot(rows: list[dict], base_acc: float, path: Path) -> None:
+def plot(rows: list[dict], base: float, path: Path, metric: str = "acc", ylabel: str = "validation accuracy",
+         title: str = "pruning the grokked modular-addition model (p=113)", log: bool = False,
+         xlabel: str = "fraction removed (weights / heads / neurons / layers; structured row: parameters)") -> Path:
+    """``metric`` vs fraction removed, one line per method, the unpruned model as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,15 +187,19 @@ def plot(rows: list[dict], base_acc: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["fraction_removed"], r["acc"]) for r in rows if r["method"] == method)
+        pts = sorted((r["fraction_removed"], r[metric]) for r in rows if r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method)
-    ax.axhline(base_acc, color="gray", ls=":")
-    ax.set_xlabel("fraction removed (weights / heads / neurons / layers; structured row: parameters)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("pruning the grokked modular-addition model (p=113)")
+    ax.axhline(base, color="gray", ls=":")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -95,25 +95,11 @@ def main() -> int:
 
 def plot(rows: list[dict], base_ppl: float, path: Path) -> Path:
     """Validation perplexity (log scale) vs fraction removed, one line per method."""
-    import matplotlib
+    from prune import plot as plot_pruning  # benchmarks/prune.py: the same figure for accuracy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["fraction_removed"], r["ppl"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
-    ax.axhline(base_ppl, color="gray", ls=":")
-    ax.set_yscale("log")
-    ax.set_xlabel("fraction removed (weights / heads / neurons / layers)")
-    ax.set_ylabel("validation perplexity (word level)")
-    ax.set_title("one-shot pruning of a small WikiText-2 model (no fine-tuning)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_pruning(rows, base_ppl, path, metric="ppl", ylabel="validation perplexity (word level)",
+                        title="one-shot pruning of a small WikiText-2 model (no fine-tuning)", log=True,
+                        xlabel="fraction removed (weights / heads / neurons / layers)")
 
 
 if __name__ == "__main__":

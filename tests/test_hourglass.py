@@ -14,13 +14,7 @@ from modformer.train.trainer import Trainer
 V = 23
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription stalls on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hourglass(options: dict | None = None, **kw) -> mf.ModelConfig:
