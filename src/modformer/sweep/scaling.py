@@ -201,6 +201,24 @@ def compute_optimal_interval(fit: Fit, budget: float, flops_per_param_token: flo
     return out
 
 
+def _save_loss_plot(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
+    """Shared finish of the scaling plots: log x axis, labels, legend, grid, atomic PNG write."""
+    import matplotlib.pyplot as plt
+
+    from modformer.utils import atomic_write
+
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
 def plot_fits(rows_n: np.ndarray, rows_d: np.ndarray | None, rows_c: np.ndarray | None, loss: np.ndarray,
               chin: Fit | None, power: Fit | None, out: Path) -> list[Path]:
     """scaling_nd.png (loss vs N per token budget D, fitted curves) and scaling_c.png (loss vs compute)."""
@@ -208,8 +226,6 @@ def plot_fits(rows_n: np.ndarray, rows_d: np.ndarray | None, rows_c: np.ndarray 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from modformer.utils import atomic_write
 
     paths = []
     if chin is not None and rows_d is not None:
@@ -219,18 +235,9 @@ def plot_fits(rows_n: np.ndarray, rows_d: np.ndarray | None, rows_c: np.ndarray 
             m = rows_d == dv
             ax.scatter(rows_n[m], loss[m], color=f"C{i}", s=18, label=f"D={dv:.3g}")
             ax.plot(grid, chin.predict(grid, np.full_like(grid, dv)), color=f"C{i}", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters N")
-        ax.set_ylabel("loss")
         p = chin.params
-        ax.set_title(f"E={p['E']:.3g}  α={p['alpha']:.3g}  β={p['beta']:.3g}", fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "scaling_nd.png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_loss_plot(fig, ax, "parameters N", f"E={p['E']:.3g}  α={p['alpha']:.3g}  β={p['beta']:.3g}",
+                                     out / "scaling_nd.png"))
     if power is not None and rows_c is not None:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         ax.scatter(rows_c, loss, s=18, alpha=0.6, label="runs")
@@ -241,18 +248,9 @@ def plot_fits(rows_n: np.ndarray, rows_d: np.ndarray | None, rows_c: np.ndarray 
         q = (1 - power.level) / 2
         ax.fill_between(grid, np.quantile(curves, q, 0), np.quantile(curves, 1 - q, 0), color="r", alpha=0.15,
                         label=f"{power.level:.0%} bootstrap")
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs C")
-        ax.set_ylabel("loss")
         p = power.params
-        ax.set_title(f"L(C) = {p['E']:.3g} + {p['A']:.3g} C^-{p['alpha']:.3g}", fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "scaling_c.png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_loss_plot(fig, ax, "training FLOPs C",
+                                     f"L(C) = {p['E']:.3g} + {p['A']:.3g} C^-{p['alpha']:.3g}", out / "scaling_c.png"))
     return paths
 
 
