@@ -167,6 +167,10 @@ def test_per_trial_budgets_and_gpu_slots(base: Path, tmp_path: Path) -> None:
     spec = _spec(base, tmp_path, space={"train.lr": [1.0], "train.steps": [5, 7]}, devices=[0, 1])
     sweep = Sweep(spec, runner=runner, log=lambda *_: None)
     assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in sweep.slots] == ["0", "1"]   # one trial per GPU
+    shared = Sweep(_spec(base, tmp_path / "s", devices=[0, 1], per_gpu=2), runner=runner, log=lambda *_: None)
+    assert sorted(env["CUDA_VISIBLE_DEVICES"] for env, _ in shared.slots) == ["0", "0", "1", "1"]
+    with pytest.raises(ConfigError, match="per_gpu"):
+        _spec(base, tmp_path / "bad", per_gpu=0)
     sweep.run()
     assert sorted(s for _, s, _ in runner.started) == [5, 7]
     with pytest.raises(ConfigError, match="halving"):

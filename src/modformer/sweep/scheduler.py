@@ -2,8 +2,8 @@
 
 Every trial is ``python -m modformer.cli train BASE key=value ... name=<id> out_dir=<sweep>/trials``
 (its run folder is self-describing as usual). ``workers`` trials run at once on CPU, each with
-``cpu_count // workers`` threads; on a machine with several GPUs each trial gets one GPU
-(``CUDA_VISIBLE_DEVICES``). With ``halving``, all trials train to the first rung's steps, the best
+``cpu_count // workers`` threads; on a machine with GPUs each trial gets one GPU (``CUDA_VISIBLE_DEVICES``),
+``per_gpu`` trials sharing each one (small models leave an H100 idle between kernel launches). With ``halving``, all trials train to the first rung's steps, the best
 1/eta continue (``--resume`` from their end-of-rung checkpoint) to the next rung, and so on.
 
 State lives in ``<out_dir>/state.json`` (rewritten atomically after every finished trial); a rerun
@@ -163,12 +163,13 @@ class Sweep:
             gpus = [int(d) for d in devices]
         elif devices != "cpu":
             raise ConfigError(f"sweep: devices must be auto, cpu or a list of GPU ids, got {devices!r}")
+        per_gpu = self.spec.per_gpu
         if len(gpus) > 1:
             visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
             ids = [visible[g] if devices == "auto" and g < len(visible) else str(g) for g in gpus]
-            return [({"CUDA_VISIBLE_DEVICES": i}, []) for i in ids]   # one trial per GPU
+            return [({"CUDA_VISIBLE_DEVICES": i}, []) for _ in range(per_gpu) for i in ids]
         if len(gpus) == 1:
-            return [({}, [])]
+            return [({}, []) for _ in range(per_gpu)]
         threads = max(1, (os.cpu_count() or 1) // workers)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         return [(env, [f"train.threads={threads}", "train.device=cpu"]) for _ in range(workers)]

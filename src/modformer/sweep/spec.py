@@ -15,6 +15,7 @@
                                      # restart: true retrains promoted trials (cosine schedules)
     workers: 2                       # CPU trials at once (GPU: one per visible GPU)
     devices: auto                    # auto | cpu | [0, 1, ...] (CUDA device ids)
+    per_gpu: 1                       # trials sharing each GPU at once (small models underuse an H100)
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class SweepSpec:
     halving: Halving | None = None
     workers: int = 1
     devices: Any = "auto"
+    per_gpu: int = 1
     path: str | None = None          # the sweep file (to resolve `base`)
 
     @property
@@ -146,6 +148,8 @@ def parse_sweep(raw: dict[str, Any], path: str | None = None) -> SweepSpec:
         raise ConfigError(f"sweep: rank_by must be [metric, min|max], got {spec.rank_by!r}")
     if not isinstance(spec.workers, int) or spec.workers < 1:
         raise ConfigError(f"sweep: workers must be a positive integer, got {spec.workers!r}")
+    if not isinstance(spec.per_gpu, int) or spec.per_gpu < 1:
+        raise ConfigError(f"sweep: per_gpu must be a positive integer, got {spec.per_gpu!r}")
     return spec
 
 

@@ -1,0 +1,239 @@
+"""Attention / FFN variants (issue 5) on WikiText-2 word level at a fixed token budget (the H100 half).
+
+The same variants as ``benchmarks/variants.py`` (each variant's ``d_ff`` matched so its non-embedding
+parameters are the closest to the MHA baseline's), trained with the same recipe and seed for the same
+number of tokens: a small ``configs/wikitext2.yaml`` GPT (4 layers, width 256, context 256, 32 x 256
+tokens a step, dropout 0.2, eager). Per variant: parameters, training FLOPs per token, KV-cache bytes per
+token, final validation loss and word-level perplexity, training tokens/s, last aux loss.
+
+Seed 001's claim — multi-channel attention gives more expressiveness per FLOP than a longer latent
+sequence — is tested by three extra hourglass rows with the same token layers (1 in, 1 out, shorten by 4)
+and a 2-layer latent stack: one latent per group (``hg_k1``), a twice longer latent sequence (two latents
+per group, ``hg_k2``) and one latent per group processed by 2-channel attention (``hg_mc2``).
+
+    python benchmarks/variants_lm.py --device cuda --jobs 4      # -> results/variants_wikitext2.json
+    python benchmarks/variants_lm.py --steps 3 --only mha,moe,hg_mc2 --device cpu --out /tmp/v.json   # smoke
+
+``--jobs N`` trains N variants at once as separate processes (small models leave an H100 idle between
+kernel launches, so sharing it raises total throughput; tokens/s is then measured under sharing, which
+is fair between variants run the same way but lower than alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import modformer as mf  # noqa: E402
+from modformer.bench.common import print_table, write_result  # noqa: E402
+from modformer.config import ModelConfig, load_config  # noqa: E402
+from modformer.train.logging import read_metrics  # noqa: E402
+from modformer.train.trainer import Trainer  # noqa: E402
+from variants import VARIANTS, count, kv_bytes_per_token, match_params  # noqa: E402
+
+HOURGLASS = {"model": "hourglass", "n_layer": 2,
+             "model_options": {"levels": 1, "group_len": 4, "n_latents": 1, "encoder_layers": [1, 0],
+                               "decoder_layers": [1], "schedule": "global"}}
+LATENT_MC2 = {"attention": "multichannel", "attn_only": True, "attention_options": {"n_channels": 2}}
+EXTRA: dict[str, dict] = {
+    "hg_k1": HOURGLASS,
+    "hg_k2": {**HOURGLASS, "model_options": {**HOURGLASS["model_options"], "n_latents": 2}},
+    "hg_mc2": {**HOURGLASS, "model_options": {**HOURGLASS["model_options"], "latent_block": LATENT_MC2}},
+}
+ALL = {**VARIANTS, **EXTRA}
+
+
+def base_run(args: argparse.Namespace):
+    run = load_config(ROOT / "configs" / "wikitext2.yaml")
+    m, t = run.model, run.train
+    m.n_layer, m.d_model, m.n_head, m.max_seq_len, m.dropout = args.n_layer, args.d_model, args.n_head, \
+        args.seq_len, args.dropout
+    run.data.seq_len = args.seq_len
+    t.steps, t.batch_size, t.warmup_steps, t.lr = args.steps, args.batch, max(1, args.steps // 10), args.lr
+    t.eval_every, t.eval_batches, t.log_every = args.steps, args.eval_batches, max(1, args.steps // 20)
+    t.compile, t.device, t.seed, t.progress, t.tensorboard, t.sample_tokens = False, args.device, 0, False, False, 0
+    t.threads = args.threads
+    return run
+
+
+def model_config(name: str, base: ModelConfig, vocab: int, target: int) -> tuple[ModelConfig, int | None]:
+    base = copy.deepcopy(base)
+    base.vocab_size = vocab
+    if name == "mha":
+        return base, None
+    if name in EXTRA:   # hourglass rows: a different shape, compared by FLOPs rather than matched
+        cfg = copy.deepcopy(base)
+        for k, v in copy.deepcopy(EXTRA[name]).items():
+            setattr(cfg, k, v)
+        return cfg, None
+    return match_params(base, VARIANTS[name], target)
+
+
+def train_one(name: str, args: argparse.Namespace) -> dict:
+    run = base_run(args)
+    from modformer.data import build_dataset
+
+    vocab = build_dataset(run.data).vocab_size
+    base = copy.deepcopy(run.model)
+    base.vocab_size = vocab
+    cfg, d_ff = model_config(name, run.model, vocab, count(base))
+    model = mf.build_model(cfg)
+    row = {"variant": name, "model": cfg.model, "attention": cfg.attention, "ffn": cfg.ffn,
+           "d_ff": d_ff or cfg.d_ff, "params": model.num_params(), "non_embedding_params": count(cfg),
+           "flops_per_token": model.flops_per_token(args.seq_len),
+           "kv_bytes_per_token": kv_bytes_per_token(cfg) if cfg.model == "gpt" else None}
+    del model
+    run.name, run.out_dir, run.model = name, args.runs_dir, cfg
+    t0 = time.perf_counter()
+    summary = Trainer(run, overwrite=True).fit()
+    train_rows = [r for r in read_metrics(Path(args.runs_dir) / name / "metrics.jsonl") if r["split"] == "train"]
+    tps = [r["tokens_per_s"] for r in train_rows][1:] or [r["tokens_per_s"] for r in train_rows]
+    row.update({"final_val_loss": summary.get("final_val_loss"), "final_val_word_ppl": summary.get("final_val_word_ppl",
+                summary.get("final_val_ppl")), "train_loss": train_rows[-1]["loss"] if train_rows else None,
+                "train_tokens_per_s": statistics.median(tps) if tps else None,
+                "aux_loss": train_rows[-1].get("aux_loss") if train_rows else None,
+                "tokens": args.steps * args.batch * args.seq_len, "wall_s": time.perf_counter() - t0})
+    return row
+
+
+def child_argv(args: argparse.Namespace, name: str, out: Path) -> list[str]:
+    keep = ["steps", "batch", "seq_len", "n_layer", "d_model", "n_head", "dropout", "lr", "eval_batches", "device",
+            "runs_dir"]
+    argv = [sys.executable, __file__, "--only", name, "--part", str(out)]
+    for k in keep:
+        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return argv
+
+
+def run_parallel(names: list[str], args: argparse.Namespace) -> list[dict]:
+    """Each variant in its own process, ``--jobs`` at a time; rows in the order of ``names``."""
+    parts = Path(args.runs_dir) / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    pending, running, rows = list(names), {}, {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            log = open(parts / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(child_argv(args, name, parts / f"{name}.json"), stdout=log,
+                                              stderr=subprocess.STDOUT), log)
+        time.sleep(2)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            part = parts / f"{name}.json"
+            if proc.returncode == 0 and part.is_file():
+                rows[name] = json.loads(part.read_text())
+                print(f"{name}: val loss {rows[name]['final_val_loss']:.4f}, "
+                      f"{rows[name]['train_tokens_per_s']:.0f} tokens/s", flush=True)
+            else:
+                tail = (parts / f"{name}.log").read_text().strip().splitlines()[-1:]
+                rows[name] = {"variant": name, "error": tail[0] if tail else f"exit {proc.returncode}"}
+                print(f"{name}: FAILED ({rows[name]['error']})", flush=True)
+            write(args, [rows[n] for n in names if n in rows])
+    return [rows[n] for n in names]
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> Path:
+    ok = [r for r in rows if "final_val_loss" in r]
+    mha = next((r for r in ok if r["variant"] == "mha"), None)
+    headline = {}
+    if ok:
+        best = min(ok, key=lambda r: r["final_val_loss"])
+        headline = {"best_variant": best["variant"], "best_val_loss": best["final_val_loss"]}
+    if mha:
+        headline["mha_val_loss"] = mha["final_val_loss"]
+        for r in ok:
+            r["val_loss_minus_mha"] = r["final_val_loss"] - mha["final_val_loss"]
+            r["flops_ratio_vs_mha"] = r["flops_per_token"] / mha["flops_per_token"]
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir", "only", "part")}
+    out = Path(args.out)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    path = write_result(out.stem, headline, rows, device, out_dir=out.parent, extra={"settings": settings})
+    plot(ok, out.with_suffix(".png"))
+    return path
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Validation loss against training FLOPs per token, one labelled point per variant."""
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in rows:
+        color = "tab:red" if r["variant"].startswith("hg_") else \
+            "tab:green" if "multichannel" in r["variant"] else "tab:blue"
+        ax.scatter(r["flops_per_token"], r["final_val_loss"], color=color)
+        ax.annotate(r["variant"], (r["flops_per_token"], r["final_val_loss"]), fontsize=7,
+                    xytext=(3, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs per token")
+    ax.set_ylabel("final validation loss (nats)")
+    ax.set_title("WikiText-2 variants at a fixed token budget (red: hourglass, green: multi-channel)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-batches", type=int, default=0, help="0 = the whole validation split")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
+    ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)   # child process: write one row here
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "variants_wikitext2.json"))
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(ALL)
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(ALL)}")
+    args.runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="variants-lm-")
+    if args.part:
+        Path(args.part).write_text(json.dumps(train_one(names[0], args)))
+        return
+    if args.jobs > 1:
+        rows = run_parallel(names, args)
+    else:
+        rows = []
+        for name in names:
+            rows.append(train_one(name, args))
+            print(f"{name}: val loss {rows[-1]['final_val_loss']:.4f}", flush=True)
+            write(args, rows)
+    path = write(args, rows)
+    print_table([r for r in rows if "final_val_loss" in r],
+                ["variant", "non_embedding_params", "flops_per_token", "kv_bytes_per_token", "final_val_loss",
+                 "final_val_word_ppl", "train_tokens_per_s", "aux_loss"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
