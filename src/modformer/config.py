@@ -164,6 +164,8 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0             # 0 disables
     label_smoothing: float = 0.0       # training loss only; evaluation reports the plain NLL
+    ema_decay: float = 0.0             # EMA of the weights for eval/samples/saved model; 0 = off, e.g. 0.999
+    ema_start: int = 0                 # EMA copies the weights up to this step, averages after it
     eval_every: int = 100
     eval_batches: int = 20             # 0 = full split
     eval_batch_size: int | None = None

@@ -1,7 +1,9 @@
 """Training checkpoints: model (safetensors + config.json) plus trainer state, written atomically.
 
 Layout: ``RUN/checkpoints/step_0000500/{model.safetensors, config.json, trainer_state.pt}`` and
-``RUN/checkpoints/latest`` naming the newest complete one. A checkpoint folder is built under
+``RUN/checkpoints/latest`` naming the newest complete one. With ``train.ema_decay`` on,
+``model.safetensors`` holds the averaged weights (what eval/generate load) and
+``raw_model.safetensors`` the trained ones (for resume). A checkpoint folder is built under
 a temporary name and renamed into place, and ``latest`` is replaced only afterwards, so a crash
 or a full disk at any moment leaves the previous checkpoint intact and pointed to.
 """
@@ -15,11 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_model
 
-from modformer.saving import save
-from modformer.utils import atomic_write_text
+from modformer.saving import save, unwrap
+from modformer.utils import atomic_write, atomic_write_text
 
 STATE_NAME = "trainer_state.pt"
+RAW_WEIGHTS_NAME = "raw_model.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -42,13 +46,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write checkpoint ``step`` and point ``latest`` at it; prune to the newest ``keep``."""
+                    keep: int = 2, raw_model: torch.nn.Module | None = None) -> Path:
+    """Write checkpoint ``step`` and point ``latest`` at it; prune to the newest ``keep``.
+
+    ``model`` is the model saved for use (config.json + model.safetensors); ``raw_model``, when
+    given (an EMA run: ``model`` is the average), is the trained model, saved for resume only.
+    """
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".tmp_step_{step:07d}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         save(model, tmp)
+        if raw_model is not None:
+            atomic_write(tmp / RAW_WEIGHTS_NAME, lambda f: save_model(unwrap(raw_model), f))
         torch.save(state, tmp / STATE_NAME)
         if final.exists():
             shutil.rmtree(final)

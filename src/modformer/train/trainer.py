@@ -2,8 +2,8 @@
 
 ``Trainer(run_cfg).fit()`` trains, evaluates, checkpoints and reports into ``out_dir/name``:
 config.yaml, metrics.jsonl, tb/, checkpoints/, plots/*.png, summary.json, report.md.
-Resume is exact: model, optimizer, gradient filter, RNG and data-generator state are all
-checkpointed, and the LR schedule is a pure function of the step.
+Resume is exact: model, optimizer, gradient filter, weight EMA, RNG and data-generator state are
+all checkpointed, and the LR schedule is a pure function of the step.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 
 from modformer.config import ConfigError, ModelConfig, RunConfig, from_dict, save_yaml
 from modformer.data import Dataset, build_dataset
 from modformer.saving import build_model, unwrap
 from modformer.train import checkpoint as ckpt
 from modformer.train.distributed import World, all_reduce_sum, barrier, init_world, shutdown, wrap_model
+from modformer.train.ema import build_ema, update_ema
 from modformer.train.grokfast import build_grad_filter
 from modformer.train.logging import MetricsLogger, ProgressDisplay
 from modformer.train.optim import build_optimizer
@@ -65,6 +67,8 @@ def config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
 class Trainer:
     """Builds data, model and optimizer from a RunConfig and runs the loop."""
 
+    ema: AveragedModel | None = None    # weight EMA (train.ema_decay > 0): evaluated, sampled and saved
+
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                  callbacks: list[Callable[[Trainer, int], None]] | None = None) -> None:
         self.cfg = cfg
@@ -86,6 +90,7 @@ class Trainer:
         self._fill_model_config()
         torch.manual_seed(t.seed)
         self.raw_model = build_model(cfg.model).to(self.device)
+        self.ema = build_ema(self.raw_model, t, self.sharded)
         self.model = wrap_model(self.raw_model, self.world, t.distributed, self.device)
         if t.compile:
             self.model = torch.compile(self.model)
@@ -143,6 +148,8 @@ class Trainer:
                               f"({'; '.join(diff)})")
         from safetensors.torch import load_model
 
+        raw_file = path / ckpt.RAW_WEIGHTS_NAME      # present when the run used EMA: model.safetensors is the average
+        weights = raw_file if raw_file.is_file() else path / "model.safetensors"
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -151,13 +158,20 @@ class Trainer:
             )
 
             plain = build_model(self.cfg.model)
-            load_model(plain, str(path / "model.safetensors"))
+            load_model(plain, str(weights))
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, plain.state_dict(), options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         else:
-            load_model(self.raw_model, str(path / "model.safetensors"), device=str(self.device))
+            load_model(self.raw_model, str(weights), device=str(self.device))
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:                      # (never sharded)
+            if raw_file.is_file() and "ema_n_averaged" in state:
+                load_model(self.ema.module, str(path / "model.safetensors"), device=str(self.device))
+                self.ema.n_averaged.fill_(state["ema_n_averaged"])
+            else:                                     # a checkpoint without EMA: the average starts here
+                self.ema.module.load_state_dict(self.raw_model.state_dict())
+                self.ema.n_averaged.zero_()
         if self.grad_filter is not None and state.get("grad_filter") is not None:
             self.grad_filter.load_state_dict(state["grad_filter"])
         self.scaler.load_state_dict(state["scaler"])
@@ -224,6 +238,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            update_ema(self.ema, self.raw_model, self.step, t.ema_start)
         self._aux_steps += 1
         return loss_sum, correct, n_tokens, n_targets
 
@@ -238,14 +254,17 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str, max_batches: int | None = None) -> dict[str, float]:
-        """Loss/acc (+ppl for corpora) on ``split``; every rank evaluates the same batches."""
+    def evaluate(self, split: str, max_batches: int | None = None, raw: bool = False) -> dict[str, float]:
+        """Loss/acc (+ppl for corpora) on ``split``; every rank evaluates the same batches.
+
+        With a weight EMA the averaged weights are evaluated, unless ``raw`` (the trained weights).
+        """
         t = self.cfg.train
         max_batches = t.eval_batches if max_batches is None else max_batches
         bs = t.eval_batch_size or (t.batch_size if t.batch_size > 0 else 0)
         # Eager (not torch.compile'd) forward: a compiled model would recompile for eval mode and
         # again for the ragged last batch, costing more than the evaluation itself.
-        model = getattr(self.model, "_orig_mod", self.model)
+        model = self.ema.module if self.ema is not None and not raw else getattr(self.model, "_orig_mod", self.model)
         model.eval()
         loss_sum, n, correct = 0.0, 0, 0
         windows = (self.data.iter_eval(split, bs, max_batches, stride=t.eval_stride) if self.data.kind == "corpus"
@@ -312,9 +331,13 @@ class Trainer:
                     stats = [torch.zeros_like(stats[0]), torch.zeros_like(stats[1])]
                     window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
                 if do_eval:
+                    n_eval = None
                     val = self.evaluate("val")
                     if t.eval_batches and self._early_stop({"val": val}):
+                        n_eval = 0
                         val = self.evaluate("val", 0)     # a partial eval passed: confirm on the full split
+                    if self.ema is not None:              # the trained weights' loss beside the average's
+                        val["raw_loss"] = self.evaluate("val", n_eval, raw=True)["loss"]
                     self.logger.log({"step": self.step, "split": "val", **val, "wall_s": self.wall()})
                     self._update_best(val)
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in val.items())
@@ -339,7 +362,7 @@ class Trainer:
 
     def _update_best(self, val: dict[str, float]) -> None:
         for k, v in val.items():
-            better = v < self.best.get(f"val_{k}", math.inf) if k in ("loss", "ppl", "word_ppl") else \
+            better = v < self.best.get(f"val_{k}", math.inf) if k in ("loss", "ppl", "word_ppl", "raw_loss") else \
                 v > self.best.get(f"val_{k}", -math.inf)
             if better:
                 self.best[f"val_{k}"] = v
@@ -391,10 +414,14 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "data_gen": self.data_gen.get_state(),
                  "rng": ckpt.rng_state(), "best": self.best, "wall_s": self.wall(),
                  "model_config": dataclasses.asdict(self.cfg.model)}
+        raw = None
+        if self.ema is not None:     # the average is the saved model; the trained weights are kept for resume
+            model, raw = self.ema.module, self.raw_model
+            state["ema_n_averaged"] = int(self.ema.n_averaged)
         path = None
         if self.world.is_main:
             path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, model, state,
-                                        self.cfg.train.keep_checkpoints)
+                                        self.cfg.train.keep_checkpoints, raw_model=raw)
         barrier(self.world)
         return path
 
@@ -407,7 +434,7 @@ class Trainer:
         prompt = x[:, : min(16, x.shape[1])].to(self.device)
         g = torch.Generator(device=self.device).manual_seed(0)
         out = []
-        model = self.raw_model
+        model = self.ema.module if self.ema is not None else self.raw_model
         max_new = self.cfg.train.sample_tokens
         if model.position.max_len is not None:
             max_new = min(max_new, model.position.max_len - prompt.shape[1])
