@@ -6,13 +6,14 @@ depth 12 -> 48+ layers", forward 1.9-4x faster, generation 3.7x faster. Two part
 
     python benchmarks/stability.py speed --device cuda            # timings -> results/stability_speed.json
     modformer sweep configs/sweeps/stability.yaml                 # depth x stabiliser training runs
-    python benchmarks/stability.py depth runs/sweeps/stability    # -> results/stability.json
+    python benchmarks/stability.py depth runs/sweeps/stability [more sweep folders]   # -> results/stability.json
 
 ``speed``: both recipes at the same width and depth (SwiGLU's LLaMA-rounded hidden size keeps the MLP
 parameter count within a few % of the ReLU MLP's), bf16 autocast on GPU: forward and forward+backward
 time at T=128 and 512, and the time to generate 100 tokens for one sequence — the 2017 model without a
 cache (as the seed describes it), and both models with the same KV cache, which separates the cache's
-effect from the architecture's.
+effect from the architecture's. The 2017 model scales its token embeddings by sqrt(d_model) (Vaswani et
+al. 3.4; no effect on speed).
 
 ``depth``: reads the sweep's results table; a run is *diverged* when it failed with a non-finite loss,
 *stalled* when its final validation loss stays above ``--stall-loss`` (default 6.0 nats = word-level
@@ -34,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import modformer as mf  # noqa: E402
-from modformer.bench.common import device_name, print_table, sync, time_fn, write_result  # noqa: E402
+from modformer.bench.common import print_table, sync, time_fn, write_result  # noqa: E402
 from modformer.config import ModelConfig  # noqa: E402
 
 RECIPES = {   # the two columns of the seed's comparison; keys match configs/sweeps/stability.yaml
     "y2017": {"norm_placement": "post", "norm": "layernorm", "position": "sinusoidal", "ffn": "relu",
-              "final_norm": False, "bias": True},
+              "final_norm": False, "bias": True, "scale_embeddings": True},
     "modern": {"norm_placement": "pre", "norm": "rmsnorm", "position": "rope", "ffn": "swiglu",
                "final_norm": True, "bias": False},
 }
@@ -55,40 +56,44 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def measure(recipe: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Forward, forward+backward and generation milliseconds of one recipe's model."""
+    torch.manual_seed(0)
+    model = build(recipe, args, device)
+    row = {"recipe": recipe, "params": model.num_params(), "non_embedding_params": model.num_params(True)}
+    for t in args.seq_lens:
+        x = torch.randint(args.vocab, (args.batch, t), device=device)
+
+        def fwd(x=x):
+            with torch.no_grad(), autocast(device):
+                model(x)
+
+        def fwd_bwd(x=x):
+            with autocast(device):
+                logits = model(x)
+            F.cross_entropy(logits.flatten(0, 1).float(), x.flatten()).backward()
+
+        model.eval()
+        row[f"fwd_ms_T{t}"] = 1e3 * time_fn(fwd, device, iters=args.iters)
+        model.train()
+        row[f"fwd_bwd_ms_T{t}"] = 1e3 * time_fn(fwd_bwd, device, iters=args.iters)
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    prompt = torch.randint(args.vocab, (1, args.prompt_len), device=device)
+    for use_cache in (False, True):
+        def gen(use_cache=use_cache):
+            with autocast(device):
+                model.generate(prompt, args.new_tokens, temperature=0.0, use_cache=use_cache)
+
+        row[f"gen_ms_{'cache' if use_cache else 'no_cache'}"] = 1e3 * time_fn(gen, device, warmup=1, iters=3)
+    return row
+
+
 def speed(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for recipe in RECIPES:
-        torch.manual_seed(0)
-        model = build(recipe, args, device)
-        row = {"recipe": recipe, "params": model.num_params(), "non_embedding_params": model.num_params(True)}
-        for t in args.seq_lens:
-            x = torch.randint(args.vocab, (args.batch, t), device=device)
-
-            def fwd(x=x):
-                with torch.no_grad(), autocast(device):
-                    model(x)
-
-            def fwd_bwd(x=x):
-                with autocast(device):
-                    logits = model(x)
-                F.cross_entropy(logits.flatten(0, 1).float(), x.flatten()).backward()
-
-            model.eval()
-            row[f"fwd_ms_T{t}"] = 1e3 * time_fn(fwd, device, iters=args.iters)
-            model.train()
-            row[f"fwd_bwd_ms_T{t}"] = 1e3 * time_fn(fwd_bwd, device, iters=args.iters)
-            model.zero_grad(set_to_none=True)
-        model.eval()
-        prompt = torch.randint(args.vocab, (1, args.prompt_len), device=device)
-        for use_cache in (False, True):
-            def gen(use_cache=use_cache):
-                with autocast(device):
-                    model.generate(prompt, args.new_tokens, temperature=0.0, use_cache=use_cache)
-
-            row[f"gen_ms_{'cache' if use_cache else 'no_cache'}"] = 1e3 * time_fn(gen, device, warmup=1, iters=3)
-        rows.append(row)
-        del model
+        rows.append(measure(recipe, args, device))
         sync(device)
     old, new = rows
     ratios = {f"{k}_ratio_2017_over_modern": old[k] / new[k] for k in old if k.endswith(tuple("0123456789"))
@@ -111,25 +116,32 @@ def classify(row: dict, stall_loss: float) -> str:
 
 
 def depth(args: argparse.Namespace) -> int:
+    import yaml
+
     from modformer.sweep.results import read_table
 
-    table = read_table(Path(args.sweep_dir) / "results.jsonl")
-    rows = [{"recipe": r.get("recipe"), "stabiliser": r.get("stabiliser"), "n_layer": r.get("model.n_layer"),
+    table = []
+    for d in args.sweep_dirs:
+        lr = yaml.safe_load((Path(d) / "sweep.yaml").read_text())["overrides"].get("train.lr")
+        table += [{**r, "lr": lr} for r in read_table(Path(d) / "results.jsonl")]
+    rows = [{"recipe": r.get("recipe"), "lr": r["lr"], "stabiliser": r.get("stabiliser"),
+             "n_layer": r.get("model.n_layer"),
              "params": r.get("params"), "final_val_loss": r.get("final_val_loss"),
              "final_val_word_ppl": r.get("final_val_word_ppl"), "wall_s": r.get("wall_s"),
              "outcome": classify(r, args.stall_loss), "error": (r.get("error") or "")[:120]} for r in table]
-    rows.sort(key=lambda r: (r["recipe"] or "", r["stabiliser"] or "", r["n_layer"] or 0))
-    print_table(rows, ["recipe", "stabiliser", "n_layer", "final_val_loss", "outcome", "wall_s"])
+    rows.sort(key=lambda r: (r["recipe"] or "", -(r["lr"] or 0), r["stabiliser"] or "", r["n_layer"] or 0))
+    print_table(rows, ["recipe", "lr", "stabiliser", "n_layer", "final_val_loss", "outcome", "wall_s"])
     headline = {}
     for r in rows:
-        key = f"{r['recipe']}/{r['stabiliser']}"
+        key = f"{r['recipe']}/lr{r['lr']:g}/{r['stabiliser']}"
         if r["outcome"] == "trained":
             headline[f"max_stable_depth/{key}"] = max(headline.get(f"max_stable_depth/{key}", 0), r["n_layer"])
         headline.setdefault(f"max_stable_depth/{key}", 0)
+        headline.setdefault(f"depths_run/{key}", []).append(r["n_layer"])
         headline[f"final_val_loss/{key}/L{r['n_layer']}"] = r["final_val_loss"]
-    path = write_result(args.name, headline, rows, torch.device("cpu"), out_dir=args.out,
-                        extra={"sweep_dir": str(args.sweep_dir), "stall_loss": args.stall_loss,
-                               "device_of_runs": next((r.get("device") for r in table if r.get("device")), None)})
+    device = next((r.get("device") for r in table if r.get("device")), "unknown")
+    path = write_result(args.name, headline, rows, device, out_dir=args.out,
+                        extra={"sweep_dirs": [str(d) for d in args.sweep_dirs], "stall_loss": args.stall_loss})
     print(f"wrote {path}")
     return 0
 
@@ -151,7 +163,7 @@ def main() -> int:
     sp.add_argument("--name", default="stability_speed")
     sp.set_defaults(func=speed)
     dp = sub.add_parser("depth", help="summarise the depth x stabiliser sweep")
-    dp.add_argument("sweep_dir")
+    dp.add_argument("sweep_dirs", nargs="+", help="sweep folders (e.g. the 1e-3 and 3e-4 learning-rate sweeps)")
     dp.add_argument("--stall-loss", type=float, default=6.0)
     dp.add_argument("--name", default="stability")
     dp.set_defaults(func=depth)

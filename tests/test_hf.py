@@ -103,7 +103,8 @@ def test_from_hf_rejects_unsupported(option: str, value: object) -> None:
                                          ("norm_placement", "post"), ("ffn", "swiglu"), ("bias", False),
                                          ("n_kv_heads", 2), ("attention", "mqa"),
                                          ("qk_norm", True), ("rezero", True), ("final_norm", False),
-                                         ("causal", False), ("attn_only", True), ("d_head", 4)])
+                                         ("causal", False), ("attn_only", True), ("d_head", 4),
+                                         ("scale_embeddings", True)])
 def test_to_hf_rejects_unsupported(field: str, value: object) -> None:
     cfg = mf.ModelConfig(vocab_size=97, n_layer=1, d_model=32, n_head=4, max_seq_len=64, **{field: value})
     with pytest.raises(ValueError, match=f"model.{field}"):

@@ -97,6 +97,15 @@ def test_folded_unembed_gives_the_same_log_probs():
     assert w.W_U.mean(-1).abs().max() < 1e-6 and w.W_E.mean(-1).abs().max() < 1e-6
 
 
+
+def test_embedding_matrix_is_what_the_residual_stream_receives():
+    """With scale_embeddings, W_E includes the sqrt(d) factor: row t equals hook_embed at token t."""
+    model = randomized(tiny(scale_embeddings=True))
+    idx = torch.randint(0, 37, (1, 10))
+    _, cache = model.run_with_cache(idx)
+    w = interp.extract_weights(model, fold_ln=False)
+    torch.testing.assert_close(w.W_E[idx[0]], cache["hook_embed"][0])
+
 # ---- circuits -------------------------------------------------------------------------------------
 
 def test_factored_circuits_equal_explicit_products():

@@ -182,3 +182,19 @@ def test_compiled_static_decoding_matches_eager():
     prompt = torch.randint(0, 37, (2, 4))
     eager = model.generate(prompt, 8, temperature=0, use_cache=False)
     assert torch.equal(model.generate(prompt, 8, temperature=0, compile=True), eager)
+
+
+@pytest.mark.parametrize("model", ["gpt", "hourglass"])
+def test_scale_embeddings_is_sqrt_d_times_the_token_embedding(model):
+    """scale_embeddings=True equals the unscaled model whose embedding table is multiplied by sqrt(d)."""
+    kw = dict(vocab_size=50, n_layer=2, d_model=32, n_head=4, max_seq_len=16, position="sinusoidal",
+              tie_embeddings=False, model=model)
+    torch.manual_seed(0)
+    scaled = mf.build_model(mf.ModelConfig(scale_embeddings=True, **kw)).eval()
+    plain = mf.build_model(mf.ModelConfig(**kw)).eval()
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        plain.tok_emb.weight.mul_(32 ** 0.5)
+    idx = torch.randint(50, (2, 16))
+    torch.testing.assert_close(scaled(idx), plain(idx))
+    assert not torch.allclose(scaled(idx), mf.build_model(mf.ModelConfig(**kw)).eval()(idx))

@@ -57,6 +57,8 @@ class ModelConfig:
     init: str = "gpt2"                 # gpt2 (N(0, init_std), scaled residual projections) | torch (defaults)
     init_std: float = 0.02
     embed_init_std: float | None = None  # token-embedding std; None = init_std
+    scale_embeddings: bool = False     # multiply token embeddings by sqrt(d_model) (Vaswani et al. 2017, 3.4),
+                                       # so they are not drowned by unit-amplitude sinusoidal positions
     attention_options: dict[str, Any] = field(default_factory=dict)
     ffn_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)

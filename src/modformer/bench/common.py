@@ -57,6 +57,19 @@ def kernel_time(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> floa
     return total_us / 1e6 / iters
 
 
+def counted_train_flops_per_token(model: torch.nn.Module, seq_len: int, vocab_size: int) -> float:
+    """Forward + backward FLOPs per token of one training step, counted by ``torch.utils.flop_counter``
+    on a (1, seq_len) batch: unlike 6N it counts only the experts a token is routed to, every attention
+    channel, and the attention scores as actually computed (eager/math path on CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    idx = torch.randint(vocab_size, (1, seq_len), device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        model(idx).float().logsumexp(-1).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / seq_len
+
+
 def matmul_ceiling(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """Measured dense matmul FLOP/s (the practical ceiling MFU is compared against)."""
     if device.type != "cuda":
@@ -67,10 +80,13 @@ def matmul_ceiling(device: torch.device, n: int = 8192, dtype: torch.dtype = tor
     return 2 * n ** 3 / t
 
 
-def write_result(name: str, headline: dict[str, Any], rows: list[dict[str, Any]], device: torch.device,
+def write_result(name: str, headline: dict[str, Any], rows: list[dict[str, Any]], device: torch.device | str,
                  out_dir: str | Path = "benchmarks/results", extra: dict[str, Any] | None = None) -> Path:
-    """benchmarks/results/<name>.json in the project's format (device, torch, date, command, ...)."""
-    result = {"benchmark": name, "device": device_name(device), "torch": torch.__version__,
+    """benchmarks/results/<name>.json in the project's format (device, torch, date, command, ...).
+
+    ``device``: the device measured on, or its name (a summary of runs made elsewhere)."""
+    result = {"benchmark": name, "device": device if isinstance(device, str) else device_name(device),
+              "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(["modformer", *sys.argv[1:]])
               if Path(sys.argv[0]).name == "modformer" else " ".join(["python", *sys.argv]),
               "headline": headline, "rows": rows, **(extra or {})}

@@ -41,6 +41,7 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_scale = cfg.d_model ** 0.5 if cfg.scale_embeddings else 1.0
         self.position = registry.get("position", cfg.position, field="model.position")(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -110,7 +111,7 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
                              f"got min {int(idx.min())}, max {int(idx.max())}")
 
     def embed(self, idx: Tensor, ctx: Context) -> Tensor:
-        x = self.hook_embed(self.tok_emb(idx))
+        x = self.hook_embed(self.tok_emb(idx) * self.embed_scale)
         pos_emb = self.position.embed(ctx.pos)
         if pos_emb is not None:
             x = x + self.hook_pos_embed(pos_emb.to(x.dtype))

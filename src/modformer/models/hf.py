@@ -82,7 +82,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     why = "cannot export to HF GPT-2"
     required = {"model": "gpt", "attention": "mha", "position": "learned", "norm": "layernorm",
                 "norm_placement": "pre", "bias": True, "qk_norm": False, "rezero": False,
-                "final_norm": True, "causal": True, "attn_only": False}
+                "final_norm": True, "causal": True, "attn_only": False, "scale_embeddings": False}
     for name, want in required.items():
         if getattr(cfg, name) != want:
             raise _unsupported(why, f"model.{name}={getattr(cfg, name)!r} (GPT-2 needs {want!r})")

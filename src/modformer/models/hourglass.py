@@ -234,6 +234,7 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         self.opts = o = HourglassOptions.parse(cfg)
         D = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.embed_scale = D ** 0.5 if cfg.scale_embeddings else 1.0
         self.position = registry.get("position", cfg.position, field="model.position")(cfg)
         self.max_lens = [cfg.max_seq_len]
         for r in range(o.levels):
@@ -412,7 +413,7 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         o = self.opts
         positions = [self.position, *self.positions]
         ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
-        x = self._add_pos(self.hook_embed(self.tok_emb(idx)), self.position)
+        x = self._add_pos(self.hook_embed(self.tok_emb(idx) * self.embed_scale), self.position)
         x = self.drop(x)
         skips = []
         for r in range(o.levels):
@@ -453,7 +454,7 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         o, off, T = self.opts, cache.length, idx.shape[1]
         g, k = o.group_len[0], o.n_latents[0]
         self._check_input(idx, off)
-        x = self.drop(self._add_pos(self.hook_embed(self.tok_emb(idx)), self.position, off))
+        x = self.drop(self._add_pos(self.hook_embed(self.tok_emb(idx) * self.embed_scale), self.position, off))
         x = self.encoders[0](x, self.position, cache=cache.kv, offset=off)
         cache.skip = x if cache.skip is None else torch.cat([cache.skip, x], dim=1)
         done = 0 if cache.latents is None else cache.latents.shape[1] // k

@@ -3,8 +3,9 @@
 Every trial is ``python -m modformer.cli train BASE key=value ... name=<id> out_dir=<sweep>/trials``
 (its run folder is self-describing as usual). ``workers`` trials run at once on CPU, each with
 ``cpu_count // workers`` threads; on a machine with GPUs each trial gets one GPU (``CUDA_VISIBLE_DEVICES``),
-``per_gpu`` trials sharing each one (small models leave an H100 idle between kernel launches). With ``halving``, all trials train to the first rung's steps, the best
-1/eta continue (``--resume`` from their end-of-rung checkpoint) to the next rung, and so on.
+``per_gpu`` trials sharing each one (small models leave an H100 idle between kernel launches). With
+``halving``, all trials train to the first rung's steps, the best 1/eta continue (``--resume`` from their
+end-of-rung checkpoint) to the next rung, and so on.
 
 State lives in ``<out_dir>/state.json`` (rewritten atomically after every finished trial); a rerun
 with ``resume=True`` regenerates the same trials, skips every (trial, rung) already finished and
