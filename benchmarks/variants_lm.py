@@ -16,6 +16,11 @@ per group, ``hg_k2``) and one latent per group processed by 2-channel attention 
     python benchmarks/variants_lm.py --device cuda --jobs 4      # -> results/variants_wikitext2.json
     python benchmarks/variants_lm.py --steps 3 --only mha,moe,hg_mc2 --device cpu --out /tmp/v.json   # smoke
 
+``--speed-only`` adds ``tokens_per_s_alone`` to an existing result: each variant trained alone for
+``--speed-steps`` AdamW steps on random tokens (bf16 autocast on GPU), timed after 5 warm-up steps.
+
+    python benchmarks/variants_lm.py --device cuda --speed-only     # updates results/variants_wikitext2.json
+
 ``--jobs N`` trains N variants at once as separate processes (small models leave an H100 idle between
 kernel launches, so sharing it raises total throughput; tokens/s is then measured under sharing, which
 is fair between variants run the same way but lower than alone).
@@ -111,6 +116,38 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
                 "aux_loss": train_rows[-1].get("aux_loss") if train_rows else None,
                 "tokens": args.steps * args.batch * args.seq_len, "wall_s": time.perf_counter() - t0})
     return row
+
+
+def speed_alone(name: str, args: argparse.Namespace, vocab: int = 33278) -> float:
+    """Training tokens/s of one variant with the GPU to itself (random tokens; the data pipeline is not timed)."""
+    from modformer.bench.common import sync
+
+    run = base_run(args)
+    base = copy.deepcopy(run.model)
+    base.vocab_size = vocab
+    cfg, _ = model_config(name, run.model, vocab, count(base))
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    model = mf.build_model(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(vocab, (args.batch, args.seq_len + 1), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        (loss if model.aux_loss is None else loss + model.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.speed_steps):
+        step()
+    sync(device)
+    return args.speed_steps * args.batch * args.seq_len / (time.perf_counter() - t0)
 
 
 def child_argv(args: argparse.Namespace, name: str, out: Path) -> list[str]:
@@ -213,6 +250,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--speed-only", action="store_true", help="add tokens/s measured alone to an existing --out")
+    ap.add_argument("--speed-steps", type=int, default=50)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)   # child process: write one row here
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "variants_wikitext2.json"))
     args = ap.parse_args()
@@ -221,6 +260,15 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(ALL)}")
     args.runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="variants-lm-")
+    if args.speed_only:
+        result = json.loads(Path(args.out).read_text())
+        for r in result["rows"]:
+            if r["variant"] in names:
+                r["tokens_per_s_alone"] = speed_alone(r["variant"], args)
+                print(f"{r['variant']}: {r['tokens_per_s_alone']:.0f} tokens/s alone", flush=True)
+        result["speed_command"] = " ".join(["python", *sys.argv])
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return
     if args.part:
         Path(args.part).write_text(json.dumps(train_one(names[0], args)))
         return
