@@ -122,9 +122,14 @@ def depth(args: argparse.Namespace) -> int:
 
     table = []
     for d in args.sweep_dirs:
-        lr = yaml.safe_load((Path(d) / "sweep.yaml").read_text())["overrides"].get("train.lr")
-        table += [{**r, "lr": lr} for r in read_table(Path(d) / "results.jsonl")]
-    rows = [{"recipe": r.get("recipe"), "lr": r["lr"], "stabiliser": r.get("stabiliser"),
+        spec = yaml.safe_load((Path(d) / "sweep.yaml").read_text())
+        groups = spec["space"]["recipe"]["group"]
+        for r in read_table(Path(d) / "results.jsonl"):
+            recipe = r.get("recipe")
+            if recipe == "y2017" and not groups[recipe].get("model.scale_embeddings"):
+                recipe = "y2017_unscaled"   # first runs, before the sqrt(d) embedding scale (BENCHMARKS.md)
+            table.append({**r, "recipe": recipe, "lr": spec["overrides"].get("train.lr")})
+    rows = [{"recipe": r["recipe"], "lr": r["lr"], "stabiliser": r.get("stabiliser"),
              "n_layer": r.get("model.n_layer"),
              "params": r.get("params"), "final_val_loss": r.get("final_val_loss"),
              "final_val_word_ppl": r.get("final_val_word_ppl"), "wall_s": r.get("wall_s"),
