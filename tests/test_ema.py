@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import Kill, kill_at, strip
 from safetensors.torch import load_model
 
 import modformer as mf
@@ -27,23 +28,8 @@ def run_cfg(tmp_path: Path, name: str = "r", **train) -> RunConfig:
                      train=TrainConfig(**t))
 
 
-def strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]
-
-
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-class Kill(Exception):
-    pass
-
-
-def kill_at(step: int):
-    def cb(trainer, s):
-        if s == step:
-            raise Kill
-    return cb
 
 
 def test_ema_matches_float64_reference_of_the_decay_formula(tmp_path):

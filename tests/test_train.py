@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import Kill, kill_at, strip
 
 import modformer as mf
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, save_yaml
@@ -31,21 +32,6 @@ def run_cfg(tmp_path: Path, name: str = "r", **train) -> RunConfig:
                      model=ModelConfig(n_layer=1, d_model=32, n_head=2, max_seq_len=8, dropout=0.1),
                      data=DataConfig(name="modular", options={"p": 13, "train_fraction": 0.5}),
                      train=TrainConfig(**t))
-
-
-def strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]
-
-
-class Kill(Exception):
-    pass
-
-
-def kill_at(step: int):
-    def cb(trainer, s):
-        if s == step:
-            raise Kill
-    return cb
 
 
 def test_resume_after_kill_reproduces_metrics_exactly(tmp_path):
