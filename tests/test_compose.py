@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import modformer as mf
@@ -126,6 +127,39 @@ def test_expert_modes_match_peft_and_routing_respects_top_k():
     b = a.clone()
     b[:, 5:] = torch.randn(1, 3, m.base.in_features)
     assert torch.equal(m.scores(a)[:, :5], m.scores(b)[:, :5])
+
+
+def test_phatgoose_gate_and_route_match_the_paper():
+    """Muqeeth et al. 2024: training  W u + sigmoid(v_j . u) B_j A_j u  (expert j frozen); inference:
+    standardise u and every v_j, s_j = u_hat . v_hat_j / sqrt(d), softmax over the top-2 s_j."""
+    base = tiny_gpt().eval()
+    deltas = [d for _, d in _lora_experts(base, n=4)]
+    model = G.attach_experts(base, deltas, top_k=2).eval()
+    path, m = next(iter(G.expert_linears(model).items()))
+    with torch.no_grad():
+        for p in m.gates:
+            p.normal_(0.0, 1.0).add_(3.0)                  # a large shared mean: standardisation must remove it
+    u = torch.randn(2, 5, m.base.in_features) * 4 + 2
+    lin = base.get_submodule(path)
+
+    def delta(j):
+        return u @ deltas[j][path]["down"].T @ deltas[j][path]["up"].T
+
+    v = torch.stack([p.detach() for p in m.gates])
+    with torch.no_grad():
+        m.mode, m.expert = "gated", 1                      # gate training: expert 1 alone, raw (unnormalised) u
+        want = lin(u) + torch.sigmoid(u @ v[1])[..., None] * delta(1)
+        assert torch.allclose(m(u), want, atol=1e-5)
+        m.mode = "route"
+        d = u.shape[-1]
+        s = F.layer_norm(u, (d,)) @ F.layer_norm(v, (d,)).T / math.sqrt(d)          # (2, 5, E)
+        top = s.topk(2, -1)
+        assert torch.allclose(m.scores(u), s, atol=1e-4)
+        w = torch.softmax(top.values, -1)                                              # (2, 5, 2)
+        dk = torch.stack([delta(j) for j in range(4)], -2)                             # (2, 5, E, out)
+        picked = torch.stack([dk[b, t, top.indices[b, t]] for b in range(2) for t in range(5)]).view(2, 5, 2, -1)
+        want = lin(u) + (w[..., None] * picked).sum(-2)
+        assert torch.allclose(m(u), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("joint", [False, True])
