@@ -198,3 +198,13 @@ def test_scale_embeddings_is_sqrt_d_times_the_token_embedding(model):
     idx = torch.randint(50, (2, 16))
     torch.testing.assert_close(scaled(idx), plain(idx))
     assert not torch.allclose(scaled(idx), mf.build_model(mf.ModelConfig(**kw)).eval()(idx))
+
+
+def test_counted_flops_are_6n_plus_full_attention():
+    """flop_counter on one training step = 6 x matmul weights + 3 x 4 x T x d per layer (full score matrix)."""
+    from modformer.bench.common import counted_train_flops_per_token
+
+    V, L, D, T = 100, 2, 64, 32
+    model = mf.build_model(mf.ModelConfig(vocab_size=V, n_layer=L, d_model=D, n_head=4, max_seq_len=T))
+    matmul_weights = L * (4 * D * D + 2 * D * 4 * D) + V * D          # qkv + out, MLP up + down, tied LM head
+    assert counted_train_flops_per_token(model, T, V) == 6 * matmul_weights + 3 * L * 4 * T * D
