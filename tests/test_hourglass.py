@@ -232,3 +232,126 @@ def test_trainer_runs_hourglass_with_latent_loss(tmp_path):
     Trainer(cfg).fit()
     rows = [r for r in read_metrics(tmp_path / "hg" / "metrics.jsonl") if r["split"] == "train"]
     assert rows and all(r["aux_loss"] > 0 and "latent_loss" in r for r in rows)
+
+
+# ---- the fused / cached training path against a plain float64 reference (issue 6 overhead work) ----------------
+
+def _ref_perceiver(c, groups, position):
+    """PerceiverCompress as first written: k/v by permuting a (N, g, 2, H, Dh) view, queries per group."""
+    N, g, D = groups.shape
+    H, Dh = c.n_head, c.head_dim
+    kv = c.kv(c.ln_kv(groups + c.group_pos[:g]))
+    k, v = kv.view(N, g, 2, H, Dh).permute(2, 0, 3, 1, 4)
+    lat = c.queries.expand(N, -1, -1)
+    q = c.q(c.ln_q(lat)).view(N, -1, H, Dh).transpose(1, 2)
+    z = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    lat = lat + c.out(z.transpose(1, 2).reshape(N, -1, H * Dh))
+    return lat + c.mlp(c.ln2(lat))
+
+
+def _ref_forward(model, idx):
+    """Hourglass logits the straightforward way: a fresh arange and position lookup (``embed``) at every use,
+    per-layer contexts, padding every local window, materialised repeat upsampling, explicit upsample mask."""
+    from modformer.layers.context import Context
+    from modformer.layers.shorten import LastKCompress, shift_and_group, upsample_mask
+
+    o = model.opts
+    positions = [model.position, *model.positions]
+
+    def add_pos(x, p):
+        e = p.embed(torch.arange(x.shape[1]))
+        return x if e is None else x + e
+
+    def stage(st, x, p):
+        B, L, D = x.shape
+        for kind, block in zip(st.kinds, st.blocks):
+            if kind == "global":
+                x = block(x, Context(pos=torch.arange(L), position=p))
+            else:
+                w, n = st.window, -(-L // st.window)
+                xp = torch.nn.functional.pad(x, (0, 0, 0, n * w - L)).reshape(B * n, w, D)
+                x = block(xp, Context(pos=torch.arange(w), position=p)).reshape(B, n * w, D)[:, :L]
+        return x
+
+    def shorten(sh, x, p):
+        B = x.shape[0]
+        groups = shift_and_group(x, sh.pad, sh.g)
+        n = groups.shape[1]
+        groups = groups.reshape(B * n, sh.g, -1)
+        if isinstance(sh.compress, LastKCompress):
+            c = sh.compress
+            lat = c.block(groups + c.group_pos, Context(pos=torch.arange(sh.g), position=p))[:, -c.k:]
+        else:
+            lat = _ref_perceiver(sh.compress, groups, p)
+        return lat.reshape(B, n * sh.k, -1)
+
+    def up_attn(u, x, lat, g, k):
+        B, L, D = x.shape
+        H, Dh = u.n_head, u.head_dim
+        q = u.q(u.ln_q(x)).view(B, L, H, Dh).transpose(1, 2)
+        k_, v = u.kv(u.ln_kv(lat)).view(B, lat.shape[1], 2, H, Dh).permute(2, 0, 3, 1, 4)
+        mask = upsample_mask(L, lat.shape[1], g, k, x.device)
+        z = torch.nn.functional.scaled_dot_product_attention(q, k_, v, attn_mask=mask)
+        return u.out(z.transpose(1, 2).reshape(B, L, H * Dh))
+
+    x = add_pos(model.tok_emb(idx) * model.embed_scale, model.position)
+    skips = []
+    for r in range(o.levels):
+        x = stage(model.encoders[r], x, positions[r])
+        skips.append(x)
+        x = add_pos(shorten(model.shorten[r], x, positions[r]), positions[r + 1])
+    x = stage(model.encoders[o.levels], x, positions[-1])
+    ctx = Context(pos=torch.arange(x.shape[1]), position=model.latent_position or positions[-1])
+    history = [x]
+    for i, block in enumerate(model.latent_blocks):
+        x = block(x, ctx)
+        if model.dwa is not None:
+            history.append(x)
+            x = model.dwa(i, history)
+    for r in reversed(range(o.levels)):
+        g, k = o.group_len[r], o.n_latents[r]
+        lat = x
+        x = lat.repeat_interleave(g // k, dim=1)[:, :skips[r].shape[1]]
+        if o.skip:
+            x = x + skips[r]
+        if model.upsample_attn is not None:
+            x = x + up_attn(model.upsample_attn[r], x, lat, g, k)
+        x = stage(model.decoders[r], add_pos(x, positions[r]), positions[r])
+    return model.lm_head(model.ln_f(x))
+
+
+REFERENCE_CASES = {
+    "shakespeare_like": ({"schedule": "global"}, {"position": "learned"}),
+    "local_last_k_attn_up": ({"schedule": "alternate", "compression": "last_k", "upsampling": "attention",
+                              "encoder_layers": [2, 1], "decoder_layers": [2]}, {"position": "rope"}),
+    "two_levels_k2_sinusoidal": ({"levels": 2, "group_len": [4, 2], "n_latents": [2, 1], "schedule": "local_first",
+                                  "encoder_layers": 2, "decoder_layers": 2}, {"position": "sinusoidal"}),
+    "no_skip_dwa_alibi": ({"skip": False, "denseformer": True, "latent_layers": 2, "upsampling": "attention"},
+                          {"position": "alibi"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_CASES))
+@pytest.mark.parametrize("length", [16, 19])                 # a whole number of groups, and a partial last group
+def test_training_path_matches_float64_reference(name, length):
+    opts, kw = REFERENCE_CASES[name]
+    model = mf.build_model(hourglass(opts, **kw)).double().train()
+    idx = torch.randint(0, V, (2, length))
+    out = model(idx)
+    ref = _ref_forward(model, idx)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(out.square().mean(), list(model.parameters()), allow_unused=True)
+    ref_grads = torch.autograd.grad(ref.square().mean(), list(model.parameters()), allow_unused=True)
+    for (pname, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        assert (a is None) == (b is None), pname
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=pname)
+
+
+def test_training_forward_traces_as_one_graph():
+    """No graph breaks in the training forward (torch.compile fullgraph, CPU token-range check included)."""
+    model = mf.build_model(hourglass({"schedule": "alternate", "encoder_layers": 2}, position="learned")).train()
+    idx = torch.randint(0, V, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(idx)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

@@ -22,7 +22,8 @@ see every other (all are ``<= i g``), so both attend bidirectionally within the 
 Upsampling, latents ``(B, n K, D)`` -> ``(B, L, D)``:
 
 - ``repeat``: ``repeat_interleave(g / K)``: position ``i g + r`` receives latent ``(i, r K // g)`` of its
-  own group (nearest previous group in unshifted terms; with K = 1 the seed's replication).
+  own group (nearest previous group in unshifted terms; with K = 1 the seed's replication). With the skip
+  connection the model uses ``upsample_add`` (the repeat and the skip add as one broadcast add).
 - ``attention``: repeat, then the Hourglass paper's attention upsampling: each position cross-attends to
   the latents of every group serving it or an earlier position (latent m visible from position t iff
   ``m // K <= t // g``). The mask is not a causal/offset mask, so this call uses SDPA with an explicit
@@ -47,6 +48,11 @@ from modformer.layers.norm import build_norm
 
 def n_groups(length: int, g: int) -> int:
     return math.ceil(length / g)
+
+
+def _rows(table: Tensor, n: int) -> Tensor:
+    """``table[:n]`` (no slice op when that is the whole table)."""
+    return table if table.shape[0] == n else table[:n]
 
 
 def shift_and_group(x: Tensor, pad: Tensor, g: int) -> Tensor:
@@ -79,8 +85,8 @@ class PerceiverCompress(nn.Module):
     def forward(self, groups: Tensor, position: nn.Module) -> Tensor:
         N, g, D = groups.shape
         H, Dh = self.n_head, self.head_dim
-        kv = self.kv(self.ln_kv(groups + self.group_pos[:g].to(groups.dtype)))
-        k, v = kv.view(N, g, 2, H, Dh).permute(2, 0, 3, 1, 4)                       # (N, H, g, Dh) each
+        kv = self.kv(self.ln_kv(groups + _rows(self.group_pos, g).to(groups.dtype)))
+        k, v = (t.view(N, g, H, Dh).transpose(1, 2) for t in kv.split(H * Dh, dim=-1))  # (N, H, g, Dh) each
         lat = self.queries.to(groups.dtype).expand(N, -1, -1)                        # (N, K, D)
         q = self.q(self.ln_q(lat)).view(N, -1, H, Dh).transpose(1, 2)                # (N, H, K, Dh)
         z, _ = attend(q, k, v, AttnSpec(causal=False), self.backend)
@@ -103,7 +109,7 @@ class LastKCompress(nn.Module):
     def forward(self, groups: Tensor, position: nn.Module) -> Tensor:
         N, g, D = groups.shape
         pos = torch.arange(g, device=groups.device)
-        y = self.block(groups + self.group_pos[:g].to(groups.dtype), Context(pos=pos, position=position))
+        y = self.block(groups + _rows(self.group_pos, g).to(groups.dtype), Context(pos=pos, position=position))
         return y[:, -self.k:]
 
 
@@ -134,6 +140,17 @@ def upsample_repeat(lat: Tensor, g: int, k: int, length: int) -> Tensor:
     return lat.repeat_interleave(g // k, dim=1)[:, :length]
 
 
+def upsample_add(lat: Tensor, skip: Tensor, g: int, k: int) -> Tensor:
+    """``upsample_repeat(lat, g, k, L) + skip`` for ``skip`` (B, L, D): when L = n g, one broadcast add of
+    ``lat`` viewed (B, n K, 1, D) to ``skip`` viewed (B, n K, g / K, D), without materialising the repeat
+    (same values: each output element is one latent element plus one skip element)."""
+    B, L, D = skip.shape
+    r = g // k
+    if L != lat.shape[1] * r:
+        return upsample_repeat(lat, g, k, L) + skip
+    return (lat.unsqueeze(2) + skip.reshape(B, lat.shape[1], r, D)).view(B, L, D)
+
+
 def upsample_mask(length: int, n_lat: int, g: int, k: int, device: torch.device, q_start: int = 0) -> Tensor:
     """Boolean (length, n_lat): position t (from ``q_start``) may read latent m iff m's group serves t or earlier."""
     t = torch.arange(q_start, q_start + length, device=device)
@@ -157,8 +174,8 @@ class AttentionUpsample(nn.Module):
         B, L, D = x.shape
         H, Dh = self.n_head, self.head_dim
         q = self.q(self.ln_q(x)).view(B, L, H, Dh).transpose(1, 2)                 # (B, H, L, Dh)
-        kv = self.kv(self.ln_kv(lat)).view(B, lat.shape[1], 2, H, Dh)
-        k_, v = kv.permute(2, 0, 3, 1, 4)                                         # (B, H, nK, Dh)
+        k_, v = (t.view(B, lat.shape[1], H, Dh).transpose(1, 2)                   # (B, H, nK, Dh) each
+                 for t in self.kv(self.ln_kv(lat)).split(H * Dh, dim=-1))
         mask = upsample_mask(L, lat.shape[1], g, k, x.device, q_start)
         z = F.scaled_dot_product_attention(q, k_, v, attn_mask=mask)
         return self.out(z.transpose(1, 2).reshape(B, L, H * Dh))

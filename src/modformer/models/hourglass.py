@@ -70,7 +70,8 @@ from modformer.layers.context import Context
 from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
-from modformer.layers.shorten import AttentionUpsample, Shorten, n_groups, upsample_repeat
+from modformer.layers.position import LearnedPosition
+from modformer.layers.shorten import AttentionUpsample, Shorten, n_groups, upsample_add, upsample_repeat
 from modformer.models.common import AuxLossMixin, init_linear_and_embeddings
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
@@ -167,6 +168,14 @@ def run_block(block: nn.Module, x: Tensor, ctx: Context, ckpt: bool) -> Tensor:
     return checkpoint(block, x, ctx, use_reentrant=False) if ckpt else block(x, ctx)
 
 
+def embed_range(position: nn.Module, pos: Tensor) -> Tensor | None:
+    """``position.embed(pos)`` for ``pos = arange(len(pos))``; a learned table is sliced rather than gathered
+    (same values; a view, and the backward is a slice copy instead of an embedding scatter)."""
+    if type(position) is LearnedPosition:
+        return position.wpe.weight[: pos.shape[0]]
+    return position.embed(pos)
+
+
 def layer_kinds(n: int, schedule: str) -> list[str]:
     """``local`` / ``global`` for each of n encoder or decoder layers."""
     if schedule == "alternate":
@@ -189,19 +198,26 @@ class Stage(nn.Module):
                                     for i, kind in enumerate(self.kinds))
 
     def forward(self, x: Tensor, position: nn.Module, ckpt: bool = False, cache: KVCache | None = None,
-                offset: int = 0) -> Tensor:
+                offset: int = 0, pos: Tensor | None = None) -> Tensor:
         """``cache`` / ``offset`` (global layers only): continue a sequence whose first ``offset`` elements
-        are in the cache's K/V (layer slots = the blocks' layer indices)."""
+        are in the cache's K/V (layer slots = the blocks' layer indices). ``pos``: the positions
+        ``offset .. offset + L - 1`` if the caller has them (else built once here, shared by the layers)."""
         B, L, D = x.shape
+        ctx_global = ctx_local = None
         for kind, block in zip(self.kinds, self.blocks):
             if kind == "global":
-                pos = torch.arange(offset, offset + L, device=x.device)
-                x = run_block(block, x, Context(pos=pos, position=position, cache=cache, q_offset=offset), ckpt)
+                if ctx_global is None:
+                    if pos is None:
+                        pos = torch.arange(offset, offset + L, device=x.device)
+                    ctx_global = Context(pos=pos, position=position, cache=cache, q_offset=offset)
+                x = run_block(block, x, ctx_global, ckpt)
             else:
                 w = self.window
                 n = n_groups(L, w)
-                xp = F.pad(x, (0, 0, 0, n * w - L)).reshape(B * n, w, D)
-                y = run_block(block, xp, Context(pos=torch.arange(w, device=x.device), position=position), ckpt)
+                if ctx_local is None:
+                    ctx_local = Context(pos=torch.arange(w, device=x.device), position=position)
+                xp = (F.pad(x, (0, 0, 0, n * w - L)) if n * w != L else x).reshape(B * n, w, D)
+                y = run_block(block, xp, ctx_local, ckpt)
                 x = y.reshape(B, n * w, D)[:, :L]
         return x
 
@@ -378,13 +394,19 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         if max_len is not None and offset + idx.shape[1] > max_len:
             raise ValueError(f"sequence length {offset + idx.shape[1]} exceeds model.max_seq_len={max_len} "
                              f"(size of the {self.cfg.position} position table)")
-        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+        # value check on CPU only (a host sync elsewhere), and not while torch.compile traces (a graph break)
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling() and \
+                (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); "
                              f"got min {int(idx.min())}, max {int(idx.max())}")
 
     @staticmethod
     def _add_pos(x: Tensor, position: nn.Module, offset: int = 0) -> Tensor:
         emb = position.embed(torch.arange(offset, offset + x.shape[1], device=x.device))
+        return x if emb is None else x + emb.to(x.dtype)
+
+    @staticmethod
+    def _plus(x: Tensor, emb: Tensor | None) -> Tensor:
         return x if emb is None else x + emb.to(x.dtype)
 
     def forward(self, idx: Tensor, cache: TokenCache | HourglassCache | None = None, return_cache: bool = False,
@@ -404,43 +426,48 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         x = self._forward(full)
         if cache is not None:
             cache.tokens, cache.length = full, full.shape[1]
-        x = x[:, -1:] if last_only else x[:, -T:]
+        x = x[:, -1:] if last_only else (x if x.shape[1] == T else x[:, -T:])
         logits = self.lm_head(x)
         return (logits, cache) if return_cache else logits
 
     def _forward(self, idx: Tensor) -> Tensor:
-        """Final hidden states ``(B, T, D)``."""
+        """Final hidden states ``(B, T, D)``.
+
+        Per call, each resolution's positions (``arange``) and absolute position embedding are built once
+        and shared by its encoder, decoder and both additions of the embedding (after shortening / embedding
+        and after upsampling); repeat upsampling and the skip add are one broadcast add (``upsample_add``).
+        """
         o = self.opts
         positions = [self.position, *self.positions]
         ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
-        x = self._add_pos(self.hook_embed(self.tok_emb(idx) * self.embed_scale), self.position)
+        pos = [torch.arange(n, device=idx.device) for n in self.lengths(idx.shape[1])]
+        emb = [embed_range(p, q) for p, q in zip(positions, pos)]
+        x = self._plus(self.hook_embed(self.tok_emb(idx) * self.embed_scale), emb[0])
         x = self.drop(x)
         skips = []
         for r in range(o.levels):
-            x = self.encoders[r](x, positions[r], ckpt)
+            x = self.encoders[r](x, positions[r], ckpt, pos=pos[r])
             skips.append(x)
-            x = self._add_pos(self.shorten[r](x, positions[r]), positions[r + 1])
-        x = self.encoders[o.levels](x, positions[-1], ckpt)
-        latent_in, x = self._latent_stack(x, ckpt)
+            x = self._plus(self.shorten[r](x, positions[r]), emb[r + 1])
+        x = self.encoders[o.levels](x, positions[-1], ckpt, pos=pos[-1])
+        latent_in, x = self._latent_stack(x, ckpt, pos[-1])
         latent_loss = self._latent_loss(latent_in, x) if o.latent_loss and self.training else None
         for r in reversed(range(o.levels)):
             g, k = o.group_len[r], o.n_latents[r]
             lat = x
-            x = upsample_repeat(lat, g, k, skips[r].shape[1])
-            if o.skip:
-                x = x + skips[r]
+            x = upsample_add(lat, skips[r], g, k) if o.skip else upsample_repeat(lat, g, k, skips[r].shape[1])
             if self.upsample_attn is not None:
                 x = x + self.upsample_attn[r](x, lat, g, k)
-            x = getattr(self, f"hook_upsampled_{r}")(self._add_pos(x, positions[r]))
-            x = self.decoders[r](x, positions[r], ckpt)
+            x = getattr(self, f"hook_upsampled_{r}")(self._plus(x, emb[r]))
+            x = self.decoders[r](x, positions[r], ckpt, pos=pos[r])
         self._collect_aux(latent_loss, "latent_loss")
         return self.hook_resid_final(self.ln_f(x))
 
-    def _latent_stack(self, x: Tensor, ckpt: bool = False) -> tuple[Tensor, Tensor]:
+    def _latent_stack(self, x: Tensor, ckpt: bool = False, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The latent layers (+ DenseFormer) on the shortest sequence: returns (input, output)."""
         x = self.hook_latent_in(x)
         latent_in, history = x, [x] if self.dwa is not None else None
-        ctx = Context(pos=torch.arange(x.shape[1], device=x.device),
+        ctx = Context(pos=torch.arange(x.shape[1], device=x.device) if pos is None else pos,
                       position=self.latent_position or ([self.position, *self.positions][-1]))
         for i, block in enumerate(self.latent_blocks):
             x = run_block(block, x, ctx, ckpt)
