@@ -238,3 +238,17 @@ def test_ddp_two_processes_gloo_matches_single_process(tmp_path, strategy):
     again = strip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"))
     for x, y in zip(again, b):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4), (x, y)
+
+
+def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypatch):
+    with pytest.raises(mf.ConfigError, match="train.compile_mode"):
+        Trainer(run_cfg(tmp_path, "bad", compile_mode="fast"))
+    seen = {}
+
+    def fake_compile(model, **kw):
+        seen.update(kw)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    Trainer(run_cfg(tmp_path, "ok", compile=True, compile_mode="reduce-overhead"))
+    assert seen == {"mode": "reduce-overhead"}

@@ -180,6 +180,8 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False
+    compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs: for small,
+                                       # launch-bound models) | max-autotune | max-autotune-no-cudagraphs
     distributed: str = "ddp"           # ddp | fsdp (used when launched by torchrun)
     seed: int = 0
     threads: int | None = None         # torch.set_num_threads on CPU

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from modformer.config import ConfigError, ModelConfig, RunConfig, from_dict, save_yaml
+from modformer.config import ConfigError, ModelConfig, RunConfig, TrainConfig, from_dict, save_yaml
 from modformer.data import Dataset, build_dataset
 from modformer.saving import build_model, unwrap
 from modformer.train import checkpoint as ckpt
@@ -64,6 +64,16 @@ def config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
     return [f"{k}: {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k]]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(t: TrainConfig) -> str:
+    """``train.compile_mode``, checked (torch.compile's own error only names the mode)."""
+    if t.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
+    return t.compile_mode
+
+
 class Trainer:
     """Builds data, model and optimizer from a RunConfig and runs the loop."""
 
@@ -92,8 +102,9 @@ class Trainer:
         self.raw_model = build_model(cfg.model).to(self.device)
         self.ema = build_ema(self.raw_model, t, self.sharded)
         self.model = wrap_model(self.raw_model, self.world, t.distributed, self.device)
+        mode = compile_mode(t)                        # checked even when compile is off: a typo fails early
         if t.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=mode)
         self.optimizer = build_optimizer(self.raw_model, t)
         self.lr_at = lr_schedule(t)
         self.grad_filter = build_grad_filter(t.optimizer_options)
