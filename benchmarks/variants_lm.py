@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from variants import VARIANTS, count, kv_bytes_per_token, match_params  # noqa: E402
 
 import modformer as mf  # noqa: E402
-from modformer.bench.common import counted_train_flops_per_token, print_table, write_result  # noqa: E402
+from modformer.bench.common import counted_train_flops_per_token, print_table, sync, write_result  # noqa: E402
 from modformer.config import ModelConfig, load_config  # noqa: E402
 from modformer.train.logging import read_metrics  # noqa: E402
 from modformer.train.trainer import Trainer  # noqa: E402
@@ -77,7 +77,8 @@ def base_run(args: argparse.Namespace):
     return run
 
 
-def model_config(name: str, base: ModelConfig, vocab: int, target: int) -> tuple[ModelConfig, int | None]:
+def model_config(name: str, base: ModelConfig, vocab: int) -> tuple[ModelConfig, int | None]:
+    """Variant ``name`` of ``base`` (vocabulary ``vocab``) and its matched ``d_ff`` (None: unchanged)."""
     base = copy.deepcopy(base)
     base.vocab_size = vocab
     if name == "mha":
@@ -87,17 +88,19 @@ def model_config(name: str, base: ModelConfig, vocab: int, target: int) -> tuple
         for k, v in copy.deepcopy(EXTRA[name]).items():
             setattr(cfg, k, v)
         return cfg, None
-    return match_params(base, VARIANTS[name], target)
+    return match_params(base, VARIANTS[name], count(base))
+
+
+def corpus_vocab(args: argparse.Namespace) -> int:
+    from modformer.data import build_dataset
+
+    return build_dataset(base_run(args).data).vocab_size
 
 
 def train_one(name: str, args: argparse.Namespace) -> dict:
     run = base_run(args)
-    from modformer.data import build_dataset
-
-    vocab = build_dataset(run.data).vocab_size
-    base = copy.deepcopy(run.model)
-    base.vocab_size = vocab
-    cfg, d_ff = model_config(name, run.model, vocab, count(base))
+    vocab = corpus_vocab(args)
+    cfg, d_ff = model_config(name, run.model, vocab)
     model = mf.build_model(cfg)
     row = {"variant": name, "model": cfg.model, "attention": cfg.attention, "ffn": cfg.ffn,
            "d_ff": d_ff or cfg.d_ff or 4 * cfg.d_model, "params": model.num_params(),
@@ -118,14 +121,9 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
     return row
 
 
-def speed_alone(name: str, args: argparse.Namespace, vocab: int = 33278) -> float:
+def speed_alone(name: str, args: argparse.Namespace, vocab: int) -> float:
     """Training tokens/s of one variant with the GPU to itself (random tokens; the data pipeline is not timed)."""
-    from modformer.bench.common import sync
-
-    run = base_run(args)
-    base = copy.deepcopy(run.model)
-    base.vocab_size = vocab
-    cfg, _ = model_config(name, run.model, vocab, count(base))
+    cfg, _ = model_config(name, base_run(args).model, vocab)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     model = mf.build_model(cfg).to(device).train()
@@ -262,9 +260,10 @@ def main() -> None:
     args.runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="variants-lm-")
     if args.speed_only:
         result = json.loads(Path(args.out).read_text())
+        vocab = corpus_vocab(args)
         for r in result["rows"]:
             if r["variant"] in names:
-                r["tokens_per_s_alone"] = speed_alone(r["variant"], args)
+                r["tokens_per_s_alone"] = speed_alone(r["variant"], args, vocab)
                 print(f"{r['variant']}: {r['tokens_per_s_alone']:.0f} tokens/s alone", flush=True)
         result["speed_command"] = " ".join(["python", *sys.argv])
         Path(args.out).write_text(json.dumps(result, indent=2))
