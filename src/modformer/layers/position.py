@@ -28,6 +28,10 @@ class Position(nn.Module):
     def embed(self, pos: Tensor) -> Tensor | None:
         return None
 
+    def embed_arange(self, pos: Tensor) -> Tensor | None:
+        """``embed(pos)`` for ``pos = arange(len(pos))``, which a subclass may compute more cheaply."""
+        return self.embed(pos)
+
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return q, k
 
@@ -49,6 +53,10 @@ class LearnedPosition(Position):
 
     def embed(self, pos: Tensor) -> Tensor:
         return self.wpe(pos)
+
+    def embed_arange(self, pos: Tensor) -> Tensor:
+        """The first rows of the table: a view, whose backward is a slice copy instead of an embedding scatter."""
+        return self.wpe.weight[: pos.shape[0]]
 
 
 @register("position", "sinusoidal")

@@ -1,4 +1,4 @@
-"""Pieces every model family shares: GPT-2 weight init and auxiliary-loss collection."""
+"""Pieces every model family shares: input checks, GPT-2 weight init and auxiliary-loss collection."""
 
 from __future__ import annotations
 
@@ -9,6 +9,21 @@ import torch
 from torch import Tensor, nn
 
 from modformer.config import ModelConfig
+
+
+def check_token_input(idx: Tensor, offset: int, cfg: ModelConfig, max_len: int | None, check_values: bool) -> None:
+    """ValueError for ids that are not a (B, T) integer tensor, that run past ``max_len`` from ``offset``, or
+    (``check_values``: the caller decides, since reading the values syncs with the device) out of vocabulary."""
+    if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+        got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be an integer tensor of shape (B, T); got {got}")
+    T = idx.shape[1]
+    if max_len is not None and offset + T > max_len:
+        raise ValueError(f"sequence length {offset + T} exceeds model.max_seq_len={max_len} "
+                         f"(size of the {cfg.position} position table)")
+    if check_values and idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); "
+                         f"got min {int(idx.min())}, max {int(idx.max())}")
 
 
 def init_linear_and_embeddings(model: nn.Module, cfg: ModelConfig, depth: int,

@@ -26,7 +26,7 @@ from modformer.layers.context import Context
 from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
-from modformer.models.common import AuxLossMixin, init_linear_and_embeddings
+from modformer.models.common import AuxLossMixin, check_token_input, init_linear_and_embeddings
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
 
@@ -98,17 +98,7 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def _check_input(self, idx: Tensor, offset: int) -> None:
-        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
-            got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
-            raise ValueError(f"idx must be an integer tensor of shape (B, T); got {got}")
-        T = idx.shape[1]
-        max_len = self.position.max_len
-        if max_len is not None and offset + T > max_len:
-            raise ValueError(f"sequence length {offset + T} exceeds model.max_seq_len={max_len} "
-                             f"(size of the {self.cfg.position} position table)")
-        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); "
-                             f"got min {int(idx.min())}, max {int(idx.max())}")
+        check_token_input(idx, offset, self.cfg, self.position.max_len, check_values=idx.device.type == "cpu")
 
     def embed(self, idx: Tensor, ctx: Context) -> Tensor:
         x = self.hook_embed(self.tok_emb(idx) * self.embed_scale)

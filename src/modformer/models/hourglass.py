@@ -70,9 +70,8 @@ from modformer.layers.context import Context
 from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
-from modformer.layers.position import LearnedPosition
 from modformer.layers.shorten import AttentionUpsample, Shorten, n_groups, upsample_add, upsample_repeat
-from modformer.models.common import AuxLossMixin, init_linear_and_embeddings
+from modformer.models.common import AuxLossMixin, check_token_input, init_linear_and_embeddings
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
 
@@ -166,14 +165,6 @@ class HourglassOptions:
 
 def run_block(block: nn.Module, x: Tensor, ctx: Context, ckpt: bool) -> Tensor:
     return checkpoint(block, x, ctx, use_reentrant=False) if ckpt else block(x, ctx)
-
-
-def embed_range(position: nn.Module, pos: Tensor) -> Tensor | None:
-    """``position.embed(pos)`` for ``pos = arange(len(pos))``; a learned table is sliced rather than gathered
-    (same values; a view, and the backward is a slice copy instead of an embedding scatter)."""
-    if type(position) is LearnedPosition:
-        return position.wpe.weight[: pos.shape[0]]
-    return position.embed(pos)
 
 
 def layer_kinds(n: int, schedule: str) -> list[str]:
@@ -387,23 +378,13 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def _check_input(self, idx: Tensor, offset: int = 0) -> None:
-        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
-            got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
-            raise ValueError(f"idx must be an integer tensor of shape (B, T); got {got}")
-        max_len = self.position.max_len
-        if max_len is not None and offset + idx.shape[1] > max_len:
-            raise ValueError(f"sequence length {offset + idx.shape[1]} exceeds model.max_seq_len={max_len} "
-                             f"(size of the {self.cfg.position} position table)")
         # value check on CPU only (a host sync elsewhere), and not while torch.compile traces (a graph break)
-        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling() and \
-                (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); "
-                             f"got min {int(idx.min())}, max {int(idx.max())}")
+        check_token_input(idx, offset, self.cfg, self.position.max_len,
+                          check_values=idx.device.type == "cpu" and not torch.compiler.is_compiling())
 
-    @staticmethod
-    def _add_pos(x: Tensor, position: nn.Module, offset: int = 0) -> Tensor:
-        emb = position.embed(torch.arange(offset, offset + x.shape[1], device=x.device))
-        return x if emb is None else x + emb.to(x.dtype)
+    @classmethod
+    def _add_pos(cls, x: Tensor, position: nn.Module, offset: int = 0) -> Tensor:
+        return cls._plus(x, position.embed(torch.arange(offset, offset + x.shape[1], device=x.device)))
 
     @staticmethod
     def _plus(x: Tensor, emb: Tensor | None) -> Tensor:
@@ -441,7 +422,7 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         positions = [self.position, *self.positions]
         ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         pos = [torch.arange(n, device=idx.device) for n in self.lengths(idx.shape[1])]
-        emb = [embed_range(p, q) for p, q in zip(positions, pos)]
+        emb = [p.embed_arange(q) for p, q in zip(positions, pos)]
         x = self._plus(self.hook_embed(self.tok_emb(idx) * self.embed_scale), emb[0])
         x = self.drop(x)
         skips = []
