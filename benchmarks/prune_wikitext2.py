@@ -31,7 +31,7 @@ from modformer.compress.l0 import prune_closed_heads, train_head_gates  # noqa: 
 SMALL = ["model.n_layer=2", "model.n_head=4", "model.d_model=128", "model.max_seq_len=64", "data.seq_len=64",
          "model.dropout=0.1", "model.attn_dropout=0.0", "train.batch_size=16", "train.warmup_steps=50",
          "train.compile=false", "train.threads=1", "train.progress=false", "train.tensorboard=false",
-         "train.eval_batches=20", "train.sample_tokens=0"]
+         "train.eval_batches=20", "train.sample_tokens=0", "train.ema_decay=0"]
 
 
 def main() -> int:
