@@ -100,7 +100,8 @@ def run_config(args: argparse.Namespace, runs: Path) -> RunConfig:
                           options={"vocab_size": args.vocab, "p_repeat": args.p_repeat, "max_gap": args.max_gap})
         seq_len = args.seq_len
     else:
-        data = DataConfig(name="bpe", seq_len=args.seq_len, options={"vocab_size": args.vocab})
+        data = DataConfig(name="bpe", seq_len=args.seq_len, options={"vocab_size": args.vocab,
+                                                                      "repeat_fraction": args.repeat_fraction})
         seq_len = args.seq_len
     return RunConfig(
         name="probe", out_dir=str(runs),
@@ -125,6 +126,8 @@ def main() -> int:
     ap.add_argument("--task-length", type=int, default=16, help="half length of the synthetic induction task")
     ap.add_argument("--p-repeat", type=float, default=0.5, help="random_repeats: share of repeated segments")
     ap.add_argument("--max-gap", type=int, default=32, help="random_repeats: longest gap before a repeat")
+    ap.add_argument("--repeat-fraction", type=float, default=0.0,
+                    help="share of training windows holding one span of the text twice (bpe data)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -199,6 +199,29 @@ def test_stream_windows_and_eval() -> None:
         ds.get_batch("train", 0, g)
 
 
+@pytest.mark.parametrize("seq_len", [16, 15])
+def test_repeat_fraction_writes_one_span_twice(seq_len: int) -> None:
+    s = np.arange(5000, dtype=np.uint16)
+    plain = StreamDataset({"train": s, "val": s}, vocab_size=5000, seq_len=seq_len)
+    ds = StreamDataset({"train": s, "val": s}, vocab_size=5000, seq_len=seq_len, repeat_fraction=0.5)
+    x, y = ds.get_batch("train", 400, torch.Generator().manual_seed(0))
+    row = torch.cat([x, y[:, -1:]], 1)                                   # the T+1 tokens of each window
+    m = (seq_len + 2) // 2
+    repeated = (row[:, 1:] - row[:, :-1] != 1).any(1)
+    assert 0.4 < repeated.float().mean() < 0.6
+    r = row[repeated]
+    assert torch.equal(r[:, m:], r[:, : seq_len + 1 - m])                # second half = the first again
+    assert torch.equal(r[:, 1:m] - r[:, : m - 1], torch.ones(len(r), m - 1, dtype=torch.int64))  # real text
+    assert torch.equal(row[~repeated][:, 1:] - row[~repeated][:, :-1], torch.ones(int((~repeated).sum()), seq_len,
+                                                                           dtype=torch.int64))
+    # validation windows are never repeated
+    xv, _ = ds.get_batch("val", 400, torch.Generator().manual_seed(0))
+    assert torch.equal(xv, plain.get_batch("val", 400, torch.Generator().manual_seed(0))[0])
+    assert not (xv[:, 1:] - xv[:, :-1] != 1).any()
+    with pytest.raises(ConfigError, match="repeat_fraction"):
+        StreamDataset({"train": s}, vocab_size=5000, seq_len=16, repeat_fraction=1.0)
+
+
 @pytest.mark.parametrize("n,stride", [(2, 3), (95, 1), (95, 5), (96, 7), (17, 16), (300, 4)])
 def test_strided_eval_scores_every_target_once_with_long_context(n: int, stride: int) -> None:
     t = 16

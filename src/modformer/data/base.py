@@ -136,7 +136,10 @@ class ExampleDataset(Dataset):
 class StreamDataset(Dataset):
     """A corpus: one 1-D token stream per split (usually a memory-mapped .npy), read in windows.
 
-    Training batches are random windows x = s[i:i+T], y = s[i+1:i+T+1]. Evaluation covers a split with
+    Training batches are random windows x = s[i:i+T], y = s[i+1:i+T+1]; with ``repeat_fraction`` p > 0,
+    each training window is, with probability p, one span of the text written twice (s[i:i+m] s[i:i+m],
+    m = ceil((T+1)/2)): in-context repetition that a small corpus has too little of for induction heads
+    to beat memorisation (issue 9). Evaluation covers a split with
     consecutive non-overlapping windows; the last one is padded (x with 0, y with -100), so every token
     after the first is predicted exactly once.
 
@@ -148,9 +151,12 @@ class StreamDataset(Dataset):
     kind = "corpus"
 
     def __init__(self, streams: dict[str, np.ndarray], vocab_size: int, seq_len: int,
-                 words: dict[str, int] | None = None) -> None:
+                 words: dict[str, int] | None = None, repeat_fraction: float = 0.0) -> None:
         if seq_len <= 0:
             raise ConfigError(f"data.seq_len must be a positive integer, got {seq_len}")
+        if not 0.0 <= repeat_fraction < 1.0:
+            raise ConfigError(f"data.options.repeat_fraction must be in [0, 1), got {repeat_fraction}")
+        self.repeat_fraction = repeat_fraction
         self._streams = streams
         self.splits = tuple(streams)
         self.vocab_size = vocab_size
@@ -170,7 +176,12 @@ class StreamDataset(Dataset):
         if len(s) <= t:
             raise ConfigError(f"data.seq_len={t} is too long for split {split!r} of {len(s)} tokens")
         ix = torch.randint(len(s) - t, (batch_size,), generator=generator).numpy()
-        chunk = torch.from_numpy(s[ix[:, None] + np.arange(t + 1)].astype(np.int64))  # (B, T+1)
+        offsets = np.broadcast_to(np.arange(t + 1), (batch_size, t + 1))
+        if split == "train" and self.repeat_fraction > 0:
+            # a share of the windows holds one span of the text twice: [a b c ... a b c ...]
+            repeat = (torch.rand(batch_size, generator=generator) < self.repeat_fraction).numpy()
+            offsets = np.where(repeat[:, None], np.arange(t + 1) % ((t + 2) // 2), offsets)
+        chunk = torch.from_numpy(s[ix[:, None] + offsets].astype(np.int64))  # (B, T+1)
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
     def iter_eval(self, split: str, batch_size: int, max_batches: int = 0,

@@ -149,11 +149,12 @@ class BPECorpus(StreamDataset):
     of the source text and the settings. ``word_ppl`` = exp(loss_sum / n_words) with n_words the number
     of whitespace-separated words of the evaluated text (``str.split``; WikiText's ``<eos>`` is not
     counted, as no such token exists in raw text), so it is comparable across tokenizers.
+    ``repeat_fraction``: share of training windows that repeat one span (see ``StreamDataset``).
     """
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, source: str = "wikitext2",
                  vocab_size: int = 8192, min_frequency: int = 2, train_fraction: float = 0.9,
-                 cache_dir: str | None = None, download: bool = False) -> None:
+                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0) -> None:
         if not isinstance(vocab_size, int) or vocab_size < 257:
             raise ConfigError(f"data.options.vocab_size must be an integer >= 257, got {vocab_size!r}")
         if not 0.0 < train_fraction < 1.0:
@@ -190,7 +191,8 @@ class BPECorpus(StreamDataset):
             atomic_write_text(meta_path, json.dumps({"words": words, "source": str(source)}))   # marks done
         self._load_tokenizer(tok_path)
         words = json.loads(meta_path.read_text())["words"]
-        super().__init__(_load_streams(folder, splits), self.tokenizer.get_vocab_size(), seq_len, words=words)
+        super().__init__(_load_streams(folder, splits), self.tokenizer.get_vocab_size(), seq_len, words=words,
+                         repeat_fraction=repeat_fraction)
         self.cache_folder = folder
 
     def _load_tokenizer(self, path: Path) -> None:
