@@ -162,10 +162,10 @@ def test_phatgoose_gate_and_route_match_the_paper():
         assert torch.allclose(m(u), want, atol=1e-4)
 
 
-@pytest.mark.parametrize("joint", [False, True])
-def test_gate_training_changes_only_gates(joint):
+@pytest.mark.parametrize("joint,top_k", [(False, 2), (True, 2), (True, 1)])
+def test_gate_training_changes_only_gates(joint, top_k):
     base = tiny_gpt(d=32)
-    model = G.attach_experts(base, [d for _, d in _lora_experts(base)], top_k=2)
+    model = G.attach_experts(base, [d for _, d in _lora_experts(base)], top_k=top_k)
     frozen = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if "gates" not in n}
     gates_before = [p.clone() for p in G.gate_parameters(model)]
     data = [build_dataset(DataConfig(name="multitask", options={"tasks": [t], "n_examples": 64, "length": 3}))
@@ -177,7 +177,8 @@ def test_gate_training_changes_only_gates(joint):
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if "gates" not in n:
             assert torch.equal(t, frozen[n]), n
-    assert any(not torch.equal(a, b) for a, b in zip(gates_before, G.gate_parameters(model)))
+    assert any(not torch.equal(a, b) for a, b in zip(gates_before, G.gate_parameters(model)))   # top-1 too
+    assert all(m.top_k == top_k for m in G.expert_linears(model).values())                  # inference k kept
     acc = G.routing_accuracy(model, mixture.get_batch("val", 0, torch.Generator())[0],
                              torch.zeros(mixture.split_size("val"), dtype=torch.long))
     assert 0.0 <= acc["routing_top1"] <= acc["routing_topk"] <= 1.0

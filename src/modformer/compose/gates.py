@@ -170,7 +170,8 @@ def train_gates(model: nn.Module, datasets: Sequence[Any], train_cfg: Any, steps
 
     Independent (default): for each expert j, ``steps`` steps of gate j alone in ``gated`` mode on
     ``datasets[j]``. Joint: ``len(datasets) * steps`` steps of all gates together in ``route`` mode on
-    ``mixture`` (the union of the experts' data). Returns the losses.
+    ``mixture`` (the union of the experts' data), routing over at least the top 2 while training: a
+    softmax over one score is 1 and would give the gates no gradient. Returns the losses.
     """
     from modformer.compress.finetune import finetune
 
@@ -181,8 +182,13 @@ def train_gates(model: nn.Module, datasets: Sequence[Any], train_cfg: Any, steps
     if joint:
         for p in gate_parameters(model):
             p.requires_grad_(True)
+        top_k = {m: m.top_k for m in expert_linears(model).values()}
         set_mode(model, "route")
+        for m, k in top_k.items():
+            m.top_k = max(k, 2)
         losses += finetune(model, mixture, cfg, steps * len(datasets), lr=lr, seed=seed)
+        for m, k in top_k.items():
+            m.top_k = k
     else:
         for j, data in enumerate(datasets):
             for p in gate_parameters(model):
