@@ -1,6 +1,8 @@
-"""Helpers shared by the trainer tests (not fixtures, so a plain module)."""
+"""Helpers shared by the tests (not fixtures, so a plain module)."""
 
 from __future__ import annotations
+
+import torch
 
 
 def strip(rows: list[dict]) -> list[dict]:
@@ -18,3 +20,17 @@ def kill_at(step: int):
         if s == step:
             raise Kill
     return cb
+
+
+def assert_cache_matches_full_forward(model: torch.nn.Module, vocab: int, static: bool):
+    """Prefill 9 tokens, decode 3 one at a time, then a 3-token chunk: the logits must equal one full
+    forward over the 15 tokens. Returns the cache."""
+    idx = torch.randint(0, vocab, (2, 15))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, static=static, max_len=20)
+        first = model(idx[:, :9], cache=cache)
+        steps = [model(idx[:, t:t + 1], cache=cache) for t in range(9, 12)]
+        chunk = model(idx[:, 12:], cache=cache)
+    torch.testing.assert_close(torch.cat([first, *steps, chunk], dim=1), full, atol=1e-5, rtol=1e-5)
+    return cache

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from _helpers import assert_cache_matches_full_forward
 
 import modformer as mf
 from modformer.layers.position import RotaryPosition
@@ -81,16 +82,7 @@ def test_rope_scores_depend_only_on_relative_position():
 @pytest.mark.parametrize("attention", ["mha", "mqa"])
 def test_cache_matches_full_forward(position, static, attention):
     model = mf.build_model(tiny(position=position, attention=attention)).eval()
-    idx = torch.randint(0, 37, (2, 15))
-    with torch.no_grad():
-        full = model(idx)
-        cache = model.new_cache(2, static=static, max_len=20)
-        first = model(idx[:, :9], cache=cache)
-        steps = [model(idx[:, t:t + 1], cache=cache) for t in range(9, 12)]
-        chunk = model(idx[:, 12:], cache=cache)
-    got = torch.cat([first, *steps, chunk], dim=1)
-    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
-    assert cache.length == 15
+    assert assert_cache_matches_full_forward(model, 37, static).length == 15
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_cache_matches_full_forward
 
 import modformer as mf
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
@@ -99,15 +100,7 @@ def test_causality_other_norm_placements(name, placement):
 def test_cache_matches_full_forward(name, static, position):
     model = mf.build_model(variant(name, position=position)).eval()
     perturb(model)
-    idx = torch.randint(0, V, (2, 15))
-    with torch.no_grad():
-        full = model(idx)
-        cache = model.new_cache(2, static=static, max_len=20)
-        first = model(idx[:, :9], cache=cache)
-        steps = [model(idx[:, t:t + 1], cache=cache) for t in range(9, 12)]
-        chunk = model(idx[:, 12:], cache=cache)
-    torch.testing.assert_close(torch.cat([first, *steps, chunk], dim=1), full, atol=1e-5, rtol=1e-5)
-    assert cache.length == 15
+    assert assert_cache_matches_full_forward(model, V, static).length == 15
 
 
 @pytest.mark.parametrize("name", ["mla", "moa", "multichannel"])
