@@ -186,9 +186,11 @@ def train_gates(model: nn.Module, datasets: Sequence[Any], train_cfg: Any, steps
         set_mode(model, "route")
         for m, k in top_k.items():
             m.top_k = max(k, 2)
-        losses += finetune(model, mixture, cfg, steps * len(datasets), lr=lr, seed=seed)
-        for m, k in top_k.items():
-            m.top_k = k
+        try:
+            losses += finetune(model, mixture, cfg, steps * len(datasets), lr=lr, seed=seed)
+        finally:                                   # the inference top-k survives a failed training run
+            for m, k in top_k.items():
+                m.top_k = k
     else:
         for j, data in enumerate(datasets):
             for p in gate_parameters(model):
