@@ -43,13 +43,14 @@ def run_config(name: str, n_layer: int, args: argparse.Namespace, runs: Path) ->
     return RunConfig(
         name=name, out_dir=str(runs),
         model=ModelConfig(n_layer=n_layer, d_model=args.d_model, n_head=args.n_head, max_seq_len=args.seq_len,
-                          attn_only=True, position=args.position, norm=args.norm, tie_embeddings=args.tie),
+                          attn_only=True, position=args.position, norm=args.norm, tie_embeddings=args.tie,
+                          dropout=args.dropout),
         data=DataConfig(name="bpe", seq_len=args.seq_len, options={"vocab_size": args.vocab,
                                                                    "repeat_fraction": args.repeat_fraction}),
         train=TrainConfig(steps=args.steps_1l if n_layer == 1 else args.steps_2l, batch_size=args.batch,
                           lr=args.lr, weight_decay=args.wd, warmup_steps=args.warmup, eval_every=100, eval_batches=4,
                           log_every=50, progress=False, tensorboard=False, device=args.device,
-                          threads=args.threads, seed=0, sample_tokens=0))
+                          threads=args.threads, seed=args.seed, sample_tokens=0))
 
 
 def train(name: str, n_layer: int, args: argparse.Namespace, runs: Path) -> tuple[Trainer, dict, float]:
@@ -98,6 +99,8 @@ def main() -> int:
     ap.add_argument("--tie", action="store_true", help="tie the embedding and unembedding")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
                     help="share of training windows holding one span of the text twice (bpe data)")
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation and batch order)")
     ap.add_argument("--copy-threshold", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)

@@ -174,6 +174,24 @@ def test_compiled_static_decoding_matches_eager():
     prompt = torch.randint(0, 37, (2, 4))
     eager = model.generate(prompt, 8, temperature=0, use_cache=False)
     assert torch.equal(model.generate(prompt, 8, temperature=0, compile=True), eager)
+    other = torch.randint(0, 37, (2, 5))     # same total length: the decoder and its cache are reused
+    assert torch.equal(model.generate(other, 7, temperature=0, compile=True),
+                       model.generate(other, 7, temperature=0, use_cache=False))
+
+
+def test_graph_decoder_stops_at_eos_like_the_eager_loop(monkeypatch):
+    """With an EOS token the graph decoder pads finished rows with EOS and trims where every row has ended."""
+    from modformer.models.generation import GraphDecoder
+
+    monkeypatch.setattr(GraphDecoder, "check_every", 4)
+    torch.manual_seed(0)
+    model = mf.build_model(tiny()).eval()
+    prompt = torch.randint(0, 37, (3, 4))
+    eos = int(model.generate(prompt, 12, temperature=0)[0, -1])     # a token the first row emits
+    for batch in [prompt, prompt[:1].repeat(2, 1)]:                 # one row finishes / every row finishes
+        eager = model.generate(batch, 40, temperature=0, eos_token_id=eos)
+        assert torch.equal(model.generate(batch, 40, temperature=0, eos_token_id=eos, compile=True), eager)
+    assert eager.shape[1] < 44 and (eager[:, -1] == eos).all()
 
 
 @pytest.mark.parametrize("model", ["gpt", "hourglass"])

@@ -2,7 +2,8 @@
 
 Both models get the same GPT-2-shaped config and weights (``mf.hf.to_hf``), the same batch, the
 same fused AdamW and the same loss. Rows are cumulative techniques for modformer (fp32 -> bf16
-autocast -> fused AdamW -> torch.compile) and the HF peer with and without compile.
+autocast -> fused AdamW -> torch.compile -> CUDA graphs, the last on GPU)
+and the HF peer with and without compile.
 MFU = flops_per_token (PaLM formula) x tokens/s / 989 TF (H100 SXM dense bf16).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import re
 from typing import Any
 
 import torch
@@ -34,8 +36,12 @@ def gpt2_config(spec: dict[str, Any]) -> mf.ModelConfig:
 
 
 def measure(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
-            fused: bool, compile_model: bool, steps: int, device: torch.device) -> dict[str, float]:
-    """Median step time of forward + cross-entropy + backward + AdamW step."""
+            fused: bool, compile_model: bool | str, steps: int, device: torch.device,
+            profile_to: str | None = None) -> dict[str, float]:
+    """Median step time of forward + cross-entropy + backward + AdamW step.
+
+    ``compile_model`` is False, True (default mode) or a torch.compile mode name; ``profile_to`` writes
+    the step's top GPU kernels (torch.profiler) to that file."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -44,7 +50,8 @@ def measure(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, 
             logits = model(input_ids=x).logits if hf else model(x)
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-    fwd = torch.compile(loss_fn) if compile_model else loss_fn   # same compiled region for both models
+    mode = compile_model if isinstance(compile_model, str) else None
+    fwd = torch.compile(loss_fn, mode=mode) if compile_model else loss_fn   # same compiled region for both models
 
     def step() -> None:
         loss = fwd(x, y)
@@ -56,10 +63,30 @@ def measure(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, 
         torch.cuda.reset_peak_memory_stats(device)
     t = time_fn(step, device, warmup=5 if compile_model else 3, iters=steps)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    if profile_to:
+        write_profile(step, device, profile_to)
     return {"step_ms": t * 1e3, "peak_mem_gib": peak}
 
 
-def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok: bool) -> list[dict[str, Any]]:
+def write_profile(step: Any, device: torch.device, path: str, steps: int = 3) -> None:
+    """torch.profiler table of the GPU kernels of ``steps`` training steps, sorted by total device time."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
+
+
+def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok: bool,
+        profile_dir: str | None = None) -> list[dict[str, Any]]:
     spec = PRESETS[preset]
     cfg = gpt2_config(spec["model"])
     torch.manual_seed(0)
@@ -70,11 +97,14 @@ def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok
     flops = base.flops_per_token(spec["seq"])
     gpu = device.type == "cuda"
     bf16 = torch.bfloat16 if gpu else None
+    # (name, HF peer?, autocast dtype, fused AdamW, compile (False / True / a torch.compile mode))
     variants = [("modformer fp32", False, None, False, False),
                 ("modformer +bf16 autocast", False, bf16, False, False),
                 ("modformer +fused AdamW", False, bf16, gpu, False)]
     if compile_ok:
         variants.append(("modformer +torch.compile", False, bf16, gpu, True))
+        if gpu:
+            variants.append(("modformer +CUDA graphs (reduce-overhead)", False, bf16, gpu, "reduce-overhead"))
     if with_hf:
         variants += [("HF GPT2LMHeadModel (sdpa)", True, bf16, gpu, False)]
         if compile_ok:
@@ -87,7 +117,8 @@ def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok
         if hf:
             model = mf.hf.to_hf(model).to(device)
         model.train()
-        r = measure(model, hf, x, y, dtype, fused, comp, steps, device)
+        prof = f"{profile_dir}/{preset}_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.txt" if profile_dir else None
+        r = measure(model, hf, x, y, dtype, fused, comp, steps, device, prof)
         tps = tokens / (r["step_ms"] / 1e3)
         rows.append({"preset": preset, "variant": name, **r, "tokens_per_s": tps,
                      "mfu": flops * tps / H100_BF16_PEAK if gpu else float("nan")})
@@ -106,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile-dir", help="write each variant's top GPU kernels (torch.profiler) here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -115,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     presets = args.preset or ["gpt2-124m", "char-10m"]
     rows = []
     for preset in presets:
-        rows += run(preset, args.steps, device, not args.no_hf, not args.no_compile)
+        rows += run(preset, args.steps, device, not args.no_hf, not args.no_compile, args.profile_dir)
     ceiling = matmul_ceiling(device)
     print_table(rows, ["preset", "variant", "step_ms", "tokens_per_s", "mfu", "peak_mem_gib"])
     first = presets[0]

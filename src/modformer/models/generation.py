@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -37,9 +39,9 @@ class GenerationMixin:
 
         Without a cache each step re-runs the whole (cropped) context; with one, only the new
         token. Greedy decoding (temperature=0) gives identical tokens either way. ``compile=True``
-        (implies a static cache) compiles the one-token decode step with torch.compile in
-        "reduce-overhead" mode, i.e. CUDA graphs on GPU: positions enter as a tensor, so one graph
-        serves every step.
+        (implies a static cache) runs the decode loop as a ``GraphDecoder``: the forward is compiled
+        with torch.compile and, on GPU, one whole decode step (forward, sampling, bookkeeping) is
+        captured once as a CUDA graph and replayed for every token, with no host work in between.
         """
         was_training = self.training
         self.eval()
@@ -48,45 +50,131 @@ class GenerationMixin:
         if use_cache and max_len is not None and idx.shape[1] + max_new_tokens > max_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"model.max_seq_len={max_len}; use use_cache=False to slide the window")
-        cache = None
-        if use_cache:
-            cache = self.new_cache(idx.shape[0], static=static_cache,
-                                   max_len=idx.shape[1] + max_new_tokens if static_cache else None)
-        step_fn = self._decode_step_fn() if compile and use_cache else None
-        pos = None
-        finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-        step_input = idx
-        for i in range(max_new_tokens):
-            if cache is None:
-                step_input = idx if max_len is None else idx[:, -max_len:]
-            if step_fn is not None and i > 0:          # prefill runs eagerly; decode steps use the graph
-                if pos is None:
-                    pos = torch.tensor([cache.length], device=idx.device)
-                else:
-                    pos.add_(1)
-                logits = step_fn(step_input, pos, cache)[:, -1]
-                cache.length += 1
-            else:
+        try:
+            if compile and use_cache and max_new_tokens > 0:
+                decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device)
+                return decoder.run(idx, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                                   eos_token_id, generator)
+            cache = None
+            if use_cache:
+                cache = self.new_cache(idx.shape[0], static=static_cache,
+                                       max_len=idx.shape[1] + max_new_tokens if static_cache else None)
+            finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
+            step_input = idx
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    step_input = idx if max_len is None else idx[:, -max_len:]
                 logits = self(step_input, cache=cache, last_only=True)[:, -1]
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = nxt.masked_fill(finished, eos_token_id)
-                finished |= nxt == eos_token_id
-            idx = torch.cat([idx, nxt], dim=1)
-            step_input = nxt
-            if eos_token_id is not None and bool(finished.all()):
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    nxt = nxt.masked_fill(finished, eos_token_id)
+                    finished |= nxt == eos_token_id
+                idx = torch.cat([idx, nxt], dim=1)
+                step_input = nxt
+                if eos_token_id is not None and bool(finished.all()):
+                    break
+            return idx
+        finally:
+            self.train(was_training)
+
+    def _graph_decoder(self, batch: int, length: int, device: torch.device) -> GraphDecoder:
+        """The model's ``GraphDecoder`` for this batch size and total length (one kept at a time)."""
+        dec = getattr(self, "_decoder", None)
+        if dec is None or (dec.batch, dec.length, dec.device) != (batch, length, device):
+            dec = GraphDecoder(self, batch, length, device)
+            object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
+        return dec
+
+
+class GraphDecoder:
+    """Decoding whose per-token step reads and writes only fixed buffers, so it can be a CUDA graph.
+
+    The step runs the compiled forward on the last token at position ``pos`` (a tensor), samples,
+    writes the token into the output buffer and advances ``pos``, all in place. On CUDA the step is
+    captured once per sampling setting and replayed; the host then only launches the graph, which
+    removes the per-token Python and launch overhead that dominates batch-1 decoding. The static
+    KV cache and buffers are reused across calls of the same batch size and total length.
+    """
+
+    check_every = 32                        # with an EOS token: steps between host checks for "all finished"
+    compile_options: dict | None = None     # torch.compile ``options`` for the forward (Inductor config)
+    sdpa_backends: list | None = None       # SDPA backends for the decode step (None: PyTorch's choice)
+
+    def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device) -> None:
+        self.model, self.batch, self.length, self.device = model, batch, length, device
+        self.cache = model.new_cache(batch, static=True, max_len=length)
+        self.logits_fn = torch.compile(self._logits, dynamic=False, options=self.compile_options)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)      # input of the next step
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)             # its absolute position
+        self.col = torch.zeros(1, dtype=torch.long, device=device)             # its output column
+        self.out = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+        self.graphs: dict[tuple, object] = {}
+
+    def _logits(self, tok: Tensor, pos: Tensor) -> Tensor:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
+            return self.model(tok, cache=self.cache, pos=pos, last_only=True)[:, -1]
+
+    def _step(self, sampling: dict, eos: int | None, generator: torch.Generator | None) -> None:
+        nxt = sample_next(self.logits_fn(self.tok, self.pos), generator=generator, **sampling)
+        if eos is not None:
+            nxt = nxt.masked_fill(self.finished, eos)
+            self.finished |= nxt == eos
+        self.out.index_copy_(1, self.col, nxt)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        self.col.add_(1)
+
+    def _state(self) -> list[Tensor]:
+        return [self.tok, self.pos, self.col, self.out, self.finished]
+
+    def _graph(self, sampling: dict, eos: int | None, generator: torch.Generator | None) -> object | None:
+        """The captured step for this sampling setting (None off CUDA: the step then runs directly)."""
+        if self.device.type != "cuda" or (generator is not None
+                                           and not hasattr(torch.cuda.CUDAGraph, "register_generator_state")):
+            return None
+        key = (tuple(sampling.values()), eos, id(generator))
+        if key not in self.graphs:
+            graph = torch.cuda.CUDAGraph()
+            if generator is not None:
+                graph.register_generator_state(generator)
+            saved = [t.clone() for t in self._state()]
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):     # warm-up: compile, autotune and allocate outside the capture
+                for _ in range(2):
+                    self._step(sampling, eos, generator)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            with torch.cuda.graph(graph):
+                self._step(sampling, eos, generator)
+            for t, s in zip(self._state(), saved):   # undo the warm-up (its cache writes are overwritten)
+                t.copy_(s)
+            self.graphs[key] = graph
+        return self.graphs[key]
+
+    def run(self, idx: Tensor, max_new_tokens: int, sampling: dict, eos: int | None,
+            generator: torch.Generator | None) -> Tensor:
+        """``idx`` followed by ``max_new_tokens`` tokens (fewer if every sequence reached ``eos``)."""
+        prompt_len = idx.shape[1]
+        self.cache.length = 0
+        logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]        # prefill, eager
+        first = sample_next(logits, generator=generator, **sampling)
+        self.finished.copy_(first == eos if eos is not None else torch.zeros_like(self.finished))
+        self.out[:, :prompt_len] = idx
+        self.out[:, prompt_len:prompt_len + 1] = first
+        self.tok.copy_(first)
+        self.pos.fill_(prompt_len)
+        self.col.fill_(prompt_len + 1)
+        graph = self._graph(sampling, eos, generator)
+        for i in range(1, max_new_tokens):
+            graph.replay() if graph is not None else self._step(sampling, eos, generator)
+            if eos is not None and i % self.check_every == 0 and bool(self.finished.all()):
                 break
-        self.train(was_training)
-        return idx
-
-    def _decode_step_fn(self):  # noqa: ANN202
-        """The compiled one-token step ``(idx (B, 1), pos (1,), cache) -> logits``, built once per model."""
-        fn = getattr(self, "_compiled_decode", None)
-        if fn is None:
-            def step(idx: Tensor, pos: Tensor, cache: object) -> Tensor:
-                return self(idx, cache=cache, pos=pos, last_only=True).clone()
-
-            mode = "reduce-overhead" if next(self.parameters()).is_cuda else "default"
-            fn = torch.compile(step, mode=mode)
-            object.__setattr__(self, "_compiled_decode", fn)
-        return fn
+        out = self.out[:, :prompt_len + max_new_tokens].clone()
+        if eos is not None:              # drop the columns after the step at which every sequence had finished
+            hit = out[:, prompt_len:] == eos
+            if bool(hit.any(dim=1).all()):
+                out = out[:, :prompt_len + int(hit.float().argmax(dim=1).max()) + 1]
+        return out

@@ -15,6 +15,7 @@ preallocated (static) KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -114,10 +115,28 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
         k, v = _expand_kv(k, v, H)   # enable_gqa only pays off on the fused GPU kernels
     if mask is not None and mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=plain_causal,
-        dropout_p=spec.dropout_p, scale=spec.scale, enable_gqa=k.shape[1] != H)
+    with _without_cudnn() if _skip_cudnn(q) else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=plain_causal,
+            dropout_p=spec.dropout_p, scale=spec.scale, enable_gqa=k.shape[1] != H)
     return out, None
+
+
+def _skip_cudnn(q: Tensor) -> bool:
+    """Eager inference on GPU avoids cuDNN attention: it builds a new execution plan for every new
+    shape (~40 ms on an H200), and decoding changes the key length at every token, which made eager
+    generation ~50 ms/token. Training and compiled graphs have fixed shapes and keep it."""
+    return (q.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch.backends.cuda.cudnn_sdp_enabled())
+
+
+def _without_cudnn() -> contextlib.AbstractContextManager:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
+    return sdpa_kernel([b for b, on in enabled.items() if on] or [SDPBackend.MATH])
 
 
 @lru_cache(maxsize=64)
