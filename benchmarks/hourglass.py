@@ -11,7 +11,8 @@ compression (last_k), upsampling (attention), local/global schedule, K and the s
 Headline (first corpus): ``val_loss_gpt`` / ``val_loss_hourglass`` (final), ``time_ratio_vs_gpt`` = GPT's
 training seconds to its best val loss / the hourglass's training seconds to reach that loss (first
 evaluation at or below it; null if never reached), ``flops_ratio_vs_gpt`` likewise in FLOPs,
-``time_ratio_at_hourglass_best`` (the same ratio at the hourglass's best loss), plus the same keys suffixed
+``time_ratio_at_hourglass_best`` (the same ratio at the hourglass's best loss), ``time_ratio_vs_gpt_excl_warmup``
+(both times minus each run's one-off start-up: torch.compile and autotuning, ``warmup_s``), plus the same keys suffixed
 ``_<corpus>`` for every corpus.
 
 A full run (2 corpora x 12 rows of 5000 / 1300 steps at T=2048) takes hours; on a machine with a
@@ -106,13 +107,17 @@ def run_one(name: str, config: Path, overrides: list[str], args: argparse.Namesp
         point["flops"] = point["step"] * batch * seq * fpt
     train_rows = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if r["split"] == "train"]
     tps = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
+    warmup = None
+    if len(train_rows) > 1:   # the first log window holds torch.compile / autotuning: its excess over the median rate
+        first = train_rows[0]["step"] * batch * seq
+        warmup = max(first / train_rows[0]["tokens_per_s"] - first / statistics.median(tps), 0.0)
     best = min(curve, key=lambda p: p["loss"]) if curve else None
     return {"name": name, "model": cfg.model.model, "model_options": cfg.model.model_options,
             "params": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
             "flops_per_token": fpt, "seq_len": seq, "batch_size": batch, "steps": trainer.step,
             "tokens": trainer.step * batch * seq,
             "val_loss": curve[-1]["loss"] if curve else None, "best_val_loss": best["loss"] if best else None,
-            "train_s": curve[-1]["train_s"] if curve else None, "eval_s": eval_seconds[0],
+            "train_s": curve[-1]["train_s"] if curve else None, "eval_s": eval_seconds[0], "warmup_s": warmup,
             "tokens_per_s": statistics.median(tps) if tps else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
             "curve": curve}
@@ -126,15 +131,30 @@ def first_reach(curve: list[dict], target: float, key: str) -> float | None:
     return None
 
 
+def warmup_seconds(row: dict) -> float:
+    """One-off start-up time inside the first training seconds (torch.compile, autotuning): the row's
+    ``warmup_s``, or for older rows the first evaluation interval's excess over the median interval."""
+    if row.get("warmup_s") is not None:
+        return row["warmup_s"]
+    c = row["curve"]
+    if len(c) < 3:
+        return 0.0
+    per_step = statistics.median((b["train_s"] - a["train_s"]) / (b["step"] - a["step"]) for a, b in zip(c, c[1:]))
+    return max(c[0]["train_s"] - per_step * c[0]["step"], 0.0)
+
+
 def compare(gpt: dict, hg: dict) -> dict:
     target = gpt["best_val_loss"]
     t_gpt, t_hg = first_reach(gpt["curve"], target, "train_s"), first_reach(hg["curve"], target, "train_s")
+    w_gpt, w_hg = warmup_seconds(gpt), warmup_seconds(hg)
     f_gpt, f_hg = first_reach(gpt["curve"], target, "flops"), first_reach(hg["curve"], target, "flops")
     # if the hourglass never reaches GPT's best loss: how much sooner GPT reaches the hourglass's best
     own = hg["best_val_loss"]
     t_gpt_own, t_hg_own = first_reach(gpt["curve"], own, "train_s"), first_reach(hg["curve"], own, "train_s")
     return {"target_loss": target, "val_loss_gpt": gpt["val_loss"], "val_loss_hourglass": hg["val_loss"],
             "time_ratio_vs_gpt": t_gpt / t_hg if t_gpt and t_hg else None,
+            "time_ratio_vs_gpt_excl_warmup": (t_gpt - w_gpt) / (t_hg - w_hg) if t_gpt and t_hg else None,
+            "warmup_s_gpt": w_gpt, "warmup_s_hourglass": w_hg,
             "time_ratio_at_hourglass_best": t_gpt_own / t_hg_own if t_gpt_own and t_hg_own else None,
             "flops_ratio_vs_gpt": f_gpt / f_hg if f_gpt and f_hg else None,
             "tokens_per_s_ratio_vs_gpt": hg["tokens_per_s"] / gpt["tokens_per_s"]
