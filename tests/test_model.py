@@ -177,6 +177,9 @@ def test_compiled_static_decoding_matches_eager():
     other = torch.randint(0, 37, (2, 5))     # same total length: the decoder and its cache are reused
     assert torch.equal(model.generate(other, 7, temperature=0, compile=True),
                        model.generate(other, 7, temperature=0, use_cache=False))
+    model.double()                          # new weight tensors (and dtype): the decoder must be rebuilt
+    assert torch.equal(model.generate(other, 7, temperature=0, compile=True),
+                       model.generate(other, 7, temperature=0, use_cache=False))
 
 
 def test_graph_decoder_stops_at_eos_like_the_eager_loop(monkeypatch):

@@ -78,10 +78,16 @@ class GenerationMixin:
             self.train(was_training)
 
     def _graph_decoder(self, batch: int, length: int, device: torch.device) -> GraphDecoder:
-        """The model's ``GraphDecoder`` for this batch size and total length (one kept at a time)."""
+        """The model's ``GraphDecoder`` for this batch size and total length (one kept at a time).
+
+        A captured graph reads the weights at fixed addresses, so the decoder is rebuilt whenever a tensor
+        of the model was replaced (``model.to(...)``, ``load_state_dict(assign=True)``); in-place updates
+        such as optimizer steps keep the addresses and reach the graph."""
+        key = (batch, length, device, tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
         dec = getattr(self, "_decoder", None)
-        if dec is None or (dec.batch, dec.length, dec.device) != (batch, length, device):
+        if dec is None or dec.key != key:
             dec = GraphDecoder(self, batch, length, device)
+            dec.key = key
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
         return dec
 
@@ -102,6 +108,7 @@ class GraphDecoder:
 
     def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device) -> None:
         self.model, self.batch, self.length, self.device = model, batch, length, device
+        self.key: tuple = ()
         self.cache = model.new_cache(batch, static=True, max_len=length)
         self.logits_fn = torch.compile(self._logits, dynamic=False, options=self.compile_options)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)      # input of the next step
