@@ -221,3 +221,21 @@ def test_counted_flops_are_6n_plus_full_attention():
     model = mf.build_model(mf.ModelConfig(vocab_size=V, n_layer=L, d_model=D, n_head=4, max_seq_len=T))
     matmul_weights = L * (4 * D * D + 2 * D * 4 * D) + V * D          # qkv + out, MLP up + down, tied LM head
     assert counted_train_flops_per_token(model, T, V) == 6 * matmul_weights + 3 * L * 4 * T * D
+
+
+def test_throughput_bench_runs_tiny_preset_and_writes_profiles(tmp_path):
+    """`modformer bench throughput` on the tiny preset: every variant timed, the HF peer included, JSON and the
+    per-variant profiler tables written."""
+    import json
+
+    from modformer.bench import throughput
+
+    assert throughput.main(["--preset", "tiny", "--steps", "1", "--no-compile", "--device", "cpu",
+                            "--profile-dir", str(tmp_path / "prof"), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    variants = [r["variant"] for r in result["rows"]]
+    assert variants == ["modformer fp32", "modformer +bf16 autocast", "modformer +fused AdamW",
+                        "HF GPT2LMHeadModel (sdpa)"]
+    assert all(r["step_ms"] > 0 for r in result["rows"])
+    tables = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert len(tables) == 4 and "aten::" in (tmp_path / "prof" / tables[0]).read_text()

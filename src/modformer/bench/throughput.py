@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import gc
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,8 +71,6 @@ def measure(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, 
 
 def write_profile(step: Any, device: torch.device, path: str, steps: int = 3) -> None:
     """torch.profiler table of the GPU kernels of ``steps`` training steps, sorted by total device time."""
-    from pathlib import Path
-
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -86,8 +86,7 @@ class GenerationMixin:
         key = (batch, length, device, tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
         dec = getattr(self, "_decoder", None)
         if dec is None or dec.key != key:
-            dec = GraphDecoder(self, batch, length, device)
-            dec.key = key
+            dec = GraphDecoder(self, batch, length, device, key)
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
         return dec
 
@@ -106,9 +105,9 @@ class GraphDecoder:
     compile_options: dict | None = None     # torch.compile ``options`` for the forward (Inductor config)
     sdpa_backends: list | None = None       # SDPA backends for the decode step (None: PyTorch's choice)
 
-    def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device) -> None:
-        self.model, self.batch, self.length, self.device = model, batch, length, device
-        self.key: tuple = ()
+    def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device,
+                 key: tuple = ()) -> None:
+        self.model, self.batch, self.length, self.device, self.key = model, batch, length, device, key
         self.cache = model.new_cache(batch, static=True, max_len=length)
         self.logits_fn = torch.compile(self._logits, dynamic=False, options=self.compile_options)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)      # input of the next step
