@@ -194,6 +194,9 @@ def test_cli_train_eval_generate_list(tmp_path):
     assert slid.returncode == 0 and math.isfinite(json.loads(slid.stdout)["loss"])
     out = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "3")
     assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
+    greedy = [cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "4",
+                  "--temperature", "0", *extra) for extra in ([], ["--compile"])]
+    assert greedy[1].returncode == 0 and greedy[1].stdout == greedy[0].stdout
     out = cli("list")
     assert "attention" in out.stdout and "gqa" in out.stdout and "rope" in out.stdout
     bad = cli("train", str(path), "train.lrr=1")

@@ -70,7 +70,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if max_len is not None and idx.shape[1] > max_len:
         idx = idx[:, -max_len:]
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=g, use_cache=fits)   # slide the window past the table
+                         top_p=args.top_p, generator=g, use_cache=fits,    # slide the window past the table
+                         compile=args.compile and fits)
     print(data.decode(out[0].tolist()))
     return 0
 
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true",
+                   help="compiled decoding with a static cache (one CUDA graph per token on GPU)")
     g.add_argument("--device", default=None)
     g.set_defaults(fn=cmd_generate)
 
