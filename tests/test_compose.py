@@ -281,3 +281,29 @@ def test_cli_cbtm(tmp_path):
     methods = [r["method"] for r in res["rows"]]
     assert "c-BTM top-2" in methods and "uniform ensemble" in methods
     assert all(r["ppl"] > 1 for r in res["rows"])
+
+
+def test_cbtm_train_stage_gives_each_concurrent_job_its_own_gpu(tmp_path, monkeypatch):
+    """With GPUs listed, concurrent expert jobs get distinct CUDA_VISIBLE_DEVICES and every job runs once."""
+    from modformer.compose import cbtm
+
+    launched = []
+
+    class FakeProc:
+        def __init__(self, cmd, stdout=None, stderr=None, env=None):
+            self.gpu = env["CUDA_VISIBLE_DEVICES"]
+            busy = [p.gpu for p in launched if p.polls < 2]
+            assert self.gpu not in busy, "a GPU was given to two running jobs"
+            self.polls, self.returncode = 0, 0
+            launched.append(self)
+
+        def poll(self):
+            self.polls += 1
+            return 0 if self.polls >= 2 else None
+
+    monkeypatch.setattr(cbtm.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(cbtm.time, "sleep", lambda s: None)
+    configs = {f"expert{i}": tmp_path / f"expert{i}.yaml" for i in range(5)}
+    seconds = cbtm.train_stage(configs, tmp_path, workers=4, gpus=[0, 1])
+    assert sorted(seconds) == sorted(configs) and len(launched) == 5
+    assert {p.gpu for p in launched} == {"0", "1"}

@@ -8,7 +8,8 @@
    of cluster I) plus the dense baseline (``experts/dense.yaml``: the whole corpus, k times the steps, so
    the same total training tokens), and ``jobs.txt`` with one ``modformer train`` command per line: the
    experts are independent runs, to be launched anywhere (any GPUs or hosts) in parallel.
-3. ``train``: runs the jobs here, ``experts.workers`` processes at a time (finished runs are skipped).
+3. ``train``: runs the jobs here, ``experts.workers`` processes at a time (finished runs are skipped); on a
+   host with several GPUs each job gets a GPU of its own (``experts.one_gpu_each``, default true).
 4. ``eval``: perplexity of the mixture ``p(x_t | x_<t) = sum_j w_j p_j(x_t | x_<t)`` with
    ``w = softmax(-||e - c_j||^2 / T)`` (top-k optional), ``e`` the embedding of the ``eval.context``
    tokens before each evaluation window (uniform weights for the first window), against the dense
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "run": {},                    # the expert recipe: a RunConfig mapping (model, data, train)
     "cluster": {"k": 4, "dim": 64, "doc_len": 1024, "max_features": 8192, "iters": 50, "seed": 0},
-    "experts": {"steps": 200, "workers": 1},
+    "experts": {"steps": 200, "workers": 1, "one_gpu_each": True},
     "dense": {"train": True, "steps": None},           # None: k * experts.steps (same total tokens)
     "eval": {"temperature": 0.1, "top_k": [2, 1, None], "context": 256, "max_tokens": 50000,
              "batch_size": 32, "split": "val"},
@@ -114,26 +116,34 @@ def plan_stage(spec: dict[str, Any], out: Path) -> dict[str, Path]:
     return configs
 
 
-def train_stage(configs: dict[str, Path], out: Path, workers: int = 1) -> dict[str, float]:
-    """Run the jobs, ``workers`` processes at a time; a run with a summary.json is skipped. Returns seconds."""
+def train_stage(configs: dict[str, Path], out: Path, workers: int = 1,
+                gpus: list[int] | None = None) -> dict[str, float]:
+    """Run the jobs, ``workers`` processes at a time; a run with a summary.json is skipped. Returns seconds.
+
+    With ``gpus`` (device indices) every job runs on a GPU of its own (``CUDA_VISIBLE_DEVICES``), at most
+    one job per GPU at a time, so ``workers`` is capped at ``len(gpus)``."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     pending = [n for n in configs if not (out / "runs" / n / "summary.json").is_file()]
-    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    running: dict[str, tuple[subprocess.Popen, float, Any, int | None]] = {}
     seconds: dict[str, float] = {}
+    slots = max(min(workers, len(gpus)) if gpus else workers, 1)
     while pending or running:
-        while pending and len(running) < max(workers, 1):
+        while pending and len(running) < slots:
             name = pending.pop(0)
+            gpu = next(g for g in gpus if g not in {r[3] for r in running.values()}) if gpus else None
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else None
             log = open(out / "logs" / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
             cmd = [sys.executable, "-m", "modformer.cli", "train", str(configs[name].resolve()), "--overwrite"]
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(), log)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[name] = (proc, time.perf_counter(), log, gpu)
         time.sleep(0.2)
-        for name, (proc, t0, log) in list(running.items()):
+        for name, (proc, t0, log, _) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
             del running[name]
             if proc.returncode != 0:
-                for p, _, lg in running.values():
+                for p, _, lg, _ in running.values():
                     p.kill()
                     lg.close()
                 tail = (out / "logs" / f"{name}.log").read_text()[-2000:]
@@ -224,7 +234,12 @@ def run(spec: dict[str, Any], stages: tuple[str, ...] = ("cluster", "plan", "tra
         result["cluster"] = cluster_stage(spec, out)
     configs = plan_stage(spec, out) if "plan" in stages or "train" in stages else {}
     if "train" in stages:
-        result["train_seconds"] = train_stage(configs, out, int(spec["experts"]["workers"]))
+        n_gpu = torch.cuda.device_count()
+        gpus = list(range(n_gpu)) if spec["experts"].get("one_gpu_each", True) and n_gpu > 1 else None
+        t0 = time.perf_counter()
+        result["train_seconds"] = train_stage(configs, out, int(spec["experts"]["workers"]), gpus)
+        result["train_wall_seconds"] = time.perf_counter() - t0
+        result["train_gpus"] = gpus
     if "eval" in stages:
         result.update(eval_stage(spec, out))
     result["jobs"] = str(out / "jobs.txt")
