@@ -34,13 +34,14 @@ def run_cfg(tmp_path: Path, name: str = "r", **train) -> RunConfig:
                      train=TrainConfig(**t))
 
 
-def test_resume_after_kill_reproduces_metrics_exactly(tmp_path):
-    full = Trainer(run_cfg(tmp_path, "full")).fit()
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_kill_reproduces_metrics_exactly(tmp_path, optimizer):
+    full = Trainer(run_cfg(tmp_path, "full", optimizer=optimizer)).fit()
     with pytest.raises(Kill):
-        Trainer(run_cfg(tmp_path, "broken"), callbacks=[kill_at(6)]).fit()
+        Trainer(run_cfg(tmp_path, "broken", optimizer=optimizer), callbacks=[kill_at(6)]).fit()
     rows_before = read_metrics(tmp_path / "broken" / "metrics.jsonl")
     assert max(r["step"] for r in rows_before) == 6             # rows after checkpoint 4 exist ...
-    resumed = Trainer(run_cfg(tmp_path, "broken"), resume=True).fit()
+    resumed = Trainer(run_cfg(tmp_path, "broken", optimizer=optimizer), resume=True).fit()
     a = strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     b = strip(read_metrics(tmp_path / "broken" / "metrics.jsonl"))
     assert a == b                                                # ... and are replaced, not duplicated
@@ -271,3 +272,34 @@ def test_ddp_scaling_benchmark_tiny_run_reproduces_the_single_process_curve(tmp_
     assert [r["name"] for r in result["rows"]] == ["ddp_n1", "ddp_n2", "single_accum2"]
     assert result["headline"]["max_rel_loss_diff"] < 1e-4
     assert result["env"]["NCCL_NVLS_ENABLE"] == "0" and result["headline"]["scaling_efficiency"] > 0
+
+
+def test_muon_optimizes_hidden_matrices_and_adamw_the_rest(tmp_path, monkeypatch):
+    """train.optimizer=muon: Muon gets exactly the hidden 2-D weights (not the tied embedding / output layer,
+    biases or norms), AdamW the rest, every parameter once; a step moves a hidden matrix by an orthogonalised
+    update; FSDP is refused."""
+    from modformer.train.optim import MuonAdamW, muon_split
+
+    trainer = Trainer(run_cfg(tmp_path, "muon", optimizer="muon", lr=3e-3, optimizer_options={}, warmup_steps=0,
+                              schedule="constant", weight_decay=0.0, grad_clip=0.0))
+    model = trainer.raw_model
+    opt = trainer.optimizer
+    assert isinstance(opt, MuonAdamW)
+    hidden, rest = muon_split(model)
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw_ids = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon_ids == {id(p) for p in hidden} and not muon_ids & adamw_ids
+    assert muon_ids | adamw_ids == {id(p) for p in model.parameters()}
+    assert id(model.tok_emb.weight) in adamw_ids and id(model.lm_head.weight) in adamw_ids
+    assert all(p.dim() == 2 for p in hidden) and id(model.blocks[0].attn.qkv.weight) in muon_ids
+    w = model.blocks[0].attn.qkv.weight
+    before = w.detach().clone()
+    trainer.cfg.train.steps = 1
+    trainer.fit()                    # one step at lr 3e-3 (constant), no decay: W -= lr * 0.2 sqrt(max(A, B)) * O
+    update = (before - w.detach()) / (3e-3 * 0.2 * max(w.shape) ** 0.5)
+    s = torch.linalg.svdvals(update)
+    s = s[s > 1e-3]                  # Newton-Schulz pushes the momentum's singular values towards 1 (5 steps:
+    assert len(s) > 1 and 0.7 < float(s.max()) < 1.5 and 0.5 < float(s.median()) < 1.3   # most within 0.5-1.2)
+    monkeypatch.setattr(Trainer, "sharded", property(lambda self: True))
+    with pytest.raises(mf.ConfigError, match="muon"):
+        Trainer(run_cfg(tmp_path, "muon_fsdp", optimizer="muon"))

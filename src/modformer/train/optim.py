@@ -1,4 +1,5 @@
-"""Optimizers (registry kind ``optimizer``) with decay / no-decay parameter groups.
+"""Optimizers (registry kind ``optimizer``) with decay / no-decay parameter groups; ``muon`` pairs
+torch's Muon (hidden matrices) with AdamW (the rest).
 
 Weight decay applies to matrices (``dim >= 2``) except embeddings unless
 ``train.decay_embeddings``; biases, norm weights and residual gates are never decayed.
@@ -52,6 +53,75 @@ def adam(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=cfg.betas[0] > 0)
+
+
+class MuonAdamW:
+    """Muon (momentum orthogonalised by Newton-Schulz) for hidden weight matrices, AdamW for the rest.
+
+    Muon is meant for the 2-D weights of hidden layers only; embeddings, the output layer (tied or not),
+    biases and norm gains go to AdamW, as in the Muon recipe. Both share the schedule's learning rate:
+    Muon's ``adjust_lr_fn="match_rms_adamw"`` scales its update to AdamW's RMS (Moonshot's rule).
+    Presents the ``torch.optim.Optimizer`` surface the trainer uses (param_groups, step, zero_grad,
+    state_dict / load_state_dict)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden 2-D weight matrices, everything else): embeddings and the output layer are not hidden."""
+    outer = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        outer.add(id(head.weight))
+    hidden, rest, seen = [], [], set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            (hidden if p.dim() == 2 and id(p) not in outer else rest).append(p)
+    return hidden, rest
+
+
+@register("optimizer", "muon")
+def muon(model: nn.Module, cfg: TrainConfig) -> MuonAdamW:
+    """Muon for hidden matrices + AdamW for the rest; ``train.betas[0]`` is Muon's momentum too
+    unless ``train.optimizer_options.muon_momentum`` is set."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"train.optimizer=muon needs torch.optim.Muon (PyTorch >= 2.9), not {torch.__version__}")
+    hidden, rest = muon_split(model)
+    keep = {id(p) for p in rest}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]}
+              for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings)]
+    extra = {"fused": True} if _fused_ok(model) else {}
+    momentum = float(cfg.optimizer_options.get("muon_momentum", 0.95))
+    return MuonAdamW(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=momentum,
+                                      adjust_lr_fn="match_rms_adamw"),
+                     torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                                       eps=cfg.eps, **extra))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -105,6 +105,8 @@ class Trainer:
         mode = compile_mode(t)                        # checked even when compile is off: a typo fails early
         if t.compile:
             self.model = torch.compile(self.model, mode=mode)
+        if self.sharded and t.optimizer == "muon":
+            raise ConfigError("train.optimizer=muon needs whole weight matrices; use train.distributed=ddp, not fsdp")
         self.optimizer = build_optimizer(self.raw_model, t)
         self.lr_at = lr_schedule(t)
         self.grad_filter = build_grad_filter(t.optimizer_options)
