@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import modformer as mf
 from modformer.layers.attention.kernels import AttnSpec, attend, attn_bias, causal_block_mask, eager_attention
 from modformer.layers.position import alibi_slopes
 
@@ -90,3 +91,18 @@ def test_flex_block_mask_is_cached_and_causal():
     from modformer.layers.attention.kernels import dense_from_block_mask
     dense = dense_from_block_mask(bm, 8, 8)[0, 0]
     assert torch.equal(dense, torch.ones(8, 8, dtype=torch.bool).tril())
+
+
+def test_causal_mask_bias_is_built_once_per_forward(monkeypatch):
+    """A static-cache prefill needs a mask bias (keys beyond the queries); all layers share one, via Context.memo."""
+    from modformer.layers.attention import kernels
+
+    calls = []
+    real = kernels._positions
+    monkeypatch.setattr(kernels, "_positions", lambda *a: calls.append(1) or real(*a))
+    model = mf.build_model(mf.ModelConfig(vocab_size=17, n_layer=3, d_model=32, n_head=4, max_seq_len=16)).eval()
+    idx = torch.randint(0, 17, (2, 5))
+    with torch.no_grad():
+        out = model(idx, cache=model.new_cache(2, static=True, max_len=16))
+    assert len(calls) == 1
+    torch.testing.assert_close(out, model(idx))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -17,3 +17,4 @@ class Context:
     cache: KVCache | None = None    # updated in place by each attention layer
     q_offset: int | None = 0        # absolute position of the first token; None = only known as `pos`
     block_mask: object | None = None  # optional flex BlockMask (sparse attention variants)
+    memo: dict = field(default_factory=dict)  # values every layer would recompute (e.g. the causal mask bias)

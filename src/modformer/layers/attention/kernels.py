@@ -42,6 +42,7 @@ class AttnSpec:
     block_mask: object | None = None     # flex BlockMask overriding the causal mask (sparse variants)
     keep: Tensor | None = None           # dense bool keep-mask (Tq, Tk) or (B|1, H|1, Tq, Tk) overriding the causal
                                          # mask: the sparse variants' reference path (eager / sdpa)
+    memo: dict | None = None             # the forward's Context.memo: the mask bias is built once for all layers
 
 
 def _positions(spec: AttnSpec, tq: int, tk: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -58,6 +59,9 @@ def attn_bias(spec: AttnSpec, n_head: int, tq: int, tk: int, device: torch.devic
     all_visible = not spec.causal or (spec.q_offset is not None and tk <= spec.q_offset + 1)
     if spec.alibi_slopes is None and all_visible:
         return None
+    key = ("causal_bias", tq, tk, dtype, str(device)) if spec.memo is not None and spec.alibi_slopes is None else None
+    if key is not None and key in spec.memo:
+        return spec.memo[key]
     q_pos, k_pos = _positions(spec, tq, tk, device)
     rel = (q_pos[:, None] - k_pos[None, :]).to(dtype)             # (Tq, Tk) distance to the key
     bias = torch.zeros(1, tq, tk, device=device, dtype=dtype)
@@ -65,6 +69,8 @@ def attn_bias(spec: AttnSpec, n_head: int, tq: int, tk: int, device: torch.devic
         bias = -spec.alibi_slopes.to(device, dtype).view(n_head, 1, 1) * rel.abs().unsqueeze(0)
     if spec.causal:
         bias = bias.masked_fill((rel < 0).unsqueeze(0), float("-inf"))
+    if key is not None:
+        spec.memo[key] = bias
     return bias
 
 

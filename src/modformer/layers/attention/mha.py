@@ -61,7 +61,8 @@ class MultiHeadAttention(nn.Module):
         """Masking of this call; sparse variants (``sparse.py``) override it to add their pattern."""
         return AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
                         alibi_slopes=ctx.position.alibi_slopes(),
-                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask)
+                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask,
+                        memo=ctx.memo)
 
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         B, T, _ = x.shape
