@@ -359,3 +359,14 @@ def test_download_path_without_network(tmp_path: Path, monkeypatch) -> None:
     assert fetched == ["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"]
     assert (tmp_path / "data" / "tinyshakespeare" / "input.txt").is_file()
     assert ds.decode(ds.encode("not to be")) == "not to be"
+
+
+@pytest.mark.parametrize("corpus", ["wikitext2", "shakespeare_char", "bpe"])
+def test_every_text_corpus_accepts_repeat_fraction(corpus: str) -> None:
+    """data.options.repeat_fraction reaches the training windows of each text corpus."""
+    opts = {"vocab_size": 300} if corpus == "bpe" else {}
+    ds = build_dataset(DataConfig(name=corpus, seq_len=16, options={**opts, "repeat_fraction": 0.5}))
+    x, y = ds.get_batch("train", 256, torch.Generator().manual_seed(0))
+    row = torch.cat([x, y[:, -1:]], 1)
+    doubled = (row[:, 9:] == row[:, :8]).all(1)                      # T=16: the 9-token span written twice
+    assert ds.repeat_fraction == 0.5 and 0.35 < doubled.float().mean() < 0.65

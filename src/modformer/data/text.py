@@ -48,10 +48,11 @@ class WikiText2(StreamDataset):
     Every line, empty ones included, is split on whitespace and ends with ``<eos>``; the vocabulary
     (first-appearance order) comes from train: 33,278 words, 2,088,628 train tokens. Splits: train, val
     (valid.txt), test. Tokens are words, so ``ppl`` is word-level perplexity (``word_ppl`` equals it).
+    ``repeat_fraction``: share of training windows that repeat one span (see ``StreamDataset``).
     """
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, cache_dir: str | None = None,
-                 download: bool = False) -> None:
+                 download: bool = False, repeat_fraction: float = 0.0) -> None:
         paths = files.corpus_files(root, "wikitext-2", ["train.txt", "valid.txt", "test.txt"], download)
         splits = ["train", "val", "test"]
         folder = files.cache_dir(cache_dir) / f"wikitext2-{files.file_digest(*paths, 'word-v1')}"
@@ -67,7 +68,8 @@ class WikiText2(StreamDataset):
                 files.save_stream(folder / f"{split}.npy", self.encode(text), len(self.itos))
             atomic_write_text(vocab_path, json.dumps(self.itos))   # written last: marks the entry complete
         streams = _load_streams(folder, splits)
-        super().__init__(streams, len(self.itos), seq_len, words={s: len(v) - 1 for s, v in streams.items()})
+        super().__init__(streams, len(self.itos), seq_len, words={s: len(v) - 1 for s, v in streams.items()},
+                         repeat_fraction=repeat_fraction)
 
     def encode(self, text: str) -> list[int]:
         """Words -> ids, one ``<eos>`` per newline; unknown words -> ``<unk>``."""
@@ -94,10 +96,11 @@ class WikiText2(StreamDataset):
 @register("corpus", "shakespeare_char")
 class ShakespeareChar(StreamDataset):
     """Tiny Shakespeare at character level (as nanoGPT's shakespeare_char): vocabulary = the 65 sorted
-    distinct characters; train = first ``train_fraction`` (90%) of the characters, val = the rest."""
+    distinct characters; train = first ``train_fraction`` (90%) of the characters, val = the rest.
+    ``repeat_fraction``: share of training windows that repeat one span (see ``StreamDataset``)."""
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, train_fraction: float = 0.9,
-                 cache_dir: str | None = None, download: bool = False) -> None:
+                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0) -> None:
         if not 0.0 < train_fraction < 1.0:
             raise ConfigError(f"data.options.train_fraction must be in (0, 1), got {train_fraction}")
         (path,) = files.corpus_files(root, "tinyshakespeare", ["input.txt"], download)
@@ -111,7 +114,8 @@ class ShakespeareChar(StreamDataset):
             n = int(len(ids) * train_fraction)
             files.save_stream(folder / "train.npy", ids[:n], len(self.chars))
             files.save_stream(folder / "val.npy", ids[n:], len(self.chars))   # written last
-        super().__init__(_load_streams(folder, ["train", "val"]), len(self.chars), seq_len)
+        super().__init__(_load_streams(folder, ["train", "val"]), len(self.chars), seq_len,
+                         repeat_fraction=repeat_fraction)
 
     def encode(self, text: str) -> list[int]:
         try:
