@@ -108,8 +108,8 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
 
 @register("optimizer", "muon")
 def muon(model: nn.Module, cfg: TrainConfig) -> MuonAdamW:
-    """Muon for hidden matrices + AdamW for the rest; ``train.betas[0]`` is Muon's momentum too
-    unless ``train.optimizer_options.muon_momentum`` is set."""
+    """Muon for hidden matrices + AdamW for the rest (``train.betas``); Muon's momentum is
+    ``train.optimizer_options.muon_momentum`` (default 0.95, Nesterov)."""
     if not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"train.optimizer=muon needs torch.optim.Muon (PyTorch >= 2.9), not {torch.__version__}")
     hidden, rest = muon_split(model)
