@@ -47,7 +47,7 @@ import torch
 from modformer.bench.common import print_table, write_result
 from modformer.config import load_config
 from modformer.saving import unwrap
-from modformer.train.logging import read_metrics
+from modformer.train.logging import read_metrics, warmup_seconds
 from modformer.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,10 +107,7 @@ def run_one(name: str, config: Path, overrides: list[str], args: argparse.Namesp
         point["flops"] = point["step"] * batch * seq * fpt
     train_rows = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if r["split"] == "train"]
     tps = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
-    warmup = None
-    if len(train_rows) > 1:   # the first log window holds torch.compile / autotuning: its excess over the median rate
-        first = train_rows[0]["step"] * batch * seq
-        warmup = max(first / train_rows[0]["tokens_per_s"] - first / statistics.median(tps), 0.0)
+    warmup = warmup_seconds(train_rows, batch * seq)      # torch.compile / autotuning in the first log window
     best = min(curve, key=lambda p: p["loss"]) if curve else None
     return {"name": name, "model": cfg.model.model, "model_options": cfg.model.model_options,
             "params": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
@@ -131,7 +128,7 @@ def first_reach(curve: list[dict], target: float, key: str) -> float | None:
     return None
 
 
-def warmup_seconds(row: dict) -> float:
+def run_warmup(row: dict) -> float:
     """One-off start-up time inside the first training seconds (torch.compile, autotuning): the row's
     ``warmup_s``, or for older rows the first evaluation interval's excess over the median interval."""
     if row.get("warmup_s") is not None:
@@ -146,7 +143,7 @@ def warmup_seconds(row: dict) -> float:
 def compare(gpt: dict, hg: dict) -> dict:
     target = gpt["best_val_loss"]
     t_gpt, t_hg = first_reach(gpt["curve"], target, "train_s"), first_reach(hg["curve"], target, "train_s")
-    w_gpt, w_hg = warmup_seconds(gpt), warmup_seconds(hg)
+    w_gpt, w_hg = run_warmup(gpt), run_warmup(hg)
     f_gpt, f_hg = first_reach(gpt["curve"], target, "flops"), first_reach(hg["curve"], target, "flops")
     # if the hourglass never reaches GPT's best loss: how much sooner GPT reaches the hourglass's best
     own = hg["best_val_loss"]

@@ -103,6 +103,16 @@ class Run:
         rows = [r["tokens_per_s"] for r in self.metrics() if r.get("split") == "train"]
         return statistics.median(rows[2:]) if len(rows) > 2 else None
 
+    def warmup_s(self) -> float | None:
+        """Compile / autotuning time inside the first log window (``warmup_seconds``)."""
+        from modformer.train.logging import warmup_seconds  # not at the top: keep this launcher light
+
+        train = self.settings().get("train", {})
+        seq = self.settings().get("data", {}).get("seq_len")
+        if not seq or not train.get("batch_size"):
+            return None
+        return warmup_seconds([r for r in self.metrics() if r.get("split") == "train"], seq * train["batch_size"])
+
     def tail(self, n: int = 5) -> str:
         return "\n".join(line for _, line in self.lines[-n:])
 
@@ -171,6 +181,7 @@ def time_to_loss(args: argparse.Namespace) -> None:
                "steps_to_target": s.get("first_target_step"), "best_val_loss": s.get("val_loss"),
                "best_val_loss_step": s.get("val_loss_step"), "steps": s.get("steps"),
                "process_seconds": run.seconds, "params": s.get("params"), "tokens_per_s": run.tokens_per_s(),
+               "warmup_s": run.warmup_s(),
                "returncode": run.returncode, "settings": run.settings()}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -303,3 +303,14 @@ def test_muon_optimizes_hidden_matrices_and_adamw_the_rest(tmp_path, monkeypatch
     monkeypatch.setattr(Trainer, "sharded", property(lambda self: True))
     with pytest.raises(mf.ConfigError, match="muon"):
         Trainer(run_cfg(tmp_path, "muon_fsdp", optimizer="muon"))
+
+
+def test_warmup_seconds_is_the_first_log_windows_excess_time():
+    """1000 tokens/step at 10k tokens/s is 0.1 s/step; a first window of 10 steps that took 5 s held 4 s of warm-up."""
+    from modformer.train.logging import warmup_seconds
+
+    rows = [{"step": 10, "split": "train", "tokens_per_s": 10 * 1000 / 5.0}] + \
+           [{"step": s, "split": "train", "tokens_per_s": 10_000.0} for s in (20, 30, 40)]
+    assert warmup_seconds(rows, 1000) == pytest.approx(4.0)
+    assert warmup_seconds(rows[:1], 1000) is None
+    assert warmup_seconds([{**rows[0], "tokens_per_s": 20_000.0}] + rows[1:], 1000) == 0.0   # faster: no warm-up

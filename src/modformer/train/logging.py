@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,18 @@ class MetricsLogger:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def warmup_seconds(rows: list[dict[str, Any]], tokens_per_step: int) -> float | None:
+    """One-off start-up time (torch.compile, autotuning) inside a run's first log window: that window's
+    duration minus the time the later windows' median rate would take for it. ``rows``: the train rows of
+    ``metrics.jsonl`` (``step``, ``tokens_per_s``); None with fewer than two windows."""
+    train = [r for r in rows if r.get("split", "train") == "train" and r.get("tokens_per_s")]
+    if len(train) < 2:
+        return None
+    rate = statistics.median(r["tokens_per_s"] for r in train[1:])
+    first = train[0]["step"] * tokens_per_step
+    return max(first / train[0]["tokens_per_s"] - first / rate, 0.0)
 
 
 class ProgressDisplay:
