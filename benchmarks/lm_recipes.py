@@ -107,11 +107,11 @@ class Run:
         """Compile / autotuning time inside the first log window (``warmup_seconds``)."""
         from modformer.train.logging import warmup_seconds  # not at the top: keep this launcher light
 
-        train = self.settings().get("train", {})
-        seq = self.settings().get("data", {}).get("seq_len")
-        if not seq or not train.get("batch_size"):
+        settings = self.settings()
+        batch, seq = settings.get("train", {}).get("batch_size"), settings.get("data", {}).get("seq_len")
+        if not seq or not batch:
             return None
-        return warmup_seconds([r for r in self.metrics() if r.get("split") == "train"], seq * train["batch_size"])
+        return warmup_seconds(self.metrics(), seq * batch)        # it keeps the train rows itself
 
     def tail(self, n: int = 5) -> str:
         return "\n".join(line for _, line in self.lines[-n:])
