@@ -112,7 +112,6 @@ class GraphDecoder:
         self.logits_fn = torch.compile(self._logits, dynamic=False, options=self.compile_options)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)      # input of the next step
         self.pos = torch.zeros(1, dtype=torch.long, device=device)             # its absolute position
-        self.col = torch.zeros(1, dtype=torch.long, device=device)             # its output column
         self.out = torch.zeros(batch, length, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
         self.graphs: dict[tuple, object] = {}
@@ -128,13 +127,12 @@ class GraphDecoder:
         if eos is not None:
             nxt = nxt.masked_fill(self.finished, eos)
             self.finished |= nxt == eos
-        self.out.index_copy_(1, self.col, nxt)
+        self.out.index_copy_(1, self.pos + 1, nxt)                              # the token after ``tok``
         self.tok.copy_(nxt)
         self.pos.add_(1)
-        self.col.add_(1)
 
     def _state(self) -> list[Tensor]:
-        return [self.tok, self.pos, self.col, self.out, self.finished]
+        return [self.tok, self.pos, self.out, self.finished]
 
     def _graph(self, sampling: dict, eos: int | None, generator: torch.Generator | None) -> object | None:
         """The captured step for this sampling setting (None off CUDA: the step then runs directly)."""
@@ -172,7 +170,6 @@ class GraphDecoder:
         self.out[:, prompt_len:prompt_len + 1] = first
         self.tok.copy_(first)
         self.pos.fill_(prompt_len)
-        self.col.fill_(prompt_len + 1)
         graph = self._graph(sampling, eos, generator)
         for i in range(1, max_new_tokens):
             graph.replay() if graph is not None else self._step(sampling, eos, generator)
