@@ -1,0 +1,82 @@
+"""c-BTM experts trained at the same time, one per GPU (issue 11): wall time vs one after another.
+
+The same c-BTM plan (``configs/compose_cbtm.yaml`` with ``benchmarks/compose.py``'s H100 preset, no dense
+baseline) is trained twice from one command each: first with every expert on a GPU of its own, as many at
+once as there are GPUs (``experts.workers = #GPUs``, ``experts.one_gpu_each``), then one expert after another
+on GPU 0. Both are then evaluated, so the table shows the mixture perplexity next to the wall times (the
+parallel run must not change what is learned). The parallel run goes first, so any warm-up it leaves on the
+host (CUDA, page cache) favours the sequential run: the speed-up is, if anything, understated.
+
+    python benchmarks/cbtm_parallel.py                                   # every visible GPU
+    python benchmarks/cbtm_parallel.py --tiny --out /tmp/cbtm_par.json   # CPU smoke test (2 processes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
+
+from compose import H100  # noqa: E402
+
+from modformer.bench.common import print_table, write_result  # noqa: E402
+from modformer.compose import cbtm  # noqa: E402
+from modformer.compose.spec import load_spec  # noqa: E402
+
+TINY = ["cluster.k=2", "experts.steps=4", "run.train.eval_batches=1", "eval.max_tokens=512", "eval.top_k=[1]",
+        "device=cpu"]
+
+
+def train_and_eval(name: str, overrides: list[str], workers: int, gpus: list[int] | None) -> dict:
+    """Cluster, plan and train the experts of one c-BTM run; returns wall time and mixture perplexity."""
+    spec = load_spec(ROOT / "configs" / "compose_cbtm.yaml", cbtm.DEFAULTS, [f"name={name}", *overrides])
+    out = Path(spec["out_dir"]) / name
+    cbtm.cluster_stage(spec, out)
+    configs = cbtm.plan_stage(spec, out)
+    t0 = time.perf_counter()
+    seconds = cbtm.train_stage(configs, out, workers, gpus)
+    wall = time.perf_counter() - t0
+    res = cbtm.eval_stage(spec, out)
+    by = {r["method"]: r["ppl"] for r in res["rows"]}
+    top = spec["eval"]["top_k"][0] or spec["cluster"]["k"]
+    return {"name": name, "experts": len(configs), "workers": workers, "gpus": gpus, "train_wall_s": wall,
+            "expert_s": seconds, "sum_expert_s": sum(seconds.values()), "mixture_ppl": by[f"c-BTM top-{top}"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny experts, 2 processes")
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cbtm_parallel.json"))
+    ap.add_argument("overrides", nargs="*", help="extra c-BTM spec overrides, e.g. experts.steps=300")
+    args = ap.parse_args()
+    runs = args.runs_dir or tempfile.mkdtemp(prefix="cbtm_par_")
+    n_gpu = 0 if args.tiny else torch.cuda.device_count()
+    over = [f"out_dir={runs}", "dense.train=false"] + (TINY if args.tiny else H100["cbtm"]) + args.overrides
+    parallel = train_and_eval("parallel", over, max(n_gpu, 2), list(range(n_gpu)) if n_gpu > 1 else None)
+    sequential = train_and_eval("sequential", over, 1, None)
+    rows = [parallel, sequential]
+    headline = {"experts": parallel["experts"], "gpus": n_gpu, "parallel_wall_s": parallel["train_wall_s"],
+                "sequential_wall_s": sequential["train_wall_s"],
+                "speedup": sequential["train_wall_s"] / parallel["train_wall_s"],
+                "mixture_ppl_parallel": parallel["mixture_ppl"], "mixture_ppl_sequential": sequential["mixture_ppl"]}
+    device = torch.device("cuda" if n_gpu else "cpu")
+    extra = {"note": "CPU smoke test (tiny experts, 2 CPU processes): not a measurement"} if args.tiny else {}
+    out = Path(args.out)
+    path = write_result("cbtm_parallel", headline, rows, device, out_dir=out.parent, extra=extra)
+    if path != out:
+        path.rename(out)
+    print_table(rows, ["name", "experts", "workers", "gpus", "train_wall_s", "sum_expert_s", "mixture_ppl"])
+    print(f"headline: {headline}\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
