@@ -32,6 +32,12 @@ from modformer.bench.common import print_table, write_result
 from modformer.train.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = {   # name -> trainer overrides
+    "ddp": ["train.distributed=ddp"],
+    "ddp_bf16": ["train.distributed=ddp", "train.grad_reduce_dtype=bfloat16"],
+    "fsdp": ["train.distributed=fsdp"],
+    "fsdp_bf16": ["train.distributed=fsdp", "train.grad_reduce_dtype=bfloat16"],
+}
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.max_seq_len=32", "data.name=shakespeare_char",
         "data.seq_len=32", "train.steps=6", "train.log_every=2", "train.eval_every=6", "train.eval_batches=1",
@@ -67,7 +73,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "ddp_gpt2_wikitext2.yaml"))
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], choices=["ddp", "fsdp"])
+    ap.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], choices=list(STRATEGIES),
+                    help="ddp / fsdp: fp32 gradient average; *_bf16: averaged in bf16 (half the traffic)")
     ap.add_argument("--per-process-batch", type=int, default=12)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, gloo, a few steps")
@@ -85,7 +92,7 @@ def main() -> int:
             if n == 1 and strategy != args.strategies[0]:
                 continue                      # one process is the same run under either strategy
             row = launch(f"{strategy}_n{n}", n, common + [f"train.batch_size={args.per_process_batch * n}",
-                                                         f"train.distributed={strategy}"], args)
+                                                         *STRATEGIES[strategy]], args)
             row["strategy"] = strategy if n > 1 else "single"
             if n > 1:
                 row["max_rel_loss_diff_vs_1proc_same_batch"] = max_rel_diff(row["curve"], refs[n]["curve"])

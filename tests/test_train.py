@@ -244,6 +244,33 @@ def test_ddp_two_processes_gloo_matches_single_process(tmp_path, strategy):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4), (x, y)
 
 
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None
+                    and shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_bf16_gradient_reduction_stays_close_to_the_single_process_run(tmp_path, strategy):
+    """train.grad_reduce_dtype=bfloat16 (DDP comm hook / FSDP2 reduce dtype) only rounds the averaged grads."""
+    cfg = run_cfg(tmp_path, "ddp", steps=4, optimizer_options={})
+    cfg.model.dropout = 0.0
+    cfg.train.distributed, cfg.train.grad_reduce_dtype = strategy, "bfloat16"
+    path = tmp_path / "c.yaml"
+    save_yaml(cfg, path)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "modformer.cli", "train",
+                          str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg.name = "single"
+    Trainer(cfg).fit()
+    a = strip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"))
+    b = strip(read_metrics(tmp_path / "single" / "metrics.jsonl"))
+    assert [x["step"] for x in a] == [y["step"] for y in b]
+    for x, y in zip(a, b):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-2), (x, y)
+    with pytest.raises(mf.ConfigError, match="grad_reduce_dtype"):
+        from modformer.train.distributed import World, wrap_model
+        wrap_model(torch.nn.Linear(2, 2), World(size=2), strategy, torch.device("cpu"), reduce_dtype="float16")
+
+
 def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypatch):
     with pytest.raises(mf.ConfigError, match="train.compile_mode"):
         Trainer(run_cfg(tmp_path, "bad", compile_mode="fast"))

@@ -183,6 +183,7 @@ class TrainConfig:
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs: for small,
                                        # launch-bound models) | max-autotune | max-autotune-no-cudagraphs
     distributed: str = "ddp"           # ddp | fsdp (used when launched by torchrun)
+    grad_reduce_dtype: str = "float32"  # float32 | bfloat16: dtype of the data-parallel gradient average
     seed: int = 0
     threads: int | None = None         # torch.set_num_threads on CPU
     progress: bool = True

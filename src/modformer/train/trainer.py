@@ -101,7 +101,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.raw_model = build_model(cfg.model).to(self.device)
         self.ema = build_ema(self.raw_model, t, self.sharded)
-        self.model = wrap_model(self.raw_model, self.world, t.distributed, self.device)
+        self.model = wrap_model(self.raw_model, self.world, t.distributed, self.device, self.dtype,
+                                t.grad_reduce_dtype)
         mode = compile_mode(t)                        # checked even when compile is off: a typo fails early
         if t.compile:
             self.model = torch.compile(self.model, mode=mode)
