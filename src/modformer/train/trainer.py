@@ -101,10 +101,13 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.raw_model = build_model(cfg.model).to(self.device)
         self.ema = build_ema(self.raw_model, t, self.sharded)
+        mode = compile_mode(t)                        # checked even when compile is off: a typo fails early
+        if t.compile and self.sharded:   # FSDP2: compile each block (its hooks stay outside the graphs)
+            for block in getattr(self.raw_model, "blocks", []):
+                block.compile(mode=mode)
         self.model = wrap_model(self.raw_model, self.world, t.distributed, self.device, self.dtype,
                                 t.grad_reduce_dtype)
-        mode = compile_mode(t)                        # checked even when compile is off: a typo fails early
-        if t.compile:
+        if t.compile and not self.sharded:
             self.model = torch.compile(self.model, mode=mode)
         if self.sharded and t.optimizer == "muon":
             raise ConfigError("train.optimizer=muon needs whole weight matrices; use train.distributed=ddp, not fsdp")
