@@ -109,10 +109,28 @@ def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, b
     return rows
 
 
-def run_method(method: str, args: argparse.Namespace, teacher_dir: Path, out: Path,
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``gate`` or ``gate:top_k=3,block_size=128``: a method and overrides of its attention options."""
+    import yaml
+
+    method, _, opts = spec.partition(":")
+    if method not in METHODS:
+        raise SystemExit(f"--methods: unknown method {method!r} in {spec!r}; allowed: {', '.join(METHODS)}")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--methods: {item!r} in {spec!r} is not key=value")
+        options[key] = yaml.safe_load(value)
+    return method, options
+
+
+def run_method(spec: str, args: argparse.Namespace, teacher_dir: Path, out: Path,
                device: torch.device) -> dict[str, Any]:
     """Student before and after distillation, fidelity suite, memory (CUDA); returns the method's record."""
-    over = [f"teacher={teacher_dir}", f"out_dir={out}", f"name={method}", f"device={device.type}"]
+    method, options = parse_method(spec)
+    name = spec.replace(":", "_").replace(",", "_").replace("=", "")
+    over = [f"teacher={teacher_dir}", f"out_dir={out}", f"name={name}", f"device={device.type}"]
     if args.distill_steps:
         over.append(f"steps={args.distill_steps}")
     cfg = load_distill_config(ROOT / "configs" / f"sparse_{method}.yaml", over)
@@ -120,19 +138,22 @@ def run_method(method: str, args: argparse.Namespace, teacher_dir: Path, out: Pa
         cfg = dataclasses.replace(cfg, data=DataConfig(name="shakespeare_char", seq_len=256), batch_size=8,
                                   lr=1e-3, eval_every=100, eval_batches=4, log_every=25,
                                   student={"attention": cfg.student["attention"], **QUICK_STUDENT[method]})
+    if options:
+        attn_opts = {**cfg.student.get("attention_options", {}), **options}
+        cfg = dataclasses.replace(cfg, student={**cfg.student, "attention_options": attn_opts})
     teacher, _ = load_teacher(teacher_dir, device)
     dist = Distiller(cfg, teacher=teacher)
     block = int(cfg.student.get("attention_options", {}).get("block_size", 64))
-    rec: dict[str, Any] = {"method": method, "attention": cfg.student["attention"],
+    rec: dict[str, Any] = {"method": spec, "attention": cfg.student["attention"],
                            "options": cfg.student.get("attention_options", {})}
     bs, nb = cfg.eval_batch_size or cfg.batch_size, cfg.eval_batches
-    log(f"{method}: fidelity without fine-tuning")
+    log(f"{spec}: fidelity without fine-tuning")
     with dist._autocast():         # bf16 on CUDA: the same compiled flex kernels as distillation
         rec["before"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
     t0 = time.perf_counter()
     dist.fit()
     rec["train_s"] = time.perf_counter() - t0
-    log(f"{method}: fidelity after {cfg.steps} distillation steps ({rec['train_s']:.0f}s)")
+    log(f"{spec}: fidelity after {cfg.steps} distillation steps ({rec['train_s']:.0f}s)")
     with dist._autocast():
         rec["after"] = fidelity.suite(dist.teacher, dist.student, dist.data, bs, nb, block)
     data = dist.data
@@ -183,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default=None, help="existing teacher (run dir / saved model / HF dir): skip training")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD[:KEY=VALUE,...]",
+                   help=f"{', '.join(METHODS)}; options override the config's attention_options (a sparsity "
+                        "sweep), e.g. gate:top_k=3 window:window=512")
     p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--no-results", action="store_true", help="write only OUT/sparse_fidelity.json")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip methods not started after this many seconds (0 = no limit; GPU default 450)")
     args = p.parse_args(argv)
+    for spec in args.methods:
+        parse_method(spec)                      # a typo fails before the teacher is trained
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     if args.quick:
         torch.set_num_threads(2)
