@@ -133,10 +133,11 @@ def run_method(spec: str, args: argparse.Namespace, teacher_dir: Path, out: Path
     over = [f"teacher={teacher_dir}", f"out_dir={out}", f"name={name}", f"device={device.type}"]
     if args.distill_steps:
         over.append(f"steps={args.distill_steps}")
-    cfg = load_distill_config(ROOT / "configs" / f"sparse_{method}.yaml", over)
     if args.quick:
-        cfg = dataclasses.replace(cfg, data=DataConfig(name="shakespeare_char", seq_len=256), batch_size=8,
-                                  lr=1e-3, eval_every=100, eval_batches=4, log_every=25,
+        over += ["batch_size=8", "lr=1e-3", "eval_every=100", "eval_batches=4", "log_every=25"]
+    cfg = load_distill_config(ROOT / "configs" / f"sparse_{method}.yaml", over + args.set)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, data=DataConfig(name="shakespeare_char", seq_len=256),
                                   student={"attention": cfg.student["attention"], **QUICK_STUDENT[method]})
     if options:
         attn_opts = {**cfg.student.get("attention_options", {}), **options}
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"{', '.join(METHODS)}; options override the config's attention_options (a sparsity "
                         "sweep), e.g. gate:top_k=3 window:window=512")
     p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of every distillation config, e.g. lr=5e-5 or schedule=cosine")
     p.add_argument("--no-results", action="store_true", help="write only OUT/sparse_fidelity.json")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip methods not started after this many seconds (0 = no limit; GPU default 450)")

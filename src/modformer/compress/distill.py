@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from modformer.bench.fidelity import next_token_kl
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, from_dict
 from modformer.registry import ConfigError
+from modformer.train.schedule import lr_schedule
 
 
 @dataclass
@@ -60,6 +61,8 @@ class DistillConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 0
+    schedule: str = "constant"           # constant | cosine | linear (after warm-up, to min_lr)
+    min_lr: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0
     kl_weight: float = 1.0
@@ -183,6 +186,8 @@ class Distiller:
         self.trained = freeze_except(self.student, cfg.trainable)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self._schedule = lr_schedule(TrainConfig(steps=cfg.steps, lr=cfg.lr, min_lr=cfg.min_lr,
+                                                 warmup_steps=cfg.warmup_steps, schedule=cfg.schedule))
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.run_dir = cfg.run_dir
@@ -212,8 +217,7 @@ class Distiller:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def lr_at(self, step: int) -> float:
-        w = self.cfg.warmup_steps
-        return self.cfg.lr * min(1.0, (step + 1) / w) if w else self.cfg.lr
+        return self._schedule(step)
 
     def train_step(self) -> dict[str, float]:
         c = self.cfg
