@@ -216,6 +216,20 @@ def test_distill_freezes_other_params_and_lowers_kl(tmp_path: object, shakespear
     assert {"kl", "top1_agree", "ppl_retention"} <= set(rows[-1]) and rows[-1]["split"] == "val"
 
 
+def test_distill_lr_schedule_warms_up_then_decays_to_min_lr(tmp_path: object, shakespeare: object) -> None:
+    teacher = mf.build_model(mf.ModelConfig(vocab_size=shakespeare.vocab_size, n_layer=1, d_model=16, n_head=2,
+                                            max_seq_len=32)).eval()
+    cfg = DistillConfig(name="s", out_dir=str(tmp_path), student={"attention": "sliding_window",
+                                                                    "attention_options": {"window": 3}},
+                        steps=10, lr=1e-3, min_lr=1e-4, warmup_steps=2, schedule="cosine", device="cpu")
+    d = Distiller(cfg, teacher=teacher, data=shakespeare)
+    assert [d.lr_at(0), d.lr_at(1), d.lr_at(2)] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert d.lr_at(6) == pytest.approx(1e-4 + 0.5 * 9e-4)           # half way through the decay
+    assert d.lr_at(10) == pytest.approx(1e-4)
+    const = Distiller(dataclasses.replace(cfg, name="c", schedule="constant"), teacher=teacher, data=shakespeare)
+    assert const.lr_at(9) == pytest.approx(1e-3)
+
+
 def test_cli_distill_on_a_tiny_config(tmp_path: object) -> None:
     from modformer.cli import main
     from modformer.runs import run_model
