@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation and batch order)")
     ap.add_argument("--copy-threshold", type=float, default=0.5)
+    ap.add_argument("--probe-pool", type=int, default=1000,
+                    help="also probe induction with repeated tokens drawn from the N most frequent training tokens")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs-dir", default=None)
@@ -125,6 +127,8 @@ def main() -> int:
     model2 = tr2.raw_model
     w2 = interp.extract_weights(model2)
     scores = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32)
+    pool = interp.frequent_tokens(torch.as_tensor(tr2.data.stream("train")), args.probe_pool, model2.cfg.vocab_size)
+    ind_freq = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32, token_pool=pool)["induction"]
     kcomp = interp.composition_scores(w2, "k", baseline=True)
     ind, prev = scores["induction"], scores["prev_token"]
     best_prev = int(prev[0].argmax())
@@ -140,10 +144,12 @@ def main() -> int:
     rows.append({"model": "attn_only_2l", "steps": args.steps_2l, "train_s": round(t2, 1),
                  "val_loss": s2.get("final_val_loss"),
                  "induction_scores_l1": [round(float(v), 3) for v in ind[1]],
+                 "induction_scores_l1_frequent_tokens": [round(float(v), 3) for v in ind_freq[1]],
                  "prev_token_scores_l0": [round(float(v), 3) for v in prev[0]],
                  "induction_heads": pairs, "copying_scores": [[round(float(v), 3) for v in r]
                                                               for r in interp.copying_scores(w2)]})
     write(args, runs, rows, {"induction_prefix_matching": round(float(ind[1].max()), 4),
+                             "induction_prefix_matching_frequent_tokens": round(float(ind_freq[1].max()), 4),
                              "copying_heads_fraction_1l": round(frac, 4)})
     return 0
 

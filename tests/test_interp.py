@@ -184,6 +184,20 @@ def test_low_rank_composition_matches_dense_formula_and_baseline():
 
 # ---- head detectors on a hand-wired induction circuit --------------------------------------------
 
+def test_repeated_tokens_from_a_pool_of_frequent_tokens():
+    stream = torch.tensor([5, 5, 5, 2, 2, 7, 7, 7, 7, 1])
+    assert interp.frequent_tokens(stream, 3, 10).tolist() == [7, 5, 2]
+    pool = torch.tensor([3, 9, 4, 6, 8])
+    idx = heads.repeated_random_tokens(10, 4, batch=6, seed=0, pool=pool)
+    assert idx.shape == (6, 8) and torch.equal(idx[:, :4], idx[:, 4:])
+    assert set(idx.flatten().tolist()) <= set(pool.tolist())
+    assert all(len(set(row[:4].tolist())) == 4 for row in idx)          # distinct within a half
+    small = heads.repeated_random_tokens(10, 4, batch=2, pool=torch.tensor([1, 2]))   # pool < length: repeats
+    assert set(small.flatten().tolist()) <= {1, 2}
+    s = interp.head_scores(induction_model(), length=12, batch=8, token_pool=torch.arange(4, 16))
+    assert s["induction"][1, 0] > 0.99
+
+
 def test_detectors_find_the_hand_built_induction_circuit():
     model = induction_model()
     idx = heads.repeated_random_tokens(16, 12, batch=8, seed=1)

@@ -46,7 +46,7 @@ from modformer.interp.gradflow import (
     grad_flow,
     grad_norms,
 )
-from modformer.interp.heads import head_scores, head_table, repeated_random_tokens
+from modformer.interp.heads import frequent_tokens, head_scores, head_table, repeated_random_tokens
 from modformer.interp.report import analyze
 from modformer.interp.skip_trigrams import SkipTrigram, skip_trigrams
 from modformer.interp.weights import ModelWeights, attention_forward, extract_weights, normalize
@@ -56,7 +56,8 @@ __all__ = [
     "all_composition_scores", "analyze", "attention_distance", "attention_entropy", "attention_forward",
     "attention_stats", "comp_score", "composition_baseline", "composition_scores", "copying_scores",
     "eigen_score", "excluded_loss", "extract_weights", "flag_grad_flow", "fourier_basis", "fourier_report",
-    "frequency_norms", "grad_flow", "grad_norms", "head_scores", "head_table", "key_frequencies", "normalize",
+    "frequency_norms", "frequent_tokens", "grad_flow", "grad_norms", "head_scores", "head_table", "key_frequencies",
+    "normalize",
     "ov_circuit", "ov_eigenvalues", "pos_qk_circuit", "positional_qk_strength", "qk_circuit", "qk_eigenvalues",
     "repeated_random_tokens", "restricted_loss", "skip_trigrams", "top_compositions",
 ]

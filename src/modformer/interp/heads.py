@@ -26,14 +26,25 @@ from modformer.interp.weights import ModelWeights, extract_weights
 
 
 def repeated_random_tokens(vocab_size: int, length: int, batch: int = 16, seed: int = 0,
-                           distinct: bool = True) -> Tensor:
-    """``(batch, 2 * length)``: random tokens (distinct within a half when possible), repeated once."""
+                           distinct: bool = True, pool: Tensor | None = None) -> Tensor:
+    """``(batch, 2 * length)``: random tokens (distinct within a half when possible), repeated once.
+
+    ``pool`` (1-D token ids) restricts the draw, e.g. to the tokens frequent in the training data: with a
+    large BPE vocabulary and little text, rare tokens keep near-initial embeddings and uniform draws
+    measure those as much as the heads."""
     g = torch.Generator().manual_seed(seed)
-    if distinct and vocab_size >= length:
-        half = torch.rand(batch, vocab_size, generator=g).argsort(1)[:, :length]
+    ids = torch.arange(vocab_size) if pool is None else pool.flatten().long().cpu()
+    if distinct and len(ids) >= length:
+        half = ids[torch.rand(batch, len(ids), generator=g).argsort(1)[:, :length]]
     else:
-        half = torch.randint(vocab_size, (batch, length), generator=g)
+        half = ids[torch.randint(len(ids), (batch, length), generator=g)]
     return torch.cat([half, half], 1)
+
+
+def frequent_tokens(tokens: Tensor, n: int, vocab_size: int) -> Tensor:
+    """The ``n`` most frequent ids of a token stream (ties by id), for ``repeated_random_tokens(pool=...)``."""
+    counts = torch.bincount(tokens.flatten().long(), minlength=vocab_size)
+    return counts.argsort(descending=True, stable=True)[:n]
 
 
 @torch.no_grad()
@@ -128,8 +139,9 @@ def copying_rank_scores(model: nn.Module, idx: Tensor, min_attention: float = 0.
 
 @torch.no_grad()
 def head_scores(model: nn.Module, length: int | None = None, batch: int = 16, seed: int = 0,
-                w: ModelWeights | None = None) -> dict[str, Tensor]:
-    """Every detector's ``(L, H)`` scores on repeated random tokens (``length`` fits the position table)."""
+                w: ModelWeights | None = None, token_pool: Tensor | None = None) -> dict[str, Tensor]:
+    """Every detector's ``(L, H)`` scores on repeated random tokens (``length`` fits the position table;
+    ``token_pool``: draw the repeated tokens from these ids only, see ``repeated_random_tokens``)."""
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -143,7 +155,7 @@ def head_scores(model: nn.Module, length: int | None = None, batch: int = 16, se
         except ValueError:          # attention without fused per-head weights: pattern-based scores only
             w = None
     device = model.tok_emb.weight.device
-    idx = repeated_random_tokens(cfg.vocab_size, length, batch, seed).to(device)
+    idx = repeated_random_tokens(cfg.vocab_size, length, batch, seed, pool=token_pool).to(device)
     pats = stack_patterns(attention_patterns(model, idx), cfg.n_layer)
     scores = {
         "prev_token": previous_token_scores(pats),
