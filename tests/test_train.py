@@ -271,6 +271,18 @@ def test_bf16_gradient_reduction_stays_close_to_the_single_process_run(tmp_path,
         wrap_model(torch.nn.Linear(2, 2), World(size=2), strategy, torch.device("cpu"), reduce_dtype="float16")
 
 
+def test_profile_steps_trace_exactly_the_chosen_steps(tmp_path):
+    """train.profile_steps=[3, 4] traces optimizer steps 3 and 4 only; a bad range fails at construction."""
+    Trainer(run_cfg(tmp_path, "p", steps=6, profile_steps=(3, 4), optimizer_options={})).fit()
+    out = tmp_path / "p" / "profile"
+    trace = json.loads((out / "rank0_trace.json").read_text())
+    steps = [e for e in trace["traceEvents"] if e.get("name") == "Optimizer.step#AdamW.step"]
+    assert len(steps) == 2                              # one optimizer step per traced training step
+    assert "aten::" in (out / "rank0_table.txt").read_text()
+    with pytest.raises(mf.ConfigError, match="profile_steps"):
+        Trainer(run_cfg(tmp_path, "bad", profile_steps=(4, 2)))
+
+
 def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypatch):
     with pytest.raises(mf.ConfigError, match="train.compile_mode"):
         Trainer(run_cfg(tmp_path, "bad", compile_mode="fast"))

@@ -190,6 +190,7 @@ class TrainConfig:
     tensorboard: bool = True
     sample_tokens: int = 200           # generated sample length in LM reports
     keep_checkpoints: int = 2          # newest checkpoints kept on disk
+    profile_steps: tuple[int, int] | None = None   # [first, last] steps traced by torch.profiler -> RUN/profile/
 
 
 @dataclass

@@ -29,6 +29,7 @@ from modformer.train.distributed import World, all_reduce_sum, barrier, init_wor
 from modformer.train.ema import build_ema, update_ema
 from modformer.train.grokfast import build_grad_filter
 from modformer.train.logging import MetricsLogger, ProgressDisplay
+from modformer.train.profiling import StepProfiler
 from modformer.train.optim import build_optimizer
 from modformer.train.report import plot_metrics, write_report, write_summary
 from modformer.train.schedule import lr_schedule
@@ -94,6 +95,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.dtype = resolve_dtype(t.dtype, self.device)
+        self.profiler = StepProfiler(t.profile_steps, cfg.run_dir / "profile", self.world.rank, self.device)
         self.callbacks = callbacks or []
         self.run_dir = cfg.run_dir
         self.data: Dataset = build_dataset(cfg.data)
@@ -324,7 +326,9 @@ class Trainer:
         window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
         try:
             while self.step < t.steps:
+                self.profiler.before(self.step + 1)
                 loss_sum, correct, n_tokens, n_targets = self.train_step()
+                self.profiler.after(self.step)
                 stats[0] += loss_sum
                 stats[1] += correct
                 window_tokens += n_tokens
@@ -371,6 +375,7 @@ class Trainer:
                 if self.stop_reason != "steps":
                     break
         finally:
+            self.profiler.close()
             progress.close()
             self.logger.close()
         summary = self.finish()
