@@ -12,6 +12,8 @@ NVSHMEM_DISABLE_NVLS=1 (NVLink multicast off, as the device README requires).
 
     python benchmarks/ddp_scaling.py --nproc 1 2 4                  # GPUs; configs/ddp_gpt2_wikitext2.yaml
     python benchmarks/ddp_scaling.py --tiny --nproc 1 2 --out /tmp/ddp.json   # CPU smoke test (gloo)
+    python benchmarks/ddp_scaling.py --nproc 2 --strategies fsdp --set train.profile_steps=[60,62] --runs-dir R
+                                       # + a torch.profiler trace/table per rank in R/<run>/profile/
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from modformer.train.distributed import World, all_reduce_sum, barrier, init_wor
 from modformer.train.ema import build_ema, update_ema
 from modformer.train.grokfast import build_grad_filter
 from modformer.train.logging import MetricsLogger, ProgressDisplay
-from modformer.train.profiling import StepProfiler
 from modformer.train.optim import build_optimizer
+from modformer.train.profiling import StepProfiler
 from modformer.train.report import plot_metrics, write_report, write_summary
 from modformer.train.schedule import lr_schedule
 
