@@ -1,5 +1,6 @@
 """GPT model: causality for every component combination, caches, round trips, checkpointing."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -239,3 +240,21 @@ def test_throughput_bench_runs_tiny_preset_and_writes_profiles(tmp_path):
     assert all(r["step_ms"] > 0 for r in result["rows"])
     tables = sorted(p.name for p in (tmp_path / "prof").iterdir())
     assert len(tables) == 4 and "aten::" in (tmp_path / "prof" / tables[0]).read_text()
+
+
+@pytest.mark.parametrize("family", ["gpt", "hourglass"])
+def test_embed_noise_only_in_training_and_within_the_neftune_bound(family):
+    """model.embed_noise (NEFTune): eval outputs unchanged; in training the embeddings move by <= alpha/sqrt(T d)."""
+    cfg = mf.ModelConfig(model=family, vocab_size=11, n_layer=2, d_model=16, n_head=2, max_seq_len=16, dropout=0.0)
+    torch.manual_seed(0)
+    plain = mf.build_model(cfg)
+    noisy = mf.build_model(dataclasses.replace(cfg, embed_noise=5.0))
+    noisy.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 11, (3, 16))
+    torch.testing.assert_close(noisy.eval()(idx), plain.eval()(idx), rtol=0, atol=0)
+    seen = {}
+    noisy.train()
+    noisy.hook_embed.add_hook(lambda x, hook: seen.setdefault("x", x.detach()))
+    noisy(idx)
+    delta = seen["x"] - plain.tok_emb(idx)
+    assert 0 < delta.abs().max() <= 5.0 / (16 * 16) ** 0.5

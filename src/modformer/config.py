@@ -59,6 +59,7 @@ class ModelConfig:
     embed_init_std: float | None = None  # token-embedding std; None = init_std
     scale_embeddings: bool = False     # multiply token embeddings by sqrt(d_model) (Vaswani et al. 2017, 3.4),
                                        # so they are not drowned by unit-amplitude sinusoidal positions
+    embed_noise: float = 0.0           # NEFTune alpha: training-time uniform noise on token embeddings
     attention_options: dict[str, Any] = field(default_factory=dict)
     ffn_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)

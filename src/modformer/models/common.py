@@ -26,6 +26,15 @@ def check_token_input(idx: Tensor, offset: int, cfg: ModelConfig, max_len: int |
                          f"got min {int(idx.min())}, max {int(idx.max())}")
 
 
+def token_embeddings(emb: nn.Embedding, idx: Tensor, scale: float, noise: float, training: bool) -> Tensor:
+    """``emb(idx) * scale``, plus NEFTune noise in training (Jain et al. 2023): uniform in +-noise / sqrt(T * d),
+    which makes the model robust to perturbed input embeddings (``model.embed_noise``, 0 = off)."""
+    x = emb(idx) * scale
+    if training and noise > 0:
+        x = x + torch.empty_like(x).uniform_(-1.0, 1.0) * (noise / math.sqrt(x.shape[-2] * x.shape[-1]))
+    return x
+
+
 def init_linear_and_embeddings(model: nn.Module, cfg: ModelConfig, depth: int,
                                is_residual_out: Callable[[str], bool]) -> None:
     """``init: gpt2``: Linear weights N(0, init_std), residual output projections (``is_residual_out``

@@ -26,7 +26,12 @@ from modformer.layers.context import Context
 from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
-from modformer.models.common import AuxLossMixin, check_token_input, init_linear_and_embeddings
+from modformer.models.common import (
+    AuxLossMixin,
+    check_token_input,
+    init_linear_and_embeddings,
+    token_embeddings,
+)
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
 
@@ -101,7 +106,7 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         check_token_input(idx, offset, self.cfg, self.position.max_len, check_values=idx.device.type == "cpu")
 
     def embed(self, idx: Tensor, ctx: Context) -> Tensor:
-        x = self.hook_embed(self.tok_emb(idx) * self.embed_scale)
+        x = self.hook_embed(token_embeddings(self.tok_emb, idx, self.embed_scale, self.cfg.embed_noise, self.training))
         pos_emb = self.position.embed(ctx.pos)
         if pos_emb is not None:
             x = x + self.hook_pos_embed(pos_emb.to(x.dtype))

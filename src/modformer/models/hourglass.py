@@ -71,7 +71,12 @@ from modformer.layers.dwa import DepthWeightedAverage
 from modformer.layers.hooks import HookedMixin, HookPoint, name_hook_points
 from modformer.layers.norm import build_norm
 from modformer.layers.shorten import AttentionUpsample, Shorten, n_groups, upsample_add, upsample_repeat
-from modformer.models.common import AuxLossMixin, check_token_input, init_linear_and_embeddings
+from modformer.models.common import (
+    AuxLossMixin,
+    check_token_input,
+    init_linear_and_embeddings,
+    token_embeddings,
+)
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
 
@@ -423,7 +428,8 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         pos = [torch.arange(n, device=idx.device) for n in self.lengths(idx.shape[1])]
         emb = [p.embed_arange(q) for p, q in zip(positions, pos)]
-        x = self._plus(self.hook_embed(self.tok_emb(idx) * self.embed_scale), emb[0])
+        tok = token_embeddings(self.tok_emb, idx, self.embed_scale, self.cfg.embed_noise, self.training)
+        x = self._plus(self.hook_embed(tok), emb[0])
         x = self.drop(x)
         skips = []
         for r in range(o.levels):
