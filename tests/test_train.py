@@ -268,7 +268,7 @@ def test_bf16_gradient_reduction_stays_close_to_the_single_process_run(tmp_path,
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-2), (x, y)
     with pytest.raises(mf.ConfigError, match="grad_reduce_dtype"):
         from modformer.train.distributed import World, wrap_model
-        wrap_model(torch.nn.Linear(2, 2), World(size=2), strategy, torch.device("cpu"), reduce_dtype="float16")
+        wrap_model(torch.nn.Linear(2, 2), World(size=1), strategy, torch.device("cpu"), reduce_dtype="float16")
 
 
 def test_profile_steps_trace_exactly_the_chosen_steps(tmp_path):

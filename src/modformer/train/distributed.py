@@ -43,10 +43,10 @@ def wrap_model(model: nn.Module, world: World, strategy: str, device: torch.devi
     ``compute_dtype`` (the autocast dtype) is FSDP2's parameter dtype for the all-gathers, so a bf16 run
     moves bf16 weights instead of fp32 ones; ``reduce_dtype`` is the dtype gradients are averaged in
     (DDP: a bf16 compression hook; FSDP2: the reduce-scatter), halving the traffic at ``bfloat16``."""
+    if reduce_dtype not in ("float32", "bfloat16"):    # checked on one process too: a typo fails early
+        raise ConfigError(f"train.grad_reduce_dtype must be float32 or bfloat16, got {reduce_dtype!r}")
     if world.size == 1:
         return model
-    if reduce_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"train.grad_reduce_dtype must be float32 or bfloat16, got {reduce_dtype!r}")
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
