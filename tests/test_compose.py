@@ -3,6 +3,10 @@
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +311,18 @@ def test_cbtm_train_stage_gives_each_concurrent_job_its_own_gpu(tmp_path, monkey
     seconds = cbtm.train_stage(configs, tmp_path, workers=4, gpus=[0, 1])
     assert sorted(seconds) == sorted(configs) and len(launched) == 5
     assert {p.gpu for p in launched} == {"0", "1"}
+
+
+def test_cbtm_parallel_benchmark_trains_the_same_experts_in_parallel(tmp_path):
+    """benchmarks/cbtm_parallel.py --tiny: 2 expert processes at once give the sequential run's mixture."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "par.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "cbtm_parallel.py"), "--tiny", "--out", str(out),
+                          "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    par, seq = result["rows"]
+    assert (par["workers"], seq["workers"]) == (2, 1) and par["experts"] == seq["experts"] == 2
+    assert par["mixture_ppl"] == pytest.approx(seq["mixture_ppl"], rel=1e-6)
+    assert result["headline"]["speedup"] == seq["train_wall_s"] / par["train_wall_s"]
