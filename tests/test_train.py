@@ -204,6 +204,15 @@ def test_cli_train_eval_generate_list(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "did you mean 'lr'" in bad.stderr
 
 
+def torchrun_train(path: Path, *extra: str) -> None:
+    """``torchrun --nproc_per_node=2 -m modformer.cli train PATH`` on gloo; fails the test on a non-zero exit."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "modformer.cli", "train",
+                          str(path), *extra], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None
                     and shutil.which("torchrun") is None, reason="torchrun not installed")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -214,11 +223,7 @@ def test_ddp_two_processes_gloo_matches_single_process(tmp_path, strategy):
     cfg.train.distributed = strategy
     path = tmp_path / "c.yaml"
     save_yaml(cfg, path)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "modformer.cli", "train",
-                          str(path)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    torchrun_train(path)
     cfg.name = "single"
     single = Trainer(cfg).fit()
     a = strip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"))
@@ -236,9 +241,7 @@ def test_ddp_two_processes_gloo_matches_single_process(tmp_path, strategy):
     # resume under the same strategy from the step-3 checkpoint reproduces the rest of the run
     shutil.rmtree(tmp_path / "ddp" / "checkpoints" / "step_0000006")
     (tmp_path / "ddp" / "checkpoints" / "latest").write_text("step_0000003\n")
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "modformer.cli", "train",
-                          str(path), "--resume"], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    torchrun_train(path, "--resume")
     again = strip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"))
     for x, y in zip(again, b):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4), (x, y)
@@ -254,11 +257,7 @@ def test_bf16_gradient_reduction_stays_close_to_the_single_process_run(tmp_path,
     cfg.train.distributed, cfg.train.grad_reduce_dtype = strategy, "bfloat16"
     path = tmp_path / "c.yaml"
     save_yaml(cfg, path)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "modformer.cli", "train",
-                          str(path)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    torchrun_train(path)
     cfg.name = "single"
     Trainer(cfg).fit()
     a = strip(read_metrics(tmp_path / "ddp" / "metrics.jsonl"))
