@@ -282,6 +282,24 @@ def test_profile_steps_trace_exactly_the_chosen_steps(tmp_path):
         Trainer(run_cfg(tmp_path, "bad", profile_steps=(4, 2)))
 
 
+def test_init_from_starts_from_another_runs_weights(tmp_path):
+    """train.init_from: a run folder (newest checkpoint) or saved model gives the initial weights; misfits fail."""
+    Trainer(run_cfg(tmp_path, "base", steps=4, optimizer_options={})).fit()
+    base = mf.load(ckpt.latest_checkpoint(tmp_path / "base" / "checkpoints"))
+    tuned = Trainer(run_cfg(tmp_path, "tuned", steps=2, lr=1e-4, init_from=str(tmp_path / "base")))
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(tuned.raw_model.state_dict()[k], v, rtol=0, atol=0)
+    mf.save(base, tmp_path / "saved")
+    again = Trainer(run_cfg(tmp_path, "again", steps=2, init_from=str(tmp_path / "saved")))
+    torch.testing.assert_close(again.raw_model.tok_emb.weight, base.tok_emb.weight, rtol=0, atol=0)
+    wide = run_cfg(tmp_path, "wide", init_from=str(tmp_path / "base"))
+    wide.model.d_model = 64
+    with pytest.raises(mf.ConfigError, match="does not fit"):
+        Trainer(wide)
+    with pytest.raises(mf.ConfigError, match="init_from"):
+        Trainer(run_cfg(tmp_path, "none", init_from=str(tmp_path / "nowhere")))
+
+
 def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypatch):
     with pytest.raises(mf.ConfigError, match="train.compile_mode"):
         Trainer(run_cfg(tmp_path, "bad", compile_mode="fast"))

@@ -102,6 +102,8 @@ class Trainer:
         self._fill_model_config()
         torch.manual_seed(t.seed)
         self.raw_model = build_model(cfg.model).to(self.device)
+        if t.init_from and not resume:
+            self._init_weights_from(Path(t.init_from))
         self.ema = build_ema(self.raw_model, t, self.sharded)
         mode = compile_mode(t)                        # checked even when compile is off: a typo fails early
         if t.compile and self.sharded:   # FSDP2: compile each block (its hooks stay outside the graphs)
@@ -130,6 +132,26 @@ class Trainer:
             self._resume()
 
     # ---- set-up ------------------------------------------------------------------------
+    def _init_weights_from(self, path: Path) -> None:
+        """``train.init_from``: start from the newest checkpoint of a run folder or from a saved model (fine-tuning).
+
+        Every tensor must exist with the same shape; other model settings (dropout, say) may differ."""
+        from modformer.runs import run_model
+        from modformer.saving import load
+
+        try:
+            src = run_model(path) if (path / "config.yaml").is_file() else load(path)
+        except FileNotFoundError as e:
+            raise ConfigError(f"train.init_from={str(path)!r}: {e}") from None
+        mine, theirs = self.raw_model.state_dict(), src.state_dict()
+        bad = [f"{k} {tuple(theirs[k].shape) if k in theirs else 'missing'} vs {tuple(v.shape)}"
+               for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+        extra = sorted(set(theirs) - set(mine))
+        if bad or extra:
+            raise ConfigError(f"train.init_from={str(path)!r} does not fit model: "
+                              f"{(bad or [f'{extra[0]} unexpected'])[0]} ({len(bad) + len(extra)} tensors differ)")
+        self.raw_model.load_state_dict(theirs)
+
     def _fill_model_config(self) -> None:
         m, d = self.cfg.model, self.data
         if m.vocab_size == 0:
