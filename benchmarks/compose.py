@@ -48,7 +48,8 @@ CONFIGS = {"gates": "compose_gates.yaml", "calm": "compose_calm.yaml", "cbtm": "
 def spec_for(name: str, args: argparse.Namespace, module: Any) -> dict[str, Any]:
     over = [f"out_dir={args.runs}", f"device={args.device}"]
     over += H100[name] if args.preset == "h100" else []
-    return load_spec(ROOT / "configs" / CONFIGS[name], module.DEFAULTS, over + args.overrides)
+    path = Path(args.config) if args.config and name == args.method else ROOT / "configs" / CONFIGS[name]
+    return load_spec(path, module.DEFAULTS, over + args.overrides)
 
 
 def bench_gates(args: argparse.Namespace) -> tuple[dict, list]:
@@ -86,6 +87,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("method", choices=["cbtm", "gates", "calm"])
     p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. experts.steps=100")
+    p.add_argument("--config", default=None, help="YAML instead of configs/compose_METHOD.yaml, e.g. "
+                   "configs/compose_calm_base.yaml")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="cpu", choices=["cpu", "h100"])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -269,6 +269,37 @@ def test_cli_gates_and_calm(tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
 
 
+def test_calm_shared_base_starts_both_models_from_the_base(tmp_path):
+    """base: a run on kv_mix (both tasks' examples); anchor and augmenting start from its weights."""
+    mix = build_dataset(DataConfig(name="kv_mix", options={"p": 5, "n_keys": 30, "n_examples": 50}))
+    anchor = build_dataset(DataConfig(name="kv_anchor", options={"p": 5, "n_keys": 30}))
+    aug = build_dataset(DataConfig(name="kv_aug", options={"p": 5, "n_keys": 30, "n_examples": 50}))
+    assert mix.vocab_size == anchor.vocab_size == aug.vocab_size
+    for split in ("train", "val"):
+        assert torch.equal(mix._x[split], torch.cat([anchor._x[split], aug._x[split]]))
+    model = {"n_layer": 1, "d_model": 16, "n_head": 2, "max_seq_len": 8}
+    spec = {"name": "cb", "out_dir": str(tmp_path), "device": "cpu",
+            "data": {"n_keys": 30, "p": 5, "n_examples": 40, "n_val": 20, "aug_examples": 50},
+            "base": {"train": {**TINY_TRAIN, "steps": 3}},
+            "anchor": {"model": model, "train": {**TINY_TRAIN, "steps": 1, "lr": 0.0}},
+            "augmenting": {"model": model, "train": {**TINY_TRAIN, "steps": 1, "lr": 0.0}},
+            "calm": {"steps": 1, "n_head": 2}, "baselines": {"finetune": False, "lora": False}}
+    from modformer.compose import calm
+    from modformer.compose.spec import merge
+    from modformer.runs import run_config, run_model
+
+    calm.run(merge(calm.DEFAULTS, spec))
+    runs = tmp_path / "cb" / "runs"
+    base = run_model(runs / "base").state_dict()
+    for name in ("anchor", "augmenting"):      # one step at lr 0: the base's weights exactly
+        assert run_config(runs / name).train.init_from == str(runs / "base")
+        for k, v in run_model(runs / name).state_dict().items():
+            torch.testing.assert_close(v, base[k], rtol=0, atol=0)
+    bad = {**spec, "augmenting": {"model": {**model, "d_model": 32}, "train": spec["augmenting"]["train"]}}
+    with pytest.raises(mf.ConfigError, match="augmenting.model must equal base.model"):
+        calm.run(merge(calm.DEFAULTS, bad))
+
+
 def test_cli_cbtm(tmp_path):
     run = {"model": {"n_layer": 1, "d_model": 16, "n_head": 2, "max_seq_len": 28},
            "data": {"name": "taskmix", "seq_len": 28,

@@ -298,6 +298,8 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
         Trainer(wide)
     with pytest.raises(mf.ConfigError, match="init_from"):
         Trainer(run_cfg(tmp_path, "none", init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(mf.ConfigError, match="train.steps must be >= 1"):
+        Trainer(run_cfg(tmp_path, "zero", steps=0))
 
 
 def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypatch):

@@ -44,6 +44,10 @@ DEFAULTS: dict[str, Any] = {
     "calm": {"every": 2, "connections": None, "n_head": 4, "steps": 600, "lr": 3e-3, "batch_size": 256},
     "baselines": {"finetune": True, "lora": True, "finetune_lr": 1e-3, "lora_lr": 3e-3,
                   "lora_targets": ["qkv", "out", "up", "down"]},
+    # base: null, or a RunConfig mapping (model defaults to the anchor's) trained on ``kv_mix`` first; the anchor
+    # and the augmenting model are then fine-tuned from it (``train.init_from``), as CALM's PaLM2 models share
+    # their pre-training. Both must then have the base's model shape.
+    "base": None,
     "retrain": False,
 }
 
@@ -60,6 +64,25 @@ def _datasets(d: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
             build_dataset(DataConfig(name="kv_aug", options=aug_opts)), arith, {"common": common, "aug": aug_opts})
 
 
+def _from_shared_base(spec: dict[str, Any], out: Path, opts: dict[str, Any], device: str,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the shared base on ``kv_mix``; return the anchor and augmenting runs set to start from it."""
+    from modformer.registry import ConfigError
+
+    base = copy.deepcopy(spec["base"])
+    base.setdefault("model", copy.deepcopy(spec["anchor"]["model"]))
+    for name in ("anchor", "augmenting"):
+        if spec[name].get("model") != base["model"]:
+            raise ConfigError(f"calm base: {name}.model must equal base.model to start from the base's weights")
+    train_run(base, "base", out, "kv_mix", opts["aug"], device, spec["retrain"])
+    runs = []
+    for name in ("anchor", "augmenting"):
+        r = copy.deepcopy(spec[name])
+        r.setdefault("train", {})["init_from"] = str(out / "runs" / "base")
+        runs.append(r)
+    return runs[0], runs[1]
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """The whole experiment; returns (and writes ``out_dir/name/calm.json``) headline + rows."""
     from modformer.compress import lora
@@ -73,8 +96,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(spec["seed"])
     anchor_data, aug_data, arith, opts = _datasets(spec["data"])
     t0 = time.perf_counter()
-    anchor = train_run(spec["anchor"], "anchor", out, "kv_anchor", opts["common"], device, spec["retrain"])
-    augmenting = train_run(spec["augmenting"], "augmenting", out, "kv_aug", opts["aug"], device, spec["retrain"])
+    anchor_run, aug_run = spec["anchor"], spec["augmenting"]
+    if spec["base"]:
+        anchor_run, aug_run = _from_shared_base(spec, out, opts, device)
+    anchor = train_run(anchor_run, "anchor", out, "kv_anchor", opts["common"], device, spec["retrain"])
+    augmenting = train_run(aug_run, "augmenting", out, "kv_aug", opts["aug"], device, spec["retrain"])
     rows: list[dict[str, Any]] = []
 
     def row(method: str, model: torch.nn.Module, n_train: int, seconds: float, **kw: Any) -> dict[str, Any]:

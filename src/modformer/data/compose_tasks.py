@@ -18,6 +18,8 @@ tokens. The three share one vocabulary and one template of ``2 * key_len + 2`` t
   (the augmenting model memorises every key's value, and knows no arithmetic).
 - ``kv_arith``: ``a1 a2 a3 + b1 b2 b3 =`` -> value(a) + value(b) (mod p when ``modular``). Split by key:
   ``train`` uses the first ``train_keys`` fraction of keys only, ``val`` only the others (both keys held out).
+- ``kv_mix``: the ``kv_anchor`` and ``kv_aug`` examples together, for one shared base model that the anchor
+  and the augmenting model are then fine-tuned from (as CALM's PaLM2 models share their pre-training).
 """
 
 from __future__ import annotations
@@ -253,3 +255,19 @@ class KVArith(_KeyValue):
         self.n_train_keys = n_train
         set_splits(self, parts, self.kv_symbols)
 
+
+@register("task", "kv_mix")
+class KVMix(_KeyValue):
+    """``kv_anchor`` + ``kv_aug`` examples in one task (both splits), in the shared vocabulary and template."""
+
+    def __init__(self, seq_len: int = 0, root: Path | None = None, *, p: int = 97, n_keys: int = 300,
+                 key_len: int = 3, n_letters: int = 8, n_examples: int = 20000, modular: bool = True,
+                 seed: int = 0) -> None:
+        common = {"p": p, "n_keys": n_keys, "key_len": key_len, "n_letters": n_letters, "modular": modular,
+                  "seed": seed}
+        parts = [KVAnchor(**common), KVAugment(**common, n_examples=n_examples)]
+        self._keys(p, n_keys, key_len, n_letters, seed, modular)
+        self._x = {s: torch.cat([d._x[s] for d in parts]) for s in ("train", "val")}
+        self._y = {s: torch.cat([d._y[s] for d in parts]) for s in ("train", "val")}
+        self.symbols, self._stoi = self.kv_symbols, {s: i for i, s in enumerate(self.kv_symbols)}
+        self.vocab_size, self.seq_len = len(self.kv_symbols), self._x["train"].shape[1]

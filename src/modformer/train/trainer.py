@@ -161,6 +161,8 @@ class Trainer:
                               f"({d.vocab_size}); set model.vocab_size=0 to take it from the data")
         if m.position == "learned" and d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if self.cfg.train.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.cfg.train.steps}")
         b, parts = self.cfg.train.batch_size, self.world.size * self.cfg.train.grad_accum
         if b > 0 and b % parts:
             raise ConfigError(f"train.batch_size={b} must be divisible by processes x grad_accum = {parts}")
