@@ -11,7 +11,9 @@ Needs the anchor and augmenting runs of ``benchmarks/compose.py calm`` (same con
 3. the best linear bridge: least-squares map from the augmenting model's last-layer state at the last key letter
    to the ideal injection E_anchor[value] - E_anchor[letter], fitted on training keys, injected at the anchor input;
 4. an oracle bridge: a free per-value table T[value] replacing the last key letter at the anchor input (letters
-   cancelled exactly, true values given), trained through the frozen anchor from zero like the bridges are.
+   cancelled exactly, true values given), trained through the frozen anchor from zero like the bridges are;
+5. a value-code probe: a ridge map (fitted on training keys) from the augmenting model's state at a key's last
+   letter to the anchor's number embeddings, decoded by the nearest one: does a linear code transfer to new keys?
 
 Writes ``OUT/calm_diagnose.json``.
 """
@@ -35,6 +37,7 @@ from modformer.compose.spec import load_spec  # noqa: E402
 from modformer.runs import run_model  # noqa: E402
 
 SLOTS = (2, 6)   # last letter of each key = the anchor's number positions
+RIDGE = (0.0, 1.0, 100.0)   # ridge strengths of the value-code probe
 
 
 def main() -> int:
@@ -94,6 +97,22 @@ def main() -> int:
     for split, (x, y, v, _, h) in data.items():
         out[split]["linear_bridge_least_squares"] = acc(x, y, torch.cat([h[:, list(SLOTS)],
                                                                         torch.ones(*v.shape, 1)], -1) @ W)
+    # 5. is there a key-general value code? ridge map (fitted on training keys) from the augmenting state at a
+    #    key's last letter (first slot: the state depends on the key only) to the anchor's number embeddings,
+    #    decoded by the nearest number embedding; measured on the held-out keys
+    numbers = E[:arith.p].detach()
+    per_key = {}
+    for split, (x, _, v, _, h) in data.items():
+        keys = {tuple(r[:3]): i for i, r in enumerate(x.tolist())}            # one example per first key
+        idx = torch.tensor(list(keys.values()))
+        per_key[split] = (h[idx, SLOTS[0]], v[idx, 0])
+    (ht, vt), (hv, vv) = per_key["train"], per_key["val"]
+    mu, nu = ht.mean(0), numbers[vt].mean(0)
+    for lam in RIDGE:
+        W = torch.linalg.solve((ht - mu).T @ (ht - mu) + lam * torch.eye(ht.shape[1]), (ht - mu).T @ (numbers[vt] - nu))
+        for split, (hh, vvv) in (("train", (ht, vt)), ("val", (hv, vv))):
+            dec = torch.cdist((hh - mu) @ W + nu, numbers).argmin(-1)
+            out[split][f"value_code_ridge{lam:g}"] = float((dec == vvv).float().mean())
     # 4. oracle per-value table through the frozen anchor
     T = torch.nn.Parameter(torch.zeros(arith.p, E.shape[1]))
     opt = torch.optim.AdamW([T], lr=args.lr, weight_decay=0.0)
