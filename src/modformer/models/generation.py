@@ -107,7 +107,7 @@ class GraphDecoder:
 
     def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device,
                  key: tuple = ()) -> None:
-        self.model, self.batch, self.length, self.device, self.key = model, batch, length, device, key
+        self.model, self.device, self.key = model, device, key
         self.cache = model.new_cache(batch, static=True, max_len=length)
         self.logits_fn = torch.compile(self._logits, dynamic=False, options=self.compile_options)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)      # input of the next step
