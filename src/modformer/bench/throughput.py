@@ -71,17 +71,17 @@ def measure(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, 
 
 def write_profile(step: Any, device: torch.device, path: str, steps: int = 3) -> None:
     """torch.profiler table of the GPU kernels of ``steps`` training steps, sorted by total device time."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    from modformer.train.profiling import activities, op_table
+
+    with profile(activities=activities(device)) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
+    Path(path).write_text(op_table(prof, device, rows=30))
 
 
 def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok: bool,

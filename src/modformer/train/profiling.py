@@ -15,6 +15,17 @@ from torch.profiler import ProfilerActivity, profile
 from modformer.registry import ConfigError
 
 
+def activities(device: torch.device) -> list[ProfilerActivity]:
+    """CPU, plus CUDA kernels on a GPU."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def op_table(prof: profile, device: torch.device, rows: int = 40) -> str:
+    """The profile's ops sorted by device time on a GPU, CPU time otherwise."""
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+
+
 class StepProfiler:
     """Start before step ``first`` (1-based, as logged), stop after step ``last``; a no-op without a range."""
 
@@ -28,8 +39,7 @@ class StepProfiler:
         """Call with the number of the step about to run."""
         if self.steps is None or self.prof is not None or step != self.steps[0]:
             return
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self.prof = profile(activities=acts, record_shapes=False)
+        self.prof = profile(activities=activities(self.device), record_shapes=False)
         self.prof.__enter__()
 
     def after(self, step: int) -> None:
@@ -47,6 +57,4 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}_trace.json"))
-        sort = "cuda_time_total" if self.device.type == "cuda" else "cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
-        (self.out_dir / f"rank{self.rank}_table.txt").write_text(table)
+        (self.out_dir / f"rank{self.rank}_table.txt").write_text(op_table(prof, self.device))
