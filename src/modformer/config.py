@@ -192,7 +192,7 @@ class TrainConfig:
     sample_tokens: int = 200           # generated sample length in LM reports
     keep_checkpoints: int = 2          # newest checkpoints kept on disk
     profile_steps: tuple[int, int] | None = None   # [first, last] steps traced by torch.profiler -> RUN/profile/
-    init_from: str | None = None       # run folder or saved model whose weights start this run (fine-tuning)
+    init_from: str | None = None       # run folder / saved model / HF GPT-2 folder: initial weights (fine-tuning)
 
 
 @dataclass

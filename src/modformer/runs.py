@@ -29,5 +29,22 @@ def run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     return load(path, device)
 
 
+def load_any(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A model from a run folder (newest checkpoint), a saved model folder or an HF GPT-2 folder."""
+    import json
+
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        return run_model(path, device)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: not a run folder, saved model or HF model folder")
+    if json.loads(cfg_file.read_text()).get("model_type") == "gpt2":
+        from modformer.models.hf import load_pretrained
+
+        return load_pretrained(str(path)).to(device)
+    return load(path, device)
+
+
 def run_dataset(run_dir: str | Path) -> Dataset:
     return build_dataset(run_config(run_dir).data)

@@ -96,20 +96,14 @@ def load_distill_config(path: str | Path, overrides: list[str] | None = None) ->
 # ---- models --------------------------------------------------------------------------------
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DataConfig | None]:
     """A modformer run dir (newest checkpoint + its data config), a saved model dir, or an HF GPT-2 dir."""
-    from modformer.runs import run_config, run_model
-    from modformer.saving import load
+    from modformer.runs import load_any, run_config
 
     path = Path(path)
-    if (path / "config.yaml").is_file():
-        return run_model(path, device), run_config(path).data
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"teacher {path}: not a run folder, saved model or HF model folder")
-    if json.loads(cfg_file.read_text()).get("model_type") == "gpt2":
-        from modformer.models.hf import load_pretrained
-
-        return load_pretrained(str(path)).to(device), None
-    return load(path, device), None
+    try:
+        model = load_any(path, device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"teacher {e}") from None
+    return model, run_config(path).data if (path / "config.yaml").is_file() else None
 
 
 def build_student(teacher: nn.Module, overrides: dict[str, Any]) -> nn.Module:

@@ -133,14 +133,13 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------
     def _init_weights_from(self, path: Path) -> None:
-        """``train.init_from``: start from the newest checkpoint of a run folder or from a saved model (fine-tuning).
+        """``train.init_from``: start from a run folder's newest checkpoint, a saved model or an HF GPT-2 folder.
 
         Every tensor must exist with the same shape; other model settings (dropout, say) may differ."""
-        from modformer.runs import run_model
-        from modformer.saving import load
+        from modformer.runs import load_any
 
         try:
-            src = run_model(path) if (path / "config.yaml").is_file() else load(path)
+            src = load_any(path)
         except FileNotFoundError as e:
             raise ConfigError(f"train.init_from={str(path)!r}: {e}") from None
         mine, theirs = self.raw_model.state_dict(), src.state_dict()
