@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,20 +33,15 @@ TINY = ["cluster.k=2", "experts.steps=4", "run.train.eval_batches=1", "eval.max_
         "device=cpu"]
 
 
-def train_and_eval(name: str, overrides: list[str], workers: int, gpus: list[int] | None) -> dict:
-    """Cluster, plan and train the experts of one c-BTM run; returns wall time and mixture perplexity."""
-    spec = load_spec(ROOT / "configs" / "compose_cbtm.yaml", cbtm.DEFAULTS, [f"name={name}", *overrides])
-    out = Path(spec["out_dir"]) / name
-    cbtm.cluster_stage(spec, out)
-    configs = cbtm.plan_stage(spec, out)
-    t0 = time.perf_counter()
-    seconds = cbtm.train_stage(configs, out, workers, gpus)
-    wall = time.perf_counter() - t0
-    res = cbtm.eval_stage(spec, out)
-    by = {r["method"]: r["ppl"] for r in res["rows"]}
-    top = spec["eval"]["top_k"][0] or spec["cluster"]["k"]
-    return {"name": name, "experts": len(configs), "workers": workers, "gpus": gpus, "train_wall_s": wall,
-            "expert_s": seconds, "sum_expert_s": sum(seconds.values()), "mixture_ppl": by[f"c-BTM top-{top}"]}
+def train_and_eval(name: str, overrides: list[str], workers: int, one_gpu_each: bool) -> dict:
+    """One whole ``modformer compose cbtm`` run; returns its training wall time and mixture perplexity."""
+    spec = load_spec(ROOT / "configs" / "compose_cbtm.yaml", cbtm.DEFAULTS,
+                     [f"name={name}", *overrides, f"experts.workers={workers}", f"experts.one_gpu_each={one_gpu_each}"])
+    res = cbtm.run(spec)
+    seconds = res["train_seconds"]
+    return {"name": name, "experts": len(seconds), "workers": workers, "gpus": res["train_gpus"],
+            "train_wall_s": res["train_wall_seconds"], "expert_s": seconds, "sum_expert_s": sum(seconds.values()),
+            "mixture_ppl": cbtm.mixture_ppl(spec, res["rows"])}
 
 
 def main() -> int:
@@ -60,8 +54,8 @@ def main() -> int:
     runs = args.runs_dir or tempfile.mkdtemp(prefix="cbtm_par_")
     n_gpu = 0 if args.tiny else torch.cuda.device_count()
     over = [f"out_dir={runs}", "dense.train=false"] + (TINY if args.tiny else H100["cbtm"]) + args.overrides
-    parallel = train_and_eval("parallel", over, max(n_gpu, 2), list(range(n_gpu)) if n_gpu > 1 else None)
-    sequential = train_and_eval("sequential", over, 1, None)
+    parallel = train_and_eval("parallel", over, max(n_gpu, 2), one_gpu_each=True)
+    sequential = train_and_eval("sequential", over, 1, one_gpu_each=False)
     rows = [parallel, sequential]
     headline = {"experts": parallel["experts"], "gpus": n_gpu, "parallel_wall_s": parallel["train_wall_s"],
                 "sequential_wall_s": sequential["train_wall_s"],

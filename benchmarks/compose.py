@@ -73,8 +73,7 @@ def bench_cbtm(args: argparse.Namespace) -> tuple[dict, list]:
         for r in res["rows"]:
             rows.append({"corpus": corpus, **r})
         by = {r["method"]: r["ppl"] for r in res["rows"]}
-        top = spec["eval"]["top_k"][0] or spec["cluster"]["k"]
-        headline[f"{prefix}experts_ppl"] = by[f"c-BTM top-{top}"]
+        headline[f"{prefix}experts_ppl"] = cbtm.mixture_ppl(spec, res["rows"])
         headline[f"{prefix}dense_ppl"] = by.get("dense (same tokens)")
         headline[f"{prefix}best_single_expert_ppl"] = min(v for k, v in by.items() if k.endswith("alone"))
         headline[f"{prefix}cluster_purity"] = res.get("cluster", {}).get("purity")

@@ -225,6 +225,12 @@ def eval_stage(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return {"rows": rows, "split": e["split"], "tokens": n_tok}
 
 
+def mixture_ppl(spec: dict[str, Any], rows: list[dict[str, Any]]) -> float:
+    """Perplexity of the c-BTM mixture with the first ``eval.top_k`` setting (the headline figure)."""
+    top = spec["eval"]["top_k"][0] or spec["cluster"]["k"]
+    return next(r["ppl"] for r in rows if r["method"] == f"c-BTM top-{top}")
+
+
 def run(spec: dict[str, Any], stages: tuple[str, ...] = ("cluster", "plan", "train", "eval")) -> dict[str, Any]:
     """All stages of ``modformer compose cbtm``; returns (and writes) ``cbtm.json``'s content."""
     out = Path(spec["out_dir"]) / spec["name"]
