@@ -89,10 +89,14 @@ class ExampleDataset(Dataset):
         perm = torch.randperm(n, generator=generator)
         self._x = {"train": x[perm[:n_train]], "val": x[perm[n_train:]]}
         self._y = {"train": y[perm[:n_train]], "val": y[perm[n_train:]]}
+        self._set_symbols(symbols)
+
+    def _set_symbols(self, symbols: list[str]) -> None:
+        """Vocabulary and sequence length, once the split tensors ``_x`` / ``_y`` are in place."""
         self.symbols = symbols
         self._stoi = {s: i for i, s in enumerate(symbols)}
         self.vocab_size = len(symbols)
-        self.seq_len = x.shape[1]
+        self.seq_len = next(iter(self._x.values())).shape[1]
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         self._check_split(split)

@@ -86,10 +86,7 @@ def set_splits(ds: ExampleDataset, parts: dict[str, tuple[Tensor, Tensor]], symb
     for split, (seqs, answer) in parts.items():
         ds._x[split] = seqs[:, :-1].contiguous()
         ds._y[split] = seqs[:, 1:].masked_fill(~answer[:, 1:], IGNORE_INDEX).contiguous()
-    ds.symbols = symbols
-    ds._stoi = {s: i for i, s in enumerate(symbols)}
-    ds.vocab_size = len(symbols)
-    ds.seq_len = next(iter(ds._x.values())).shape[1]
+    ds._set_symbols(symbols)
 
 
 @register("task", "multitask")
@@ -269,5 +266,4 @@ class KVMix(_KeyValue):
         self._keys(p, n_keys, key_len, n_letters, seed, modular)
         self._x = {s: torch.cat([d._x[s] for d in parts]) for s in ("train", "val")}
         self._y = {s: torch.cat([d._y[s] for d in parts]) for s in ("train", "val")}
-        self.symbols, self._stoi = self.kv_symbols, {s: i for i, s in enumerate(self.kv_symbols)}
-        self.vocab_size, self.seq_len = len(self.kv_symbols), self._x["train"].shape[1]
+        self._set_symbols(self.kv_symbols)
