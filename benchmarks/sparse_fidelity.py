@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"{', '.join(METHODS)}; options override the config's attention_options (a sparsity "
                         "sweep), e.g. gate:top_k=3 window:window=512")
     p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--timing-windows", type=int, nargs="*", default=[508],
+                   help="also time the mask of a 4-sink + W-token window student at every --seq")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override of every distillation config, e.g. lr=5e-5 or schedule=cosine")
     p.add_argument("--no-results", action="store_true", help="write only OUT/sparse_fidelity.json")
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and args.seq:   # first: it needs no teacher and gives attn_speedup_16k
         log("=== attention forward timing (dense flash SDPA vs flex block-sparse, ~90% of causal blocks skipped) ===")
         try:
-            timing = fidelity.attention_speed(args.seq, device)
+            timing = fidelity.attention_speed(args.seq, device, student_windows=tuple(args.timing_windows))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             timing = [{"error": f"{type(e).__name__}: {e}"[:500]}]

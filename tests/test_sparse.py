@@ -287,3 +287,20 @@ def test_flex_block_masks_match_the_dense_reference() -> None:
     flex, _ = attend(q, k, v, AttnSpec(block_mask=bm), "flex")
     ref, _ = eager_attention(q, k, v, AttnSpec(keep=want))
     assert torch.allclose(flex, ref, atol=1e-5)
+
+
+def test_timing_masks_keep_their_layouts() -> None:
+    """The attention-speed masks: the student layout (4 sinks + window) keeps exactly its pairs, and the
+    synthetic ~10% layouts keep every diagonal block and no future block."""
+    from modformer.layers.attention.kernels import dense_from_block_mask
+
+    t, block = 1024, 16
+    masks = fidelity.sparse_block_masks(t, 0.1, block, "cpu", student_windows=(40,))
+    pos = torch.arange(t)
+    want = PATTERNS["sink_window"][0](pos[:, None], pos[None, :], 4, 40)
+    assert torch.equal(dense_from_block_mask(masks["sink4_window40"], t, t)[0, 0], want)
+    for name in ("sink_window", "learned_gate_topk"):
+        blocks = masks[name].to_dense()[0, 0].bool()
+        nb = blocks.shape[-1]
+        assert blocks.diagonal().all() and not blocks.triu(1).any()
+        assert 0.05 < blocks.sum().item() / (nb * (nb + 1) / 2) < 0.2

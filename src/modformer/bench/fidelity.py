@@ -193,8 +193,11 @@ def generations(teacher: nn.Module, student: nn.Module, data: Any, prompts: list
 
 
 # ---- attention timing ----------------------------------------------------------------------
-def sparse_block_masks(t: int, density: float, block: int, device: str) -> dict[str, object]:
-    """BlockMasks keeping about ``density`` of the causal blocks: sink + window, and random top-k blocks."""
+def sparse_block_masks(t: int, density: float, block: int, device: str,
+                       student_windows: tuple[int, ...] = ()) -> dict[str, object]:
+    """BlockMasks keeping about ``density`` of the causal blocks: sink + window, and random top-k blocks; plus,
+    for each ``w`` in ``student_windows``, the fixed layout of a distilled student (4 sinks + a ``w``-token
+    window), whose density falls with T (so its KL at T=1024 and its speed at 16k are one module's)."""
     from modformer.layers.attention.gate import block_mask_from_blocks
     from modformer.layers.attention.sparse import pattern_block_mask
 
@@ -212,12 +215,14 @@ def sparse_block_masks(t: int, density: float, block: int, device: str) -> dict[
         keep.scatter_(-1, scores.masked_fill(~past, -1.0).topk(min(per_row - 1, nb), -1).indices, True)
     keep = (keep & past) | (qb[None, :] == qb[:, None])
     masks["learned_gate_topk"] = block_mask_from_blocks(keep, qb, t, t, block)
+    for w in student_windows:
+        masks[f"sink4_window{w}"] = pattern_block_mask("sink_window", (4, w), t, t, 0, device, block)
     return masks
 
 
 def attention_speed(seqs: list[int], device: torch.device, heads: int = 16, head_dim: int = 64,
                     density: float = 0.1, block: int = 128, iters: int = 20,
-                    tokens: int = 65536) -> list[dict[str, Any]]:
+                    tokens: int = 65536, student_windows: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Attention forward time (bf16, B*T = ``tokens``): dense flash SDPA (causal) vs flex with block-sparse
     masks. ``speedup`` uses GPU kernel time (torch.profiler), which isolates the attention kernels from the
     Python/launch overhead that dominates sub-millisecond calls; ``speedup_wall`` uses wall time."""
@@ -232,7 +237,7 @@ def attention_speed(seqs: list[int], device: torch.device, heads: int = 16, head
                 return F.scaled_dot_product_attention(*qkv, is_causal=True)
 
             dense, dense_k = time_fn(dense_fn, device, 3, iters), kernel_time(dense_fn, 3, iters)
-            for name, bm in sparse_block_masks(t, density, block, str(device)).items():
+            for name, bm in sparse_block_masks(t, density, block, str(device), student_windows).items():
                 try:
                     spec = AttnSpec(block_mask=bm)
 
