@@ -158,6 +158,12 @@ def compare(gpt: dict, hg: dict) -> dict:
             if hg["tokens_per_s"] and gpt["tokens_per_s"] else None}
 
 
+def best_variant(done: dict[str, dict], gpt: dict | None) -> dict | None:
+    """Without a base ``hourglass`` row (an ablation-only call): the variant that reached GPT's loss soonest."""
+    rows = [r for name, r in done.items() if name != "gpt" and r.get("time_ratio_vs_gpt")] if gpt else []
+    return max(rows, key=lambda r: r["time_ratio_vs_gpt"]) if rows else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="shakespeare,wikitext2")
@@ -220,16 +226,17 @@ def main() -> None:
             rows.append(row)
         prev = {r["name"]: r for r in old["rows"] if r.get("corpus") == corpus}
         gpt = done.get("gpt") or prev.get(f"{corpus}_gpt")
-        hg = done.get("hourglass") or prev.get(f"{corpus}_hourglass")
+        if gpt:
+            for row in done.values():
+                if row is not gpt:
+                    row.update({k: v for k, v in compare(gpt, row).items() if "ratio" in k})
+        hg = done.get("hourglass") or prev.get(f"{corpus}_hourglass") or best_variant(done, gpt)
         if gpt and hg:
-            cmp = compare(gpt, hg)
+            cmp = {**compare(gpt, hg), "hourglass_row": hg["name"]}
             for key, value in cmp.items():
                 headline[f"{key}_{corpus}"] = value
                 if corpus == args.corpus.split(",")[0]:
                     headline[key] = value
-        for row in done.values():
-            if gpt and row is not gpt:
-                row["time_ratio_vs_gpt"] = compare(gpt, row)["time_ratio_vs_gpt"]
     names = {r["name"] for r in rows}
     rows = [r for r in old["rows"] if r["name"] not in names] + rows
     headline = {**old.get("headline", {}), **headline}
