@@ -242,6 +242,23 @@ def test_throughput_bench_runs_tiny_preset_and_writes_profiles(tmp_path):
     assert len(tables) == 4 and "aten::" in (tmp_path / "prof" / tables[0]).read_text()
 
 
+def test_attention_bench_compares_each_path_with_raw_sdpa(tmp_path):
+    """`modformer bench attention` on CPU: raw SDPA and our dispatcher timed on the same q/k/v, ratios to raw SDPA
+    (1 for raw itself) and the headline written."""
+    import json
+
+    from modformer.bench import attention
+
+    assert attention.main(["--seq", "32", "--head-dim", "8", "--tokens", "64", "--width", "16", "--iters", "1",
+                           "--rounds", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "attention.json").read_text())
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"raw_sdpa", "modformer_sdpa"}             # flex has no CPU backward: not timed
+    assert rows["raw_sdpa"]["fwd_ratio_vs_sdpa"] == 1.0 and rows["raw_sdpa"]["fwd_bwd_ratio_vs_sdpa"] == 1.0
+    assert rows["modformer_sdpa"]["fwd_bwd_ms"] > 0 and rows["modformer_sdpa"]["batch"] == 2
+    assert result["headline"]["min_ratio_vs_sdpa"] > 0
+
+
 @pytest.mark.parametrize("family", ["gpt", "hourglass"])
 def test_embed_noise_only_in_training_and_within_the_neftune_bound(family):
     """model.embed_noise (NEFTune): eval outputs unchanged; in training the embeddings move by <= alpha/sqrt(T d)."""

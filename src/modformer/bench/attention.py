@@ -3,7 +3,10 @@
 Compares raw ``F.scaled_dot_product_attention`` with modformer's dispatcher (``attend`` with the
 ``sdpa`` and ``flex`` backends) on the same q/k/v, FlashAttention-benchmark shapes: B*T = 16k
 tokens, model width 2048 (H = 2048 / Dh). FLOPs: causal forward 2 * B*H*T^2*Dh (half of
-4*B*H*T^2*Dh), backward 2.5x forward.
+4*B*H*T^2*Dh), backward 2.5x forward. On CUDA each path's forward is also profiled (``fwd_kernel_ms``, the
+top kernels in ``fwd_kernels``): wall-time gaps with equal kernel time are host overhead; different kernel
+names mean a different SDPA backend (the module leaves cuDNN out of eager no-grad calls, see
+``layers/attention/kernels._skip_cudnn``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modformer.bench.common import print_table, time_fn, write_result
+from modformer.bench.common import kernel_breakdown, print_table, time_fn, write_result
 from modformer.layers.attention.kernels import AttnSpec, attend
 
 
@@ -57,6 +60,12 @@ def bench_one(t: int, dh: int, device: torch.device, dtype: torch.dtype, total_t
                 row["fwd_ms"], row["fwd_tflops"] = tf * 1e3, flops(b, h, t, dh, False) / tf / 1e12
             if tb * 1e3 < row.get("fwd_bwd_ms", float("inf")):
                 row["fwd_bwd_ms"], row["fwd_bwd_tflops"] = tb * 1e3, flops(b, h, t, dh, True) / tb / 1e12
+    if device.type == "cuda":     # profiler evidence: forward kernel time and which kernels each path ran
+        for name in names:
+            if "error" not in rows[name]:
+                with torch.no_grad():
+                    sec, kernels = kernel_breakdown(impls[name], 3, iters)
+                rows[name]["fwd_kernel_ms"], rows[name]["fwd_kernels"] = sec * 1e3, kernels
     return list(rows.values())
 
 
@@ -80,16 +89,18 @@ def main(argv: list[str] | None = None) -> int:
             print_table(rows[-3:])
     for r in rows:     # ratio of each implementation's time to raw SDPA's at the same shape
         ref = next(x for x in rows if x["impl"] == "raw_sdpa" and x["T"] == r["T"] and x["head_dim"] == r["head_dim"])
-        for key in ("fwd_ms", "fwd_bwd_ms"):
+        for key in ("fwd_ms", "fwd_bwd_ms", "fwd_kernel_ms"):
             if key in r and key in ref:
                 r[key.replace("_ms", "_ratio_vs_sdpa")] = ref[key] / r[key]
     ours = [r for r in rows if r["impl"] == "modformer_sdpa"]
     ratios = [r[k] for r in ours for k in ("fwd_ratio_vs_sdpa", "fwd_bwd_ratio_vs_sdpa") if k in r]
     big = [r["fwd_bwd_tflops"] for r in ours if r["head_dim"] == 128 and r["T"] >= 4096 and "fwd_bwd_tflops" in r]
+    kernel = [r["fwd_kernel_ratio_vs_sdpa"] for r in ours if "fwd_kernel_ratio_vs_sdpa" in r]
     headline = {"min_ratio_vs_sdpa": min(ratios) if ratios else None,
+                "min_fwd_kernel_ratio_vs_sdpa": min(kernel) if kernel else None,
                 "fwd_bwd_tflops_causal_hd128_t4k": min(big) if big else None}
     print_table(rows, ["impl", "T", "head_dim", "fwd_tflops", "fwd_bwd_tflops", "fwd_ratio_vs_sdpa",
-                       "fwd_bwd_ratio_vs_sdpa"])
+                       "fwd_bwd_ratio_vs_sdpa", "fwd_kernel_ratio_vs_sdpa"])
     print(f"headline: {headline}")
     print(f"wrote {write_result('attention', headline, rows, device, args.out)}")
     return 0

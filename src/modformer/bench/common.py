@@ -44,6 +44,13 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, iters:
 def kernel_time(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> float:
     """Seconds of GPU kernel time per call (torch.profiler, CUDA activity only): isolates the device work of
     ``fn`` from Python/launch overhead, which dominates short calls."""
+    return kernel_breakdown(fn, warmup, iters)[0]
+
+
+def kernel_breakdown(fn: Callable[[], Any], warmup: int = 3, iters: int = 10,
+                     top: int = 3) -> tuple[float, list[tuple[str, float]]]:
+    """``kernel_time`` plus the ``top`` kernels by device time, as (name, share of the kernel time): shows
+    *which* kernels a call ran, e.g. whether two attention paths picked the same SDPA backend."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -53,8 +60,10 @@ def kernel_time(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> floa
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return total_us / 1e6 / iters
+    events = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.self_device_time_total > 0]
+    total_us = sum(us for _, us in events)
+    ranked = sorted(events, key=lambda e: -e[1])[:top]
+    return total_us / 1e6 / iters, [(name[:120], us / max(total_us, 1e-9)) for name, us in ranked]
 
 
 def counted_train_flops_per_token(model: torch.nn.Module, seq_len: int, vocab_size: int) -> float:
