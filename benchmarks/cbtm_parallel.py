@@ -64,9 +64,7 @@ def main() -> int:
     device = torch.device("cuda" if n_gpu else "cpu")
     extra = {"note": "CPU smoke test (tiny experts, 2 CPU processes): not a measurement"} if args.tiny else {}
     out = Path(args.out)
-    path = write_result("cbtm_parallel", headline, rows, device, out_dir=out.parent, extra=extra)
-    if path != out:
-        path.rename(out)
+    write_result("cbtm_parallel", headline, rows, device, out_dir=out.parent, extra=extra, filename=out.name)
     print_table(rows, ["name", "experts", "workers", "gpus", "train_wall_s", "sum_expert_s", "mixture_ppl"])
     print(f"headline: {headline}\nwrote {out}")
     return 0

@@ -117,9 +117,7 @@ def main() -> int:
     if args.tiny:
         extra["note"] = "CPU smoke test with a tiny model (gloo): not a measurement"
     out = Path(args.out)
-    path = write_result("ddp_scaling", headline, rows, device, out_dir=out.parent, extra=extra)
-    if path != out:
-        path.rename(out)
+    write_result("ddp_scaling", headline, rows, device, out_dir=out.parent, extra=extra, filename=out.name)
     print_table([{k: v for k, v in r.items() if k != "curve"} for r in rows],
                 ["name", "strategy", "processes", "tokens_per_s", "scaling_efficiency",
                  "max_rel_loss_diff_vs_1proc_same_batch", "process_seconds"])

@@ -241,9 +241,7 @@ def main() -> None:
     rows = [r for r in old["rows"] if r["name"] not in names] + rows
     headline = {**old.get("headline", {}), **headline}
     extra = {"note": "CPU smoke test with tiny models: not a measurement"} if args.tiny else None
-    path = write_result("hourglass", headline, rows, device, out_dir=out.parent, extra=extra)
-    if out.name != "hourglass.json":
-        path = path.rename(out)
+    path = write_result("hourglass", headline, rows, device, out_dir=out.parent, extra=extra, filename=out.name)
     print_table([{k: v for k, v in r.items() if k not in ("curve", "model_options")} for r in rows],
                 ["name", "params_non_embedding", "flops_per_token", "val_loss", "best_val_loss", "train_s",
                  "tokens_per_s", "peak_mem_gib", "time_ratio_vs_gpt"])

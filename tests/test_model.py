@@ -242,6 +242,18 @@ def test_throughput_bench_runs_tiny_preset_and_writes_profiles(tmp_path):
     assert len(tables) == 4 and "aten::" in (tmp_path / "prof" / tables[0]).read_text()
 
 
+def test_write_result_to_a_chosen_file_leaves_the_default_file_alone(tmp_path):
+    """A benchmark's ``--out FILE`` in the results folder must not overwrite (or move) ``<name>.json``."""
+    import json
+
+    from modformer.bench.common import write_result
+
+    (tmp_path / "hourglass.json").write_text("{}")
+    path = write_result("hourglass", {"x": 1}, [], "cpu", out_dir=tmp_path, filename="hourglass_t8192.json")
+    assert path == tmp_path / "hourglass_t8192.json" and json.loads(path.read_text())["headline"] == {"x": 1}
+    assert (tmp_path / "hourglass.json").read_text() == "{}"
+
+
 def test_attention_bench_compares_each_path_with_raw_sdpa(tmp_path):
     """`modformer bench attention` on CPU: raw SDPA and our dispatcher timed on the same q/k/v, ratios to raw SDPA
     (1 for raw itself) and the headline written."""

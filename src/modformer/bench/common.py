@@ -92,16 +92,18 @@ def matmul_ceiling(device: torch.device, n: int = 8192, dtype: torch.dtype = tor
 
 
 def write_result(name: str, headline: dict[str, Any], rows: list[dict[str, Any]], device: torch.device | str,
-                 out_dir: str | Path = "benchmarks/results", extra: dict[str, Any] | None = None) -> Path:
+                 out_dir: str | Path = "benchmarks/results", extra: dict[str, Any] | None = None,
+                 filename: str | None = None) -> Path:
     """benchmarks/results/<name>.json in the project's format (device, torch, date, command, ...).
 
-    ``device``: the device measured on, or its name (a summary of runs made elsewhere)."""
+    ``device``: the device measured on, or its name (a summary of runs made elsewhere); ``filename``: write
+    ``out_dir/filename`` instead of ``out_dir/<name>.json`` (a benchmark's ``--out FILE``)."""
     result = {"benchmark": name, "device": device if isinstance(device, str) else device_name(device),
               "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(["modformer", *sys.argv[1:]])
               if Path(sys.argv[0]).name == "modformer" else " ".join(["python", *sys.argv]),
               "headline": headline, "rows": rows, **(extra or {})}
-    path = Path(out_dir) / f"{name}.json"
+    path = Path(out_dir) / (filename or f"{name}.json")
     atomic_write_text(path, json.dumps(result, indent=2))
     return path
 
