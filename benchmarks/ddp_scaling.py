@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from modformer.bench.common import print_table, write_result
-from modformer.train.logging import read_metrics
+from modformer.train.logging import read_metrics, steady_tokens_per_s
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {   # name -> trainer overrides
@@ -59,9 +58,8 @@ def launch(name: str, nproc: int, overrides: list[str], args: argparse.Namespace
     if out.returncode != 0:
         raise SystemExit(f"{name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     train = [r for r in read_metrics(Path(args.runs_dir) / name / "metrics.jsonl") if r["split"] == "train"]
-    tps = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
     return {"name": name, "processes": nproc, "process_seconds": seconds,
-            "tokens_per_s": statistics.median(tps), "curve": [(r["step"], r["loss"]) for r in train]}
+            "tokens_per_s": steady_tokens_per_s(train), "curve": [(r["step"], r["loss"]) for r in train]}
 
 
 def max_rel_diff(a: list, b: list) -> float:

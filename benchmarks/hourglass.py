@@ -47,7 +47,7 @@ import torch
 from modformer.bench.common import print_table, write_result
 from modformer.config import load_config
 from modformer.saving import unwrap
-from modformer.train.logging import read_metrics, warmup_seconds
+from modformer.train.logging import read_metrics, steady_tokens_per_s, warmup_seconds
 from modformer.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,6 @@ def run_one(name: str, config: Path, overrides: list[str], args: argparse.Namesp
     for point in curve:
         point["flops"] = point["step"] * batch * seq * fpt
     train_rows = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if r["split"] == "train"]
-    tps = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
     warmup = warmup_seconds(train_rows, batch * seq)      # torch.compile / autotuning in the first log window
     best = min(curve, key=lambda p: p["loss"]) if curve else None
     return {"name": name, "model": cfg.model.model, "model_options": cfg.model.model_options,
@@ -115,7 +114,7 @@ def run_one(name: str, config: Path, overrides: list[str], args: argparse.Namesp
             "tokens": trainer.step * batch * seq,
             "val_loss": curve[-1]["loss"] if curve else None, "best_val_loss": best["loss"] if best else None,
             "train_s": curve[-1]["train_s"] if curve else None, "eval_s": eval_seconds[0], "warmup_s": warmup,
-            "tokens_per_s": statistics.median(tps) if tps else None,
+            "tokens_per_s": steady_tokens_per_s(train_rows),
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
             "curve": curve}
 

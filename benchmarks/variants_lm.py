@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from variants import VARIANTS, count, kv_bytes_per_token, match_params  # noqa: 
 import modformer as mf  # noqa: E402
 from modformer.bench.common import counted_train_flops_per_token, print_table, sync, write_result  # noqa: E402
 from modformer.config import ModelConfig, load_config  # noqa: E402
-from modformer.train.logging import read_metrics  # noqa: E402
+from modformer.train.logging import read_metrics, steady_tokens_per_s  # noqa: E402
 from modformer.train.trainer import Trainer  # noqa: E402
 
 HOURGLASS = {"model": "hourglass", "n_layer": 2,
@@ -112,10 +111,9 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     summary = Trainer(run, overwrite=True).fit()
     train_rows = [r for r in read_metrics(Path(args.runs_dir) / name / "metrics.jsonl") if r["split"] == "train"]
-    tps = [r["tokens_per_s"] for r in train_rows][1:] or [r["tokens_per_s"] for r in train_rows]
     row.update({"final_val_loss": summary.get("final_val_loss"), "final_val_word_ppl": summary.get("final_val_word_ppl",
                 summary.get("final_val_ppl")), "train_loss": train_rows[-1]["loss"] if train_rows else None,
-                "train_tokens_per_s": statistics.median(tps) if tps else None,
+                "train_tokens_per_s": steady_tokens_per_s(train_rows),
                 "aux_loss": train_rows[-1].get("aux_loss") if train_rows else None,
                 "tokens": args.steps * args.batch * args.seq_len, "wall_s": time.perf_counter() - t0})
     return row

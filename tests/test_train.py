@@ -372,3 +372,11 @@ def test_warmup_seconds_is_the_first_log_windows_excess_time():
     assert warmup_seconds(rows, 1000) == pytest.approx(4.0)
     assert warmup_seconds(rows[:1], 1000) is None
     assert warmup_seconds([{**rows[0], "tokens_per_s": 20_000.0}] + rows[1:], 1000) == 0.0   # faster: no warm-up
+
+
+def test_steady_tokens_per_s_skips_the_first_log_window():
+    from modformer.train.logging import steady_tokens_per_s
+
+    rows = [{"tokens_per_s": v} for v in (1.0, 10.0, 30.0, 20.0)]
+    assert steady_tokens_per_s(rows) == 20.0                 # median of the windows after the first
+    assert steady_tokens_per_s(rows[:1]) == 1.0 and steady_tokens_per_s([]) is None

@@ -63,6 +63,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def steady_tokens_per_s(train_rows: list[dict[str, Any]]) -> float | None:
+    """Median training tokens/s of the log windows after the first (which holds compilation and warm-up);
+    of all windows when there is only one. ``train_rows``: the train rows of ``metrics.jsonl``."""
+    tps = [r["tokens_per_s"] for r in train_rows]
+    return statistics.median(tps[1:] or tps) if tps else None
+
+
 def warmup_seconds(rows: list[dict[str, Any]], tokens_per_step: int) -> float | None:
     """One-off start-up time (torch.compile, autotuning) inside a run's first log window: that window's
     duration minus the time the later windows' median rate would take for it. ``rows``: the train rows of
