@@ -106,6 +106,8 @@ class Trainer:
             self._init_weights_from(Path(t.init_from))
         self.ema = build_ema(self.raw_model, t, self.sharded)
         mode = compile_mode(t)                        # checked even when compile is off: a typo fails early
+        if self.sharded and t.optimizer == "muon":
+            raise ConfigError("train.optimizer=muon needs whole weight matrices; use train.distributed=ddp, not fsdp")
         if t.compile and self.sharded:   # FSDP2: compile each block (its hooks stay outside the graphs)
             for block in getattr(self.raw_model, "blocks", []):
                 block.compile(mode=mode)
@@ -113,8 +115,6 @@ class Trainer:
                                 t.grad_reduce_dtype)
         if t.compile and not self.sharded:
             self.model = torch.compile(self.model, mode=mode)
-        if self.sharded and t.optimizer == "muon":
-            raise ConfigError("train.optimizer=muon needs whole weight matrices; use train.distributed=ddp, not fsdp")
         self.optimizer = build_optimizer(self.raw_model, t)
         self.lr_at = lr_schedule(t)
         self.grad_filter = build_grad_filter(t.optimizer_options)
