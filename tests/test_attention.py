@@ -106,3 +106,36 @@ def test_causal_mask_bias_is_built_once_per_forward(monkeypatch):
         out = model(idx, cache=model.new_cache(2, static=True, max_len=16))
     assert len(calls) == 1
     torch.testing.assert_close(out, model(idx))
+
+
+def test_cudnn_is_left_out_only_where_inference_shapes_keep_changing(monkeypatch):
+    """cuDNN plans each new shape, so eager decoding (a query offset) and cache-less generation avoid it, while a
+    plain causal inference forward keeps it (SDPA's fastest forward on Hopper); training always keeps it."""
+    from types import SimpleNamespace
+
+    from modformer.layers.attention import kernels
+
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    gpu_q = SimpleNamespace(is_cuda=True)
+    with torch.no_grad():
+        assert not kernels._skip_cudnn(gpu_q, plain_causal=True)
+        assert kernels._skip_cudnn(gpu_q, plain_causal=False)
+        with kernels.changing_shapes():
+            assert kernels._skip_cudnn(gpu_q, plain_causal=True)
+        assert not kernels._skip_cudnn(SimpleNamespace(is_cuda=False), plain_causal=False)
+    assert not kernels._skip_cudnn(gpu_q, plain_causal=False)          # gradients on: training shapes
+
+    seen = []
+    monkeypatch.setattr(kernels, "_skip_cudnn", lambda q, plain: seen.append((plain, kernels._changing_shapes)))
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    attend(q, k, v, AttnSpec(causal=True), "sdpa")
+    out, _ = attend(q[:, :, -1:], k, v, AttnSpec(causal=True, q_offset=5), "sdpa")   # one decoding step
+    torch.testing.assert_close(out, reference(q, k, v, True)[:, :, -1:].float(), atol=1e-5, rtol=1e-5)
+    assert seen == [(True, 0), (False, 0)]
+    model = mf.build_model(mf.ModelConfig(vocab_size=11, n_layer=1, d_model=16, n_head=2, max_seq_len=16))
+    seen.clear()
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=0, use_cache=False)
+    assert seen and all(depth == 1 for _, depth in seen)
+    seen.clear()
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=0)
+    assert seen == [(True, 0), (False, 0)]

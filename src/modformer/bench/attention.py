@@ -5,7 +5,7 @@ Compares raw ``F.scaled_dot_product_attention`` with modformer's dispatcher (``a
 tokens, model width 2048 (H = 2048 / Dh). FLOPs: causal forward 2 * B*H*T^2*Dh (half of
 4*B*H*T^2*Dh), backward 2.5x forward. On CUDA each path's forward is also profiled (``fwd_kernel_ms``, the
 top kernels in ``fwd_kernels``): wall-time gaps with equal kernel time are host overhead; different kernel
-names mean a different SDPA backend (the module leaves cuDNN out of eager no-grad calls, see
+names mean a different SDPA backend (the module leaves cuDNN out of eager decoding calls, see
 ``layers/attention/kernels._skip_cudnn``).
 """
 

@@ -7,6 +7,8 @@ import contextlib
 import torch
 from torch import Tensor
 
+from modformer.layers.attention.kernels import changing_shapes
+
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -61,18 +63,20 @@ class GenerationMixin:
                                        max_len=idx.shape[1] + max_new_tokens if static_cache else None)
             finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
             step_input = idx
-            for _ in range(max_new_tokens):
-                if cache is None:
-                    step_input = idx if max_len is None else idx[:, -max_len:]
-                logits = self(step_input, cache=cache, last_only=True)[:, -1]
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                if eos_token_id is not None:
-                    nxt = nxt.masked_fill(finished, eos_token_id)
-                    finished |= nxt == eos_token_id
-                idx = torch.cat([idx, nxt], dim=1)
-                step_input = nxt
-                if eos_token_id is not None and bool(finished.all()):
-                    break
+            # without a cache every step's context is one token longer: a new attention shape each time
+            with changing_shapes() if cache is None else contextlib.nullcontext():
+                for _ in range(max_new_tokens):
+                    if cache is None:
+                        step_input = idx if max_len is None else idx[:, -max_len:]
+                    logits = self(step_input, cache=cache, last_only=True)[:, -1]
+                    nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                    if eos_token_id is not None:
+                        nxt = nxt.masked_fill(finished, eos_token_id)
+                        finished |= nxt == eos_token_id
+                    idx = torch.cat([idx, nxt], dim=1)
+                    step_input = nxt
+                    if eos_token_id is not None and bool(finished.all()):
+                        break
             return idx
         finally:
             self.train(was_training)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -121,19 +121,36 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
         k, v = _expand_kv(k, v, H)   # enable_gqa only pays off on the fused GPU kernels
     if mask is not None and mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    with _without_cudnn() if _skip_cudnn(q) else contextlib.nullcontext():
+    with _without_cudnn() if _skip_cudnn(q, plain_causal) else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=plain_causal,
             dropout_p=spec.dropout_p, scale=spec.scale, enable_gqa=k.shape[1] != H)
     return out, None
 
 
-def _skip_cudnn(q: Tensor) -> bool:
-    """Eager inference on GPU avoids cuDNN attention: it builds a new execution plan for every new
-    shape (~40 ms on an H200), and decoding changes the key length at every token, which made eager
-    generation ~50 ms/token. Training and compiled graphs have fixed shapes and keep it."""
+_changing_shapes = 0   # depth of open ``changing_shapes()`` blocks
+
+
+@contextlib.contextmanager
+def changing_shapes() -> Iterator[None]:
+    """Mark calls whose shapes change every time (generation without a cache re-runs a context one token
+    longer per step): SDPA leaves cuDNN out inside, as for cached decoding (see ``_skip_cudnn``)."""
+    global _changing_shapes
+    _changing_shapes += 1
+    try:
+        yield
+    finally:
+        _changing_shapes -= 1
+
+
+def _skip_cudnn(q: Tensor, plain_causal: bool) -> bool:
+    """Eager inference on GPU avoids cuDNN attention where shapes keep changing: cuDNN builds a new execution
+    plan for every new shape (~40 ms on an H200), and in cached decoding (a query offset: not plain causal) or
+    inside ``changing_shapes()`` the key length changes at every token, which made eager generation
+    ~50 ms/token. Plain causal forwards (evaluation, prefill), training and compiled graphs keep cuDNN,
+    whose forward is ~2x flash-2's on an H200 (``bench attention``)."""
     return (q.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and torch.backends.cuda.cudnn_sdp_enabled())
+            and (not plain_causal or _changing_shapes > 0) and torch.backends.cuda.cudnn_sdp_enabled())
 
 
 def _without_cudnn() -> contextlib.AbstractContextManager:
