@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--wd", type=float, default=0.01, help="weight decay")
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--position", default="learned", help="learned | rope | sinusoidal | alibi | none")
+    ap.add_argument("--position", default="learned", help="learned | shortformer | rope | sinusoidal | alibi | none")
     ap.add_argument("--norm", default="layernorm")
     ap.add_argument("--tie", action="store_true", help="tie the embedding and unembedding")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
@@ -127,7 +127,7 @@ def main() -> int:
     model2 = tr2.raw_model
     w2 = interp.extract_weights(model2)
     scores = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32)
-    pool = interp.frequent_tokens(torch.as_tensor(tr2.data.stream("train")), args.probe_pool, model2.cfg.vocab_size)
+    pool = interp.frequent_tokens(torch.tensor(tr2.data.stream("train")), args.probe_pool, model2.cfg.vocab_size)
     ind_freq = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32, token_pool=pool)["induction"]
     kcomp = interp.composition_scores(w2, "k", baseline=True)
     ind, prev = scores["induction"], scores["prev_token"]

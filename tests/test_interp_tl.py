@@ -22,9 +22,9 @@ from modformer.interp.tl import to_hooked_transformer  # noqa: E402
 WEIGHT_NAMES = ["W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_U", "b_U"]
 
 
-def model_for(norm: str) -> torch.nn.Module:
+def model_for(norm: str, position: str = "learned") -> torch.nn.Module:
     cfg = mf.ModelConfig(vocab_size=37, n_layer=3, d_model=32, n_head=4, max_seq_len=24, attn_only=True,
-                         position="learned", norm=norm, norm_placement="pre", causal=True)
+                         position=position, norm=norm, norm_placement="pre", causal=True)
     model = mf.build_model(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -69,3 +69,24 @@ def test_transformer_lens_agrees(norm):
         torch.testing.assert_close(oursp[mode], htp.all_composition_scores(mode.upper()), atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(htp(idx).log_softmax(-1), logits.log_softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_lens_agrees_with_shortformer_positions():
+    """Position-infused attention: positions enter queries and keys after ln1, never values or the residual."""
+    model = model_for("layernorm", position="shortformer")
+    idx = torch.randint(0, 37, (3, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ht = to_hooked_transformer(model)
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(idx)
+            tl_logits, tl_cache = ht.run_with_cache(idx)
+    torch.testing.assert_close(logits, tl_logits, atol=1e-5, rtol=1e-5)
+    for layer in range(3):
+        key = f"blocks.{layer}.attn.hook_pattern"
+        torch.testing.assert_close(cache[key], tl_cache[key], atol=1e-5, rtol=1e-5)
+    w = interp.extract_weights(model, fold_ln=False)
+    torch.testing.assert_close(w.W_pos, ht.W_pos.detach())
+    ours = interp.all_composition_scores(w)
+    for mode in "qkv":
+        torch.testing.assert_close(ours[mode], ht.all_composition_scores(mode.upper()), atol=1e-5, rtol=1e-4)

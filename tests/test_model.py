@@ -18,7 +18,7 @@ def tiny(**kw) -> mf.ModelConfig:
 
 
 COMBOS = list(itertools.product(
-    ["mha", "gqa", "mqa"], ["learned", "sinusoidal", "rope", "alibi", "none"], ["layernorm", "rmsnorm"],
+    ["mha", "gqa", "mqa"], ["learned", "sinusoidal", "rope", "alibi", "none", "shortformer"], ["layernorm", "rmsnorm"],
     ["pre", "post", "sandwich"], ["relu", "gelu", "swiglu", "geglu"]))
 
 
@@ -78,7 +78,7 @@ def test_rope_scores_depend_only_on_relative_position():
     assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
 
 
-@pytest.mark.parametrize("position", ["learned", "rope", "alibi", "sinusoidal"])
+@pytest.mark.parametrize("position", ["learned", "rope", "alibi", "sinusoidal", "shortformer"])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("attention", ["mha", "mqa"])
 def test_cache_matches_full_forward(position, static, attention):
@@ -94,6 +94,19 @@ def test_greedy_generation_same_with_and_without_cache(static):
     b = model.generate(prompt, 20, temperature=0, use_cache=True, static_cache=static)
     assert a.shape == (3, 25)
     assert torch.equal(a, b)
+
+
+def test_shortformer_positions_reach_queries_and_keys_only():
+    """The residual stream and the values carry no position; the queries and keys do, so patterns depend on it."""
+    model = mf.build_model(tiny(position="shortformer", n_kv_heads=2)).eval()
+    idx = torch.full((1, 6), 3)                              # one token repeated: only positions differ
+    with torch.no_grad():
+        _, cache = model.run_with_cache(idx)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"], model.tok_emb.weight[idx])
+    v, k = cache["blocks.0.attn.hook_v"][0], cache["blocks.0.attn.hook_k"][0]       # (Hkv, T, Dh)
+    torch.testing.assert_close(v, v[:, :1].expand_as(v))
+    assert not torch.allclose(k, k[:, :1].expand_as(k))
+    assert model.num_params(non_embedding=True) == model.num_params() - 37 * 32 - 64 * 32
 
 
 def test_sampling_respects_top_k_and_top_p():

@@ -1,6 +1,6 @@
 """Load a modformer GPT into TransformerLens's ``HookedTransformer`` (the ``interp`` extra; TransformerLens < 4).
 
-Supported: MHA, learned absolute positions, pre-norm LayerNorm / RMSNorm / no norm (final norm present
+Supported: MHA, learned absolute positions (``learned`` = TL's "standard", ``shortformer`` = its "shortformer"), pre-norm LayerNorm / RMSNorm / no norm (final norm present
 iff blocks have one), causal attention, attention-only or MLP (relu / gelu / gelu_tanh) blocks, with
 or without biases. The conversion is ``weights.split_heads`` per layer (TL stores W_Q/W_K/W_V as
 ``(H, D, Dh)`` and W_O as ``(H, Dh, D)``, the row convention used throughout ``interp``) plus:
@@ -44,7 +44,7 @@ def tl_config(model: nn.Module, **overrides: Any) -> Any:
     bad = []
     if c.kv_heads != c.n_head:
         bad.append(f"attention={c.attention} (grouped K/V heads)")
-    if c.position != "learned":
+    if c.position not in ("learned", "shortformer"):
         bad.append(f"position={c.position}")
     if c.norm_placement != "pre" and c.norm != "none":
         bad.append(f"norm_placement={c.norm_placement}")
@@ -58,7 +58,7 @@ def tl_config(model: nn.Module, **overrides: Any) -> Any:
     if bad:
         raise ValueError("TransformerLens conversion does not support " + ", ".join(bad))
     kw = dict(n_layers=c.n_layer, d_model=c.d_model, n_ctx=c.max_seq_len, d_head=c.head_dim, n_heads=c.n_head,
-              d_vocab=c.vocab_size, attn_only=c.attn_only, eps=c.norm_eps, positional_embedding_type="standard",
+              d_vocab=c.vocab_size, attn_only=c.attn_only, eps=c.norm_eps, positional_embedding_type="standard" if c.position == "learned" else "shortformer",
               normalization_type={"layernorm": "LN", "rmsnorm": "RMS", "none": None}[c.norm],
               default_prepend_bos=False, use_attn_result=True, original_architecture="modformer",
               dtype=model.tok_emb.weight.dtype, device=str(model.tok_emb.weight.device))

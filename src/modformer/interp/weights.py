@@ -175,6 +175,8 @@ def extract_weights(model: nn.Module, fold_ln: bool = True, center_writing: bool
     if position is not None:
         n = getattr(position, "max_len", None) or getattr(getattr(model, "cfg", None), "max_seq_len", 1024)
         pe = position.embed(torch.arange(n, device=dev))
+        if pe is None:
+            pe = position.qk_embed(torch.arange(n, device=dev))        # shortformer: queries and keys only
         W_pos = pe.detach().float().clone() if pe is not None else None
     W_U = model.lm_head.weight.detach().float().t().clone()         # (D, V)
     b_U = model.lm_head.bias.detach().float().clone() if getattr(model.lm_head, "bias", None) is not None \
@@ -190,6 +192,8 @@ def extract_weights(model: nn.Module, fold_ln: bool = True, center_writing: bool
         notes.append("qk_norm: scores are not a bilinear form of the residual; QK circuits ignore the q/k norms")
     if getattr(cfg, "position", "learned") == "rope":
         notes.append("rope: QK circuits are those of relative distance 0 (no rotation applied)")
+    if getattr(cfg, "position", "learned") == "shortformer":
+        notes.append("shortformer: W_pos enters only queries and keys, after the norm (not folded into it)")
     if getattr(cfg, "position", "learned") == "alibi":
         notes.append("alibi: the per-head distance bias is not part of the QK circuits")
     folded = False
@@ -220,7 +224,7 @@ def extract_weights(model: nn.Module, fold_ln: bool = True, center_writing: bool
         if not (norm == "layernorm" and placement == "pre" and _norm_kind(final) in ("layernorm", "none")):
             notes.append("center_writing with readers that are not LayerNorms changes the model's function")
         W_E = W_E - W_E.mean(-1, keepdim=True)
-        if W_pos is not None:
+        if W_pos is not None and getattr(cfg, "position", "learned") != "shortformer":   # shortformer: not written
             W_pos = W_pos - W_pos.mean(-1, keepdim=True)
         W_O = W_O - W_O.mean(-1, keepdim=True)
         b_O = b_O - b_O.mean(-1, keepdim=True)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from modformer import registry
 from modformer.config import ModelConfig
+from modformer.layers.attention.mha import MultiHeadAttention
 from modformer.layers.context import Context
 from modformer.layers.hooks import HookPoint
 from modformer.layers.norm import build_norm
@@ -38,6 +39,9 @@ class Block(nn.Module):
         cfg = cfg.for_layer(layer_idx)          # per-layer head counts / FFN widths (model.layer_overrides)
         self.placement = cfg.norm_placement
         self.attn = build_component("attention", cfg.attention, cfg.attention_options, cfg, layer_idx)
+        if cfg.position == "shortformer" and not isinstance(self.attn, MultiHeadAttention):
+            raise ConfigError(f"model.position='shortformer' needs an attention with a fused QKV projection "
+                              f"(mha and its variants), not {cfg.attention!r}")
         self.ln1 = build_norm(cfg)
         self.ln1_post = build_norm(cfg) if self.placement == "sandwich" else None
         self.mlp = None if cfg.attn_only else build_component("ffn", cfg.ffn, cfg.ffn_options, cfg)

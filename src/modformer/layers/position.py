@@ -1,9 +1,10 @@
 """Position encodings (registry kind ``position``).
 
-A position module may do any of three things, each a no-op by default:
+A position module may do any of four things, each a no-op by default:
 ``embed(pos)`` returns an absolute ``(T, D)`` embedding added to token embeddings;
-``rotate(q, k, pos)`` rotates queries/keys (RoPE); ``alibi_slopes()`` gives per-head linear
-biases (ALiBi) that the attention kernel applies. ``pos`` holds absolute positions ``(T,)``.
+``qk_embed(pos)`` an absolute ``(T, D)`` embedding added to every attention layer's normed query and key
+inputs only (Shortformer); ``rotate(q, k, pos)`` rotates queries/keys (RoPE); ``alibi_slopes()`` gives
+per-head linear biases (ALiBi) that the attention kernel applies. ``pos`` holds absolute positions ``(T,)``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Position(nn.Module):
         """``embed(pos)`` for ``pos = arange(len(pos))``, which a subclass may compute more cheaply."""
         return self.embed(pos)
 
+    def qk_embed(self, pos: Tensor) -> Tensor | None:
+        return None
+
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return q, k
 
@@ -57,6 +61,23 @@ class LearnedPosition(Position):
     def embed_arange(self, pos: Tensor) -> Tensor:
         """The first rows of the table: a view, whose backward is a slice copy instead of an embedding scatter."""
         return self.wpe.weight[: pos.shape[0]]
+
+
+@register("position", "shortformer")
+class ShortformerPosition(LearnedPosition):
+    """Position-infused attention (Press et al. 2021, Shortformer): a learned table added to the normed input
+    of every attention layer's queries and keys, never to the values or the residual stream, so token
+    identity and position stay in separate channels. TransformerLens's ``positional_embedding_type=
+    "shortformer"`` (its attention-only models); the circuits papers' small models used it."""
+
+    def embed(self, pos: Tensor) -> None:
+        return None
+
+    def embed_arange(self, pos: Tensor) -> None:
+        return None
+
+    def qk_embed(self, pos: Tensor) -> Tensor:
+        return self.wpe(pos)
 
 
 @register("position", "sinusoidal")

@@ -244,6 +244,9 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.opts = o = HourglassOptions.parse(cfg)
+        if cfg.position == "shortformer":
+            raise ConfigError("model.position='shortformer' is not supported by model 'hourglass' "
+                              "(its shortening layers read positions from the residual stream)")
         D = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
         self.embed_scale = D ** 0.5 if cfg.scale_embeddings else 1.0

@@ -10,6 +10,7 @@ in the residual basis; only computed when hooked).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modformer.config import ModelConfig
@@ -51,6 +52,10 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_head, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        pe = ctx.position.qk_embed(ctx.pos)                                   # Shortformer: queries and keys only
+        if pe is not None:
+            dq, dk = F.linear(pe.to(x.dtype), self.qkv.weight[: (H + Hkv) * Dh]).split([H * Dh, Hkv * Dh], dim=-1)
+            q, k = q + dq, k + dk
         q = self.q_norm(q.view(B, T, H, Dh)).transpose(1, 2)
         k = self.k_norm(k.view(B, T, Hkv, Dh)).transpose(1, 2)
         v = v.view(B, T, Hkv, Dh).transpose(1, 2)
