@@ -56,6 +56,8 @@ def run_config(name: str, n_layer: int, args: argparse.Namespace, runs: Path) ->
 def train(name: str, n_layer: int, args: argparse.Namespace, runs: Path) -> tuple[Trainer, dict, float]:
     t0 = time.perf_counter()
     trainer = Trainer(run_config(name, n_layer, args, runs), overwrite=True)
+    if args.pos_init_std is not None:
+        torch.nn.init.normal_(trainer.raw_model.position.wpe.weight, 0.0, args.pos_init_std)
     summary = trainer.fit()
     trainer.raw_model.eval()
     return trainer, summary, time.perf_counter() - t0
@@ -95,6 +97,8 @@ def main() -> int:
     ap.add_argument("--wd", type=float, default=0.01, help="weight decay")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--position", default="learned", help="learned | shortformer | rope | sinusoidal | alibi | none")
+    ap.add_argument("--pos-init-std", type=float, default=None,
+                    help="initial std of the learned position table (default: the model's init_std)")
     ap.add_argument("--norm", default="layernorm")
     ap.add_argument("--tie", action="store_true", help="tie the embedding and unembedding")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
