@@ -33,6 +33,7 @@ import torch
 
 from modformer import interp
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from modformer.interp import heads
 from modformer.interp.report import analyze
 from modformer.train.trainer import Trainer
 
@@ -133,6 +134,14 @@ def main() -> int:
     scores = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32)
     pool = interp.frequent_tokens(torch.tensor(tr2.data.stream("train")), args.probe_pool, model2.cfg.vocab_size)
     ind_freq = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32, token_pool=pool)["induction"]
+    probe_len = min(32, args.seq_len // 2)
+    pats = heads.stack_patterns(heads.attention_patterns(
+        model2, interp.repeated_random_tokens(model2.cfg.vocab_size, probe_len, 32).to(args.device)), 2)
+    breakdown = {k: [round(float(x), 3) for x in v[1]] for k, v in heads.induction_breakdown(pats, probe_len).items()}
+    by_length = {}
+    for n in (8, 16, 32, 64, 128):
+        if 2 * n <= args.seq_len:
+            by_length[n] = round(float(interp.head_scores(model2, length=n, batch=32)["induction"][1].max()), 3)
     kcomp = interp.composition_scores(w2, "k", baseline=True)
     ind, prev = scores["induction"], scores["prev_token"]
     best_prev = int(prev[0].argmax())
@@ -150,6 +159,7 @@ def main() -> int:
                  "induction_scores_l1": [round(float(v), 3) for v in ind[1]],
                  "induction_scores_l1_frequent_tokens": [round(float(v), 3) for v in ind_freq[1]],
                  "prev_token_scores_l0": [round(float(v), 3) for v in prev[0]],
+                 "induction_breakdown_l1": breakdown, "best_induction_by_probe_length": by_length,
                  "induction_heads": pairs, "copying_scores": [[round(float(v), 3) for v in r]
                                                               for r in interp.copying_scores(w2)]})
     write(args, runs, rows, {"induction_prefix_matching": round(float(ind[1].max()), 4),

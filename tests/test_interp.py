@@ -221,6 +221,27 @@ def test_detectors_find_the_hand_built_induction_circuit():
     assert all(t.src == t.out for t in trig)                      # the copying head's OV: src -> src
 
 
+def test_induction_breakdown_accounts_for_every_attended_position():
+    """Hand-made patterns (L=1, H=3) over T=8 with length 4: each head's rows split into the named categories."""
+    T, n = 8, 4
+    pats = torch.zeros(1, 2, 3, T, T)
+    for t in range(T):
+        pats[0, :, 0, t, max(t - n + 1, 0)] = 1.0                        # a perfect induction head
+        pats[0, :, 1, t, 0] = 0.5                                        # half to position 0 ...
+        pats[0, :, 1, t, t] += 0.5                                       # ... half to itself
+        pats[0, :, 2, t, : t + 1] = 1.0 / (t + 1)                        # uniform over the prefix
+    b = heads.induction_breakdown(pats, n)
+    total = sum(b.values())
+    torch.testing.assert_close(total, torch.ones(1, 3))
+    assert b["induction"][0, 0] == 1.0 and b["induction"][0, 0] == heads.induction_scores(pats, n)[0, 0]
+    assert b["self"][0, 1] == 0.5
+    assert b["first_position"][0, 1] == 0.375 and b["duplicate"][0, 1] == 0.125   # at t=4 position 0 is t-L
+    uniform = torch.tensor([1 / (t + 1) for t in range(n, T)]).mean()
+    torch.testing.assert_close(b["induction"][0, 2], uniform)
+    # unnamed first-half sources: t=4 {2}, t=5 {3}, t=6 {1}, t=7 {1, 2}
+    torch.testing.assert_close(b["other_first_half"][0, 2], torch.tensor((1 / 5 + 1 / 6 + 1 / 7 + 2 / 8) / 4))
+
+
 # ---- Fourier --------------------------------------------------------------------------------------
 
 def test_fourier_key_frequencies_and_restricted_excluded_loss():

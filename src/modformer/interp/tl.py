@@ -1,11 +1,11 @@
 """Load a modformer GPT into TransformerLens's ``HookedTransformer`` (the ``interp`` extra; TransformerLens < 4).
 
-Supported: MHA, learned absolute positions (``learned`` = TL's "standard", ``shortformer`` = its "shortformer"), pre-norm LayerNorm / RMSNorm / no norm (final norm present
-iff blocks have one), causal attention, attention-only or MLP (relu / gelu / gelu_tanh) blocks, with
-or without biases. The conversion is ``weights.split_heads`` per layer (TL stores W_Q/W_K/W_V as
-``(H, D, Dh)`` and W_O as ``(H, Dh, D)``, the row convention used throughout ``interp``) plus:
-``embed.W_E = tok_emb.weight``, ``pos_embed.W_pos = wpe.weight[:n_ctx]``, ``unembed.W_U = lm_head.weight.T``
-(b_U = 0), ``mlp.W_in = up.weight.T``, ``mlp.W_out = down.weight.T``; missing biases become zeros.
+Supported: MHA, learned absolute positions (``learned``: TL's "standard"; ``shortformer``), pre-norm LayerNorm /
+RMSNorm / no norm (final norm present iff blocks have one), causal attention, attention-only or MLP (relu / gelu /
+gelu_tanh) blocks, with or without biases. The conversion is ``weights.split_heads`` per layer (TL stores W_Q/W_K/W_V
+as ``(H, D, Dh)`` and W_O as ``(H, Dh, D)``, the row convention used throughout ``interp``) plus: ``embed.W_E =
+tok_emb.weight``, ``pos_embed.W_pos = wpe.weight[:n_ctx]``, ``unembed.W_U = lm_head.weight.T`` (b_U = 0), ``mlp.W_in =
+up.weight.T``, ``mlp.W_out = down.weight.T``; missing biases become zeros.
 
 Convention differences (modformer vs TransformerLens):
 - hook_q / hook_k / hook_v / hook_z: ours ``(B, H, T, Dh)``, TL ``(B, T, H, Dh)``;
@@ -57,8 +57,9 @@ def tl_config(model: nn.Module, **overrides: Any) -> Any:
         bad.append(f"ffn={c.ffn}")
     if bad:
         raise ValueError("TransformerLens conversion does not support " + ", ".join(bad))
+    pos_type = "shortformer" if c.position == "shortformer" else "standard"
     kw = dict(n_layers=c.n_layer, d_model=c.d_model, n_ctx=c.max_seq_len, d_head=c.head_dim, n_heads=c.n_head,
-              d_vocab=c.vocab_size, attn_only=c.attn_only, eps=c.norm_eps, positional_embedding_type="standard" if c.position == "learned" else "shortformer",
+              d_vocab=c.vocab_size, attn_only=c.attn_only, eps=c.norm_eps, positional_embedding_type=pos_type,
               normalization_type={"layernorm": "LN", "rmsnorm": "RMS", "none": None}[c.norm],
               default_prepend_bos=False, use_attn_result=True, original_architecture="modformer",
               dtype=model.tok_emb.weight.dtype, device=str(model.tok_emb.weight.device))
