@@ -88,18 +88,19 @@ def induction_breakdown(patterns: Tensor, length: int) -> dict[str, Tensor]:
     """Where the second half's attention goes, ``(L, H)`` each, summing to 1 per head: the induction target
     (t-L+1), the duplicate (t-L), the previous token (t-1), itself, position 0, the rest of the first half and
     the rest of the second half. Shows what keeps a prefix-matching score below 1."""
-    T = patterns.shape[-1]
-    t = torch.arange(length, T)
+    T, dev = patterns.shape[-1], patterns.device
+    t = torch.arange(length, T, device=dev)
+    rows_i = torch.arange(T - length, device=dev)
     rows = patterns[..., t, :]                                          # (L, B, H, T - length, T)
     named = {"induction": t - length + 1, "duplicate": t - length, "previous": t - 1, "self": t,
              "first_position": torch.zeros_like(t)}
-    taken = torch.zeros(T - length, T, dtype=torch.bool)
+    taken = torch.zeros(T - length, T, dtype=torch.bool, device=dev)
     out = {}
     for name, src in named.items():
-        fresh = ~taken[torch.arange(len(t)), src]                       # count each source once (length 1: overlaps)
-        out[name] = (rows[..., torch.arange(len(t)), src] * fresh).mean((1, -1))
-        taken[torch.arange(len(t)), src] = True
-    first_half = torch.arange(T) < length
+        fresh = ~taken[rows_i, src]                       # count each source once
+        out[name] = (rows[..., rows_i, src] * fresh).mean((1, -1))
+        taken[rows_i, src] = True
+    first_half = torch.arange(T, device=dev) < length
     out["other_first_half"] = (rows * (~taken & first_half)).sum(-1).mean((1, -1))
     out["other_second_half"] = (rows * (~taken & ~first_half)).sum(-1).mean((1, -1))
     return out
