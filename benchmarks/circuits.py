@@ -47,7 +47,8 @@ def run_config(name: str, n_layer: int, args: argparse.Namespace, runs: Path) ->
                           attn_only=True, position=args.position, norm=args.norm, tie_embeddings=args.tie,
                           dropout=args.dropout),
         data=DataConfig(name="bpe", seq_len=args.seq_len, options={"vocab_size": args.vocab,
-                                                                   "repeat_fraction": args.repeat_fraction}),
+                                                                   "repeat_fraction": args.repeat_fraction,
+                                                                   "repeat_span": args.repeat_span}),
         train=TrainConfig(steps=args.steps_1l if n_layer == 1 else args.steps_2l, batch_size=args.batch,
                           lr=args.lr, weight_decay=args.wd, warmup_steps=args.warmup, eval_every=100, eval_batches=4,
                           log_every=50, progress=False, tensorboard=False, device=args.device,
@@ -104,6 +105,8 @@ def main() -> int:
     ap.add_argument("--tie", action="store_true", help="tie the embedding and unembedding")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
                     help="share of training windows holding one span of the text twice (bpe data)")
+    ap.add_argument("--repeat-span", default="half", choices=["half", "random"],
+                    help="half: the window is one span twice; random: a random span copied to a random later place")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation and batch order)")
     ap.add_argument("--copy-threshold", type=float, default=0.5)

@@ -222,6 +222,35 @@ def test_repeat_fraction_writes_one_span_twice(seq_len: int) -> None:
         StreamDataset({"train": s}, vocab_size=5000, seq_len=16, repeat_fraction=1.0)
 
 
+def test_random_repeat_span_copies_a_span_of_varying_length_and_distance() -> None:
+    """repeat_span='random': one span [a, a+m) of the natural window is written again at [b, b+m), b >= a+m,
+    with m and the distance b-a varying (no fixed offset for a position-only head); the rest is untouched."""
+    s = np.arange(5000, dtype=np.uint16)
+    ds = StreamDataset({"train": s, "val": s}, vocab_size=5000, seq_len=64, repeat_fraction=0.5,
+                       repeat_span="random")
+    x, y = ds.get_batch("train", 400, torch.Generator().manual_seed(0))
+    row = torch.cat([x, y[:, -1:]], 1).numpy()                            # (B, 65); text is s itself: +1 steps
+    lengths, distances = set(), set()
+    n_rep = 0
+    for r in row:
+        breaks = np.flatnonzero(np.diff(r) != 1) + 1                      # where the natural run is interrupted
+        if len(breaks) == 0:
+            continue
+        n_rep += 1
+        b = breaks[0]
+        a = int(np.flatnonzero(r[:b] == r[b])[0])                          # the copy's source
+        m = next((j for j in range(65 - b) if r[b + j] != r[a + j]), 65 - b)
+        assert m >= 8 and m <= 32 and b >= a + m
+        assert np.array_equal(np.diff(r[b + m:]), np.ones(len(r) - b - m - 1)) if b + m < 65 else True
+        assert r[b + m - 1] - r[0] == a + m - 1 and (b + m == 65 or r[b + m] - r[0] == b + m)   # natural after
+        lengths.add(m)
+        distances.add(b - a)
+    assert 0.4 < n_rep / len(row) < 0.6
+    assert len(lengths) > 10 and len(distances) > 10
+    with pytest.raises(ConfigError, match="repeat_span"):
+        StreamDataset({"train": s}, vocab_size=5000, seq_len=16, repeat_fraction=0.5, repeat_span="twice")
+
+
 @pytest.mark.parametrize("n,stride", [(2, 3), (95, 1), (95, 5), (96, 7), (17, 16), (300, 4)])
 def test_strided_eval_scores_every_target_once_with_long_context(n: int, stride: int) -> None:
     t = 16

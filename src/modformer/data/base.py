@@ -137,13 +137,32 @@ class ExampleDataset(Dataset):
         return int(self._x[split].shape[0])
 
 
+def random_repeat_offsets(offsets: np.ndarray, repeat: np.ndarray, generator: torch.Generator,
+                          min_len: int = 8) -> np.ndarray:
+    """Window offsets ``(B, W)`` where each ``repeat`` row reads a span [a, a+m) again at [b, b+m), b >= a+m:
+    m, a and b uniform over what fits (m <= W/2); other rows unchanged."""
+    out = np.array(offsets)
+    w = out.shape[1]
+    min_len = min(min_len, w // 2)
+    for row in np.flatnonzero(repeat):
+        u = torch.rand(3, generator=generator).tolist()
+        m = min_len + int(u[0] * (w // 2 - min_len + 1))
+        a = int(u[1] * (w - 2 * m + 1))
+        b = a + m + int(u[2] * (w - a - 2 * m + 1))
+        out[row, b:b + m] = out[row, a:a + m]
+    return out
+
+
 class StreamDataset(Dataset):
     """A corpus: one 1-D token stream per split (usually a memory-mapped .npy), read in windows.
 
     Training batches are random windows x = s[i:i+T], y = s[i+1:i+T+1]; with ``repeat_fraction`` p > 0,
-    each training window is, with probability p, one span of the text written twice (s[i:i+m] s[i:i+m],
-    m = ceil((T+1)/2)): in-context repetition that a small corpus has too little of for induction heads
-    to beat memorisation (issue 9). Evaluation covers a split with
+    each training window is, with probability p, one span of the text written twice: in-context repetition that
+    a small corpus has too little of for induction heads to beat memorisation (issue 9). ``repeat_span``
+    ``half``: the window is s[i:i+m] s[i:i+m], m = ceil((T+1)/2), so the copy is always m tokens back (a
+    position-only head can exploit that); ``random``: a span of random length 8 <= m <= (T+1)/2 at a random
+    place of the natural window is written again at a random later place, so only content-based matching
+    (induction) predicts the copy. Evaluation covers a split with
     consecutive non-overlapping windows; the last one is padded (x with 0, y with -100), so every token
     after the first is predicted exactly once.
 
@@ -155,12 +174,16 @@ class StreamDataset(Dataset):
     kind = "corpus"
 
     def __init__(self, streams: dict[str, np.ndarray], vocab_size: int, seq_len: int,
-                 words: dict[str, int] | None = None, repeat_fraction: float = 0.0) -> None:
+                 words: dict[str, int] | None = None, repeat_fraction: float = 0.0,
+                 repeat_span: str = "half") -> None:
         if seq_len <= 0:
             raise ConfigError(f"data.seq_len must be a positive integer, got {seq_len}")
         if not 0.0 <= repeat_fraction < 1.0:
             raise ConfigError(f"data.options.repeat_fraction must be in [0, 1), got {repeat_fraction}")
+        if repeat_span not in ("half", "random"):
+            raise ConfigError(f"data.options.repeat_span must be 'half' or 'random', got {repeat_span!r}")
         self.repeat_fraction = repeat_fraction
+        self.repeat_span = repeat_span
         self._streams = streams
         self.splits = tuple(streams)
         self.vocab_size = vocab_size
@@ -184,7 +207,10 @@ class StreamDataset(Dataset):
         if split == "train" and self.repeat_fraction > 0:
             # a share of the windows holds one span of the text twice: [a b c ... a b c ...]
             repeat = (torch.rand(batch_size, generator=generator) < self.repeat_fraction).numpy()
-            offsets = np.where(repeat[:, None], np.arange(t + 1) % ((t + 2) // 2), offsets)
+            if self.repeat_span == "half":
+                offsets = np.where(repeat[:, None], np.arange(t + 1) % ((t + 2) // 2), offsets)
+            else:
+                offsets = random_repeat_offsets(offsets, repeat, generator)
         chunk = torch.from_numpy(s[ix[:, None] + offsets].astype(np.int64))  # (B, T+1)
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 

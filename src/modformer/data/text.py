@@ -48,11 +48,13 @@ class WikiText2(StreamDataset):
     Every line, empty ones included, is split on whitespace and ends with ``<eos>``; the vocabulary
     (first-appearance order) comes from train: 33,278 words, 2,088,628 train tokens. Splits: train, val
     (valid.txt), test. Tokens are words, so ``ppl`` is word-level perplexity (``word_ppl`` equals it).
-    ``repeat_fraction``: share of training windows that repeat one span (see ``StreamDataset``).
+    ``repeat_fraction``, ``repeat_span``: share of training windows that repeat one span, and how the span is
+    chosen (see ``StreamDataset``).
     """
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, cache_dir: str | None = None,
-                 download: bool = False, repeat_fraction: float = 0.0) -> None:
+                 download: bool = False, repeat_fraction: float = 0.0,
+                 repeat_span: str = "half") -> None:
         paths = files.corpus_files(root, "wikitext-2", ["train.txt", "valid.txt", "test.txt"], download)
         splits = ["train", "val", "test"]
         folder = files.cache_dir(cache_dir) / f"wikitext2-{files.file_digest(*paths, 'word-v1')}"
@@ -69,7 +71,7 @@ class WikiText2(StreamDataset):
             atomic_write_text(vocab_path, json.dumps(self.itos))   # written last: marks the entry complete
         streams = _load_streams(folder, splits)
         super().__init__(streams, len(self.itos), seq_len, words={s: len(v) - 1 for s, v in streams.items()},
-                         repeat_fraction=repeat_fraction)
+                         repeat_fraction=repeat_fraction, repeat_span=repeat_span)
 
     def encode(self, text: str) -> list[int]:
         """Words -> ids, one ``<eos>`` per newline; unknown words -> ``<unk>``."""
@@ -97,10 +99,12 @@ class WikiText2(StreamDataset):
 class ShakespeareChar(StreamDataset):
     """Tiny Shakespeare at character level (as nanoGPT's shakespeare_char): vocabulary = the 65 sorted
     distinct characters; train = first ``train_fraction`` (90%) of the characters, val = the rest.
-    ``repeat_fraction``: share of training windows that repeat one span (see ``StreamDataset``)."""
+    ``repeat_fraction``, ``repeat_span``: share of training windows that repeat one span, and how the span is
+    chosen (see ``StreamDataset``)."""
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, train_fraction: float = 0.9,
-                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0) -> None:
+                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0,
+                 repeat_span: str = "half") -> None:
         if not 0.0 < train_fraction < 1.0:
             raise ConfigError(f"data.options.train_fraction must be in (0, 1), got {train_fraction}")
         (path,) = files.corpus_files(root, "tinyshakespeare", ["input.txt"], download)
@@ -115,7 +119,7 @@ class ShakespeareChar(StreamDataset):
             files.save_stream(folder / "train.npy", ids[:n], len(self.chars))
             files.save_stream(folder / "val.npy", ids[n:], len(self.chars))   # written last
         super().__init__(_load_streams(folder, ["train", "val"]), len(self.chars), seq_len,
-                         repeat_fraction=repeat_fraction)
+                         repeat_fraction=repeat_fraction, repeat_span=repeat_span)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -153,12 +157,14 @@ class BPECorpus(StreamDataset):
     of the source text and the settings. ``word_ppl`` = exp(loss_sum / n_words) with n_words the number
     of whitespace-separated words of the evaluated text (``str.split``; WikiText's ``<eos>`` is not
     counted, as no such token exists in raw text), so it is comparable across tokenizers.
-    ``repeat_fraction``: share of training windows that repeat one span (see ``StreamDataset``).
+    ``repeat_fraction``, ``repeat_span``: share of training windows that repeat one span, and how the span is
+    chosen (see ``StreamDataset``).
     """
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, source: str = "wikitext2",
                  vocab_size: int = 8192, min_frequency: int = 2, train_fraction: float = 0.9,
-                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0) -> None:
+                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0,
+                 repeat_span: str = "half") -> None:
         if not isinstance(vocab_size, int) or vocab_size < 257:
             raise ConfigError(f"data.options.vocab_size must be an integer >= 257, got {vocab_size!r}")
         if not 0.0 < train_fraction < 1.0:
@@ -196,7 +202,7 @@ class BPECorpus(StreamDataset):
         self._load_tokenizer(tok_path)
         words = json.loads(meta_path.read_text())["words"]
         super().__init__(_load_streams(folder, splits), self.tokenizer.get_vocab_size(), seq_len, words=words,
-                         repeat_fraction=repeat_fraction)
+                         repeat_fraction=repeat_fraction, repeat_span=repeat_span)
         self.cache_folder = folder
 
     def _load_tokenizer(self, path: Path) -> None:
