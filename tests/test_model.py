@@ -107,6 +107,9 @@ def test_shortformer_positions_reach_queries_and_keys_only():
     torch.testing.assert_close(v, v[:, :1].expand_as(v))
     assert not torch.allclose(k, k[:, :1].expand_as(k))
     assert model.num_params(non_embedding=True) == model.num_params() - 37 * 32 - 64 * 32
+    assert 0.9 < float(model.position.wpe.weight.detach().std()) < 1.1                 # the normed input's scale
+    no_norm = mf.build_model(tiny(position="shortformer", norm="none"))
+    assert float(no_norm.position.wpe.weight.detach().std()) < 0.03                    # the residual's scale (init_std)
 
 
 def test_sampling_respects_top_k_and_top_p():

@@ -26,6 +26,9 @@ class Position(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
 
+    def init_after_model(self) -> None:
+        """Re-initialise own parameters after the model's generic init (GPT calls it); default: keep them."""
+
     def embed(self, pos: Tensor) -> Tensor | None:
         return None
 
@@ -68,7 +71,16 @@ class ShortformerPosition(LearnedPosition):
     """Position-infused attention (Press et al. 2021, Shortformer): a learned table added to the normed input
     of every attention layer's queries and keys, never to the values or the residual stream, so token
     identity and position stay in separate channels. TransformerLens's ``positional_embedding_type=
-    "shortformer"`` (its attention-only models); the circuits papers' small models used it."""
+    "shortformer"`` (its attention-only models). The table is added after the norm, so it starts at the normed
+    input's scale, N(0, 1) (N(0, init_std) without norms): at the usual 0.02 it is 50x smaller than the token
+    signal and a 2-layer model formed no previous-token head in 2,500 steps (BENCHMARKS.md, circuits)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.init_std = 1.0 if cfg.norm != "none" else cfg.init_std
+
+    def init_after_model(self) -> None:
+        nn.init.normal_(self.wpe.weight, 0.0, self.init_std)
 
     def embed(self, pos: Tensor) -> None:
         return None

@@ -79,6 +79,7 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
             nn.init.normal_(self.tok_emb.weight, 0.0, self.cfg.embed_init_std)
         if self.cfg.tie_embeddings is False and self.cfg.init == "torch":
             self.lm_head.reset_parameters()
+        self.position.init_after_model()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; ``non_embedding`` drops the token and position tables (Kaplan et al.)."""
