@@ -41,7 +41,9 @@ DEFAULTS: dict[str, Any] = {
                              "schedule": "constant", "warmup_steps": 20, "eval_every": 100, "eval_batches": 2,
                              "eval_batch_size": 1024, "early_stop_metric": "val/acc", "early_stop_target": 0.995,
                              "progress": False, "tensorboard": False}},
-    "calm": {"every": 2, "connections": None, "n_head": 4, "steps": 600, "lr": 3e-3, "batch_size": 256},
+    # optimizer: adamw | sgd (momentum = SGD's Nesterov momentum); weight_decay on the bridges
+    "calm": {"every": 2, "connections": None, "n_head": 4, "steps": 600, "lr": 3e-3, "batch_size": 256,
+             "optimizer": "adamw", "momentum": 0.9, "weight_decay": 0.0},
     "baselines": {"finetune": True, "lora": True, "finetune_lr": 1e-3, "lora_lr": 3e-3,
                   "lora_targets": ["qkv", "out", "up", "down"]},
     # base: null, or a RunConfig mapping (model defaults to the anchor's) trained on ``kv_mix`` first; the anchor
@@ -114,10 +116,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     row("augmenting alone", augmenting, 0, 0.0, own_task_acc=accuracy(augmenting, aug_data))
     c = spec["calm"]
     tcfg = TrainConfig(batch_size=int(c["batch_size"]), lr=float(c["lr"]), weight_decay=0.0, grad_clip=1.0)
+    bridge_cfg = dataclasses.replace(tcfg, optimizer=str(c["optimizer"]), weight_decay=float(c["weight_decay"]),
+                                     betas=(float(c["momentum"]), tcfg.betas[1]))
     t0 = time.perf_counter()
     calm = CALM(anchor, augmenting, c["connections"], int(c["every"]), int(c["n_head"])).to(device)
     torch.manual_seed(spec["seed"])
-    losses = finetune(calm, arith, tcfg, int(c["steps"]), seed=spec["seed"])
+    losses = finetune(calm, arith, bridge_cfg, int(c["steps"]), seed=spec["seed"])
     n_calm = trainable(calm)
     row("CALM (anchor + augmenting)", calm, n_calm, time.perf_counter() - t0, connections=calm.connections,
         final_train_loss=losses[-1] if losses else None)

@@ -72,6 +72,9 @@ class _ChannelPosition:
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.position.rotate(q, k, pos)
 
+    def qk_embed(self, pos: Tensor) -> Tensor | None:
+        return self.position.qk_embed(pos)
+
     def alibi_slopes(self) -> Tensor:
         return self.slopes
 
