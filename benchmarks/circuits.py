@@ -100,7 +100,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--position", default="learned", help="learned | shortformer | rope | sinusoidal | alibi | none")
     ap.add_argument("--pos-init-std", type=float, default=None,
-                    help="initial std of the learned position table (default: the model's init_std)")
+                    help="re-initialise the position table with this std (default: the position's own init)")
     ap.add_argument("--norm", default="layernorm")
     ap.add_argument("--tie", action="store_true", help="tie the embedding and unembedding")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
@@ -134,10 +134,10 @@ def main() -> int:
     tr2, s2, t2 = train("attn_only_2l", 2, args, runs)
     model2 = tr2.raw_model
     w2 = interp.extract_weights(model2)
-    scores = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32)
-    pool = interp.frequent_tokens(torch.tensor(tr2.data.stream("train")), args.probe_pool, model2.cfg.vocab_size)
-    ind_freq = interp.head_scores(model2, length=min(32, args.seq_len // 2), batch=32, token_pool=pool)["induction"]
     probe_len = min(32, args.seq_len // 2)
+    scores = interp.head_scores(model2, length=probe_len, batch=32)
+    pool = interp.frequent_tokens(torch.tensor(tr2.data.stream("train")), args.probe_pool, model2.cfg.vocab_size)
+    ind_freq = interp.head_scores(model2, length=probe_len, batch=32, token_pool=pool)["induction"]
     pats = heads.stack_patterns(heads.attention_patterns(
         model2, interp.repeated_random_tokens(model2.cfg.vocab_size, probe_len, 32).to(args.device)), 2)
     breakdown = {k: [round(float(x), 3) for x in v[1]] for k, v in heads.induction_breakdown(pats, probe_len).items()}

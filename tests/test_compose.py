@@ -357,3 +357,27 @@ def test_cbtm_parallel_benchmark_trains_the_same_experts_in_parallel(tmp_path):
     assert (par["workers"], seq["workers"]) == (2, 1) and par["experts"] == seq["experts"] == 2
     assert par["mixture_ppl"] == pytest.approx(seq["mixture_ppl"], rel=1e-6)
     assert result["headline"]["speedup"] == seq["train_wall_s"] / par["train_wall_s"]
+
+
+def test_calm_bridge_optimizer_options_reach_only_the_bridges(tmp_path, monkeypatch):
+    """calm.optimizer / momentum / weight_decay configure the bridges' optimizer; the baselines keep AdamW."""
+    import importlib
+
+    from modformer.compose import calm
+    from modformer.compose.spec import merge
+
+    ft = importlib.import_module("modformer.compress.finetune")   # the package re-exports the function
+    seen = []
+    real = ft.build_optimizer
+    monkeypatch.setattr(ft, "build_optimizer", lambda model, cfg: seen.append(cfg) or real(model, cfg))
+    model = {"n_layer": 1, "d_model": 16, "n_head": 2, "max_seq_len": 8}
+    spec = {"name": "co", "out_dir": str(tmp_path), "device": "cpu",
+            "data": {"n_keys": 30, "p": 5, "n_examples": 40, "n_val": 20, "aug_examples": 50},
+            "anchor": {"model": model, "train": {**TINY_TRAIN, "steps": 1}},
+            "augmenting": {"model": model, "train": {**TINY_TRAIN, "steps": 1}},
+            "calm": {"steps": 2, "n_head": 2, "optimizer": "sgd", "momentum": 0.8, "weight_decay": 0.5, "lr": 0.1},
+            "baselines": {"finetune": True, "lora": False}}
+    calm.run(merge(calm.DEFAULTS, spec))
+    bridge, baseline = seen
+    assert (bridge.optimizer, bridge.betas[0], bridge.weight_decay, bridge.lr) == ("sgd", 0.8, 0.5, 0.1)
+    assert (baseline.optimizer, baseline.weight_decay) == ("adamw", 0.0)
