@@ -32,10 +32,8 @@ def model_for(norm: str, position: str = "learned") -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "none"])
-def test_transformer_lens_agrees(norm):
-    model = model_for(norm)
-    idx = torch.randint(0, 37, (3, 20))
+def run_both(model: torch.nn.Module, idx: torch.Tensor):
+    """The model and its HookedTransformer on the same ids: logits agree; returns both caches and the TL model."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ht = to_hooked_transformer(model)
@@ -43,6 +41,14 @@ def test_transformer_lens_agrees(norm):
             logits, cache = model.run_with_cache(idx)
             tl_logits, tl_cache = ht.run_with_cache(idx)
     torch.testing.assert_close(logits, tl_logits, atol=1e-5, rtol=1e-5)
+    return ht, logits, cache, tl_cache
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "none"])
+def test_transformer_lens_agrees(norm):
+    model = model_for(norm)
+    idx = torch.randint(0, 37, (3, 20))
+    ht, logits, cache, tl_cache = run_both(model, idx)
     for layer in range(3):
         for name in ("attn.hook_pattern", "attn.hook_result"):          # same shapes in both libraries
             key = f"blocks.{layer}.{name}"
@@ -74,14 +80,7 @@ def test_transformer_lens_agrees(norm):
 def test_transformer_lens_agrees_with_shortformer_positions():
     """Position-infused attention: positions enter queries and keys after ln1, never values or the residual."""
     model = model_for("layernorm", position="shortformer")
-    idx = torch.randint(0, 37, (3, 20))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ht = to_hooked_transformer(model)
-        with torch.no_grad():
-            logits, cache = model.run_with_cache(idx)
-            tl_logits, tl_cache = ht.run_with_cache(idx)
-    torch.testing.assert_close(logits, tl_logits, atol=1e-5, rtol=1e-5)
+    ht, _, cache, tl_cache = run_both(model, torch.randint(0, 37, (3, 20)))
     for layer in range(3):
         key = f"blocks.{layer}.attn.hook_pattern"
         torch.testing.assert_close(cache[key], tl_cache[key], atol=1e-5, rtol=1e-5)
