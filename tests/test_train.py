@@ -314,6 +314,9 @@ def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypat
     monkeypatch.setattr(torch, "compile", fake_compile)
     Trainer(run_cfg(tmp_path, "ok", compile=True, compile_mode="reduce-overhead"))
     assert seen == {"mode": "reduce-overhead"}
+    seen.clear()
+    Trainer(run_cfg(tmp_path, "graphs", compile=True, compile_mode="cudagraphs"))
+    assert seen == {"backend": "cudagraphs"}                 # torch.compile's backend, not an Inductor mode
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None

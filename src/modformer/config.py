@@ -182,7 +182,8 @@ class TrainConfig:
     dtype: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs: for small,
-                                       # launch-bound models) | max-autotune | max-autotune-no-cudagraphs
+                                       # launch-bound models) | max-autotune | max-autotune-no-cudagraphs |
+                                       # cudagraphs (CUDA graphs of eager kernels, no Inductor codegen)
     distributed: str = "ddp"           # ddp | fsdp (used when launched by torchrun)
     grad_reduce_dtype: str = "float32"  # float32 | bfloat16: dtype of the data-parallel gradient average
     seed: int = 0
