@@ -4,8 +4,7 @@ Every run is a fresh ``python -m modformer.cli train CONFIG ...`` process, so th
 a user waits for: interpreter start, imports, data loading, model build, torch.compile, evaluations.
 
     # Tiny Shakespeare (char): wall time from process start to the first evaluation with val loss
-    # <= target, for the nanoGPT-like baby GPT and our fast recipe (each alone on the GPU, cold
-    # torch.compile caches) -> results/time_to_loss.json
+    # <= target; forwarded to `modformer bench time-to-loss` (same options) -> results/time_to_loss.json
     python benchmarks/lm_recipes.py time_to_loss --target 1.47
 
     # WikiText-2 (word level): train the recipe, then `modformer eval RUN --split test`
@@ -22,110 +21,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
+from modformer.bench.process import TrainProcess, child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 T_SCRIPT = time.perf_counter()
-
-
-class Run:
-    """One ``modformer train`` process: launched, its output time-stamped and kept in a log file."""
-
-    def __init__(self, name: str, config: str, overrides: list[str], runs_dir: Path, env: dict[str, str],
-                 max_seconds: float | None = None) -> None:
-        self.name, self.config, self.overrides = name, config, overrides
-        self.run_dir = runs_dir / name
-        self.argv = [sys.executable, "-u", "-m", "modformer.cli", "train", config, *overrides,
-                     f"name={name}", f"out_dir={runs_dir}", "--overwrite"]
-        self.env, self.max_seconds = env, max_seconds
-        self.lines: list[tuple[float, str]] = []
-        self.t_target: float | None = None
-        self.returncode: int | None = None
-        self.seconds: float | None = None
-
-    def start(self) -> None:
-        runs_log = self.run_dir.parent / f"{self.name}.log"
-        runs_log.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(runs_log, "w")
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            t = time.perf_counter() - self.t0
-            self.lines.append((t, line.rstrip()))
-            self._log.write(f"[{t:8.2f}s] {line}")
-            self._log.flush()
-            if self.t_target is None and line.startswith("early stop:"):
-                self.t_target = t
-
-    def wait(self) -> None:
-        try:
-            self.returncode = self.proc.wait(timeout=self.max_seconds)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.returncode = self.proc.wait()
-        self._reader.join()
-        self.seconds = time.perf_counter() - self.t0
-        self._log.close()
-
-    def summary(self) -> dict:
-        path = self.run_dir / "summary.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def metrics(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-    def settings(self) -> dict:
-        """The run's resolved model/data/train settings (its config.yaml), so rows outlive config edits."""
-        path = self.run_dir / "config.yaml"
-        if not path.is_file():
-            return {}
-        import yaml
-
-        return {k: v for k, v in yaml.safe_load(path.read_text()).items() if k in ("model", "data", "train")}
-
-    def tokens_per_s(self) -> float | None:
-        rows = [r["tokens_per_s"] for r in self.metrics() if r.get("split") == "train"]
-        return statistics.median(rows[2:]) if len(rows) > 2 else None
-
-    def warmup_s(self) -> float | None:
-        """Compile / autotuning time inside the first log window (``warmup_seconds``)."""
-        from modformer.train.logging import warmup_seconds  # not at the top: keep this launcher light
-
-        settings = self.settings()
-        batch, seq = settings.get("train", {}).get("batch_size"), settings.get("data", {}).get("seq_len")
-        if not seq or not batch:
-            return None
-        return warmup_seconds(self.metrics(), seq * batch)        # it keeps the train rows itself
-
-    def tail(self, n: int = 5) -> str:
-        return "\n".join(line for _, line in self.lines[-n:])
-
-
-def make_env(args: argparse.Namespace, name: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    if not args.warm_cache:   # cold torch.compile: no kernels cached by an earlier run
-        cache = Path(tempfile.mkdtemp(prefix=f"compile-{name}-"))
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
-        env["TRITON_CACHE_DIR"] = str(cache / "triton")
-    return env
 
 
 def device_info() -> tuple[str, str]:
@@ -147,14 +52,15 @@ def write_result(args: argparse.Namespace, name: str, headline: dict, rows: list
     return path
 
 
-def build_runs(args: argparse.Namespace, defaults: list[list[str]], extra: list[str]) -> list[Run]:
+def build_runs(args: argparse.Namespace, defaults: list[list[str]], extra: list[str]) -> list[TrainProcess]:
     specs = args.run or defaults
     runs_dir = Path(args.runs_dir)
     out = []
     for spec in specs:
         name, config, *overrides = spec
         overrides = [f"train.device={args.device}", *extra, *args.set, *overrides]
-        out.append(Run(name, config, overrides, runs_dir, make_env(args, name), args.max_seconds))
+        out.append(TrainProcess(name, config, overrides, runs_dir, child_env(name, args.warm_cache), args.max_seconds,
+                                cwd=ROOT))
     return out
 
 
@@ -162,56 +68,22 @@ def over_deadline(args: argparse.Namespace) -> bool:
     return args.deadline is not None and time.perf_counter() - T_SCRIPT > args.deadline
 
 
-# ---- Tiny Shakespeare: time to a target val loss --------------------------------------------------
+# ---- Tiny Shakespeare: time to a target val loss (now ``modformer bench time-to-loss``) -----------------
 def time_to_loss(args: argparse.Namespace) -> None:
-    defaults = [["nanogpt_like", "configs/shakespeare_char.yaml", "train.compile=true"],
-                ["fast", "configs/shakespeare_char_fast.yaml"]]
-    stop = ["train.early_stop_metric=val/loss", "train.early_stop_mode=min",
-            f"train.early_stop_target={args.target}"]
-    rows = []
-    for run in build_runs(args, defaults, stop):   # one at a time: each run has the GPU to itself
-        if over_deadline(args):
-            print(f"skipped {run.name}: past --deadline")
-            continue
-        run.start()
-        run.wait()
-        s = run.summary()
-        row = {"name": run.name, "config": run.config, "overrides": run.overrides,
-               "seconds_to_target": run.t_target, "trainer_seconds_to_target": s.get("first_target_wall_s"),
-               "steps_to_target": s.get("first_target_step"), "best_val_loss": s.get("val_loss"),
-               "best_val_loss_step": s.get("val_loss_step"), "steps": s.get("steps"),
-               "process_seconds": run.seconds, "params": s.get("params"), "tokens_per_s": run.tokens_per_s(),
-               "warmup_s": run.warmup_s(),
-               "returncode": run.returncode, "settings": run.settings()}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if run.returncode:
-            print(run.tail(20))
-        write_time_to_loss(args, rows)   # after every run, so a cut-off benchmark keeps what it measured
-    print_table(rows, ["name", "seconds_to_target", "steps_to_target", "best_val_loss", "process_seconds",
-                       "tokens_per_s"])
+    """Forwarded to ``modformer.bench.time_to_loss`` (the same runs, rows and headline)."""
+    from modformer.bench import time_to_loss as ttl
 
-
-def write_time_to_loss(args: argparse.Namespace, rows: list[dict]) -> None:
-    by = {r["name"]: r for r in rows}
-    reached = [r for r in rows if r["seconds_to_target"] is not None]
-    best = min(reached, key=lambda r: r["seconds_to_target"]) if reached else None
-    headline = {"target": args.target,
-                "seconds_to_target": by.get(args.headline, {}).get("seconds_to_target"),
-                "steps_to_target": by.get(args.headline, {}).get("steps_to_target"),
-                "nanogpt_like_seconds_to_target": by.get("nanogpt_like", {}).get("seconds_to_target"),
-                "nanogpt_like_steps_to_target": by.get("nanogpt_like", {}).get("steps_to_target"),
-                "nanogpt_like_best_val_loss": by.get("nanogpt_like", {}).get("best_val_loss"),
-                "best_run": best["name"] if best else None,
-                "best_seconds_to_target": best["seconds_to_target"] if best else None}
-    if headline["seconds_to_target"] and headline["nanogpt_like_seconds_to_target"]:
-        headline["speedup_vs_nanogpt_like"] = (headline["nanogpt_like_seconds_to_target"]
-                                               / headline["seconds_to_target"])
-    write_result(args, "time_to_loss", headline, rows)
+    argv = ["--target", str(args.target), "--device", args.device, "--runs-dir", args.runs_dir, "--out", args.results,
+            "--results-name", args.results_name or "time_to_loss", "--headline", args.headline or "muon"]
+    argv += [x for kv in args.set for x in ("--set", kv)] + (["--warm-cache"] if args.warm_cache else [])
+    argv += ["--max-seconds", str(args.max_seconds)] if args.max_seconds else []
+    for spec in args.run or []:
+        argv += ["--run", *spec]
+    ttl.main(argv)
 
 
 # ---- WikiText-2: test perplexity of a recipe ------------------------------------------------------
-def evaluate(run: Run, split: str, env: dict[str, str], stride: int = 0) -> dict:
+def evaluate(run: TrainProcess, split: str, env: dict[str, str], stride: int = 0) -> dict:
     argv = [sys.executable, "-m", "modformer.cli", "eval", str(run.run_dir), "--split", split]
     if stride:
         argv += ["--stride", str(stride)]
@@ -221,16 +93,16 @@ def evaluate(run: Run, split: str, env: dict[str, str], stride: int = 0) -> dict
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def size_runs_to_budget(args: argparse.Namespace, runs: list[Run]) -> None:
+def size_runs_to_budget(args: argparse.Namespace, runs: list[TrainProcess]) -> None:
     """Set each run's ``train.steps`` so that all of them end ``--minutes`` after the script started.
 
     A short probe of every run (at the same concurrency as the real runs, sharing its compile cache)
     measures tokens/s; the real run gets the steps that fit in the time left, less a reserve for
     compilation, evaluations and the test evaluation.
     """
-    probes = [Run(r.name + "_probe", r.config, [*r.overrides, f"train.steps={args.probe_steps}",
-                                                "train.log_every=20", "train.eval_every=1000000"],
-                  r.run_dir.parent, r.env, args.max_seconds) for r in runs]
+    probes = [TrainProcess(r.name + "_probe", r.config, [*r.overrides, f"train.steps={args.probe_steps}",
+                                                         "train.log_every=20", "train.eval_every=1000000"],
+                           r.run_dir.parent, r.env, args.max_seconds, cwd=ROOT) for r in runs]
     for p in probes:
         p.start()
         if not args.parallel:

@@ -270,6 +270,32 @@ def test_write_result_to_a_chosen_file_leaves_the_default_file_alone(tmp_path):
     assert (tmp_path / "hourglass.json").read_text() == "{}"
 
 
+def test_time_to_loss_bench_times_child_runs_to_the_target(tmp_path):
+    """`modformer bench time-to-loss` on CPU: a real `modformer train` child process per run, timed to its early
+    stop at the target; a run that cannot reach it has no time; the headline compares with the nanoGPT-like peer."""
+    import json
+
+    from modformer.cli import main
+
+    tiny_run = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.max_seq_len=32", "data.seq_len=32",
+                "train.batch_size=8", "train.steps=20", "train.eval_every=10", "train.eval_batches=2",
+                "train.compile=false", "train.log_every=10", "train.sample_tokens=0", "train.tensorboard=false"]
+    args = ["bench", "time-to-loss", "--device", "cpu", "--target", "4.6", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path), "--set", "train.threads=1",
+            "--run", "nanogpt_like", "configs/shakespeare_char.yaml", *tiny_run,
+            "--run", "muon", "configs/shakespeare_char.yaml", *tiny_run, "train.early_stop_target=1.0"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "time_to_loss.json").read_text())
+    peer, ours = result["rows"]
+    assert peer["returncode"] == 0 and 0 < peer["seconds_to_target"] < peer["process_seconds"]
+    assert peer["steps_to_target"] == 10                       # ln(65) = 4.17 < 4.6 at the first evaluation
+    assert ours["returncode"] == 0 and ours["seconds_to_target"] is None and ours["steps"] == 20   # never 1.0
+    head = result["headline"]
+    assert head["nanogpt_like_seconds_to_target"] == peer["seconds_to_target"] and head["seconds_to_target"] is None
+    assert head["best_run"] == "nanogpt_like" and "speedup_vs_nanogpt_like" not in head
+    assert result["device"].startswith("cpu")
+
+
 def test_attention_bench_compares_each_path_with_raw_sdpa(tmp_path):
     """`modformer bench attention` on CPU: raw SDPA and our dispatcher timed on the same q/k/v, ratios to raw SDPA
     (1 for raw itself) and the headline written."""

@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"unknown benchmark {args.name!r}{suggest(args.name, list(BENCHMARKS))}; "
                           f"allowed: {', '.join(BENCHMARKS)}")
-    return importlib.import_module(f"modformer.bench.{args.name}").main(args.args)
+    return importlib.import_module(f"modformer.bench.{args.name.replace('-', '_')}").main(args.args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.set_defaults(fn=cmd_circuits)
 
-    b = sub.add_parser("bench", help="run a benchmark: throughput | attention | generation | memory | fidelity")
+    b = sub.add_parser("bench", help="run a benchmark: throughput | attention | generation | memory | "
+                                     "time-to-loss | fidelity")
     b.add_argument("name")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see NAME --help)")
     b.set_defaults(fn=cmd_bench)

@@ -1,3 +1,3 @@
 """Benchmarks behind ``modformer bench NAME``; each writes benchmarks/results/NAME.json."""
 
-BENCHMARKS = ("throughput", "attention", "generation", "memory", "fidelity")
+BENCHMARKS = ("throughput", "attention", "generation", "memory", "time-to-loss", "fidelity")

@@ -1,0 +1,102 @@
+"""Time to a target validation loss, from process start: Tiny Shakespeare (char) to 1.47 by default.
+
+Every run is a fresh ``modformer train CONFIG ...`` process (``process.TrainProcess``), alone on the device, with
+its own empty torch.compile cache unless ``--warm-cache``; the time runs from the launch to the trainer's
+``early stop:`` line. The peer in the same call is the nanoGPT-like baby GPT (``configs/shakespeare_char.yaml``,
+compiled); the headline run is our recipe (``configs/shakespeare_char_muon.yaml``).
+
+    modformer bench time-to-loss                                  # both default runs -> results/time_to_loss.json
+    modformer bench time-to-loss --run muon configs/shakespeare_char_muon.yaml train.batch_size=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from modformer.bench.common import print_table, write_result
+from modformer.bench.process import TrainProcess, child_env
+
+DEFAULT_RUNS = [["nanogpt_like", "configs/shakespeare_char.yaml", "train.compile=true"],
+                ["muon", "configs/shakespeare_char_muon.yaml"]]
+
+
+def run_row(run: TrainProcess) -> dict:
+    s = run.summary()
+    return {"name": run.name, "config": run.config, "overrides": run.overrides,
+            "seconds_to_target": run.t_target, "trainer_seconds_to_target": s.get("first_target_wall_s"),
+            "steps_to_target": s.get("first_target_step"), "best_val_loss": s.get("val_loss"),
+            "best_val_loss_step": s.get("val_loss_step"), "steps": s.get("steps"),
+            "process_seconds": run.seconds, "params": s.get("params"), "tokens_per_s": run.tokens_per_s(),
+            "warmup_s": run.warmup_s(), "returncode": run.returncode, "settings": run.settings()}
+
+
+def headline(rows: list[dict], target: float, headline_run: str) -> dict:
+    """The headline run's time and steps, the nanoGPT-like peer's, their ratio and the fastest run."""
+    by = {r["name"]: r for r in rows}
+    reached = [r for r in rows if r["seconds_to_target"] is not None]
+    best = min(reached, key=lambda r: r["seconds_to_target"]) if reached else None
+    out = {"target": target,
+           "seconds_to_target": by.get(headline_run, {}).get("seconds_to_target"),
+           "steps_to_target": by.get(headline_run, {}).get("steps_to_target"),
+           "nanogpt_like_seconds_to_target": by.get("nanogpt_like", {}).get("seconds_to_target"),
+           "nanogpt_like_steps_to_target": by.get("nanogpt_like", {}).get("steps_to_target"),
+           "nanogpt_like_best_val_loss": by.get("nanogpt_like", {}).get("best_val_loss"),
+           "best_run": best["name"] if best else None,
+           "best_seconds_to_target": best["seconds_to_target"] if best else None}
+    if out["seconds_to_target"] and out["nanogpt_like_seconds_to_target"]:
+        out["speedup_vs_nanogpt_like"] = out["nanogpt_like_seconds_to_target"] / out["seconds_to_target"]
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modformer bench time-to-loss", description=__doc__.splitlines()[0])
+    p.add_argument("--run", nargs="+", action="append", metavar="NAME CONFIG [key=value]",
+                   help="a run (repeatable; default: nanogpt_like and muon)")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", help="override for every run")
+    p.add_argument("--target", type=float, default=1.47, help="target val loss")
+    p.add_argument("--headline", default="muon", help="run whose figures make the headline")
+    p.add_argument("--device", default=None, help="train.device of every run (default: the configs')")
+    p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
+    p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")
+    p.add_argument("--runs-dir", default="runs/bench")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--results-name", default="time_to_loss", help="result file name, without .json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    stop = ["train.early_stop_metric=val/loss", "train.early_stop_mode=min", f"train.early_stop_target={args.target}"]
+    device = [f"train.device={args.device}"] if args.device else []
+    measured = torch.device(args.device if args.device not in (None, "auto") else
+                            "cuda" if torch.cuda.is_available() else "cpu")
+    rows: list[dict] = []
+    for spec in args.run or DEFAULT_RUNS:                  # one at a time: each run has the device to itself
+        if len(spec) < 2:
+            raise SystemExit(f"--run needs NAME CONFIG [key=value ...], got {spec}")
+        name, config, *overrides = spec
+        if not Path(config).is_file():
+            raise SystemExit(f"config file not found: {config}")
+        run = TrainProcess(name, config, [*device, *stop, *args.set, *overrides], Path(args.runs_dir),
+                           child_env(name, args.warm_cache), args.max_seconds)
+        run.start()
+        run.wait()
+        rows.append(run_row(run))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "settings"}), flush=True)
+        if run.returncode:
+            print(run.tail(20))
+        # after every run, so a cut-off benchmark keeps what it measured
+        path = write_result("time_to_loss", headline(rows, args.target, args.headline), rows, measured, args.out,
+                            filename=f"{args.results_name}.json")
+    print_table(rows, ["name", "seconds_to_target", "steps_to_target", "best_val_loss", "process_seconds",
+                       "tokens_per_s"])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
