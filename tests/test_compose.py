@@ -225,6 +225,35 @@ def test_calm_zero_init_is_anchor_then_trains_only_bridges():
     assert torch.allclose(calm(x2)[:, :5], y[:, :5], atol=1e-5)
 
 
+def test_calm_vocab_readout_feeds_the_augmenting_models_prediction_as_an_anchor_soft_token():
+    """readout='vocab': each bridge also sees softmax(augmenting logits) @ anchor token table; still exactly the
+    anchor at zero init, still only bridges train; a confident augmenting prediction is that token's embedding."""
+    from modformer.compress.finetune import finetune
+
+    anchor, aug = tiny_gpt(vocab=108, seq=8).eval(), tiny_gpt(vocab=108, d=48, seq=8).eval()
+    calm = CALM(anchor, aug, every=1, n_head=4, readout="vocab")
+    assert calm.bridges[0].proj.in_features == 48 + anchor.cfg.d_model
+    x = torch.randint(0, 108, (4, 8))
+    assert torch.equal(calm(x), anchor(x))
+
+    class Confident(torch.nn.Module):                      # logits that put all mass on token 5
+        def forward(self, h):
+            return torch.nn.functional.one_hot(torch.full(h.shape[:-1], 5), 108).float() * 100
+
+    real_head = aug.lm_head
+    aug.lm_head = Confident()
+    soft = calm.soft_tokens(torch.randn(2, 3, 48))
+    torch.testing.assert_close(soft, anchor.tok_emb.weight[5].detach().expand(2, 3, -1))
+    aug.lm_head = real_head
+    frozen = {n: p.clone() for n, p in calm.named_parameters() if not n.startswith("bridges")}
+    data = build_dataset(DataConfig(name="kv_arith", options={"n_keys": 40, "p": 7, "n_examples": 64, "n_val": 16}))
+    finetune(calm, data, TrainConfig(batch_size=16, lr=1e-2), steps=3)
+    assert all(torch.equal(p, frozen[n]) for n, p in calm.named_parameters() if not n.startswith("bridges"))
+    assert not torch.equal(calm(x), anchor(x))
+    with pytest.raises(ValueError, match="readout"):
+        CALM(anchor, aug, readout="logits")
+
+
 def test_kv_tasks_share_a_template():
     opts = {"n_keys": 40, "p": 7}
     arith = build_dataset(DataConfig(name="kv_arith", options={**opts, "n_examples": 50, "n_val": 20}))

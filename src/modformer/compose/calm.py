@@ -41,9 +41,10 @@ DEFAULTS: dict[str, Any] = {
                              "schedule": "constant", "warmup_steps": 20, "eval_every": 100, "eval_batches": 2,
                              "eval_batch_size": 1024, "early_stop_metric": "val/acc", "early_stop_target": 0.995,
                              "progress": False, "tensorboard": False}},
-    # optimizer: adamw | sgd (momentum = SGD's Nesterov momentum); weight_decay on the bridges
+    # optimizer: adamw | sgd (momentum = SGD's Nesterov momentum); weight_decay on the bridges; readout: states
+    # (the paper) | vocab (also the augmenting model's next-token distribution as an anchor soft token, see CALM)
     "calm": {"every": 2, "connections": None, "n_head": 4, "steps": 600, "lr": 3e-3, "batch_size": 256,
-             "optimizer": "adamw", "momentum": 0.9, "weight_decay": 0.0},
+             "optimizer": "adamw", "momentum": 0.9, "weight_decay": 0.0, "readout": "states"},
     "baselines": {"finetune": True, "lora": True, "finetune_lr": 1e-3, "lora_lr": 3e-3,
                   "lora_targets": ["qkv", "out", "up", "down"]},
     # base: null, or a RunConfig mapping (model defaults to the anchor's) trained on ``kv_mix`` first; the anchor
@@ -119,7 +120,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     bridge_cfg = dataclasses.replace(tcfg, optimizer=str(c["optimizer"]), weight_decay=float(c["weight_decay"]),
                                      betas=(float(c["momentum"]), tcfg.betas[1]))
     t0 = time.perf_counter()
-    calm = CALM(anchor, augmenting, c["connections"], int(c["every"]), int(c["n_head"])).to(device)
+    calm = CALM(anchor, augmenting, c["connections"], int(c["every"]), int(c["n_head"]),
+                readout=str(c["readout"])).to(device)
     torch.manual_seed(spec["seed"])
     losses = finetune(calm, arith, bridge_cfg, int(c["steps"]), seed=spec["seed"])
     n_calm = trainable(calm)
