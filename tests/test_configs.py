@@ -13,7 +13,8 @@ from modformer.config import load_config
 from modformer.sweep.spec import load_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-COMPOSE = {"compose_calm.yaml": calm, "compose_calm_base.yaml": calm, "compose_cbtm.yaml": cbtm,
+COMPOSE = {"compose_calm.yaml": calm, "compose_calm_base.yaml": calm, "compose_calm_vocab.yaml": calm,
+           "compose_cbtm.yaml": cbtm,
            "compose_cbtm_taskmix.yaml": cbtm, "compose_gates.yaml": gates_run}
 DISTILL = {"sparse_gate.yaml", "sparse_performer.yaml", "sparse_sink.yaml", "sparse_sink512.yaml", "sparse_window.yaml"}
 
