@@ -70,7 +70,8 @@ def over_deadline(args: argparse.Namespace) -> bool:
 
 # ---- Tiny Shakespeare: time to a target val loss (now ``modformer bench time-to-loss``) -----------------
 def time_to_loss(args: argparse.Namespace) -> None:
-    """Forwarded to ``modformer.bench.time_to_loss`` (the same runs, rows and headline)."""
+    """Forwarded to ``modformer.bench.time_to_loss`` (same rows and headline; its default runs are the nanoGPT-like
+    recipe and configs/shakespeare_char_muon.yaml)."""
     from modformer.bench import time_to_loss as ttl
 
     argv = ["--target", str(args.target), "--device", args.device, "--runs-dir", args.runs_dir, "--out", args.results,
