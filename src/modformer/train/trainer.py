@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from modformer.config import ConfigError, ModelConfig, RunConfig, TrainConfig, from_dict, save_yaml
+from modformer.config import ConfigError, ModelConfig, RunConfig, TrainConfig, from_dict, load_config, save_yaml
 from modformer.data import Dataset, build_dataset
 from modformer.saving import build_model, unwrap
 from modformer.train import checkpoint as ckpt
@@ -32,6 +32,7 @@ from modformer.train.logging import MetricsLogger, ProgressDisplay
 from modformer.train.optim import build_optimizer
 from modformer.train.profiling import StepProfiler
 from modformer.train.report import plot_metrics, write_report, write_summary
+from modformer.train.runlock import LOCK_NAME, RunInUseError, RunLock
 from modformer.train.schedule import lr_schedule
 
 
@@ -102,6 +103,7 @@ class Trainer:
         self.profiler = StepProfiler(t.profile_steps, cfg.run_dir / "profile", self.world.rank, self.device)
         self.callbacks = callbacks or []
         self.run_dir = cfg.run_dir
+        self.lock = RunLock(self.run_dir)      # taken in _prepare_run_dir, released when fit() ends
         self.data: Dataset = build_dataset(cfg.data)
         self._fill_model_config()
         torch.manual_seed(t.seed)
@@ -131,9 +133,13 @@ class Trainer:
         self._aux_window: dict[str, torch.Tensor] = {}   # aux loss / stats summed since the last log row
         self._aux_steps = 0
         self._prepare_run_dir(resume, overwrite)
-        self.logger = MetricsLogger(self.run_dir, t.tensorboard, enabled=self.world.is_main)
-        if resume:
-            self._resume()
+        try:
+            self.logger = MetricsLogger(self.run_dir, t.tensorboard, enabled=self.world.is_main)
+            if resume:
+                self._resume()
+        except BaseException:
+            self.lock.release()
+            raise
 
     # ---- set-up ------------------------------------------------------------------------
     def _init_weights_from(self, path: Path) -> None:
@@ -170,15 +176,53 @@ class Trainer:
         if b > 0 and b % parts:
             raise ConfigError(f"train.batch_size={b} must be divisible by processes x grad_accum = {parts}")
 
+    def _check_request(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a request that cannot succeed before anything in the run folder changes.
+
+        A resumed run must keep its model and data settings (train.* such as steps or lr may change):
+        the saved config.yaml is compared with the new one, so a refused resume leaves it as it was."""
+        has_run = (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.jsonl").exists()
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"{self.run_dir} exists and is not a folder; choose another name= or out_dir=")
+        if has_run and not resume and not overwrite:
+            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another name=")
+        if not resume:
+            return
+        if ckpt.latest_checkpoint(self.run_dir / "checkpoints") is None:
+            raise ConfigError(f"cannot resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        saved_file = self.run_dir / "config.yaml"
+        if saved_file.is_file():
+            saved = load_config(saved_file)
+            for section in ("model", "data"):
+                a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(self.cfg, section))
+                diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in b if a.get(k) != b.get(k)]
+                if diff:
+                    raise ConfigError(f"cannot resume {self.run_dir}: {section} config differs from the run's "
+                                      f"config.yaml ({'; '.join(diff)}); only train.* settings may change")
+
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Lock the run folder for this process's lifetime, then (and only then) clear or create it."""
+        self._check_request(resume, overwrite)
+        error: ConfigError | None = None
+        if self.world.is_main:
+            try:
+                self.lock.acquire()
+            except RunInUseError as e:
+                error = e
+        if all_reduce_sum([float(error is not None)], torch.device("cpu") if self.device.type != "cuda"
+                          else self.device, self.world)[0]:
+            raise error or RunInUseError(f"{self.run_dir} is in use by another process (rank 0 could not lock it)")
         has_run = (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.jsonl").exists()
         if self.world.is_main:
-            if has_run and not resume:
-                if not overwrite:
-                    raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
-                                      "--overwrite to replace it, or choose another name=")
-                shutil.rmtree(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if has_run and overwrite and not resume:
+                for child in self.run_dir.iterdir():       # everything but the lock we hold
+                    if child.name == LOCK_NAME:
+                        continue
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
             save_yaml(self.cfg, self.run_dir / "config.yaml")
         barrier(self.world)
 
@@ -352,60 +396,63 @@ class Trainer:
         stats = [torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long)]
         window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
         try:
-            while self.step < t.steps:
-                self.profiler.before(self.step + 1)
-                loss_sum, correct, n_tokens, n_targets = self.train_step()
-                self.profiler.after(self.step)
-                stats[0] += loss_sum
-                stats[1] += correct
-                window_tokens += n_tokens
-                targets_in_window += n_targets
-                last = self.step == t.steps
-                do_eval = self.step % t.eval_every == 0 or last
-                do_ckpt = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last
-                if self.step % t.log_every == 0 or do_eval or do_ckpt:
-                    loss_tot, corr_tot = all_reduce_sum([stats[0].item(), float(stats[1].item())],
-                                                        self.device, self.world)
-                    train_loss = loss_tot / max(targets_in_window, 1)
-                    if not math.isfinite(train_loss):
-                        raise TrainingError(f"training loss is {train_loss} at step {self.step}; stopped, "
-                                            f"{self._kept()}")
-                    tps = window_tokens / max(time.perf_counter() - window_t0, 1e-9)
-                    row = {"step": self.step, "split": "train", "loss": train_loss,
-                           "acc": corr_tot / max(targets_in_window, 1), "lr": self.lr_at(self.step - 1),
-                           "tokens_per_s": tps, "wall_s": self.wall(), **self._pop_aux()}
-                    self.logger.log(row)
-                    progress.update(self.step, f"loss {train_loss:.4f}  acc {row['acc']:.3f}  {tps:,.0f} tok/s")
-                    stats = [torch.zeros_like(stats[0]), torch.zeros_like(stats[1])]
-                    window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
-                if do_eval:
-                    n_eval = None
-                    val = self.evaluate("val")
-                    if t.eval_batches and self._early_stop({"val": val}):
-                        n_eval = 0
-                        val = self.evaluate("val", 0)     # a partial eval passed: confirm on the full split
-                    if self.ema is not None:              # the trained weights' loss beside the average's
-                        val["raw_loss"] = self.evaluate("val", n_eval, raw=True)["loss"]
-                    self.logger.log({"step": self.step, "split": "val", **val, "wall_s": self.wall()})
-                    self._update_best(val)
-                    shown = "  ".join(f"{k} {v:.4g}" for k, v in val.items())
-                    progress.message(f"step {self.step}/{t.steps}  val {shown}  "
-                                     f"({self.wall():.1f}s, ETA {progress.eta(self.step)})")
-                    if self._early_stop({"val": val}):
-                        self.stop_reason = f"early stop: {t.early_stop_metric} reached {t.early_stop_target}"
-                        progress.message(self.stop_reason)
-                        do_ckpt = True
-                if do_ckpt:
-                    self.save_checkpoint()
-                for cb in self.callbacks:
-                    cb(self, self.step)
-                if self.stop_reason != "steps":
-                    break
+            try:
+                while self.step < t.steps:
+                    self.profiler.before(self.step + 1)
+                    loss_sum, correct, n_tokens, n_targets = self.train_step()
+                    self.profiler.after(self.step)
+                    stats[0] += loss_sum
+                    stats[1] += correct
+                    window_tokens += n_tokens
+                    targets_in_window += n_targets
+                    last = self.step == t.steps
+                    do_eval = self.step % t.eval_every == 0 or last
+                    do_ckpt = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last
+                    if self.step % t.log_every == 0 or do_eval or do_ckpt:
+                        loss_tot, corr_tot = all_reduce_sum([stats[0].item(), float(stats[1].item())],
+                                                            self.device, self.world)
+                        train_loss = loss_tot / max(targets_in_window, 1)
+                        if not math.isfinite(train_loss):
+                            raise TrainingError(f"training loss is {train_loss} at step {self.step}; stopped, "
+                                                f"{self._kept()}")
+                        tps = window_tokens / max(time.perf_counter() - window_t0, 1e-9)
+                        row = {"step": self.step, "split": "train", "loss": train_loss,
+                               "acc": corr_tot / max(targets_in_window, 1), "lr": self.lr_at(self.step - 1),
+                               "tokens_per_s": tps, "wall_s": self.wall(), **self._pop_aux()}
+                        self.logger.log(row)
+                        progress.update(self.step, f"loss {train_loss:.4f}  acc {row['acc']:.3f}  {tps:,.0f} tok/s")
+                        stats = [torch.zeros_like(stats[0]), torch.zeros_like(stats[1])]
+                        window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
+                    if do_eval:
+                        n_eval = None
+                        val = self.evaluate("val")
+                        if t.eval_batches and self._early_stop({"val": val}):
+                            n_eval = 0
+                            val = self.evaluate("val", 0)     # a partial eval passed: confirm on the full split
+                        if self.ema is not None:              # the trained weights' loss beside the average's
+                            val["raw_loss"] = self.evaluate("val", n_eval, raw=True)["loss"]
+                        self.logger.log({"step": self.step, "split": "val", **val, "wall_s": self.wall()})
+                        self._update_best(val)
+                        shown = "  ".join(f"{k} {v:.4g}" for k, v in val.items())
+                        progress.message(f"step {self.step}/{t.steps}  val {shown}  "
+                                         f"({self.wall():.1f}s, ETA {progress.eta(self.step)})")
+                        if self._early_stop({"val": val}):
+                            self.stop_reason = f"early stop: {t.early_stop_metric} reached {t.early_stop_target}"
+                            progress.message(self.stop_reason)
+                            do_ckpt = True
+                    if do_ckpt:
+                        self.save_checkpoint()
+                    for cb in self.callbacks:
+                        cb(self, self.step)
+                    if self.stop_reason != "steps":
+                        break
+            finally:
+                self.profiler.close()
+                progress.close()
+                self.logger.close()
+            summary = self.finish()
         finally:
-            self.profiler.close()
-            progress.close()
-            self.logger.close()
-        summary = self.finish()
+            self.lock.release()
         shutdown(self.world)
         return summary
 
