@@ -374,11 +374,11 @@ def test_cbtm_train_stage_gives_each_concurrent_job_its_own_gpu(tmp_path, monkey
 
 
 def test_cbtm_parallel_benchmark_trains_the_same_experts_in_parallel(tmp_path):
-    """benchmarks/cbtm_parallel.py --tiny: 2 expert processes at once give the sequential run's mixture."""
+    """`modformer bench cbtm-parallel --tiny`: 2 expert processes at once give the sequential run's mixture."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "par.json"
     env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(root / "benchmarks" / "cbtm_parallel.py"), "--tiny", "--out", str(out),
+    res = subprocess.run([sys.executable, "-m", "modformer.cli", "bench", "cbtm-parallel", "--tiny", "--out", str(out),
                           "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())

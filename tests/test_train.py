@@ -322,10 +322,10 @@ def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypat
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None
                     and shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_ddp_scaling_benchmark_tiny_run_reproduces_the_single_process_curve(tmp_path):
-    """benchmarks/ddp_scaling.py --tiny (gloo): 2 DDP processes match 1 process with grad_accum=2."""
+    """`modformer bench ddp-scaling --tiny` (gloo): 2 DDP processes match 1 process with grad_accum=2."""
     out = tmp_path / "ddp.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    res = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "ddp_scaling.py"), "--tiny",
+    res = subprocess.run([sys.executable, "-m", "modformer.cli", "bench", "ddp-scaling", "--tiny",
                           "--nproc", "1", "2", "--strategies", "ddp", "--runs-dir", str(tmp_path / "runs"),
                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -89,16 +89,9 @@ def cmd_circuits(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
+    from modformer.bench.registry import run
 
-    from modformer.bench import BENCHMARKS
-
-    if args.name not in BENCHMARKS:
-        from modformer.registry import suggest
-
-        raise ConfigError(f"unknown benchmark {args.name!r}{suggest(args.name, list(BENCHMARKS))}; "
-                          f"allowed: {', '.join(BENCHMARKS)}")
-    return importlib.import_module(f"modformer.bench.{args.name.replace('-', '_')}").main(args.args)
+    return run(args.name, args.args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -173,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.set_defaults(fn=cmd_circuits)
 
-    b = sub.add_parser("bench", help="run a benchmark: throughput | attention | generation | memory | "
-                                     "time-to-loss | fidelity")
-    b.add_argument("name")
+    b = sub.add_parser("bench", help="run a benchmark or study: modformer bench NAME [options]; "
+                                     "`modformer bench list` shows them")
+    b.add_argument("name", help="a benchmark (see `modformer bench list`), or list")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see NAME --help)")
     b.set_defaults(fn=cmd_bench)
 

@@ -1,3 +1,4 @@
-"""Benchmarks behind ``modformer bench NAME``; each writes benchmarks/results/NAME.json."""
+"""Benchmarks and studies behind ``modformer bench NAME`` (``registry.ENTRIES``; ``modformer bench list``).
 
-BENCHMARKS = ("throughput", "attention", "generation", "memory", "time-to-loss", "fidelity")
+``common`` holds what they share (device facts, timing, FLOP counting, the result schema and writer, tables);
+``studies/`` holds the research studies, one module each."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,28 @@ import torch
 from modformer.utils import atomic_write_text
 
 H100_BF16_PEAK = 989e12   # dense bf16 TF/s of an H100 SXM (the MFU denominator the issue fixes)
+DEFAULT_OUT = "runs/bench"   # where results go unless --out names benchmarks/results (the committed answers)
+RESULTS = Path("benchmarks/results")   # the committed answers, one canonical file per question
+CONFIGS = Path("configs")    # the recipes benchmarks train; paths are relative to the checkout, as for the CLI
+
+
+def git_commit() -> str | None:
+    """The checkout's HEAD commit (None outside a git checkout): which code produced a result."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it (``modformer bench ...`` or ``python ...``)."""
+    if Path(sys.argv[0]).name == "modformer":
+        return " ".join(["modformer", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
 
 
 def device_name(device: torch.device) -> str:
@@ -91,17 +114,20 @@ def matmul_ceiling(device: torch.device, n: int = 8192, dtype: torch.dtype = tor
     return 2 * n ** 3 / t
 
 
+RESULT_KEYS = ("benchmark", "command", "device", "torch", "git_commit", "date", "headline", "rows")
+
+
 def write_result(name: str, headline: dict[str, Any], rows: list[dict[str, Any]], device: torch.device | str,
-                 out_dir: str | Path = "benchmarks/results", extra: dict[str, Any] | None = None,
+                 out_dir: str | Path = DEFAULT_OUT, extra: dict[str, Any] | None = None,
                  filename: str | None = None) -> Path:
-    """benchmarks/results/<name>.json in the project's format (device, torch, date, command, ...).
+    """``out_dir/<name>.json`` in the project's schema (``RESULT_KEYS``, then ``extra``'s keys), written atomically.
 
     ``device``: the device measured on, or its name (a summary of runs made elsewhere); ``filename``: write
-    ``out_dir/filename`` instead of ``out_dir/<name>.json`` (a benchmark's ``--out FILE``)."""
-    result = {"benchmark": name, "device": device if isinstance(device, str) else device_name(device),
-              "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "command": " ".join(["modformer", *sys.argv[1:]])
-              if Path(sys.argv[0]).name == "modformer" else " ".join(["python", *sys.argv]),
+    ``out_dir/filename`` instead of ``out_dir/<name>.json`` (a benchmark's ``--out FILE``). The default folder is
+    ``runs/bench``: a result lands in benchmarks/results only when the command names it."""
+    result = {"benchmark": name, "command": command_line(),
+              "device": device if isinstance(device, str) else device_name(device),
+              "torch": torch.__version__, "git_commit": git_commit(), "date": datetime.date.today().isoformat(),
               "headline": headline, "rows": rows, **(extra or {})}
     path = Path(out_dir) / (filename or f"{name}.json")
     atomic_write_text(path, json.dumps(result, indent=2))

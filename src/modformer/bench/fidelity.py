@@ -10,8 +10,8 @@ timed with CUDA events), ``edge_cases`` (all-padding, one repeated token, T not 
 size) and ``generations`` (greedy continuations side by side).
 
 ``modformer bench fidelity --teacher PATH --student RUN_DIR [RUN_DIR ...]`` evaluates distilled students
-(``modformer distill`` run folders) and writes ``benchmarks/results/sparse_fidelity.json``;
-``benchmarks/sparse_fidelity.py`` runs the whole pipeline (teacher, distillation, this suite).
+(``modformer distill`` run folders) and writes ``OUT/sparse_fidelity.json``;
+``modformer bench sparse-fidelity`` runs the whole pipeline (teacher, distillation, this suite).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modformer.bench.common import kernel_time, print_table, time_fn, write_result
+from modformer.bench.common import DEFAULT_OUT, kernel_time, print_table, time_fn, write_result
 
 
 # ---- metric functions ----------------------------------------------------------------------
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seq", type=int, nargs="*", default=[], help="attention timing lengths (CUDA only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     teacher, _ = load_teacher(args.teacher, device)

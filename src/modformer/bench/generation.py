@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import modformer as mf
-from modformer.bench.common import print_table, sync, write_result
+from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
 from modformer.bench.throughput import PRESETS, gpt2_config
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-new-tokens", type=int, default=256, help="HF decodes fewer tokens (it is slow)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"

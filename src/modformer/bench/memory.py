@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import modformer as mf
-from modformer.bench.common import print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 
 
 def peak_gib(model: torch.nn.Module, t: int, train: bool, device: torch.device, vocab: int) -> float | str:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import modformer as mf
-from modformer.bench.common import H100_BF16_PEAK, matmul_ceiling, print_table, time_fn, write_result
+from modformer.bench.common import DEFAULT_OUT, H100_BF16_PEAK, matmul_ceiling, print_table, time_fn, write_result
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(model=dict(vocab_size=50304, n_layer=12, d_model=768, n_head=12, max_seq_len=1024),
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--profile-dir", help="write each variant's top GPU kernels (torch.profiler) here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":

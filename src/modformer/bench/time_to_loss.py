@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 from modformer.bench.process import TrainProcess, child_env
 
 DEFAULT_RUNS = [["nanogpt_like", "configs/shakespeare_char.yaml", "train.compile=true"],
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
     p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")
     p.add_argument("--runs-dir", default="runs/bench")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     p.add_argument("--results-name", default="time_to_loss", help="result file name, without .json")
     return p
 

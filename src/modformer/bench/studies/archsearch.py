@@ -1,6 +1,6 @@
-"""Summarise a finished architecture-search sweep into benchmarks/results/<name>.json.
+"""Summarise a finished architecture-search sweep into OUT/<name>.json.
 
-    python benchmarks/sweep_results.py archsearch runs/sweeps/archsearch_small [more sweep folders ...]
+    modformer bench archsearch archsearch runs/sweeps/archsearch_small [more sweep folders ...]
 
 Headline: the trial that reached the early-stop target (val acc >= 0.99) with the fewest training
 FLOPs, the smallest model (parameters) that reached it, and how many trials reached it at all.
@@ -9,23 +9,19 @@ FLOPs, the smallest model (parameters) that reached it, and how many trials reac
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.sweep.results import read_table  # noqa: E402
+from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.sweep.results import read_table
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench archsearch", description=__doc__.splitlines()[0])
     p.add_argument("name")
     p.add_argument("sweep_dirs", nargs="+")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--note", default="one seed per configuration; CPU seconds measured on a shared 2-core machine")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import yaml
 
     specs = [yaml.safe_load((Path(d) / "sweep.yaml").read_text()) for d in args.sweep_dirs]

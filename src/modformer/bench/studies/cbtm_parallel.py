@@ -1,14 +1,14 @@
 """c-BTM experts trained at the same time, one per GPU (issue 11): wall time vs one after another.
 
-The same c-BTM plan (``configs/compose_cbtm.yaml`` with ``benchmarks/compose.py``'s H100 preset, no dense
+The same c-BTM plan (``configs/compose_cbtm.yaml`` with ``modformer bench compose``'s H100 preset, no dense
 baseline) is trained twice from one command each: first with every expert on a GPU of its own, as many at
 once as there are GPUs (``experts.workers = #GPUs``, ``experts.one_gpu_each``), then one expert after another
 on GPU 0. Both are then evaluated, so the table shows the mixture perplexity next to the wall times (the
 parallel run must not change what is learned). The parallel run goes first, so any warm-up it leaves on the
 host (CUDA, page cache) favours the sequential run: the speed-up is, if anything, understated.
 
-    python benchmarks/cbtm_parallel.py                                   # every visible GPU
-    python benchmarks/cbtm_parallel.py --tiny --out /tmp/cbtm_par.json   # CPU smoke test (2 processes)
+    modformer bench cbtm-parallel                                   # every visible GPU
+    modformer bench cbtm-parallel --tiny --out /tmp/cbtm_par.json   # CPU smoke test (2 processes)
 """
 
 from __future__ import annotations
@@ -20,14 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
-
-from compose import H100  # noqa: E402
-
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.compose import cbtm  # noqa: E402
-from modformer.compose.spec import load_spec  # noqa: E402
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.studies.compose import H100
+from modformer.compose import cbtm
+from modformer.compose.spec import load_spec
 
 TINY = ["cluster.k=2", "experts.steps=4", "run.train.eval_batches=1", "eval.max_tokens=512", "eval.top_k=[1]",
         "device=cpu"]
@@ -35,7 +31,7 @@ TINY = ["cluster.k=2", "experts.steps=4", "run.train.eval_batches=1", "eval.max_
 
 def train_and_eval(name: str, overrides: list[str], workers: int, one_gpu_each: bool) -> dict:
     """One whole ``modformer compose cbtm`` run; returns its training wall time and mixture perplexity."""
-    spec = load_spec(ROOT / "configs" / "compose_cbtm.yaml", cbtm.DEFAULTS,
+    spec = load_spec(CONFIGS / "compose_cbtm.yaml", cbtm.DEFAULTS,
                      [f"name={name}", *overrides, f"experts.workers={workers}", f"experts.one_gpu_each={one_gpu_each}"])
     res = cbtm.run(spec)
     seconds = res["train_seconds"]
@@ -44,13 +40,14 @@ def train_and_eval(name: str, overrides: list[str], workers: int, one_gpu_each: 
             "mixture_ppl": cbtm.mixture_ppl(spec, res["rows"])}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench cbtm-parallel", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny experts, 2 processes")
     ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cbtm_parallel.json"))
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/cbtm_parallel.json")
     ap.add_argument("overrides", nargs="*", help="extra c-BTM spec overrides, e.g. experts.steps=300")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     runs = args.runs_dir or tempfile.mkdtemp(prefix="cbtm_par_")
     n_gpu = 0 if args.tiny else torch.cuda.device_count()
     over = [f"out_dir={runs}", "dense.train=false"] + (TINY if args.tiny else H100["cbtm"]) + args.overrides

@@ -11,8 +11,8 @@ with a previous-token head. Here, on WikiText-2 BPE (small vocabulary, CPU-sized
   = the best layer-1 head's score; for each layer-1 head with score >= 0.5, the layer-0 head with the
   largest baseline-subtracted K-composition score and whether it is the strongest previous-token head.
 
-    python benchmarks/circuits.py                         # -> benchmarks/results/circuits.json
-    python benchmarks/circuits.py --steps-1l 20 --steps-2l 20 --out /tmp/c.json     # smoke test
+    modformer bench circuits                         # -> OUT/circuits.json
+    modformer bench circuits --steps-1l 20 --steps-2l 20 --out /tmp/c.json     # smoke test
 
 Each run also gets the full ``modformer circuits`` report (HTML, plots, head table) in
 ``RUNS/<name>/circuits``.
@@ -21,9 +21,7 @@ Each run also gets the full ``modformer circuits`` report (HTML, plots, head tab
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -32,12 +30,11 @@ from pathlib import Path
 import torch
 
 from modformer import interp
+from modformer.bench.common import DEFAULT_OUT, write_result
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.interp import heads
 from modformer.interp.report import analyze
 from modformer.train.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_config(name: str, n_layer: int, args: argparse.Namespace, runs: Path) -> RunConfig:
@@ -86,8 +83,8 @@ def notes(result: dict) -> list[str]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench circuits", description=__doc__.splitlines()[0])
     ap.add_argument("--steps-1l", type=int, default=400)
     ap.add_argument("--steps-2l", type=int, default=600)
     ap.add_argument("--d-model", type=int, default=128)
@@ -115,8 +112,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "circuits.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/circuits.json")
+    args = ap.parse_args(argv)
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="circuits_runs_"))
     rows = []
 
@@ -173,18 +170,12 @@ def main() -> int:
 
 def write(args: argparse.Namespace, runs: Path, rows: list[dict], headline: dict) -> None:
     """Write the result JSON (also after the 1-layer run, so a cut-off run keeps its first half)."""
-    result = {"benchmark": "circuits", "device": device_name(args.device),
-              "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "command": "python benchmarks/circuits.py " + shlex.join(sys.argv[1:]),
-              "headline": headline,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")},
-              "runs_dir": str(runs), "rows": rows}
+    extra = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")}, "runs_dir": str(runs)}
     if "induction_prefix_matching" in headline:
-        result["notes"] = notes(result)
+        extra["notes"] = notes({"headline": headline, "rows": rows})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["headline"]), "->", out, flush=True)
+    path = write_result("circuits", headline, rows, device_name(args.device), out.parent, extra, filename=out.name)
+    print(json.dumps(headline), "->", path, flush=True)
 
 
 if __name__ == "__main__":

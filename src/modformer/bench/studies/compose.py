@@ -1,8 +1,8 @@
 """Composition of experts benchmarks (issue 10): c-BTM, PHATGOOSE gates, CALM key-value arithmetic.
 
-    python benchmarks/compose.py gates [--device cpu] [--preset cpu|h100] [--out benchmarks/results] [key=value ...]
-    python benchmarks/compose.py calm  ...
-    python benchmarks/compose.py cbtm  ...     # WikiText-2 and the algorithmic task mixture
+    modformer bench compose gates [--device cpu] [--preset cpu|h100] [--out benchmarks/results] [key=value ...]
+    modformer bench compose calm  ...
+    modformer bench compose cbtm  ...     # WikiText-2 and the algorithmic task mixture
 
 Each runs ``modformer compose METHOD`` on ``configs/compose_*.yaml`` (``--preset h100``: larger models and
 more steps, sized to finish in <= 8 minutes on one H100), prints a table and writes ``OUT/{cbtm,gates,calm}.json``
@@ -19,12 +19,9 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.compose import calm, cbtm, gates_run  # noqa: E402
-from modformer.compose.spec import load_spec  # noqa: E402
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.compose import calm, cbtm, gates_run
+from modformer.compose.spec import load_spec
 
 H100 = {   # overrides of the CPU configs for one H100 (bigger models, more data and steps)
     "gates": ["base.model.d_model=256", "base.model.max_seq_len=32", "base.model.n_layer=4",
@@ -41,14 +38,14 @@ H100 = {   # overrides of the CPU configs for one H100 (bigger models, more data
     "cbtm_taskmix": ["run.model.d_model=128", "experts.steps=600", "run.data.options.train_docs=2000",
                      "run.train.threads=null"],
 }
-CONFIGS = {"gates": "compose_gates.yaml", "calm": "compose_calm.yaml", "cbtm": "compose_cbtm.yaml",
+CONFIG_FILES = {"gates": "compose_gates.yaml", "calm": "compose_calm.yaml", "cbtm": "compose_cbtm.yaml",
            "cbtm_taskmix": "compose_cbtm_taskmix.yaml"}
 
 
 def spec_for(name: str, args: argparse.Namespace, module: Any) -> dict[str, Any]:
     over = [f"out_dir={args.runs}", f"device={args.device}"]
     over += H100[name] if args.preset == "h100" else []
-    path = Path(args.config) if args.config and name == args.method else ROOT / "configs" / CONFIGS[name]
+    path = Path(args.config) if args.config and name == args.method else CONFIGS / CONFIG_FILES[name]
     return load_spec(path, module.DEFAULTS, over + args.overrides)
 
 
@@ -82,19 +79,19 @@ def bench_cbtm(args: argparse.Namespace) -> tuple[dict, list]:
     return headline, rows
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench compose", description=__doc__.splitlines()[0])
     p.add_argument("method", choices=["cbtm", "gates", "calm"])
     p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. experts.steps=100")
     p.add_argument("--config", default=None, help="YAML instead of configs/compose_METHOD.yaml, e.g. "
                    "configs/compose_calm_base.yaml")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="cpu", choices=["cpu", "h100"])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--runs", default=str(ROOT / "runs" / "compose_bench"), help="run folders (models, partial JSON)")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--runs", default="runs/compose_bench", help="run folders (models, partial JSON)")
     p.add_argument("--result-name", default=None, help="result file name (default: METHOD)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

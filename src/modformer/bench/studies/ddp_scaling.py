@@ -10,9 +10,9 @@ splits ``train.batch_size`` over processes x micro-steps, so both see the same e
 Every launched process gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 (NVLink multicast off, as the device README requires).
 
-    python benchmarks/ddp_scaling.py --nproc 1 2 4                  # GPUs; configs/ddp_gpt2_wikitext2.yaml
-    python benchmarks/ddp_scaling.py --tiny --nproc 1 2 --out /tmp/ddp.json   # CPU smoke test (gloo)
-    python benchmarks/ddp_scaling.py --nproc 2 --strategies fsdp --set train.profile_steps=[60,62] --runs-dir R
+    modformer bench ddp-scaling --nproc 1 2 4                  # GPUs; configs/ddp_gpt2_wikitext2.yaml
+    modformer bench ddp-scaling --tiny --nproc 1 2 --out /tmp/ddp.json   # CPU smoke test (gloo)
+    modformer bench ddp-scaling --nproc 2 --strategies fsdp --set train.profile_steps=[60,62] --runs-dir R
                                        # + a torch.profiler trace/table per rank in R/<run>/profile/
 """
 
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.process import SRC
 from modformer.train.logging import read_metrics, steady_tokens_per_s
 
-ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {   # name -> trainer overrides
     "ddp": ["train.distributed=ddp"],
     "ddp_bf16": ["train.distributed=ddp", "train.grad_reduce_dtype=bfloat16"],
@@ -51,7 +51,7 @@ def launch(name: str, nproc: int, overrides: list[str], args: argparse.Namespace
     cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "modformer.cli", "train", "--overwrite",
            args.config, f"name={name}", f"out_dir={args.runs_dir}", *overrides]
     env = {**os.environ, **NO_MULTICAST, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
@@ -69,9 +69,10 @@ def max_rel_diff(a: list, b: list) -> float:
     return max(abs(x - y) / abs(y) for (_, x), (_, y) in zip(a, b))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "ddp_gpt2_wikitext2.yaml"))
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench ddp-scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(CONFIGS / "ddp_gpt2_wikitext2.yaml"))
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], choices=list(STRATEGIES),
                     help="ddp / fsdp: fp32 gradient average; *_bf16: averaged in bf16 (half the traffic)")
@@ -79,8 +80,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, gloo, a few steps")
     ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ddp_scaling.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/ddp_scaling.json")
+    args = ap.parse_args(argv)
     args.runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="ddp_runs_")
     common = (TINY if args.tiny else []) + args.set
     rows, refs = [], {}

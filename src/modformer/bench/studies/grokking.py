@@ -3,9 +3,9 @@
 Runs ``modformer train configs/grokking.yaml`` as a fresh process per seed and times it from
 process start (import included). The baseline is the published recipe (AdamW lr 1e-3, wd 1,
 betas (0.9, 0.98), full batch, GPT-2 init, no label smoothing) on the same model, for the same
-step budget. Writes benchmarks/results/grokking.json and grokking.png (val accuracy vs step).
+step budget. Writes OUT/grokking.json and grokking.png (val accuracy vs step).
 
-    python benchmarks/grokking.py [--seeds 0 1 2] [--baseline-steps 500]
+    modformer bench grokking [--seeds 0 1 2] [--baseline-steps 500]
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench.common import print_table, write_result  # noqa: E402
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.process import SRC
 
 BASELINE = ["train.batch_size=0", "train.lr=1e-3", "train.betas=[0.9,0.98]", "train.weight_decay=1.0",
             "train.decay_embeddings=false", "train.label_smoothing=0", "model.init=gpt2",
@@ -29,11 +27,10 @@ BASELINE = ["train.batch_size=0", "train.lr=1e-3", "train.betas=[0.9,0.98]", "tr
 
 
 def run(name: str, overrides: list[str], out_dir: str) -> dict:
-    cmd = [sys.executable, "-m", "modformer.cli", "train", str(ROOT / "configs" / "grokking.yaml"),
+    cmd = [sys.executable, "-m", "modformer.cli", "train", str(CONFIGS / "grokking.yaml"),
            f"name={name}", f"out_dir={out_dir}", "train.progress=false", "train.tensorboard=false", *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed: {proc.stderr[-500:]}")
@@ -49,12 +46,12 @@ def run(name: str, overrides: list[str], out_dir: str) -> dict:
                 "first_target_wall_s"), "final_val_acc": summary.get("final_val_acc"), "curve": curve}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench grokking", description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--baseline-steps", type=int, default=500)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

@@ -9,39 +9,36 @@ removed). The paper's signature of the mechanism: restricted loss falls well bef
 forms during "memorisation") and excluded loss rises as the model comes to rely on it; test loss falls at
 grokking. Also records the embedding's key frequencies.
 
-    python benchmarks/grokking_fourier.py                 # -> results/grokking_fourier.json + .png
-    python benchmarks/grokking_fourier.py --steps 40 --out /tmp/gf.json    # smoke test
+    modformer bench grokking-fourier                 # -> OUT/grokking_fourier.json + .png
+    modformer bench grokking-fourier --steps 40 --out /tmp/gf.json    # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, write_result
 from modformer.config import load_config
 from modformer.interp import fourier
 from modformer.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "grokking.yaml"))
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench grokking-fourier", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(CONFIGS / "grokking.yaml"))
     ap.add_argument("--steps", type=int, default=400, help="train this long (no early stop), snapshots every eval")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grokking_fourier.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/grokking_fourier.json")
+    args = ap.parse_args(argv)
 
     overrides = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "train.early_stop_metric=null",
                  "train.progress=false", "train.tensorboard=false", "train.checkpoint_every=0"]
@@ -91,21 +88,17 @@ def main() -> int:
 
     grok = next((r["step"] for r in rows if (r["val_acc"] or 0) >= 0.99), None)
     restricted_below = next((r["step"] for r in rows if r["restricted_loss"] < rows[0]["restricted_loss"] / 2), None)
-    result = {"benchmark": "grokking_fourier", "device": "cpu", "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(),
-              "command": "python benchmarks/grokking_fourier.py " + shlex.join(sys.argv[1:]),
-              "headline": {"reference_step": ref_step, "key_frequencies": keys,
+    headline = {"reference_step": ref_step, "key_frequencies": keys,
                            "embedding_key_frequencies": final["embedding_key_frequencies"],
                            "step_val_acc_99": grok, "step_restricted_loss_halved": restricted_below,
                            "reference_test_loss": final["test_loss"],
                            "reference_restricted_loss": final["restricted_loss"],
-                           "reference_excluded_loss": final["excluded_loss"]},
-              "reference": {k: v for k, v in final.items() if k not in ("embedding_norms",)}, "rows": rows}
+                           "reference_excluded_loss": final["excluded_loss"]}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result("grokking_fourier", headline, rows, "cpu", out.parent, filename=out.name,
+                 extra={"reference": {k: v for k, v in final.items() if k not in ("embedding_norms",)}})
     plot(rows, keys, out.with_suffix(".png"))
-    print(json.dumps(result["headline"]), "->", out)
+    print(json.dumps(headline), "->", out)
     return 0
 
 

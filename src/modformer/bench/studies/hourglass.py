@@ -19,15 +19,15 @@ A full run (2 corpora x 12 rows of 5000 / 1300 steps at T=2048) takes hours; on 
 per-command time limit run it in pieces (``--corpus shakespeare --only gpt,hourglass``, then ablations with
 ``--merge``), or shorten it with ``--steps`` (the cosine schedule is stretched to the given steps).
 
-    python benchmarks/hourglass.py                                  # both corpora + ablations (H100: long)
-    python benchmarks/hourglass.py --corpus shakespeare --only gpt,hourglass --merge   # a subset, merged
-    python benchmarks/hourglass.py --tiny --out /tmp/hg.json         # CPU smoke test (tiny models, a few steps)
+    modformer bench hourglass                                  # both corpora + ablations (H100: long)
+    modformer bench hourglass --corpus shakespeare --only gpt,hourglass --merge   # a subset, merged
+    modformer bench hourglass --tiny --out /tmp/hg.json         # CPU smoke test (tiny models, a few steps)
 
 Options: ``--corpus`` (shakespeare,wikitext2), ``--only`` (comma list of row names: gpt, hourglass and
 the ablation names below), ``--steps`` / ``--seq-len`` (batch scaled to keep tokens per step),
 ``--set key=value`` (repeatable; applied to every run), ``--compile`` (torch.compile both), ``--merge``
 (keep rows of an existing ``--out`` file that this call does not rerun), ``--runs-dir``.
-Results: ``benchmarks/results/hourglass.json`` (``--out``). Each run is one process-local Trainer, so
+Results: ``OUT/hourglass.json`` (``--out``). Each run is one process-local Trainer, so
 run it on an otherwise idle GPU.
 """
 
@@ -44,13 +44,12 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
 from modformer.config import load_config
 from modformer.saving import unwrap
 from modformer.train.logging import read_metrics, steady_tokens_per_s, warmup_seconds
 from modformer.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 CORPORA = {"shakespeare": "hourglass_shakespeare", "wikitext2": "hourglass_wikitext2"}
 
 # hourglass ablations: overrides of model.model_options (parameter counts stay within a few % of the base,
@@ -163,8 +162,9 @@ def best_variant(done: dict[str, dict], gpt: dict | None) -> dict | None:
     return max(rows, key=lambda r: r["time_ratio_vs_gpt"]) if rows else None
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench hourglass", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="shakespeare,wikitext2")
     p.add_argument("--only", default=None, help="comma list of rows: gpt, hourglass, " + ", ".join(ABLATIONS))
     p.add_argument("--steps", type=int, default=None)
@@ -173,9 +173,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 6 steps, T=64")
     p.add_argument("--merge", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/hourglass.json"))
+    p.add_argument("--out", default=f"{DEFAULT_OUT}/hourglass.json")
     p.add_argument("--runs-dir", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="hourglass_runs_"))
     if args.tiny:
         args.steps = args.steps or 6
@@ -197,7 +197,7 @@ def main() -> None:
             common.append(f"train.steps={args.steps}")
             common.append(f"train.eval_every={max(args.steps // 6, 1)}")
         if args.seq_len:
-            ref = load_config(ROOT / "configs" / f"{base}.yaml")
+            ref = load_config(CONFIGS / f"{base}.yaml")
             tokens = ref.data.seq_len * ref.train.batch_size
             batch = 2 if args.tiny else max(tokens // args.seq_len, 1)
             common += [f"data.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}",
@@ -205,12 +205,12 @@ def main() -> None:
         if args.compile:
             common.append("train.compile=true")
         common += args.set
-        jobs = [("gpt", ROOT / "configs" / f"{base}_gpt.yaml", []),
-                ("hourglass", ROOT / "configs" / f"{base}.yaml", [])]
-        hg_opts = load_config(ROOT / "configs" / f"{base}.yaml", common).model.model_options
+        jobs = [("gpt", CONFIGS / f"{base}_gpt.yaml", []),
+                ("hourglass", CONFIGS / f"{base}.yaml", [])]
+        hg_opts = load_config(CONFIGS / f"{base}.yaml", common).model.model_options
         for name, change in ABLATIONS.items():
             opts = {**copy.deepcopy(hg_opts), **change}
-            jobs.append((name, ROOT / "configs" / f"{base}.yaml", opts))
+            jobs.append((name, CONFIGS / f"{base}.yaml", opts))
         done: dict[str, dict] = {}
         for name, config, opts in jobs:
             if wanted is not None and name not in wanted:
@@ -246,7 +246,8 @@ def main() -> None:
                  "tokens_per_s", "peak_mem_gib", "time_ratio_vs_gpt"])
     print(json.dumps(headline, indent=1))
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,9 +4,9 @@ Full fine-tuning (every parameter, the grokking recipe's optimizer) vs LoRA adap
 ranks / target sets, the same number of steps and batches; validation accuracy on a - b (mod 113)
 (30% of pairs for training, as the addition model). Also checks merged == unmerged outputs and the
 save / load / switch round trip (subtraction adapter on, off = addition again).
-Writes benchmarks/results/lora.json.
+Writes OUT/lora.json.
 
-    python benchmarks/lora.py [--run RUN_DIR] [--steps 500]
+    modformer bench lora [--run RUN_DIR] [--steps 500]
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.compress import count_params, evaluate, finetune, lora  # noqa: E402
-from modformer.config import DataConfig  # noqa: E402
-from modformer.data import build_dataset  # noqa: E402
+from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.compress import count_params, evaluate, finetune, lora
+from modformer.config import DataConfig
+from modformer.data import build_dataset
 
 CONFIGS = {   # name -> (rank, targets)
     "r1_qkv_out_up_down": (1, ("qkv", "out", "up", "down")),
@@ -53,20 +50,20 @@ def train_curve(model: torch.nn.Module, data: object, tcfg: object, steps: int, 
     return curve
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default=None, help="a trained grokking run (default: train one, as benchmarks/prune.py)")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench lora", description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=None, help="a trained grokking run (default: train one, as modformer bench prune)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3, help="full fine-tuning lr")
     p.add_argument("--lora-lr", type=float, default=1e-2)
     p.add_argument("--lora-wd", type=float, default=0.0)
     p.add_argument("--alpha-scale", type=float, default=2.0, help="LoRA alpha = this * rank")
-    p.add_argument("--name", default="lora", help="results/NAME.json")
+    p.add_argument("--name", default="lora", help="OUT/NAME.json")
     p.add_argument("--configs", nargs="+", default=["r1_qkv_out_up_down", "r2_qkv_out", "r3_qkv",
                                                      "r4_qkv_out_up_down"], choices=list(CONFIGS))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     import dataclasses
 
@@ -74,8 +71,7 @@ def main() -> int:
 
     tmp = tempfile.TemporaryDirectory()
     if args.run is None:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from prune import grokked_run
+        from modformer.bench.studies.prune import grokked_run
 
         args.run = grokked_run(tmp.name, 1000)
     rc = run_config(args.run)

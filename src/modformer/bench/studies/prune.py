@@ -7,9 +7,9 @@
   recovery fine-tune at a lower lr;
 * structured: neurons then heads removed (gradient importance), a short fine-tune after each;
   parameter count and measured single-thread CPU latency of a batched forward before/after.
-Writes benchmarks/results/prune.json and prune.png.
+Writes OUT/prune.json and prune.png.
 
-    python benchmarks/prune.py [--run RUN_DIR] [--train-steps 1000]
+    modformer bench prune [--run RUN_DIR] [--train-steps 1000]
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-import modformer as mf  # noqa: E402
-from modformer.bench.common import print_table, time_fn, write_result  # noqa: E402
-from modformer.compress import (  # noqa: E402
+import modformer as mf
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, time_fn, write_result
+from modformer.compress import (
     count_params,
     evaluate,
     finetune,
@@ -38,7 +35,7 @@ from modformer.compress import (  # noqa: E402
     prune_structured,
     sparsity_of,
 )
-from modformer.compress.finetune import batches  # noqa: E402
+from modformer.compress.finetune import batches
 
 
 def grokked_run(out_dir: str, steps: int) -> Path:
@@ -46,7 +43,7 @@ def grokked_run(out_dir: str, steps: int) -> Path:
     from modformer.config import load_config
     from modformer.train.trainer import Trainer
 
-    cfg = load_config(ROOT / "configs" / "grokking.yaml", [
+    cfg = load_config(CONFIGS / "grokking.yaml", [
         "name=grok_add", f"out_dir={out_dir}", "train.progress=false", "train.tensorboard=false",
         f"train.steps={steps}", "train.schedule=cosine", "train.early_stop_metric=null", "train.eval_every=100",
         "train.threads=1"])
@@ -60,8 +57,8 @@ def latency(model: torch.nn.Module, x: torch.Tensor) -> float:
         return time_fn(lambda: model(x), torch.device("cpu"), warmup=5, iters=30)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench prune", description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="a trained grokking run (default: train one)")
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--sparsity", type=float, default=0.9)
@@ -74,8 +71,8 @@ def main() -> int:
     p.add_argument("--ft-steps", type=int, default=200)
     p.add_argument("--ft-lr", type=float, default=3e-3)
     p.add_argument("--latency-batch", type=int, default=4096)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.runs import run_config, run_dataset, run_model
 

@@ -5,9 +5,9 @@ jointly), count the closed gates, remove those heads physically (``prune_closed_
 folded into the out-projection) and measure validation accuracy of the gated and the pruned model
 (they must agree), before and after an optional short fine-tune. Also one-shot accuracy when the
 lowest-ranked heads by ``log_alpha`` are removed at fixed fractions, next to the gradient and
-ablation rankings. Writes benchmarks/results/prune_l0.json.
+ablation rankings. Writes OUT/prune_l0.json.
 
-    python benchmarks/prune_l0.py --run RUN_DIR [--lambdas 0.2 1 2 5] [--steps 300]
+    modformer bench prune-l0 --run RUN_DIR [--lambdas 0.2 1 2 5] [--steps 300]
 """
 
 from __future__ import annotations
@@ -15,22 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.compress import count_params, evaluate, finetune, masked, prune_structured  # noqa: E402
-from modformer.compress.finetune import batches  # noqa: E402
-from modformer.compress.l0 import prune_closed_heads, train_head_gates  # noqa: E402
+from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.compress import count_params, evaluate, finetune, masked, prune_structured
+from modformer.compress.finetune import batches
+from modformer.compress.l0 import prune_closed_heads, train_head_gates
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="the grokked run (benchmarks/prune.py trains one)")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench prune-l0", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="the grokked run (modformer bench prune trains one)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.2, 1.0, 2.0, 5.0])
     p.add_argument("--rank-lambda", type=float, default=1.0, help="lambda of the gates used as a ranking")
     p.add_argument("--steps", type=int, default=300)
@@ -38,11 +34,11 @@ def main() -> int:
     p.add_argument("--joint", action="store_true", help="train the model with the gates")
     p.add_argument("--model-lr", type=float, default=1e-3, help="--joint: Adam lr of the model")
     p.add_argument("--no-ranking", action="store_true", help="skip the fixed-fraction ranking comparison")
-    p.add_argument("--name", default="prune_l0", help="results/NAME.json")
+    p.add_argument("--name", default="prune_l0", help="OUT/NAME.json")
     p.add_argument("--ft-steps", type=int, default=100)
     p.add_argument("--ft-lr", type=float, default=3e-3)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.runs import run_config, run_dataset, run_model
 

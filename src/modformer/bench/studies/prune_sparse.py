@@ -9,9 +9,9 @@ masks fixed and the learning rate decayed (cosine) from ``--lr`` to 0. ``--rewin
 survivors to the grokked weights after the last pruning step (rewinding to the dense solution, as
 learning-rate rewinding in Renda et al. 2020 but with weights), before recovery. Accuracy is on the
 whole validation split; the final model is the one reported (no checkpoint is picked by validation
-accuracy). Writes benchmarks/results/prune_sparse.json.
+accuracy). Writes OUT/prune_sparse.json.
 
-    python benchmarks/prune_sparse.py --run RUN_DIR [--sparsity 0.9] [--prune-steps 2000] [--recover-steps 1500]
+    modformer bench prune-sparse --run RUN_DIR [--sparsity 0.9] [--prune-steps 2000] [--recover-steps 1500]
 """
 
 from __future__ import annotations
@@ -22,19 +22,15 @@ import math
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-import modformer as mf  # noqa: E402
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.compress import evaluate, magnitude_prune, make_permanent, polynomial_sparsity, sparsity_of  # noqa: E402
-from modformer.compress.unstructured import rewind  # noqa: E402
-from modformer.train.optim import build_optimizer  # noqa: E402
+import modformer as mf
+from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.compress import evaluate, magnitude_prune, make_permanent, polynomial_sparsity, sparsity_of
+from modformer.compress.unstructured import rewind
+from modformer.train.optim import build_optimizer
 
 
 def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: object, steps: int, batch: int,
@@ -54,9 +50,9 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: object
     model.eval()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="the grokked run (benchmarks/prune.py trains one)")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench prune-sparse", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="the grokked run (modformer bench prune trains one)")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--scope", default="global", choices=["global", "layer"])
     p.add_argument("--prune-steps", type=int, default=2000)
@@ -70,8 +66,8 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="prune_sparse")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.runs import run_config, run_dataset, run_model
 

@@ -3,9 +3,9 @@
 Trains a small GPT from configs/wikitext2.yaml (shrunk by the overrides below; the trainer as usual,
 one thread), then one-shot (no fine-tuning) curves for global magnitude pruning, heads (gradient,
 ablation), FFN neurons (gradient) and layers, plus heads removed by jointly trained L0 gates.
-Perplexity on the first --eval-batches validation windows. Writes benchmarks/results/prune_wikitext2.json.
+Perplexity on the first --eval-batches validation windows. Writes OUT/prune_wikitext2.json.
 
-    python benchmarks/prune_wikitext2.py [--steps 600] [--eval-batches 40]
+    modformer bench prune-wikitext2 [--steps 600] [--eval-batches 40]
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.compress import count_params, evaluate, magnitude_prune, prune_structured  # noqa: E402
-from modformer.compress.finetune import batches  # noqa: E402
-from modformer.compress.l0 import prune_closed_heads, train_head_gates  # noqa: E402
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.compress import count_params, evaluate, magnitude_prune, prune_structured
+from modformer.compress.finetune import batches
+from modformer.compress.l0 import prune_closed_heads, train_head_gates
 
 SMALL = ["model.n_layer=2", "model.n_head=4", "model.d_model=128", "model.max_seq_len=64", "data.seq_len=64",
          "model.dropout=0.1", "model.attn_dropout=0.0", "train.batch_size=16", "train.warmup_steps=50",
@@ -34,14 +31,14 @@ SMALL = ["model.n_layer=2", "model.n_head=4", "model.d_model=128", "model.max_se
          "train.eval_batches=20", "train.sample_tokens=0", "train.ema_decay=0"]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="modformer bench prune-wikitext2", description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="a trained run (default: train one)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-batches", type=int, default=40, help="validation windows of 16 x 64 words")
     p.add_argument("--l0-lambda", type=float, default=0.1)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.config import load_config
     from modformer.runs import run_dataset, run_model
@@ -50,7 +47,7 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory()
     t0 = time.perf_counter()
     if args.run is None:
-        cfg = load_config(ROOT / "configs" / "wikitext2.yaml", [
+        cfg = load_config(CONFIGS / "wikitext2.yaml", [
             *SMALL, "name=wt2_small", f"out_dir={tmp.name}", f"train.steps={args.steps}",
             f"train.eval_every={args.steps}"])
         Trainer(cfg, overwrite=True).fit()
@@ -95,7 +92,7 @@ def main() -> int:
 
 def plot(rows: list[dict], base_ppl: float, path: Path) -> Path:
     """Validation perplexity (log scale) vs fraction removed, one line per method."""
-    from prune import plot as plot_pruning  # benchmarks/prune.py: the same figure for accuracy
+    from modformer.bench.studies.prune import plot as plot_pruning  # the same figure as for accuracy
 
     return plot_pruning(rows, base_ppl, path, metric="ppl", ylabel="validation perplexity (word level)",
                         title="one-shot pruning of a small WikiText-2 model (no fine-tuning)", log=True,

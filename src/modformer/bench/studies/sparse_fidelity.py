@@ -1,7 +1,7 @@
 """Issue 7 end to end: teacher -> distil each sparse attention -> fidelity suite -> table + JSON.
 
-    python benchmarks/sparse_fidelity.py --quick                 # CPU, tiny model, Tiny Shakespeare, minutes
-    python benchmarks/sparse_fidelity.py --out runs/sparse_fidelity   # GPU: WikiText-2, T=1024, timing 512..16k
+    modformer bench sparse-fidelity --quick                 # CPU, tiny model, Tiny Shakespeare, minutes
+    modformer bench sparse-fidelity --out runs/sparse_fidelity   # GPU: WikiText-2, T=1024, timing 512..16k
 
 Steps: (1) train the GPT-2-architecture teacher with the ordinary trainer (configs/sparse_teacher.yaml, or
 the quick tiny config) and save it in HF format (``OUT/teacher_hf``), unless ``--teacher PATH`` is given;
@@ -10,8 +10,8 @@ measure it without fine-tuning, distil it (``modformer.compress.distill``) and r
 (``modformer.bench.fidelity``); on CUDA also peak memory of a training step and of inference vs the dense
 eager and SDPA teacher. On CUDA the attention-forward timing (dense flash SDPA vs FlexAttention with ~90%
 of the causal blocks skipped, T=512..16k) runs first, as it needs no teacher. The result JSON is rewritten
-after every step (``OUT/sparse_fidelity.json`` and, unless ``--no-results``,
-benchmarks/results/sparse_fidelity.json); a failing method is recorded with its error and the run goes on;
+after every step (``OUT/sparse_fidelity.json`` and, with ``--results DIR``,
+``DIR/sparse_fidelity.json``); a failing method is recorded with its error and the run goes on;
 ``--budget-s`` (GPU default 450) skips methods that would start after it.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -28,13 +27,10 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench import fidelity  # noqa: E402
-from modformer.bench.common import print_table, write_result  # noqa: E402
-from modformer.compress.distill import Distiller, build_student, load_distill_config, load_teacher  # noqa: E402
-from modformer.config import DataConfig, load_config  # noqa: E402
+from modformer.bench import fidelity
+from modformer.bench.common import CONFIGS, print_table, write_result
+from modformer.compress.distill import Distiller, build_student, load_distill_config, load_teacher
+from modformer.config import DataConfig, load_config
 
 METHODS = ("window", "sink", "gate", "performer")
 QUICK_TEACHER = [
@@ -66,7 +62,7 @@ def train_teacher(args: argparse.Namespace, out: Path) -> Path:
     over = [f"out_dir={out}"] + (QUICK_TEACHER if args.quick else ["name=teacher"])
     if args.teacher_steps:
         over.append(f"train.steps={args.teacher_steps}")
-    cfg = load_config(ROOT / "configs" / "sparse_teacher.yaml", over)
+    cfg = load_config(CONFIGS / "sparse_teacher.yaml", over)
     if args.quick:
         cfg.train.threads = 2
     summary = Trainer(cfg, overwrite=True).fit()
@@ -135,7 +131,7 @@ def run_method(spec: str, args: argparse.Namespace, teacher_dir: Path, out: Path
         over.append(f"steps={args.distill_steps}")
     if args.quick:
         over += ["batch_size=8", "lr=1e-3", "eval_every=100", "eval_batches=4", "log_every=25"]
-    cfg = load_distill_config(ROOT / "configs" / f"sparse_{method}.yaml", over + args.set)
+    cfg = load_distill_config(CONFIGS / f"sparse_{method}.yaml", over + args.set)
     if args.quick:
         cfg = dataclasses.replace(cfg, data=DataConfig(name="shakespeare_char", seq_len=256),
                                   student={"attention": cfg.student["attention"], **QUICK_STUDENT[method]})
@@ -194,12 +190,12 @@ def write_all(records: list[dict[str, Any]], timing: list[dict[str, Any]], args:
     extra = {"mode": "quick (CPU)" if args.quick else "full", "teacher": teacher, "methods": records,
              "attention_timing": timing}
     write_result("sparse_fidelity", headline, rows, device, out, extra)
-    if not args.no_results:
-        write_result("sparse_fidelity", headline, rows, device, ROOT / "benchmarks" / "results", extra)
+    if args.results:
+        write_result("sparse_fidelity", headline, rows, device, args.results, extra)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench sparse-fidelity", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CPU: tiny teacher on Tiny Shakespeare, T=256")
     p.add_argument("--out", default=None, help="run folder (default runs/sparse_fidelity[_quick])")
     p.add_argument("--teacher", default=None, help="existing teacher (run dir / saved model / HF dir): skip training")
@@ -213,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the mask of a 4-sink + W-token window student at every --seq")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override of every distillation config, e.g. lr=5e-5 or schedule=cosine")
-    p.add_argument("--no-results", action="store_true", help="write only OUT/sparse_fidelity.json")
+    p.add_argument("--results", default=None, help="also write sparse_fidelity.json here (e.g. benchmarks/results)")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip methods not started after this many seconds (0 = no limit; GPU default 450)")
     args = p.parse_args(argv)

@@ -4,9 +4,9 @@ Seed 003 claims that modern components (pre-norm, RMSNorm, RoPE, SwiGLU, ReZero)
 than the 2017 design (post-norm LayerNorm, sinusoidal positions, ReLU MLP, no KV cache): "max stable
 depth 12 -> 48+ layers", forward 1.9-4x faster, generation 3.7x faster. Two parts:
 
-    python benchmarks/stability.py speed --device cuda            # timings -> results/stability_speed.json
+    modformer bench stability speed --device cuda            # timings -> OUT/stability_speed.json
     modformer sweep configs/sweeps/stability.yaml                 # depth x stabiliser training runs
-    python benchmarks/stability.py depth runs/sweeps/stability [more sweep folders]   # -> results/stability.json
+    modformer bench stability depth runs/sweeps/stability [more sweep folders]   # -> OUT/stability.json
 
 ``speed``: both recipes at the same width and depth (SwiGLU's LLaMA-rounded hidden size keeps the MLP
 parameter count within a few % of the ReLU MLP's), bf16 autocast on GPU: forward and forward+backward
@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-import modformer as mf  # noqa: E402
-from modformer.bench.common import print_table, sync, time_fn, write_result  # noqa: E402
-from modformer.config import ModelConfig  # noqa: E402
+import modformer as mf
+from modformer.bench.common import DEFAULT_OUT, print_table, sync, time_fn, write_result
+from modformer.config import ModelConfig
 
 RECIPES = {   # the two columns of the seed's comparison; keys match configs/sweeps/stability.yaml
     "y2017": {"norm_placement": "post", "norm": "layernorm", "position": "sinusoidal", "ffn": "relu",
@@ -151,8 +147,8 @@ def depth(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench stability", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("speed", help="forward/backward and generation timings of the two recipes")
     sp.add_argument("--n-layer", type=int, default=12)
@@ -173,8 +169,8 @@ def main() -> int:
     dp.add_argument("--name", default="stability")
     dp.set_defaults(func=depth)
     for p in (sp, dp):
-        p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = ap.parse_args()
+        p.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
     return args.func(args)
 
 

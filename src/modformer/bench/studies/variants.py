@@ -7,8 +7,8 @@ closest to the mha baseline's. Per variant: parameters, KV-cache bytes per token
 layers), final / best validation accuracy and loss, steps and seconds to 99% validation accuracy
 ("steps to grok"), training tokens/s, the last logged aux loss and MoE capacity-overflow fraction.
 
-    python benchmarks/variants.py                                # full budget -> results/variants.json
-    python benchmarks/variants.py --steps 20 --p 23 --out /tmp/v.json --only mha,mla,moe  # smoke test
+    modformer bench variants                                # full budget -> OUT/variants.json
+    modformer bench variants --steps 20 --p 23 --out /tmp/v.json --only mha,mla,moe  # smoke test
 
 Options: ``--steps`` budget (early stop at ``--target`` val acc unless ``--no-early-stop``), ``--p``,
 ``--train-fraction``, ``--d-model``, ``--n-layer``, ``--lr``, ``--wd``, ``--device``, ``--threads``,
@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -31,11 +28,10 @@ from pathlib import Path
 import torch
 
 import modformer as mf
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, write_result
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from modformer.train.logging import read_metrics
 from modformer.train.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # name -> ModelConfig overrides on top of the baseline (2 layers, RoPE, pre-LN, GELU MLP)
 VARIANTS: dict[str, dict] = {
@@ -63,7 +59,7 @@ VARIANTS: dict[str, dict] = {
 
 def base_model(args: argparse.Namespace) -> ModelConfig:
     if args.recipe == "grokking":                      # the grokking recipe's model: no norm, learned positions
-        cfg = load_config(ROOT / "configs" / "grokking.yaml").model
+        cfg = load_config(CONFIGS / "grokking.yaml").model
         cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head = args.p + 1, args.d_model, args.n_layer, args.n_head
         cfg.d_ff = None                                # 4 x d_model, as the default base
         return cfg
@@ -109,7 +105,7 @@ def kv_bytes_per_token(cfg: ModelConfig) -> float:
 def recipe_run(name: str, cfg: ModelConfig, args: argparse.Namespace, runs_dir: Path) -> RunConfig:
     """``--recipe grokking``: the training settings of configs/grokking.yaml (AdamW 7e-3, batch 512, weight
     decay 2, label smoothing 0.2: groks in ~250 steps) with the variant's model."""
-    run = load_config(ROOT / "configs" / "grokking.yaml")
+    run = load_config(CONFIGS / "grokking.yaml")
     run.name, run.out_dir, run.model = name, str(runs_dir), cfg
     run.data.options = {**run.data.options, "p": args.p, "train_fraction": args.train_fraction, "seed": args.seed}
     t = run.train
@@ -150,8 +146,8 @@ def train(name: str, cfg: ModelConfig, args: argparse.Namespace, runs_dir: Path)
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench variants", description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", choices=["default", "grokking"], default="default",
                     help="grokking: configs/grokking.yaml's model and optimiser (fast on CPU)")
     ap.add_argument("--steps", type=int, default=3000)
@@ -170,8 +166,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "variants.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/variants.json")
+    args = ap.parse_args(argv)
     args.eval_every = min(args.eval_every, args.steps)
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -199,6 +195,7 @@ def main() -> None:
         cells = [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
         print("| " + " | ".join(cells) + " |")
     print(f"wrote {write(args, rows)}")
+    return 0
 
 
 def plot(rows: list[dict], budget: int, path: Path) -> Path:
@@ -230,17 +227,12 @@ def plot(rows: list[dict], budget: int, path: Path) -> Path:
 def write(args: argparse.Namespace, rows: list[dict]) -> Path:
     """The result JSON (rewritten after every variant, so an interrupted run keeps what it measured)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    out = {"benchmark": "variants", "device": device, "torch": torch.__version__,
-           "date": datetime.date.today().isoformat(),
-           "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-           "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir", "only")},
-           "headline": {}, "rows": rows}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir", "only")}
+    out = Path(args.out)
+    path = write_result("variants", {}, rows, device, out.parent, {"settings": settings}, filename=out.name)
     plot(rows, args.steps, path.with_suffix(".png"))
     return path
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

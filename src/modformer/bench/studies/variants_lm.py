@@ -1,6 +1,6 @@
 """Attention / FFN variants (issue 5) on WikiText-2 word level at a fixed token budget (the H100 half).
 
-The same variants as ``benchmarks/variants.py`` (each variant's ``d_ff`` matched so its non-embedding
+The same variants as ``modformer bench variants`` (each variant's ``d_ff`` matched so its non-embedding
 parameters are the closest to the MHA baseline's), trained with the same recipe and seed for the same
 number of tokens: a small ``configs/wikitext2.yaml`` GPT (4 layers, width 256, context 256, 32 x 256
 tokens a step, dropout 0.2, eager). Per variant: parameters, training FLOPs per token, KV-cache bytes per
@@ -13,13 +13,13 @@ sequence — is tested by three extra hourglass rows with the same token layers 
 and a 2-layer latent stack: one latent per group (``hg_k1``), a twice longer latent sequence (two latents
 per group, ``hg_k2``) and one latent per group processed by 2-channel attention (``hg_mc2``).
 
-    python benchmarks/variants_lm.py --device cuda --jobs 4      # -> results/variants_wikitext2.json
-    python benchmarks/variants_lm.py --steps 3 --only mha,moe,hg_mc2 --device cpu --out /tmp/v.json   # smoke
+    modformer bench variants-lm --device cuda --jobs 4      # -> OUT/variants_wikitext2.json
+    modformer bench variants-lm --steps 3 --only mha,moe,hg_mc2 --device cpu --out /tmp/v.json   # smoke
 
 ``--speed-only`` adds ``tokens_per_s_alone`` to an existing result: each variant trained alone for
 ``--speed-steps`` AdamW steps on random tokens (bf16 autocast on GPU), timed after 5 warm-up steps.
 
-    python benchmarks/variants_lm.py --device cuda --speed-only     # updates results/variants_wikitext2.json
+    modformer bench variants-lm --device cuda --speed-only     # updates OUT/variants_wikitext2.json
 
 ``--jobs N`` trains N variants at once as separate processes (small models leave an H100 idle between
 kernel launches, so sharing it raises total throughput; tokens/s is then measured under sharing, which
@@ -39,17 +39,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from variants import VARIANTS, count, kv_bytes_per_token, match_params  # noqa: E402
-
-import modformer as mf  # noqa: E402
-from modformer.bench.common import counted_train_flops_per_token, print_table, sync, write_result  # noqa: E402
-from modformer.config import ModelConfig, load_config  # noqa: E402
-from modformer.train.logging import read_metrics, steady_tokens_per_s  # noqa: E402
-from modformer.train.trainer import Trainer  # noqa: E402
+import modformer as mf
+from modformer.bench.common import (
+    CONFIGS,
+    DEFAULT_OUT,
+    command_line,
+    counted_train_flops_per_token,
+    print_table,
+    sync,
+    write_result,
+)
+from modformer.bench.studies.variants import VARIANTS, count, kv_bytes_per_token, match_params
+from modformer.config import ModelConfig, load_config
+from modformer.train.logging import read_metrics, steady_tokens_per_s
+from modformer.train.trainer import Trainer
+from modformer.utils import atomic_write_text
 
 HOURGLASS = {"model": "hourglass", "n_layer": 2,
              "model_options": {"levels": 1, "group_len": 4, "n_latents": 1, "encoder_layers": [1, 0],
@@ -64,7 +68,7 @@ ALL = {**VARIANTS, **EXTRA}
 
 
 def base_run(args: argparse.Namespace):
-    run = load_config(ROOT / "configs" / "wikitext2.yaml")
+    run = load_config(CONFIGS / "wikitext2.yaml")
     m, t = run.model, run.train
     m.n_layer, m.d_model, m.n_head, m.max_seq_len, m.dropout = args.n_layer, args.d_model, args.n_head, \
         args.seq_len, args.dropout
@@ -230,8 +234,8 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench variants-lm", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -249,8 +253,8 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="add tokens/s measured alone to an existing --out")
     ap.add_argument("--speed-steps", type=int, default=50)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)   # child process: write one row here
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "variants_wikitext2.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/variants_wikitext2.json")
+    args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else list(ALL)
     unknown = [n for n in names if n not in ALL]
     if unknown:
@@ -263,12 +267,12 @@ def main() -> None:
             if r["variant"] in names:
                 r["tokens_per_s_alone"] = speed_alone(r["variant"], args, vocab)
                 print(f"{r['variant']}: {r['tokens_per_s_alone']:.0f} tokens/s alone", flush=True)
-        result["speed_command"] = " ".join(["python", *sys.argv])
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        return
+        result["speed_command"] = command_line()
+        atomic_write_text(args.out, json.dumps(result, indent=2))
+        return 0
     if args.part:
         Path(args.part).write_text(json.dumps(train_one(names[0], args)))
-        return
+        return 0
     if args.jobs > 1:
         rows = run_parallel(names, args)
     else:
@@ -282,7 +286,8 @@ def main() -> None:
                 ["variant", "non_embedding_params", "flops_per_token", "kv_bytes_per_token", "final_val_loss",
                  "final_val_word_ppl", "train_tokens_per_s", "aux_loss"])
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

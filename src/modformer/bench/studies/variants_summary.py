@@ -1,26 +1,22 @@
 """Issue 5's one table and one plot: the variants on modular addition and on WikiText-2 side by side.
 
-Reads ``results/variants.json`` (``benchmarks/variants.py``, modular addition) and
-``results/variants_wikitext2.json`` (``benchmarks/variants_lm.py``, WikiText-2 at a fixed token budget)
+Reads ``results/variants.json`` (``modformer bench variants``, modular addition) and
+``results/variants_wikitext2.json`` (``modformer bench variants-lm``, WikiText-2 at a fixed token budget)
 and writes ``results/variants_summary.json`` plus ``results/variants_summary.png`` (three panels: steps
 to 99% on modular addition, WikiText-2 validation loss, KV-cache bytes per token of the WikiText-2 model).
 Prints the Markdown table used in BENCHMARKS.md. Training tokens/s is the WikiText-2 model's measured
 alone on the GPU (``variants_lm.py --speed-only``) when present.
 
-    python benchmarks/variants_summary.py
+    modformer bench variants-summary
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from modformer.bench.common import write_result  # noqa: E402
+from modformer.bench.common import DEFAULT_OUT, RESULTS, write_result
 
 
 def merge(modular: dict, lm: dict) -> list[dict]:
@@ -86,12 +82,12 @@ def plot(rows: list[dict], budget: int, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modular", default=str(ROOT / "benchmarks" / "results" / "variants.json"))
-    ap.add_argument("--wikitext2", default=str(ROOT / "benchmarks" / "results" / "variants_wikitext2.json"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="modformer bench variants-summary", description=__doc__.splitlines()[0])
+    ap.add_argument("--modular", default=str(RESULTS / "variants.json"))
+    ap.add_argument("--wikitext2", default=str(RESULTS / "variants_wikitext2.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
     modular, lm = json.loads(Path(args.modular).read_text()), json.loads(Path(args.wikitext2).read_text())
     rows = merge(modular, lm)
     budget = modular["settings"]["steps"]

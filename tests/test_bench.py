@@ -1,0 +1,52 @@
+"""The benchmark registry (`modformer bench NAME | list`) and the committed results' layout and schema."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from modformer.bench import registry
+from modformer.bench.common import DEFAULT_OUT, RESULT_KEYS, write_result
+from modformer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_bench_list_prints_one_line_per_entry(capsys):
+    assert main(["bench", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(registry.ENTRIES)
+    for name in ("throughput", "attention", "generation", "memory", "fidelity", "time-to-loss"):   # the old names
+        assert name in registry.ENTRIES
+
+
+@pytest.mark.parametrize("name", list(registry.ENTRIES))
+def test_every_entry_imports_and_parses_help(name, capsys):
+    """Each entry's module has main(argv); ``--help`` runs its parser (prog named after the CLI entry)."""
+    module = importlib.import_module(f"modformer.bench.{registry.ENTRIES[name].module}")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code == 0
+    assert f"modformer bench {name}" in capsys.readouterr().out
+
+
+def test_unknown_benchmark_is_one_error_line(capsys):
+    assert main(["bench", "hourglas"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown benchmark 'hourglas' (did you mean 'hourglass'?)")
+
+
+def test_write_result_has_the_schema_and_defaults_outside_the_committed_results(tmp_path, monkeypatch):
+    """Every result carries benchmark, command, device, torch, git commit, date, headline, rows; the default
+    folder is runs/bench, so only an explicit --out touches benchmarks/results."""
+    monkeypatch.chdir(tmp_path)
+    path = write_result("demo", {"x": 1.0}, [{"a": 1}], "cpu", extra={"note": "n"})
+    assert path == Path(DEFAULT_OUT) / "demo.json" and not DEFAULT_OUT.startswith("benchmarks")
+    result = json.loads(path.read_text())
+    assert list(result)[:len(RESULT_KEYS)] == list(RESULT_KEYS) and result["note"] == "n"
+    assert result["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", result["git_commit"])
