@@ -50,3 +50,24 @@ def test_write_result_has_the_schema_and_defaults_outside_the_committed_results(
     result = json.loads(path.read_text())
     assert list(result)[:len(RESULT_KEYS)] == list(RESULT_KEYS) and result["note"] == "n"
     assert result["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", result["git_commit"])
+
+
+def canonical_files() -> list[Path]:
+    return sorted(RESULTS.glob("*.json"))
+
+
+def test_canonical_results_have_the_schema():
+    """One canonical file per question in benchmarks/results, each with every schema key (null where unknown)."""
+    assert canonical_files()
+    for path in canonical_files():
+        result = json.loads(path.read_text())
+        missing = [k for k in RESULT_KEYS if k not in result]
+        assert not missing, f"{path.name} lacks {missing}"
+
+
+def test_archive_index_lists_every_archived_file_once():
+    """benchmarks/results/archive/INDEX.md: one line per archived file, and no line for a file that is not there."""
+    archive = RESULTS / "archive"
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in archive.iterdir() if p.name != "INDEX.md")
+    listed = re.findall(r"^- `([^`]+)`", (archive / "INDEX.md").read_text(), flags=re.M)
+    assert sorted(listed) == files
