@@ -39,6 +39,7 @@ ENTRIES = _entries(
     ("grokking", "studies.grokking", "modular addition: steps and seconds to 99% val accuracy, recipe vs baseline"),
     ("grokking-fourier", "studies.grokking_fourier", "grokking mechanism: key frequencies, restricted/excluded loss"),
     ("circuits", "studies.circuits", "copying heads (1 layer) and induction heads (2 layers) on WikiText-2 BPE"),
+    ("circuits-figures", "studies.circuits_figures", "the circuits pages' per-head figures from a circuits result"),
     ("variants", "studies.variants", "attention / FFN variants on modular addition at equal parameters"),
     ("variants-lm", "studies.variants_lm", "attention / FFN variants on WikiText-2 at a fixed token budget"),
     ("variants-summary", "studies.variants_summary", "the variants' one table and plot from the two results above"),
