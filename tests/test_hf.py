@@ -108,4 +108,4 @@ def test_from_hf_rejects_unsupported(option: str, value: object) -> None:
 def test_to_hf_rejects_unsupported(field: str, value: object) -> None:
     cfg = mf.ModelConfig(vocab_size=97, n_layer=1, d_model=32, n_head=4, max_seq_len=64, **{field: value})
     with pytest.raises(ValueError, match=f"model.{field}"):
-        mf.hf.to_hf(mf.build_model(cfg))
+        mf.hf.to_hf(mf.build_model(cfg), family="gpt2")

@@ -40,12 +40,17 @@ class ModelConfig:
     attn_backend: str = "sdpa"         # sdpa | eager | flex
     position: str = "learned"
     rope_base: float = 10000.0
+    rope_fraction: float = 1.0         # share of each head's dims that RoPE rotates (GPT-NeoX rotary_pct)
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # HF's keys: {} | {rope_type: linear, factor} |
+                     # {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
     norm: str = "layernorm"
     norm_placement: str = "pre"        # pre | post | sandwich
     norm_eps: float = 1e-5
     ffn: str = "gelu"
     bias: bool = True
     qk_norm: bool = False
+    qkv_bias: bool | None = None       # bias of the QKV projection only; None = follow `bias` (Qwen2: true)
+    parallel_residual: bool = False    # x + attn(ln1(x)) + ffn(ln2(x)) (GPT-J / GPT-NeoX), pre-norm only
     causal: bool = True
     dropout: float = 0.0               # residual/embedding dropout
     attn_dropout: float = 0.0
@@ -118,6 +123,11 @@ class ModelConfig:
         if self.norm_placement not in ("pre", "post", "sandwich"):
             raise ConfigError(
                 f"model.norm_placement: unknown {self.norm_placement!r}; allowed: pre, post, sandwich")
+        if self.parallel_residual and (self.norm_placement != "pre" or self.attn_only):
+            raise ConfigError("model.parallel_residual needs model.norm_placement: pre and an FFN "
+                              "(attn_only: false)")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise ConfigError(f"model.rope_fraction must be in (0, 1], got {self.rope_fraction}")
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -3,6 +3,8 @@
 Norm placement: ``pre`` x + f(norm(x)) (GPT-2), ``post`` norm(x + f(x)) (Vaswani 2017),
 ``sandwich`` x + norm'(f(norm(x))) (CogView). ``rezero`` scales each sublayer output by a
 learned scalar initialised to 0 (Bachlechner et al. 2020). ``attn_only`` drops the FFN.
+``parallel_residual`` (pre-norm): x + attn(ln1(x)) + ffn(ln2(x)), both sublayers read the same input
+(GPT-J, GPT-NeoX); ``hook_resid_mid`` is then never called (there is no mid-block stream).
 Hook points: ``hook_resid_pre``, ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``,
 ``hook_resid_post``, all ``(B, T, D)``.
 """
@@ -38,6 +40,7 @@ class Block(nn.Module):
         super().__init__()
         cfg = cfg.for_layer(layer_idx)          # per-layer head counts / FFN widths (model.layer_overrides)
         self.placement = cfg.norm_placement
+        self.parallel = cfg.parallel_residual
         self.attn = build_component("attention", cfg.attention, cfg.attention_options, cfg, layer_idx)
         if cfg.position == "shortformer" and not isinstance(self.attn, MultiHeadAttention):
             raise ConfigError(f"model.position='shortformer' needs an attention with a fused QKV projection "
@@ -69,8 +72,18 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         x = self.hook_resid_pre(x)
+        if self.parallel and self.mlp is not None:
+            return self.hook_resid_post(self._parallel(x, ctx))
         x = self._sublayer(x, self.attn, self.ln1, self.ln1_post, self.gate_attn, self.hook_attn_out, ctx)
         if self.mlp is not None:
             x = self.hook_resid_mid(x)
             x = self._sublayer(x, self.mlp, self.ln2, self.ln2_post, self.gate_mlp, self.hook_mlp_out)
         return self.hook_resid_post(x)
+
+    def _parallel(self, x: Tensor, ctx: Context) -> Tensor:
+        """Pre-norm parallel block; summed as mlp + attn + x, the order GPT-NeoX adds them in."""
+        attn = self.drop(self.attn(self.ln1(x), ctx))
+        mlp = self.drop(self.mlp(self.ln2(x)))
+        if self.gate_attn is not None:
+            attn, mlp = attn * self.gate_attn, mlp * self.gate_mlp
+        return self.hook_mlp_out(mlp) + self.hook_attn_out(attn) + x

@@ -37,7 +37,7 @@ class MultiHeadAttention(nn.Module):
         self.backend = cfg.attn_backend
         self.attn_dropout = cfg.attn_dropout
         qkv_out = (self.n_head + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias)
         self.out = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         if cfg.qk_norm:
             norm_cfg = cfg if cfg.norm != "none" else ModelConfig(norm="rmsnorm", norm_eps=cfg.norm_eps)
