@@ -10,6 +10,9 @@ Besides the standard per-layer key/value slots, both caches hold a generic per-l
 and shared RoPE key, multichannel's per-channel K/V). Stored tensors have the time axis at ``-2``;
 the static cache allocates each entry (and the standard slots) on first use with ``max_len`` slots.
 ``bytes_per_token()`` reports cache bytes per cached token of one sequence, summed over layers.
+
+Padded batches also keep per-row key masks (``update_mask(name, x)``: ``valid`` padding flags, ``doc``
+document ids, ``(B, T)``), so later calls mask the cached padding without being told again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ class KVCache:
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
         self.tensors: dict[tuple[int, str], Tensor] = {}   # generic store, time on axis -2
+        self.masks: dict[str, Tensor] = {}                  # per-row key masks (B, T): "valid", "doc"
         self.length = 0   # tokens already cached (= absolute position of the next token)
+
+    def update_mask(self, name: str, x: Tensor) -> Tensor:
+        """Append this call's per-row mask ``x (B, T)`` to ``name``; return it for all keys so far."""
+        old = self.masks.get(name)
+        if old is not None:
+            x = torch.cat([old, x], dim=1)
+        self.masks[name] = x
+        return x
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append this call's keys/values for ``layer``; return all keys/values so far."""
@@ -54,6 +66,8 @@ class KVCache:
                 self.keys[i], self.values[i] = k[:, :, :length], v[:, :, :length]
         for key, x in self.tensors.items():
             self.tensors[key] = x[..., :length, :]
+        for key, x in self.masks.items():
+            self.masks[key] = x[:, :length]
         self.length = min(self.length, length)
 
     def _all(self) -> list[Tensor]:
@@ -111,6 +125,14 @@ class StaticKVCache(KVCache):
         if buf is None:
             buf = self.tensors[(layer, name)] = self._buffer(x)
         self._write(buf, x)
+        return buf
+
+    def update_mask(self, name: str, x: Tensor) -> Tensor:
+        buf = self.masks.get(name)
+        if buf is None:
+            buf = self.masks[name] = torch.zeros(x.shape[0], self.max_len, device=self.device, dtype=x.dtype)
+            torch._dynamo.mark_static_address(buf)
+        self._write(buf[..., None], x[..., None])
         return buf
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

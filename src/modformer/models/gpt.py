@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modformer import registry
 from modformer.config import ModelConfig
+from modformer.layers.attention.masks import row_masks
 from modformer.layers.block import Block
 from modformer.layers.cache import KVCache, StaticKVCache
 from modformer.layers.context import Context
@@ -114,11 +115,16 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         return self.drop(x)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, return_cache: bool = False,
-                last_only: bool = False, pos: Tensor | None = None) -> Tensor | tuple[Tensor, KVCache]:
+                last_only: bool = False, pos: Tensor | None = None, attention_mask: Tensor | None = None,
+                document_ids: Tensor | None = None) -> Tensor | tuple[Tensor, KVCache]:
         """Logits ``(B, T, V)`` (``(B, 1, V)`` if ``last_only``); with a cache, continue from it.
 
         ``pos`` (T,) gives the absolute positions as a tensor (compiled decoding with a static cache):
         then no Python-side length is read or advanced; the caller tracks it.
+        ``attention_mask`` ``(B, T)`` (or ``(B, cached + T)``) 1 for real tokens, 0 for padding (left or
+        right): padding is never attended to and positions count from each row's first real token; a cache
+        remembers it. ``document_ids`` ``(B, T)`` (packed batches, no cache): attention stays inside each
+        document and positions restart at its start. Without either (and no padded cache) nothing changes.
         """
         if return_cache and cache is None:
             cache = KVCache(self.cfg.n_layer)
@@ -131,6 +137,10 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         if cache is not None:
             cache.positions = pos
         ctx = Context(pos=pos, position=self.position, cache=cache, q_offset=None if graph_safe else offset)
+        if attention_mask is not None or document_ids is not None or (cache is not None and "valid" in cache.masks):
+            rows = row_masks(idx.shape[0], pos, cache, attention_mask, document_ids)
+            ctx.slots, ctx.pos = pos, rows.pos
+            ctx.key_valid, ctx.key_pos, ctx.key_doc = rows.key_valid, rows.key_pos, rows.key_doc
         x = self.embed(idx, ctx)
         use_ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         history = [x] if self.dwa is not None else None
@@ -148,9 +158,12 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         logits = self.lm_head(x)
         return (logits, cache) if return_cache else logits
 
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy; targets of -100 are ignored."""
-        logits = self(idx)
+    def loss(self, idx: Tensor, targets: Tensor, attention_mask: Tensor | None = None,
+             document_ids: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy; targets of -100 and those at padding positions are ignored."""
+        logits = self(idx, attention_mask=attention_mask, document_ids=document_ids)
+        if attention_mask is not None:
+            targets = targets.masked_fill(~attention_mask.bool(), -100)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def new_cache(self, batch: int, static: bool = False, max_len: int | None = None) -> KVCache:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from modformer.config import ModelConfig
 from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention
+from modformer.layers.attention.masks import segments
 from modformer.layers.attention.mha import MultiHeadAttention
 from modformer.layers.attention.sparse import FLEX_TILE, use_flex
 from modformer.layers.context import Context
@@ -198,6 +199,8 @@ class LearnedGateAttention(MultiHeadAttention):
         q, k, v = self.project_qkv(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
+        if ctx.key_valid is not None:
+            return self._forward_rows(q, k, v, ctx, train_gate)
         offset, tk = ctx.q_offset, k.shape[2]
         spec = self.attn_spec(q, k, ctx)
         scores, keep, qb, past = self.gate(self._q_all, k, offset, T)
@@ -221,6 +224,38 @@ class LearnedGateAttention(MultiHeadAttention):
             z, _ = attend(q, k, v, spec, "flex")
         else:
             spec.keep = self._dense_keep(keep, qb, offset, T, tk)
+            z, _ = attend(q, k, v, spec, self.backend)
+        return self.merge_heads(z, B, T)
+
+    def _forward_rows(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, train_gate: bool) -> Tensor:
+        """Padded / packed batches: the gate chooses blocks for each row and document alone (blocks counted
+        from its first real token, as unpadded); the choices become one slot-level keep-mask for the kernel."""
+        B, H, T, _ = q.shape
+        tk = k.shape[2]
+        keep_tok = torch.zeros(B, H, T, tk, dtype=torch.bool, device=q.device)
+        ste = self.training and self.grad == "ste"
+        weight = torch.ones(B, H, T, tk, device=q.device) if ste else None
+        losses = []
+        for b, rows, cols in segments(ctx.key_valid, ctx.key_doc, ctx.q_slots):
+            n, off = len(cols), len(cols) - len(rows)
+            kb = k[b:b + 1, :, cols]
+            scores, keep, qb, past = self.gate(self._q_all[b:b + 1, :, cols], kb, off, len(rows))
+            keep_tok[b][:, rows[:, None], cols[None, :]] = self._dense_keep(keep, qb, off, len(rows), n)[0]
+            if train_gate:
+                losses.append(self._gate_target_loss(q[b:b + 1, :, rows].detach(), kb.detach(), scores, past))
+            if ste:
+                g = sparsemax(scores) if self.select == "sparsemax" else torch.softmax(scores, -1).nan_to_num(0.0)
+                w = self._expand_blocks(keep.to(g.dtype) + g - g.detach(), qb, off, len(rows), n)[0]
+                weight[b][:, rows[:, None], cols[None, :]] = w.to(weight.dtype)
+        if losses:
+            self.aux_loss = self.gate_loss * torch.stack(losses).mean()
+        spec = self.attn_spec(q, k, ctx)
+        spec.keep = keep_tok
+        if ste or self.hook_pattern.active:
+            _, probs = eager_attention(q, k, v, spec, need_weights=True)
+            probs = self.hook_pattern(probs * weight if ste else probs)
+            z = torch.matmul(probs.to(v.dtype), v.repeat_interleave(self.n_head // self.n_kv_heads, dim=1))
+        else:
             z, _ = attend(q, k, v, spec, self.backend)
         return self.merge_heads(z, B, T)
 

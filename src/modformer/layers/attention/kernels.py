@@ -11,6 +11,13 @@ All backends take q ``(B, H, Tq, Dh)`` and k, v ``(B, Hkv, Tk, Dh)`` with ``H % 
 (GQA/MQA). Query ``i`` sits at absolute position ``q_offset + i`` and key ``j`` at position ``j``;
 ``causal`` keeps keys with position <= the query's, which also hides unwritten slots of a
 preallocated (static) KV cache.
+
+Padded and packed batches (``AttnSpec.key_valid`` set): a boolean keep-mask per row combines causality
+(by slot), padding (``key_valid``), documents (``key_doc``: attention stays inside a document) and a sparse
+kind's ``pattern`` (on per-row positions ``key_pos``, counted from each row's first real token or document
+start); a padding query sees only its own slot, so no row is empty and no backend returns NaN. Eager and
+sdpa take it as a dense mask, flex as a ``mask_mod``. Without ``key_valid`` nothing of this runs: plain
+causal calls still reach SDPA with ``is_causal=True``.
 """
 
 from __future__ import annotations
@@ -43,6 +50,45 @@ class AttnSpec:
     keep: Tensor | None = None           # dense bool keep-mask (Tq, Tk) or (B|1, H|1, Tq, Tk) overriding the causal
                                          # mask: the sparse variants' reference path (eager / sdpa)
     memo: dict | None = None             # the forward's Context.memo: the mask bias is built once for all layers
+    key_valid: Tensor | None = None      # (B, Tk) bool, False for padding keys: turns on the per-row mask below
+    key_pos: Tensor | None = None        # (B, Tk) per-row positions (from the first real token / document start)
+    key_doc: Tensor | None = None        # (B, Tk) document ids: a query sees only keys of its own document
+    pattern: tuple | None = None         # (keep(q_pos, k_pos, *params), params): a sparse kind on per-row positions
+
+
+def row_keep(spec: AttnSpec, tq: int, tk: int, device: torch.device) -> Tensor:
+    """Boolean keep-mask ``(B, 1|H, Tq, Tk)`` of a padded / packed call (``spec.key_valid`` set): causal by slot,
+    real keys only, same document, the sparse pattern and ``spec.keep``; padding queries keep their own slot."""
+    key = ("row_keep", tq, tk, spec.causal, spec.pattern, str(device))
+    if spec.memo is not None and spec.keep is None and key in spec.memo:
+        return spec.memo[key]
+    q_slot, k_slot = _positions(spec, tq, tk, device)
+    valid = spec.key_valid.to(device)
+    keep = valid[:, None, :].expand(-1, tq, -1)                                      # (B, Tq, Tk)
+    if spec.causal:
+        keep = keep & (q_slot[:, None] >= k_slot[None, :])
+    if spec.key_doc is not None:
+        doc = spec.key_doc.to(device)
+        keep = keep & (doc[:, q_slot, None] == doc[:, None, :])
+    if spec.pattern is not None:
+        fn, params = spec.pattern
+        kpos = spec.key_pos.to(device)
+        keep = keep & fn(kpos[:, q_slot, None], kpos[:, None, :], *params)
+    keep = keep.unsqueeze(1)                                                         # (B, 1, Tq, Tk)
+    if spec.keep is not None:
+        keep = keep & spec.keep.to(device)
+    own = (~valid[:, q_slot, None] & (q_slot[:, None] == k_slot[None, :])).unsqueeze(1)
+    keep = keep | own
+    if spec.memo is not None and spec.keep is None:
+        spec.memo[key] = keep
+    return keep
+
+
+def alibi_bias(spec: AttnSpec, n_head: int, tq: int, tk: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``(H, Tq, Tk)`` ALiBi bias ``-slope * |q_slot - k_slot|`` (slot distance = position distance inside a row)."""
+    q_pos, k_pos = _positions(spec, tq, tk, device)
+    rel = (q_pos[:, None] - k_pos[None, :]).to(dtype).abs()
+    return -spec.alibi_slopes.to(device, dtype).view(n_head, 1, 1) * rel
 
 
 def _positions(spec: AttnSpec, tq: int, tk: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -90,7 +136,11 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(Dh)
     acc = torch.promote_types(q.dtype, torch.float32)                     # fp32 softmax for bf16/fp16
     scores = torch.matmul(q, k.transpose(-2, -1)).to(acc) * scale         # (B, H, Tq, Tk)
-    if spec.keep is not None:
+    if spec.key_valid is not None:
+        if spec.alibi_slopes is not None:
+            scores = scores + alibi_bias(spec, H, Tq, k.shape[2], q.device, acc)
+        scores = scores.masked_fill(~row_keep(spec, Tq, k.shape[2], q.device), float("-inf"))
+    elif spec.keep is not None:
         scores = scores.masked_fill(~spec.keep.to(q.device), float("-inf"))
     elif spec.block_mask is not None:
         keep = dense_from_block_mask(spec.block_mask, Tq, k.shape[2]).to(q.device)
@@ -114,9 +164,14 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
     plain_causal = spec.causal and spec.q_offset == 0 and Tq == Tk and spec.alibi_slopes is None
-    plain_causal = plain_causal and spec.keep is None
-    mask = spec.keep if spec.keep is not None else (
-        None if plain_causal else attn_bias(spec, H, Tq, Tk, q.device, q.dtype))
+    plain_causal = plain_causal and spec.keep is None and spec.key_valid is None
+    if spec.key_valid is not None:
+        mask = row_keep(spec, Tq, Tk, q.device)
+        if spec.alibi_slopes is not None:
+            mask = alibi_bias(spec, H, Tq, Tk, q.device, q.dtype).masked_fill(~mask, float("-inf"))
+    else:
+        mask = spec.keep if spec.keep is not None else (
+            None if plain_causal else attn_bias(spec, H, Tq, Tk, q.device, q.dtype))
     if k.shape[1] != H and (mask is not None or q.device.type != "cuda"):
         k, v = _expand_kv(k, v, H)   # enable_gqa only pays off on the fused GPU kernels
     if mask is not None and mask.dim() < 4:
@@ -175,6 +230,42 @@ def causal_block_mask(tq: int, tk: int, q_offset: int, device: str) -> object:
     return create_block_mask(mask_mod, None, None, tq, tk, device=device, _compile=device.startswith("cuda"))
 
 
+def row_mask_mod(spec: AttnSpec, device: torch.device) -> Callable:
+    """FlexAttention ``mask_mod`` equal to ``row_keep``: causal + padding + document + sparse pattern."""
+    off, causal = spec.q_offset, spec.causal
+    valid = spec.key_valid.to(device)
+    doc = spec.key_doc.to(device) if spec.key_doc is not None else None
+    kpos = spec.key_pos.to(device) if spec.pattern is not None else None
+    fn, params = spec.pattern if spec.pattern is not None else (None, ())
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+        qs = q_idx + off
+        keep = valid[b, kv_idx]
+        if causal:
+            keep = keep & (kv_idx <= qs)
+        if doc is not None:
+            keep = keep & (doc[b, qs] == doc[b, kv_idx])
+        if fn is not None:
+            keep = keep & fn(kpos[b, qs], kpos[b, kv_idx], *params)
+        return keep | (~valid[b, qs] & (kv_idx == qs))
+
+    return mask_mod
+
+
+def row_block_mask(spec: AttnSpec, batch: int, tq: int, tk: int, device: torch.device) -> object:
+    """The BlockMask of a padded / packed call (built once per forward when ``spec.memo`` is shared)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = ("row_block_mask", tq, tk, spec.causal, spec.pattern, str(device))
+    if spec.memo is not None and key in spec.memo:
+        return spec.memo[key]
+    mask = create_block_mask(row_mask_mod(spec, device), batch, None, tq, tk, device=str(device),
+                             _compile=device.type == "cuda")
+    if spec.memo is not None:
+        spec.memo[key] = mask
+    return mask
+
+
 def dense_from_block_mask(block_mask: object, tq: int, tk: int) -> Tensor:
     """Boolean keep-mask ``(B|1, H|1, Tq, Tk)`` equal to a BlockMask (reference for the eager path)."""
     from torch.nn.attention.flex_attention import create_mask
@@ -214,7 +305,9 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     block_mask = spec.block_mask
     if spec.q_offset is None:
         return sdpa_attention(q, k, v, spec)          # tensor positions (compiled decoding): dense path
-    if block_mask is None and spec.causal:
+    if spec.key_valid is not None:
+        block_mask = row_block_mask(spec, B, Tq, Tk, q.device)
+    elif block_mask is None and spec.causal:
         block_mask = causal_block_mask(Tq, Tk, spec.q_offset, str(q.device))
     score_mod = None
     if spec.alibi_slopes is not None:

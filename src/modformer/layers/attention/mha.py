@@ -64,10 +64,10 @@ class MultiHeadAttention(nn.Module):
 
     def attn_spec(self, q: Tensor, k: Tensor, ctx: Context) -> AttnSpec:
         """Masking of this call; sparse variants (``sparse.py``) override it to add their pattern."""
-        return AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
+        return AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.q_slots,
                         alibi_slopes=ctx.position.alibi_slopes(),
                         dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask,
-                        memo=ctx.memo)
+                        memo=ctx.memo, **ctx.mask_fields())
 
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         B, T, _ = x.shape

@@ -106,9 +106,10 @@ class MultiHeadLatentAttention(nn.Module):
         k_c, v = self.kv_up(c_kv).view(B, Tk, Hkv, dn + Dh).transpose(1, 2).split([dn, Dh], dim=-1)
         k = torch.cat([k_c, k_r.expand(B, Hkv, Tk, dr)], dim=-1) if dr else k_c
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
+        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.q_slots,
                         alibi_slopes=ctx.position.alibi_slopes(),
-                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask)
+                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask,
+                        **ctx.mask_fields())
         if self.hook_pattern.active:
             _, probs = eager_attention(q, k, v, spec, need_weights=True)
             probs = self.hook_pattern(probs)

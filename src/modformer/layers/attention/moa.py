@@ -98,8 +98,9 @@ class MixtureOfAttentionHeads(nn.Module):
         if ctx.cache is not None:
             key, v = ctx.cache.update(self.layer_idx, key, v)
         slopes = self.slot_slopes if ctx.position.alibi_slopes() is not None else None
-        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos, alibi_slopes=slopes,
-                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask)
+        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.q_slots, alibi_slopes=slopes,
+                        dropout_p=self.attn_dropout if self.training else 0.0, block_mask=ctx.block_mask,
+                        **ctx.mask_fields())
         if self.hook_pattern.active:
             _, probs_attn = eager_attention(q, key, v, spec, need_weights=True)
             z = torch.matmul(self.hook_pattern(probs_attn).to(v.dtype), v)       # v broadcasts over slots

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from modformer.config import ModelConfig
+from modformer.layers.attention.masks import segments
 from modformer.layers.attention.mha import MultiHeadAttention
 from modformer.layers.context import Context
 from modformer.registry import ConfigError, register
@@ -99,5 +100,12 @@ class PerformerAttention(MultiHeadAttention):
         with torch.autocast(q.device.type, enabled=False):
             qf = positive_features(q.float() * scale, w, True)
             kf = positive_features(k.float() * scale, w, False)
-            z = causal_linear_attention(qf, kf, v.float(), ctx.q_offset, self.chunk)
+            if ctx.key_valid is None:
+                z = causal_linear_attention(qf, kf, v.float(), ctx.q_offset, self.chunk)
+            else:      # padded / packed: each row's document alone (padding queries get 0)
+                z = torch.zeros(B, self.n_head, T, self.head_dim, device=q.device)
+                for b, rows, cols in segments(ctx.key_valid, ctx.key_doc, ctx.q_slots):
+                    z[b][:, rows] = causal_linear_attention(qf[b:b + 1, :, rows], kf[b:b + 1, :, cols],
+                                                            v[b:b + 1, :, cols].float(), len(cols) - len(rows),
+                                                            self.chunk)[0]
         return self.merge_heads(z.to(v.dtype), B, T)

@@ -14,7 +14,10 @@ Registered attention kinds (``model.attention_options`` in brackets; positions a
 Every kind also takes ``block_size`` (FlexAttention tile, default 128). Execution: with
 ``model.attn_backend: flex`` on CUDA the pattern becomes a cached FlexAttention ``BlockMask`` (blocks
 that the pattern never touches are skipped, not masked); otherwise (CPU, eager, sdpa) a dense boolean
-keep-mask goes to the eager / SDPA kernel (the reference). When the pattern keeps every causal pair
+keep-mask goes to the eager / SDPA kernel (the reference). Padded or packed batches evaluate the pattern
+on per-row positions (from each row's first real token / document start) inside the kernel's row mask
+(``kernels.row_keep`` / ``row_mask_mod``), so a sequence keeps its pattern however it is batched. When the
+pattern keeps every causal pair
 for the current length (e.g. ``window >= T``) the call is exactly ``mha``'s dense path. ALiBi is not
 supported (the pattern replaces the additive bias).
 """
@@ -104,6 +107,9 @@ class SparseAttention(MultiHeadAttention):
         length = tk if ctx.q_offset is None else ctx.q_offset + tq
         if PATTERNS[self.pattern][1](length, *self.params):
             return spec                                      # keeps every causal pair: the dense path
+        if spec.key_valid is not None:                       # padded / packed rows: the pattern on per-row
+            spec.pattern = (PATTERNS[self.pattern][0], self.params)   # positions, inside the kernel's row mask
+            return spec
         if use_flex(self.backend, q, ctx):
             spec.block_mask = pattern_block_mask(self.pattern, self.params, tq, tk, ctx.q_offset,
                                                  str(q.device), flex_block_size(self.block_size))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modformer.config import ModelConfig
-from modformer.layers.attention.kernels import AttnSpec, attn_bias, dense_from_block_mask
+from modformer.layers.attention.kernels import AttnSpec, alibi_bias, attn_bias, dense_from_block_mask, row_keep
 from modformer.layers.attention.mha import MultiHeadAttention
 from modformer.layers.context import Context
 from modformer.layers.hooks import HookPoint
@@ -60,10 +60,14 @@ class TalkingHeadsAttention(MultiHeadAttention):
         acc = torch.promote_types(q.dtype, torch.float32)
         logits = torch.matmul(q, k.transpose(-2, -1)).to(acc) / math.sqrt(Dh)          # (B, H, Tq, Tk)
         logits = self.hook_logits(torch.einsum("bhqk,hg->bgqk", logits, self.mix_logits.to(acc)))
-        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.pos,
-                        alibi_slopes=ctx.position.alibi_slopes())
+        spec = AttnSpec(causal=self.causal, q_offset=ctx.q_offset, q_pos=ctx.q_slots,
+                        alibi_slopes=ctx.position.alibi_slopes(), memo=ctx.memo, **ctx.mask_fields())
         Tk = k.shape[2]
-        if ctx.block_mask is not None:
+        if spec.key_valid is not None:
+            if spec.alibi_slopes is not None:
+                logits = logits + alibi_bias(spec, H, T, Tk, q.device, acc)
+            logits = logits.masked_fill(~row_keep(spec, T, Tk, q.device), float("-inf"))
+        elif ctx.block_mask is not None:
             keep = dense_from_block_mask(ctx.block_mask, T, Tk).to(q.device)
             logits = logits.masked_fill(~keep, float("-inf"))
         else:

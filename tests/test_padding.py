@@ -1,0 +1,185 @@
+"""Padding masks and packed documents (issue 23): a sequence's logits do not depend on how it is batched.
+
+Every attention kind x backend x position: logits of a sequence alone equal its rows in a left- and a
+right-padded batch (fp32: the same sums in another order, |diff| ~1e-7 on logits of size ~1, so 1e-5);
+padding queries give no NaN; documents packed into one row equal the documents run separately; causality
+holds with a mask; the unmasked path still calls SDPA with ``is_causal=True``; hook points still work.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modformer as mf
+from modformer.layers.attention.masks import document_ids, row_positions
+from modformer.registry import ConfigError
+
+V = 29
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# attention kind -> (config overrides); patterns are short so that they are sparse at these lengths
+KINDS = {
+    "mha": {},
+    "gqa": dict(n_kv_heads=2),
+    "mqa": {},
+    "mla": dict(attention_options={"kv_lora_rank": 12}),
+    "moa": {},
+    "talking_heads": dict(n_kv_heads=2),
+    "multichannel": dict(attn_only=True),
+    "sliding_window": dict(attention_options={"window": 3}),
+    "block_local": dict(attention_options={"block": 4}),
+    "sink_window": dict(attention_options={"sinks": 2, "window": 3}),
+    "strided": dict(attention_options={"window": 2, "stride": 3}),
+    "dilated": dict(attention_options={"window": 2, "dilation": 2}),
+    "learned_gate": dict(attention_options={"block_size": 2, "top_k": 2}),
+    "performer": dict(attention_options={"n_features": 16, "chunk": 4}),
+}
+BACKENDS = ["sdpa", "eager", "flex"]
+POSITIONS = ["learned", "rope", "alibi", "sinusoidal", "none", "shortformer"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def build(kind: str, backend: str = "sdpa", position: str = "rope", **kw) -> torch.nn.Module:
+    cfg = dict(vocab_size=V, n_layer=2, d_model=32, n_head=4, max_seq_len=32, attention=kind,
+               attn_backend=backend, position=position)
+    cfg.update(KINDS[kind])
+    cfg.update(kw)
+    try:
+        model = mf.build_model(mf.ModelConfig(**cfg)).eval()
+    except ConfigError as e:
+        pytest.skip(f"combination not supported by design: {e}")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():                     # move identity-initialised maps (talking heads) off their init
+        for name, p in model.named_parameters():
+            if "mix_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def seqs(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g) for n in lengths]
+
+
+def pad(rows: list[torch.Tensor], side: str, value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and 0/1 attention mask, padded on ``side``."""
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), value, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        idx[i, sl], mask[i, sl] = r, 1
+    return idx, mask
+
+
+def real(out: torch.Tensor, i: int, n: int, side: str) -> torch.Tensor:
+    T = out.shape[1]
+    return out[i, T - n:] if side == "left" else out[i, :n]
+
+
+# every kind x backend with learned (absolute) positions; every position x backend with mha and with
+# sink_window (whose sinks are absolute positions)
+CASES = [(k, b, "learned") for k in KINDS for b in BACKENDS] + \
+        [(k, b, p) for k in ("mha", "sink_window") for b in BACKENDS for p in POSITIONS if p != "learned"]
+
+
+@pytest.mark.parametrize("kind,backend,position", CASES)
+def test_padding_invariance(kind, backend, position):
+    model = build(kind, backend, position)
+    rows = seqs(5, 11, 8)
+    with torch.no_grad():
+        alone = [model(r[None])[0] for r in rows]
+        for side in ("left", "right"):
+            idx, mask = pad(rows, side, value=3)
+            out = model(idx, attention_mask=mask)
+            assert torch.isfinite(out).all()
+            for i, r in enumerate(rows):
+                torch.testing.assert_close(real(out, i, len(r), side), alone[i], **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_documents_equal_separate_runs(kind, backend):
+    """Three documents packed in one row (and a padded second row) = each document run alone."""
+    model = build(kind, backend, "learned")
+    eos = 0
+    docs = [torch.cat([torch.tensor([eos]), d.clamp_min(1)]) for d in seqs(4, 6, 5, seed=2)]
+    row = torch.cat(docs)
+    other = torch.cat([docs[2], docs[0]])
+    idx, mask = pad([row, other], "right", value=eos)
+    doc = document_ids(idx, eos)
+    with torch.no_grad():
+        out = model(idx, attention_mask=mask, document_ids=doc)
+        start = 0
+        for d in docs:
+            torch.testing.assert_close(out[0, start:start + len(d)], model(d[None])[0], **TOL)
+            start += len(d)
+        torch.testing.assert_close(out[1, len(docs[2]):len(other)], model(docs[0][None])[0], **TOL)
+
+
+def test_row_positions_and_document_ids():
+    valid = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert row_positions(valid).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    idx = torch.tensor([[5, 0, 3, 4, 0, 7]])
+    doc = document_ids(idx, 0)
+    assert doc.tolist() == [[0, 1, 1, 1, 2, 2]]
+    assert row_positions(torch.ones_like(idx, dtype=torch.bool), doc).tolist() == [[0, 0, 1, 2, 0, 1]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causality_with_mask(backend):
+    model = build("mha", backend, "rope")
+    idx, mask = pad(seqs(6, 10), "left")
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % V
+    with torch.no_grad():
+        a, b = model(idx, attention_mask=mask), model(changed, attention_mask=mask)
+    torch.testing.assert_close(a[:, :7], b[:, :7], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_unmasked_path_calls_sdpa_causal(monkeypatch):
+    """No attention_mask: every layer still calls SDPA with is_causal=True and no mask (the fast path)."""
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = build("mha", "sdpa", "rope")
+    with torch.no_grad():
+        model(torch.randint(0, V, (2, 9)))
+    assert calls == [(True, True)] * 2
+    calls.clear()
+    with torch.no_grad():
+        model(*pad(seqs(4, 9), "left")[:1], attention_mask=pad(seqs(4, 9), "left")[1])
+    assert calls and all(not none and not causal for none, causal in calls)
+
+
+def test_hooks_with_mask():
+    """run_with_cache under a mask: the pattern gives padding keys 0 and the logits do not change."""
+    model = build("mha", "sdpa", "rope")
+    idx, mask = pad(seqs(4, 9), "left")
+    with torch.no_grad():
+        plain = model(idx, attention_mask=mask)
+        logits, cache = model.run_with_cache(idx, attention_mask=mask)
+    torch.testing.assert_close(logits, plain, **TOL)
+    pattern = cache["blocks.0.attn.hook_pattern"]                       # (B, H, T, T)
+    assert pattern[0, :, 5:, :5].abs().max() == 0                        # row 0 has 5 padding slots
+    torch.testing.assert_close(pattern[0, :, 5:].sum(-1), torch.ones(4, 4))
+    alone = model.run_with_cache(idx[:1, 5:])[1]["blocks.0.attn.hook_pattern"]
+    torch.testing.assert_close(pattern[0, :, 5:, 5:], alone[0], **TOL)
+
+
+def test_loss_ignores_padding():
+    model = build("mha", "sdpa", "learned")
+    rows = seqs(5, 9)
+    idx, mask = pad(rows, "right")
+    targets = torch.roll(idx, -1, 1)
+    loss = model.loss(idx, targets, attention_mask=mask)
+    logits = model(idx, attention_mask=mask)
+    keep = mask.bool()
+    ref = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, ref)
