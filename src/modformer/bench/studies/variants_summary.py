@@ -4,7 +4,7 @@ Reads ``results/variants.json`` (``modformer bench variants``, modular addition)
 ``results/variants_wikitext2.json`` (``modformer bench variants-lm``, WikiText-2 at a fixed token budget)
 and writes ``results/variants_summary.json`` plus ``results/variants_summary.png`` (three panels: steps
 to 99% on modular addition, WikiText-2 validation loss, KV-cache bytes per token of the WikiText-2 model).
-Prints the Markdown table used in BENCHMARKS.md. Training tokens/s is the WikiText-2 model's measured
+Prints the Markdown table used in docs/studies/variants.md. Training tokens/s is the WikiText-2 model's measured
 alone on the GPU (``variants_lm.py --speed-only``) when present.
 
     modformer bench variants-summary
