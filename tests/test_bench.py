@@ -71,3 +71,31 @@ def test_archive_index_lists_every_archived_file_once():
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in archive.iterdir() if p.name != "INDEX.md")
     listed = re.findall(r"^- `([^`]+)`", (archive / "INDEX.md").read_text(), flags=re.M)
     assert sorted(listed) == files
+
+
+def test_modification_guide_cites_existing_tests():
+    """Every `tests/FILE.py::test_name` (and each following `::test_name` of the same file) in the guide exists."""
+    text = re.sub(r"```.*?```", "", (ROOT / "docs" / "transformer_modification_guide.md").read_text(), flags=re.S)
+    cited, current = [], None
+    for item in re.findall(r"`([^`]+)`", text):
+        m = re.fullmatch(r"(tests/\w+\.py)::(\w+)", item) or re.fullmatch(r"::(\w+)", item)
+        if m and m.re.pattern.startswith("(tests"):
+            current = m.group(1)
+            cited.append((current, m.group(2)))
+        elif m and current:
+            cited.append((current, m.group(1)))
+    assert len(cited) > 20
+    for path, name in cited:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M), f"{path}::{name} not found"
+
+
+def test_benchmark_pages_link_to_files_that_exist():
+    """Relative links and `benchmarks/results/...` paths in BENCHMARKS.md and docs/studies point at real files."""
+    pages = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs" / "studies").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not link.startswith("http"):
+                assert (page.parent / link).exists(), f"{page.name}: broken link {link}"
+        for path in re.findall(r"benchmarks/results/[\w./-]+\.(?:json|png|md)", text):
+            assert (ROOT / path).exists(), f"{page.name}: {path} does not exist"
