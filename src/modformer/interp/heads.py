@@ -61,7 +61,15 @@ def stack_patterns(cache: dict[str, Tensor], n_layer: int) -> Tensor:
     missing = [n for n in names if n not in cache]
     if missing:
         raise ValueError(f"no attention pattern at {missing[0]}: this attention variant exposes none per block")
-    return torch.stack([cache[n] for n in names]).float()
+    pats = [cache[n].float() for n in names]
+    H = max(p.shape[1] for p in pats)            # pruned layers have fewer heads: zero patterns pad them
+    return torch.stack([torch.cat([p, p.new_zeros(p.shape[0], H - p.shape[1], *p.shape[2:])], 1) for p in pats])
+
+
+def present_heads(model: nn.Module) -> Tensor:
+    """``(L, H_max)`` bool: which heads each layer has (structured pruning leaves per-layer head counts)."""
+    counts = [int(b.attn.n_head) for b in model.blocks]
+    return torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
 
 
 def offset_attention(patterns: Tensor, offset: int, start: int = 0) -> Tensor:
@@ -138,10 +146,11 @@ def copying_rank_scores(model: nn.Module, idx: Tensor, min_attention: float = 0.
         scale = 1 / torch.sqrt(resid.pow(2).mean(-1, keepdim=True) + eps)
     else:
         scale = 1 / torch.sqrt(resid.var(-1, unbiased=False, keepdim=True) + eps)
-    n_head = cache["blocks.0.attn.hook_pattern"].shape[1]
-    out = torch.zeros(L, n_head)
+    counts = [cache[f"blocks.{i}.attn.hook_pattern"].shape[1] for i in range(L)]
+    out = torch.full((L, max(counts)), float("nan"))
     V = W_U.shape[1]
     for i in range(L):
+        n_head = counts[i]
         pat = cache[f"blocks.{i}.attn.hook_pattern"].float()[:, :, 1:]   # (B, H, T-1, T) rows t >= 1
         res = cache[f"blocks.{i}.attn.hook_result"].float()[:, 1:]       # (B, T-1, H, D)
         if kind == "layernorm":
@@ -198,14 +207,16 @@ def head_scores(model: nn.Module, length: int | None = None, batch: int = 16, se
     scores["entropy"] = attention_entropy(pats)
     scores["distance"] = attention_distance(pats)
     model.train(was_training)
-    return {k: v.float().cpu() for k, v in scores.items()}
+    absent = ~present_heads(model)
+    return {k: v.float().cpu().masked_fill(absent, float("nan")) for k, v in scores.items()}
 
 
 def head_table(scores: dict[str, Tensor]) -> list[dict]:
-    """One row per head: ``{"layer", "head", "name", <score>: float, ...}``."""
+    """One row per head: ``{"layer", "head", "name", <score>: float, ...}``; heads whose scores are all NaN
+    (absent in a pruned layer) have no row."""
     L, H = next(iter(scores.values())).shape
     return [{"layer": i, "head": h, "name": f"L{i}H{h}", **{k: round(float(v[i, h]), 4) for k, v in scores.items()}}
-            for i in range(L) for h in range(H)]
+            for i in range(L) for h in range(H) if not all(bool(v[i, h].isnan()) for v in scores.values())]
 
 
 def table_markdown(rows: list[dict]) -> str:

@@ -56,7 +56,8 @@ def _weight_analyses(w: ModelWeights, scores: dict, summary: dict, plots: Path, 
                      n_trigrams: int) -> list[Path]:
     """Circuits that need per-head weights: eigenvalues, composition, skip-trigrams, positional QK."""
     if w.W_pos is not None:
-        scores["pos_qk"] = circuits.positional_qk_strength(w, min(w.W_pos.shape[0], 256))
+        scores["pos_qk"] = circuits.positional_qk_strength(w, min(w.W_pos.shape[0], 256)).masked_fill(
+            ~w.present().to(w.W_Q.device), float("nan")).cpu()
     files = [viz.plot_eigenvalues(circuits.ov_eigenvalues(w).cpu(), plots / "ov_eigenvalues.png", scores["copying"])]
     if w.n_layer >= 2:
         comp = composition.all_composition_scores(w)
@@ -71,7 +72,7 @@ def _weight_analyses(w: ModelWeights, scores: dict, summary: dict, plots: Path, 
         summary["skip_trigrams"] = {
             f"L0H{h}": [{"text": t.text(decode), "src": t.src, "dest": t.dest, "out": t.out,
                          "score": round(t.score, 3)} for t in skip_trigrams(w, 0, h, k=n_trigrams, chunk=chunk)]
-            for h in range(w.n_head)}
+            for h in range(w.head_counts[0] if w.head_counts else w.n_head)}
     return files
 
 
@@ -94,7 +95,8 @@ def analyze(model: nn.Module, out_dir: str | Path, data: Any = None, html: str |
         notes = w.notes
     scores = heads.head_scores(model, w=w)
     summary: dict[str, Any] = {"model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
-                                         "d_head": cfg.head_dim, "vocab_size": cfg.vocab_size}, "notes": notes}
+                                         "d_head": cfg.head_dim, "vocab_size": cfg.vocab_size,
+                                         "head_counts": [int(b.attn.n_head) for b in model.blocks]}, "notes": notes}
     files = _weight_analyses(w, scores, summary, plots, data.decode if data is not None else None,
                              n_trigrams) if w is not None else []
     table = heads.head_table(scores)

@@ -50,6 +50,8 @@ def tl_config(model: nn.Module, **overrides: Any) -> Any:
         bad.append(f"norm_placement={c.norm_placement}")
     if c.norm != "none" and not c.final_norm:
         bad.append("final_norm=false (TL always has ln_final with normalization)")
+    if c.layer_overrides:
+        bad.append("layer_overrides (per-layer shapes, e.g. a pruned model)")
     if c.qk_norm or c.rezero or not c.causal or c.scale_embeddings:
         bad.append("qk_norm / rezero / non-causal / scale_embeddings")
     acts = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}

@@ -6,6 +6,7 @@ modformer stores each layer's projections fused: ``attn.qkv`` is one Linear whos
 
     W_Q, W_K, W_V  (L, H, D, Dh)   q = x @ W_Q[l, h] + b_Q[l, h]     (GQA/MQA: K/V repeated per query head)
     W_O            (L, H, Dh, D)   out = sum_h z_h @ W_O[l, h] + b_O[l]
+    (layers with fewer heads, e.g. after structured pruning, are padded with zero heads; ``head_counts``)
     W_E (V, D), W_pos (Tmax, D) or None, W_U (D, V), b_U (V,)
 
 i.e. activations are row vectors multiplied on the right (as in TransformerLens). The papers'
@@ -58,6 +59,12 @@ class ModelWeights:
     folded: bool = False             # norm weights/biases folded into the readers
     causal: bool = True
     notes: list[str] = field(default_factory=list)
+    head_counts: list[int] | None = None  # per-layer heads when they differ (structured pruning); the rest are zeros
+
+    def present(self) -> Tensor:
+        """``(L, H)`` bool: True for real heads, False for the zero padding of layers with fewer heads."""
+        counts = self.head_counts or [self.n_head] * self.n_layer
+        return torch.arange(self.n_head)[None, :] < torch.tensor(counts)[:, None]
 
     @property
     def input_norm(self) -> str:
@@ -166,7 +173,14 @@ def extract_weights(model: nn.Module, fold_ln: bool = True, center_writing: bool
     """Per-head weights of every layer (float32, detached; the model is not modified)."""
     attns = attention_modules(model)
     parts = [split_heads(a) for a in attns]
-    W_Q, W_K, W_V, W_O, b_Q, b_K, b_V, b_O = (torch.stack(t) for t in zip(*parts))
+    counts = [p[0].shape[0] for p in parts]
+    H = max(counts)
+
+    def pad(t: Tensor) -> Tensor:                 # zero heads up to H (pruned layers keep fewer heads)
+        return torch.cat([t, t.new_zeros(H - t.shape[0], *t.shape[1:])]) if t.shape[0] < H else t
+
+    W_Q, W_K, W_V, W_O, b_Q, b_K, b_V = (torch.stack([pad(x) for x in t]) for t in list(zip(*parts))[:7])
+    b_O = torch.stack([p[7] for p in parts])
     W_E = model.tok_emb.weight.detach().float() * getattr(model, "embed_scale", 1.0)   # what the residual receives
     D = W_E.shape[1]
     dev = W_E.device
@@ -234,7 +248,8 @@ def extract_weights(model: nn.Module, fold_ln: bool = True, center_writing: bool
     return ModelWeights(W_E=W_E, W_pos=W_pos, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, b_Q=b_Q, b_K=b_K,
                         b_V=b_V, b_O=b_O, W_U=W_U, b_U=b_U, norm=norm,
                         norm_eps=getattr(cfg, "norm_eps", 1e-5), folded=folded,
-                        causal=getattr(cfg, "causal", True), notes=notes)
+                        causal=getattr(cfg, "causal", True), notes=notes,
+                        head_counts=counts if len(set(counts)) > 1 else None)
 
 
 def normalize(x: Tensor, kind: str, eps: float = 1e-5) -> Tensor:

@@ -1,0 +1,93 @@
+"""Circuits on every model kind the toolbox makes: structurally pruned (per-layer head counts / FFN widths) and
+LoRA-adapted (merged, and the adapter's per-head QK / OV deltas)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import modformer as mf
+from modformer import interp
+from modformer.compress.structured import remove_heads, remove_neurons
+from modformer.interp.deltas import adapter_head_deltas, head_deltas
+
+
+def randomized(**kw) -> torch.nn.Module:
+    base = dict(vocab_size=37, n_layer=2, d_model=32, n_head=4, max_seq_len=32, attn_only=True)
+    base.update(kw)
+    model = mf.build_model(mf.ModelConfig(**base)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else 0.0, 0.3)
+    return model
+
+
+def test_pruned_model_weights_and_scores_keep_the_surviving_heads():
+    model = randomized()
+    pruned = remove_heads(model, {0: [1], 1: [0, 3]})
+    w0, w = interp.extract_weights(model), interp.extract_weights(pruned)
+    assert w.W_Q.shape == (2, 3, 32, 8) and w.head_counts == [3, 2]
+    assert w.present().tolist() == [[True, True, True], [True, True, False]]
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q"):
+        torch.testing.assert_close(getattr(w, name)[0], getattr(w0, name)[0, [0, 2, 3]])
+        torch.testing.assert_close(getattr(w, name)[1, :2], getattr(w0, name)[1, [1, 2]])
+        assert not getattr(w, name)[1, 2].any()                        # padding is a zero head
+    s0, s = interp.head_scores(model, length=8, batch=4), interp.head_scores(pruned, length=8, batch=4)
+    for key in ("prev_token", "induction", "copying"):
+        # layer 0 reads the same residual stream, so its surviving heads score exactly as before
+        torch.testing.assert_close(s[key][0], s0[key][0, [0, 2, 3]], atol=1e-6, rtol=1e-5)
+        assert torch.isnan(s[key][1, 2]) and torch.isfinite(s[key][1, :2]).all()
+    assert [r["name"] for r in interp.head_table(s)] == ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1"]
+
+
+def test_analyze_writes_valid_json_for_pruned_heads_and_neurons(tmp_path):
+    model = randomized(attn_only=False, d_ff=16)
+    pruned = remove_neurons(remove_heads(model, {1: [2]}), {0: list(range(5))})
+    summary = interp.analyze(pruned, tmp_path)
+    data = json.loads((tmp_path / "head_scores.json").read_text())   # strict JSON: no NaN for the absent head
+    assert "NaN" not in (tmp_path / "head_scores.json").read_text()
+    assert data["model"]["head_counts"] == [4, 3] and len(summary["heads"]) == 7
+    assert len(data["composition"]["k"][0]) == 4
+
+
+def test_transformer_lens_conversion_refuses_per_layer_shapes():
+    pytest.importorskip("transformer_lens")
+    from modformer.interp.tl import tl_config
+
+    with pytest.raises(ValueError, match="layer_overrides"):
+        tl_config(remove_heads(randomized(), {0: [0]}))
+
+
+def _dense_delta(w0, w1, kind: str) -> torch.Tensor:
+    if kind == "qk":
+        m0, m1 = w0.W_Q @ w0.W_K.transpose(-1, -2), w1.W_Q @ w1.W_K.transpose(-1, -2)
+    else:
+        m0, m1 = w0.W_V @ w0.W_O, w1.W_V @ w1.W_O
+    return (m1 - m0).double().pow(2).sum((-1, -2)).sqrt() / m0.double().pow(2).sum((-1, -2)).sqrt()
+
+
+def test_lora_adapter_deltas_name_the_adapted_heads():
+    pytest.importorskip("peft")
+    from modformer.compress.lora import add_lora, merged_model
+
+    model = randomized()
+    base = copy.deepcopy(model)
+    pm = add_lora(model, r=2, targets=("blocks.1.attn.qkv", "blocks.0.attn.out"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    d = adapter_head_deltas(pm)
+    # layer-0 queries/keys untouched: zero up to the float64 cancellation in the factored norm (~sqrt(1e-16))
+    assert (d["qk"][0] < 1e-6).all() and (d["qk"][1] > 1e-3).all()
+    assert (d["ov"] > 1e-3).all()                                     # layer 0 via out, layer 1 via v
+    merged = merged_model(copy.deepcopy(pm))
+    w0, w1 = interp.extract_weights(base, fold_ln=False), interp.extract_weights(merged, fold_ln=False)
+    for kind in ("qk", "ov"):
+        torch.testing.assert_close(d[kind].double(), _dense_delta(w0, w1, kind), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head_deltas(base, merged)["ov"], d["ov"])
+    # the merged model is an ordinary model: circuits run on it and see the changed OV circuits
+    assert not torch.equal(interp.copying_scores(w1)[1], interp.copying_scores(w0)[1])
+    scores = interp.head_scores(merged, length=8, batch=4)
+    assert torch.isfinite(scores["induction"]).all()
