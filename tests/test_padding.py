@@ -183,3 +183,89 @@ def test_loss_ignores_padding():
     keep = mask.bool()
     ref = F.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(loss, ref)
+
+
+GEN_MODES = {"no_cache": dict(use_cache=False), "dynamic": {}, "static": dict(static_cache=True),
+             "compile": dict(compile=True)}
+
+
+@pytest.mark.parametrize("mode", list(GEN_MODES))
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_left_padded_generation_equals_per_row(mode, position):
+    """Greedy batched generation of left-padded prompts = each prompt generated alone (no padding)."""
+    if mode == "compile" and position == "learned":
+        pytest.skip("one compiled case is enough (compiling costs seconds)")
+    model = build("gqa", "sdpa", position)
+    prompts = seqs(3, 7, 5, seed=4)
+    idx, mask = pad(prompts, "left", value=0)
+    out = model.generate(idx, 6, temperature=0, attention_mask=mask, **GEN_MODES[mode])
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], 6, temperature=0, use_cache=False)
+        assert torch.equal(out[i, idx.shape[1]:], alone[0, len(p):]), (mode, i)
+
+
+def test_generation_stops_per_row_at_eos():
+    """Each row stops at its own EOS and is padded after it; decoding ends when all rows have stopped."""
+    model = build("mha", "sdpa", "rope")
+    prompts = seqs(3, 6, seed=5)
+    idx, mask = pad(prompts, "left")
+    free = model.generate(idx, 8, temperature=0, attention_mask=mask)[:, idx.shape[1]:]
+    eos = int(free[0, 2])                               # row 0 emits it at step 2 (or earlier)
+    pad_id = (eos + 1) % V
+    for kw in ({}, dict(static_cache=True), dict(use_cache=False)):
+        out = model.generate(idx, 8, temperature=0, attention_mask=mask, eos_token_id=eos, pad_token_id=pad_id,
+                             **kw)[:, idx.shape[1]:]
+        for row, ref in zip(out, free):
+            stop = int((ref == eos).nonzero()[0]) if (ref == eos).any() else len(ref)
+            assert torch.equal(row[:stop + 1], ref[:stop + 1][: len(row)])
+            assert (row[stop + 1:] == pad_id).all()
+
+
+def test_padded_cache_equals_no_cache():
+    """Prefill a left-padded batch into a cache, decode token by token: the logits equal one masked forward."""
+    model = build("mha", "sdpa", "rope")
+    idx, mask = pad(seqs(6, 10, seed=6), "left")
+    more = torch.randint(0, V, (2, 4))
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = model(torch.cat([idx, more], 1), attention_mask=full_mask)
+        for static in (False, True):
+            cache = model.new_cache(2, static=static, max_len=20)
+            outs = [model(idx, cache=cache, attention_mask=mask)]
+            outs += [model(more[:, t:t + 1], cache=cache) for t in range(4)]
+            torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+
+
+def test_hourglass_right_padding_honoured_left_refused():
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=1, d_model=16, n_head=2, max_seq_len=40, model="hourglass",
+                         model_options={"group_len": 2})
+    model = mf.build_model(cfg).eval()
+    rows = seqs(5, 9, seed=7)
+    with torch.no_grad():
+        idx, mask = pad(rows, "right")
+        out = model(idx, attention_mask=mask)
+        torch.testing.assert_close(out[0, :5], model(rows[0][None])[0], **TOL)
+        idx, mask = pad(rows, "left")
+        with pytest.raises(ValueError, match="right-padded batches only"):
+            model(idx, attention_mask=mask)
+        with pytest.raises(ValueError, match="does not decode padded batches"):
+            model.generate(idx, 2, temperature=0, attention_mask=mask)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_calm_padding_invariance(side):
+    """CALM: the mask reaches both frozen models and the bridges' cross-attention."""
+    from modformer.models.composed import CALM
+
+    def gpt(seed):
+        torch.manual_seed(seed)
+        return mf.build_model(mf.ModelConfig(vocab_size=V, n_layer=2, d_model=32, n_head=4, max_seq_len=16,
+                                             position="rope"))
+
+    calm = CALM(gpt(0), gpt(1), every=1, n_head=4, zero_init=False).eval()
+    rows = seqs(5, 9, seed=8)
+    idx, mask = pad(rows, side)
+    with torch.no_grad():
+        out = calm(idx, attention_mask=mask)
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(real(out, i, len(r), side), calm(r[None])[0], **TOL)

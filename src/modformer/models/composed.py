@@ -40,8 +40,8 @@ class Bridge(nn.Module):
         self.proj = nn.Linear(d_in, d_anchor)
         self.xattn = CrossAttention(d_anchor, n_head, causal=True, zero_init=zero_init)
 
-    def forward(self, anchor_x: Tensor, aug_h: Tensor) -> Tensor:
-        return self.xattn(anchor_x, self.proj(aug_h))
+    def forward(self, anchor_x: Tensor, aug_h: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        return self.xattn(anchor_x, self.proj(aug_h), key_valid)
 
 
 class CALM(nn.Module):
@@ -86,10 +86,13 @@ class CALM(nn.Module):
         table = self.anchor.tok_emb.weight.float() * getattr(self.anchor, "embed_scale", 1.0)
         return (probs @ table).to(h.dtype)
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Anchor logits; ``attention_mask`` (B, T) 0/1 padding goes to both models and the bridges."""
         names = sorted({f"blocks.{j}.hook_resid_post" for j, _ in self.connections})
+        masked = {} if attention_mask is None else {"attention_mask": attention_mask}
+        valid = None if attention_mask is None else attention_mask.bool()
         with torch.no_grad():
-            _, states = self.augmenting.run_with_cache(idx, names)
+            _, states = self.augmenting.run_with_cache(idx, names, **masked)
         hooks = []
         for (j, i), bridge in zip(self.connections, self.bridges):
             h = states[f"blocks.{j}.hook_resid_post"]
@@ -97,7 +100,7 @@ class CALM(nn.Module):
                 h = torch.cat([h, self.soft_tokens(h)], -1)
 
             def add(x: Tensor, hook: object, h: Tensor = h, bridge: nn.Module = bridge) -> Tensor:
-                return x + bridge(x, h).to(x.dtype)
+                return x + bridge(x, h, valid).to(x.dtype)
 
             hooks.append((f"blocks.{i}.hook_resid_pre", add))
-        return self.anchor.run_with_hooks(idx, hooks)
+        return self.anchor.run_with_hooks(idx, hooks, **masked)

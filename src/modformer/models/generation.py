@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from modformer.layers.attention.kernels import changing_shapes
@@ -36,8 +37,13 @@ class GenerationMixin:
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, static_cache: bool = False,
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 compile: bool = False) -> Tensor:
+                 compile: bool = False, attention_mask: Tensor | None = None,
+                 pad_token_id: int | None = None) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + new)``.
+
+        ``attention_mask`` ``(B, T)`` 0/1 marks left padding of a batch of prompts of different lengths:
+        each row then decodes exactly as it would alone. A row stops at ``eos_token_id``; its later tokens
+        are ``pad_token_id`` (default: the EOS id), and decoding ends once every row has stopped.
 
         Without a cache each step re-runs the whole (cropped) context; with one, only the new
         token. Greedy decoding (temperature=0) gives identical tokens either way. ``compile=True``
@@ -52,11 +58,14 @@ class GenerationMixin:
         if use_cache and max_len is not None and idx.shape[1] + max_new_tokens > max_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"model.max_seq_len={max_len}; use use_cache=False to slide the window")
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        if attention_mask is not None and bool(attention_mask.bool().all()):
+            attention_mask = None                        # nothing padded: the unmasked (fast) path
         try:
             if compile and use_cache and max_new_tokens > 0:
                 decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device)
                 return decoder.run(idx, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p),
-                                   eos_token_id, generator)
+                                   eos_token_id, generator, attention_mask, pad)
             cache = None
             if use_cache:
                 cache = self.new_cache(idx.shape[0], static=static_cache,
@@ -66,15 +75,19 @@ class GenerationMixin:
             # without a cache every step's context is one token longer: a new attention shape each time
             with changing_shapes() if cache is None else contextlib.nullcontext():
                 for _ in range(max_new_tokens):
+                    mask = attention_mask
                     if cache is None:
                         step_input = idx if max_len is None else idx[:, -max_len:]
-                    logits = self(step_input, cache=cache, last_only=True)[:, -1]
+                        mask = mask if mask is None or max_len is None else mask[:, -max_len:]
+                    logits = self(step_input, cache=cache, last_only=True, attention_mask=mask)[:, -1]
                     nxt = sample_next(logits, temperature, top_k, top_p, generator)
                     if eos_token_id is not None:
-                        nxt = nxt.masked_fill(finished, eos_token_id)
+                        nxt = nxt.masked_fill(finished, pad)
                         finished |= nxt == eos_token_id
                     idx = torch.cat([idx, nxt], dim=1)
                     step_input = nxt
+                    if attention_mask is not None:       # the cache keeps it; without one the context grows
+                        attention_mask = None if cache is not None else F.pad(attention_mask, (0, 1), value=1)
                     if eos_token_id is not None and bool(finished.all()):
                         break
             return idx
@@ -126,10 +139,12 @@ class GraphDecoder:
         with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
             return self.model(tok, cache=self.cache, pos=pos, last_only=True)[:, -1]
 
+    pad: int | None = None                  # token written after a row's EOS (set by ``run``)
+
     def _step(self, sampling: dict, eos: int | None, generator: torch.Generator | None) -> None:
         nxt = sample_next(self.logits_fn(self.tok, self.pos), generator=generator, **sampling)
         if eos is not None:
-            nxt = nxt.masked_fill(self.finished, eos)
+            nxt = nxt.masked_fill(self.finished, self.pad if self.pad is not None else eos)
             self.finished |= nxt == eos
         self.out.index_copy_(1, self.pos + 1, nxt)                              # the token after ``tok``
         self.tok.copy_(nxt)
@@ -143,7 +158,8 @@ class GraphDecoder:
         if self.device.type != "cuda" or (generator is not None
                                            and not hasattr(torch.cuda.CUDAGraph, "register_generator_state")):
             return None
-        key = (tuple(sampling.values()), eos, id(generator))
+        # a cache that holds a padding mask runs the masked forward: another graph
+        key = (tuple(sampling.values()), eos, self.pad, id(generator), "valid" in self.cache.masks)
         if key not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             if generator is not None:
@@ -163,11 +179,15 @@ class GraphDecoder:
         return self.graphs[key]
 
     def run(self, idx: Tensor, max_new_tokens: int, sampling: dict, eos: int | None,
-            generator: torch.Generator | None) -> Tensor:
-        """``idx`` followed by ``max_new_tokens`` tokens (fewer if every sequence reached ``eos``)."""
+            generator: torch.Generator | None, attention_mask: Tensor | None = None,
+            pad: int | None = None) -> Tensor:
+        """``idx`` followed by ``max_new_tokens`` tokens (fewer if every sequence reached ``eos``); rows of a
+        left-padded ``idx`` (``attention_mask``) decode as alone, finished rows continue with ``pad``."""
         prompt_len = idx.shape[1]
         self.cache.length = 0
-        logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]        # prefill, eager
+        self.pad = pad
+        # prefill, eager; once the cache holds a padding mask (fixed buffer) later runs keep the masked path
+        logits = self.model(idx, cache=self.cache, last_only=True, attention_mask=attention_mask)[:, -1]
         first = sample_next(logits, generator=generator, **sampling)
         self.finished.copy_(first == eos if eos is not None else torch.zeros_like(self.finished))
         self.out[:, :prompt_len] = idx

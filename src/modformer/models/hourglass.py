@@ -399,10 +399,14 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         return x if emb is None else x + emb.to(x.dtype)
 
     def forward(self, idx: Tensor, cache: TokenCache | HourglassCache | None = None, return_cache: bool = False,
-                last_only: bool = False, pos: Tensor | None = None) -> Tensor | tuple[Tensor, object]:
-        """Logits ``(B, T, V)``; with a cache (``new_cache``) the call continues the cached sequence."""
+                last_only: bool = False, pos: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, object]:
+        """Logits ``(B, T, V)``; with a cache (``new_cache``) the call continues the cached sequence.
+        ``attention_mask``: right padding only (causal: real tokens never see it); left padding is refused."""
         if pos is not None:
             raise ValueError("model 'hourglass' does not take tensor positions (no compiled decoding)")
+        if attention_mask is not None:
+            check_right_padded(attention_mask, cache is not None)
         if return_cache and cache is None:
             cache = self.new_cache(idx.shape[0])
         T = idx.shape[1]
@@ -502,9 +506,11 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         return self.opts.latent_loss * F.mse_loss(pred, target)
 
 
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy (targets of -100 ignored); ``aux_loss`` is not included."""
-        logits = self(idx)
+    def loss(self, idx: Tensor, targets: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy (targets of -100 and at padding ignored); ``aux_loss`` is not included."""
+        logits = self(idx, attention_mask=attention_mask)
+        if attention_mask is not None:
+            targets = targets.masked_fill(~attention_mask.bool(), -100)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def new_cache(self, batch: int = 1, static: bool = False,
@@ -519,3 +525,16 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         if compile:
             raise ValueError("model 'hourglass' has no compiled decode step (its cache is not a static one)")
         return super().generate(idx, max_new_tokens, *args, **kwargs)
+
+
+def check_right_padded(attention_mask: Tensor, cached: bool = False) -> None:
+    """ValueError unless every row of the 0/1 mask is real tokens then padding: the hourglass groups tokens by
+    absolute position, so left padding would change the groups (right padding is invisible to causal layers).
+    A cached call (decoding continues after the context) takes no padding at all."""
+    m = attention_mask.bool()
+    if cached and not bool(m.all()):
+        raise ValueError("model 'hourglass' does not decode padded batches (left padding would shift its token "
+                         "groups); generate each prompt alone or use model 'gpt'")
+    if m.dim() != 2 or bool((m[:, 1:] & ~m[:, :-1]).any()):
+        raise ValueError("model 'hourglass' takes right-padded batches only (attention_mask rows 1...1 0...0): "
+                         "left padding would shift its token groups; pad on the right or use model 'gpt'")

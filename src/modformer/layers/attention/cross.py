@@ -31,10 +31,11 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        """``key_valid`` ``(B, S)`` bool: False for padding positions of ``memory`` (never attended)."""
         B, T, D = x.shape
         S, H = memory.shape[1], self.n_head
         q = self.q(self.ln_q(x)).view(B, T, H, D // H).transpose(1, 2)                    # (B, H, T, Dh)
         k, v = self.kv(self.ln_kv(memory)).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh) each
-        z, _ = attend(q, k, v, AttnSpec(causal=self.causal), self.backend)
+        z, _ = attend(q, k, v, AttnSpec(causal=self.causal, key_valid=key_valid), self.backend)
         return self.out(z.transpose(1, 2).reshape(B, T, D))
