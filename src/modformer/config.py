@@ -198,6 +198,8 @@ class TrainConfig:
     grad_reduce_dtype: str = "float32"  # float32 | bfloat16: dtype of the data-parallel gradient average
     seed: int = 0
     threads: int | None = None         # torch.set_num_threads on CPU
+    deterministic: bool = False        # bit-reproducible runs: deterministic kernels, 1 CPU thread (MKL may
+                                       # change its thread count under load, and with it the sums' order)
     progress: bool = True
     tensorboard: bool = True
     sample_tokens: int = 200           # generated sample length in LM reports

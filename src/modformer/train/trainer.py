@@ -52,6 +52,29 @@ def resolve_device(name: str, world: World | None = None) -> torch.device:
     return torch.device(name)
 
 
+def make_deterministic(device: torch.device) -> Callable[[], None]:
+    """``train.deterministic``: the same config gives bit-identical runs (and resumes) on one machine.
+
+    PyTorch's deterministic kernels (cuBLAS with a fixed workspace, no cuDNN autotuning; an op with no
+    deterministic kernel warns) and one CPU thread: with more, MKL may use fewer threads when the machine is busy
+    (MKL_DYNAMIC), which changes the order of floating-point sums. Cost: a CPU run uses one core (BENCHMARKS.md,
+    Reliability). Returns a function that restores the previous process-wide settings."""
+    import os
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+        torch.set_num_threads(before[2])
+    return restore
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
@@ -97,7 +120,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if t.threads:
+        self._restore_settings: Callable[[], None] = lambda: None
+        if t.deterministic:
+            self._restore_settings = make_deterministic(self.device)
+        elif t.threads:
             torch.set_num_threads(t.threads)
         self.dtype = resolve_dtype(t.dtype, self.device)
         self.profiler = StepProfiler(t.profile_steps, cfg.run_dir / "profile", self.world.rank, self.device)
@@ -453,6 +479,7 @@ class Trainer:
             summary = self.finish()
         finally:
             self.lock.release()
+            self._restore_settings()
         shutdown(self.world)
         return summary
 
