@@ -99,3 +99,29 @@ def test_benchmark_pages_link_to_files_that_exist():
                 assert (page.parent / link).exists(), f"{page.name}: broken link {link}"
         for path in re.findall(r"benchmarks/results/[\w./-]+\.(?:json|png|md)", text):
             assert (ROOT / path).exists(), f"{page.name}: {path} does not exist"
+
+
+def test_circuits_study_through_the_registry_writes_a_schema_result_and_its_figures(tmp_path):
+    """A moved study (tiny CPU settings: a smoke run, not a measurement) writes the schema through --out, with its
+    notes, and circuits-figures draws both pages' figures from that file."""
+    out = tmp_path / "c.json"
+    assert main(["bench", "circuits", "--steps-1l", "2", "--steps-2l", "2", "--d-model", "32", "--n-head", "2",
+                 "--seq-len", "32", "--batch", "2", "--vocab", "512", "--threads", "1",
+                 "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(k in result for k in RESULT_KEYS) and result["benchmark"] == "circuits"
+    assert [r["model"] for r in result["rows"]] == ["attn_only_1l", "attn_only_2l"] and result["notes"]
+    assert len(result["rows"][0]["copying_scores"]) == 2
+    assert main(["bench", "circuits-figures", str(out), "--out", str(tmp_path / "fig")]) == 0
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["circuits_1l_copying.png",
+                                                                     "circuits_2l_induction.png"]
+
+
+def test_variants_study_writes_rows_for_the_chosen_variants(tmp_path):
+    """modformer bench variants (moved from benchmarks/): one row per chosen variant, schema keys, its plot."""
+    out = tmp_path / "v.json"
+    assert main(["bench", "variants", "--steps", "2", "--p", "7", "--only", "mha,moe", "--threads", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(k in result for k in RESULT_KEYS) and result["settings"]["steps"] == 2
+    assert [r["variant"] for r in result["rows"]] == ["mha", "moe"] and out.with_suffix(".png").is_file()

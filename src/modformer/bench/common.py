@@ -41,8 +41,17 @@ def command_line() -> str:
     return " ".join(["python", *sys.argv])
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or ``cpu (MODEL, N threads)`` (CPU model from /proc/cpuinfo where there is one)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    info = Path("/proc/cpuinfo")
+    model = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if info.is_file() else "unknown"
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
 def sync(device: torch.device) -> None:

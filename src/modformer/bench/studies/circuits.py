@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from modformer import interp
-from modformer.bench.common import DEFAULT_OUT, write_result
+from modformer.bench.common import DEFAULT_OUT, device_name, write_result
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.interp import heads
 from modformer.interp.report import analyze
@@ -60,14 +60,6 @@ def train(name: str, n_layer: int, args: argparse.Namespace, runs: Path) -> tupl
     summary = trainer.fit()
     trainer.raw_model.eval()
     return trainer, summary, time.perf_counter() - t0
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
-    return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
 def notes(result: dict) -> list[str]:
@@ -172,7 +164,7 @@ def write(args: argparse.Namespace, runs: Path, rows: list[dict], headline: dict
     """Write the result JSON (also after the 1-layer run, so a cut-off run keeps its first half)."""
     extra = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")}, "runs_dir": str(runs)}
     if "induction_prefix_matching" in headline:
-        extra["notes"] = notes({"headline": headline, "rows": rows})
+        extra["notes"] = notes({"headline": headline, "rows": rows, **extra})
     out = Path(args.out)
     path = write_result("circuits", headline, rows, device_name(args.device), out.parent, extra, filename=out.name)
     print(json.dumps(headline), "->", path, flush=True)

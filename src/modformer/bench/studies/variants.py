@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import modformer as mf
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, device_name, write_result
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from modformer.train.logging import read_metrics
 from modformer.train.trainer import Trainer
@@ -226,7 +226,7 @@ def plot(rows: list[dict], budget: int, path: Path) -> Path:
 
 def write(args: argparse.Namespace, rows: list[dict]) -> Path:
     """The result JSON (rewritten after every variant, so an interrupted run keeps what it measured)."""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    device = device_name(args.device if torch.cuda.is_available() else "cpu")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir", "only")}
     out = Path(args.out)
     path = write_result("variants", {}, rows, device, out.parent, {"settings": settings}, filename=out.name)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, device_name, print_table, write_result
 from modformer.bench.process import TrainProcess, child_env
 
 T_SCRIPT = time.perf_counter()
@@ -141,7 +141,7 @@ def wikitext2(args: argparse.Namespace) -> None:
                 "train_minutes": head.get("train_minutes"), "run": head.get("name"),
                 "concurrent_runs": head.get("concurrent_runs"), "goal_test_ppl": 85.0,
                 "goal_train_minutes": 15.0}
-    device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else args.device
+    device = device_name(args.device if torch.cuda.is_available() else "cpu")
     print(f"wrote {write_result('wikitext2', headline, rows, device, args.out, filename=args.results_name)}")
     print_table(rows, ["name", "test_ppl", "test_ppl_strided", "valid_ppl", "best_valid_ppl", "epochs", "train_minutes",
                        "tokens_per_s"])
