@@ -6,12 +6,15 @@
     interp.all_composition_scores(w, baseline=True)   # {"q"|"k"|"v": (L, H, L, H)}
     interp.head_scores(model)                         # prev-token / duplicate / induction / copying / ...
     interp.analyze(model, "out/", data)               # HTML + plots + head table (the `circuits` command)
+    interp.activation_patching(model, corrupted, clean, metric, site="z")   # causal: (L, H) patched metric
+    interp.term_importance(model, idx)                # direct / one-head / two-head path ablation (attn-only)
 
 Conventions (row vectors, TransformerLens-style) are documented in ``weights.py``.
 """
 
 from modformer.interp.circuits import (
     FactoredMatrix,
+    composition_eigenvalues,
     copying_scores,
     eigen_score,
     ov_circuit,
@@ -28,6 +31,7 @@ from modformer.interp.composition import (
     composition_scores,
     top_compositions,
 )
+from modformer.interp.deltas import adapter_head_deltas, head_deltas
 from modformer.interp.fourier import (
     excluded_loss,
     fourier_basis,
@@ -47,12 +51,16 @@ from modformer.interp.gradflow import (
     grad_norms,
 )
 from modformer.interp.heads import frequent_tokens, head_scores, head_table, repeated_random_tokens
+from modformer.interp.patching import activation_patching, attribution_patching, path_patching
 from modformer.interp.report import analyze
 from modformer.interp.skip_trigrams import SkipTrigram, skip_trigrams
+from modformer.interp.terms import dump_circuits, path_terms, term_importance
 from modformer.interp.weights import ModelWeights, attention_forward, extract_weights, normalize
 
 __all__ = [
     "AttentionStatsMonitor", "FactoredMatrix", "GradFlowMonitor", "ModelWeights", "SkipTrigram",
+    "activation_patching", "adapter_head_deltas", "attribution_patching", "composition_eigenvalues",
+    "dump_circuits", "head_deltas", "path_patching", "path_terms", "term_importance",
     "all_composition_scores", "analyze", "attention_distance", "attention_entropy", "attention_forward",
     "attention_stats", "comp_score", "composition_baseline", "composition_scores", "copying_scores",
     "eigen_score", "excluded_loss", "extract_weights", "flag_grad_flow", "fourier_basis", "fourier_report",

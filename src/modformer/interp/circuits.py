@@ -143,3 +143,34 @@ def positional_qk_strength(w: ModelWeights, n_pos: int | None = None) -> Tensor:
     tok = qk_circuit(w).std()
     pos = pos_qk_circuit(w, n_pos).std()
     return (pos / (pos + tok).clamp_min(1e-30)).float()
+
+
+def composition_eigenvalues(w: ModelWeights, layer: int = 1) -> dict[str, Tensor]:
+    """Second-layer token circuits through each earlier head, as eigenvalues (Elhage et al. 2021, two layers).
+
+    For a writer head (l0, g) with l0 < ``layer`` and a reader head h of ``layer``:
+
+        qk_k   W_E W_Q^h W_K^h^T (W_V^g W_O^g)^T W_E^T   K-composition: the destination token against the source
+               token the writer moved into the key position. Positive eigenvalues = attend where that token equals
+               the current one: with a previous-token writer, the induction circuit's QK.
+        ov_v   W_E W_V^g W_O^g W_V^h W_O^h W_U            the virtual head's OV circuit (copying through both)
+
+    Returns complex eigenvalues ``(layer, H, H, Dh)`` [writer layer, writer head, reader head] under those names
+    and ``eigen_score``s ``(layer, H, H)`` as ``qk_k_score`` / ``ov_v_score``. Computed from Dh x Dh products
+    (``W_E^T W_E`` and ``W_U W_E`` are D x D); no V x V matrix is formed.
+    """
+    if not 0 < layer < w.n_layer:
+        raise ValueError(f"layer must be in 1..{w.n_layer - 1} (a layer with earlier heads), got {layer}")
+    E, U = w.W_E.double(), w.W_U.double()
+    Wq, Wk, Wv, Wo = (t.double() for t in (w.W_Q, w.W_K, w.W_V, w.W_O))
+    G = E.T @ E                                                             # (D, D)
+    # qk_k: B A = W_K^h^T W_O^g^T W_V^g^T (W_E^T W_E) W_Q^h
+    left = torch.einsum("hdk,lgjd->lghkj", Wk[layer], Wo[:layer])           # (l, g, h, Dh, Dh)  W_K^T W_O^T
+    right = torch.einsum("lgdj,de,hek->lghjk", Wv[:layer], G, Wq[layer])    # (l, g, h, Dh, Dh)  W_V^T G W_Q
+    qk = torch.linalg.eigvals(left @ right)
+    # ov_v: B A = W_O^g W_V^h W_O^h (W_U W_E) W_V^g
+    P = U @ E                                                                # (D, D) = W_U W_E
+    first = torch.einsum("lgjd,hdk->lghjk", Wo[:layer], Wv[layer])          # (l, g, h, Dh, Dh)  W_O^g W_V^h
+    second = torch.einsum("hkd,de,lgej->lghkj", Wo[layer], P, Wv[:layer])  # (l, g, h, Dh, Dh)  W_O^h (W_U W_E) W_V^g
+    ov = torch.linalg.eigvals(first @ second)
+    return {"qk_k": qk, "ov_v": ov, "qk_k_score": eigen_score(qk), "ov_v_score": eigen_score(ov)}
