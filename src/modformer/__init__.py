@@ -11,6 +11,7 @@ from modformer import (  # noqa: F401  (registers built-in components)
     data,  # noqa: F401
     layers,
     models,
+    nn,  # noqa: F401  (modformer.nn.MultiheadAttention)
     registry,
 )
 from modformer.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config

@@ -54,6 +54,7 @@ class AttnSpec:
     key_pos: Tensor | None = None        # (B, Tk) per-row positions (from the first real token / document start)
     key_doc: Tensor | None = None        # (B, Tk) document ids: a query sees only keys of its own document
     pattern: tuple | None = None         # (keep(q_pos, k_pos, *params), params): a sparse kind on per-row positions
+    bias: Tensor | None = None           # additive float mask (B|1, H|1, Tq, Tk), e.g. modformer.nn's float masks
 
 
 def row_keep(spec: AttnSpec, tq: int, tk: int, device: torch.device) -> Tensor:
@@ -149,6 +150,8 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
         bias = attn_bias(spec, H, Tq, k.shape[2], q.device, acc)
         if bias is not None:
             scores = scores + bias
+    if spec.bias is not None:
+        scores = scores + spec.bias.to(q.device, acc)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)    # rows with no visible key -> 0
     drop = F.dropout(probs, spec.dropout_p) if spec.dropout_p > 0 else probs
     out = torch.matmul(drop.to(v.dtype), v)
@@ -159,12 +162,13 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
                    need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """PyTorch SDPA; uses ``is_causal`` (flash-eligible) whenever the mask is plain causal."""
-    if need_weights or spec.block_mask is not None:
+    if need_weights or spec.block_mask is not None or (spec.bias is not None and (spec.keep is not None
+                                                                                  or spec.key_valid is not None)):
         return eager_attention(q, k, v, spec, need_weights)
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
     plain_causal = spec.causal and spec.q_offset == 0 and Tq == Tk and spec.alibi_slopes is None
-    plain_causal = plain_causal and spec.keep is None and spec.key_valid is None
+    plain_causal = plain_causal and spec.keep is None and spec.key_valid is None and spec.bias is None
     if spec.key_valid is not None:
         mask = row_keep(spec, Tq, Tk, q.device)
         if spec.alibi_slopes is not None:
@@ -174,6 +178,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
             None if plain_causal else attn_bias(spec, H, Tq, Tk, q.device, q.dtype))
     if k.shape[1] != H and (mask is not None or q.device.type != "cuda"):
         k, v = _expand_kv(k, v, H)   # enable_gqa only pays off on the fused GPU kernels
+    if spec.bias is not None:
+        bias = spec.bias.to(q.device, q.dtype)
+        mask = bias if mask is None else mask.to(q.dtype) + bias       # attn_bias is 0 / -inf (+ ALiBi)
     if mask is not None and mask.dim() < 4:
         mask = mask.unsqueeze(0)
     with _without_cudnn() if _skip_cudnn(q, plain_causal) else contextlib.nullcontext():
@@ -298,7 +305,7 @@ def _flex_fn(device: torch.device) -> Callable:
 def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
                            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """FlexAttention: causal/sparse structure as a BlockMask, ALiBi as a score_mod."""
-    if need_weights or spec.dropout_p > 0 or spec.keep is not None:
+    if need_weights or spec.dropout_p > 0 or spec.keep is not None or spec.bias is not None:
         return eager_attention(q, k, v, spec, need_weights)
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
