@@ -54,6 +54,7 @@ ENTRIES = _entries(
     ("sparse-fidelity", "studies.sparse_fidelity", "teacher -> distil each sparse attention -> the fidelity suite"),
     ("compose", "studies.compose", "composition of experts: c-BTM, PHATGOOSE gates, CALM (METHOD argument)"),
     ("cbtm-parallel", "studies.cbtm_parallel", "c-BTM experts trained one per GPU at once vs one after another"),
+    ("reliability", "studies.reliability", "train SIGKILLed at random moments, then resumed: data lost, bit-exactness"),
 )
 
 
