@@ -155,6 +155,7 @@ class DataConfig:
     seq_len: int = 256                 # context length for corpora (tasks set their own)
     root: str | None = None            # data folder; None = ../shared/data or $MODFORMER_DATA
     options: dict[str, Any] = field(default_factory=dict)
+    pack: bool = False                 # corpora with an EOS separator: attention never crosses documents
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 ``build_dataset(cfg.data)`` looks ``cfg.name`` up among tasks first, then corpora, checks the option
 names against the constructor's keyword arguments, and builds it. Importing this package registers
-every built-in task and corpus.
+every built-in task and corpus. ``data.pack: true`` (corpora with an EOS separator) makes each batch's
+``batch_kwargs`` carry ``document_ids``, so the model's attention never crosses documents.
 """
 
 from __future__ import annotations
@@ -51,4 +52,10 @@ def build_dataset(cfg: DataConfig) -> Dataset:
             raise ConfigError(f"unknown option data.options.{key}{registry.suggest(str(key), list(allowed))} "
                               f"for {cfg.name!r}; allowed: {', '.join(allowed)}")
     root = Path(cfg.root).expanduser() if cfg.root else None
-    return ctor(cfg.seq_len, root, **cfg.options)
+    ds = ctor(cfg.seq_len, root, **cfg.options)
+    if getattr(cfg, "pack", False):
+        if ds.eos_id is None:
+            raise ConfigError(f"data.pack needs a corpus whose stream separates documents with an EOS token; "
+                              f"{cfg.name!r} has none (wikitext2 has <eos>)")
+        ds.pack = True
+    return ds

@@ -27,6 +27,17 @@ class Dataset(abc.ABC):
     seq_len: int            # T of every batch
     kind: str               # "task" or "corpus"
     splits: tuple[str, ...] = ("train", "val")
+    eos_id: int | None = None   # the stream's document separator, if it has one
+    pack: bool = False          # ``data.pack``: windows hold several documents; attention stays inside each
+
+    def batch_kwargs(self, x: Tensor) -> dict[str, Tensor]:
+        """Model inputs besides ``x``: with ``pack``, ``document_ids`` (a document begins at its EOS separator,
+        which acts as its BOS, so every target is predicted from inside one document); else none."""
+        if not self.pack:
+            return {}
+        from modformer.layers.attention.masks import document_ids
+
+        return {"document_ids": document_ids(x, self.eos_id)}
 
     @abc.abstractmethod
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

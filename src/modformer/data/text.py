@@ -72,6 +72,7 @@ class WikiText2(StreamDataset):
         streams = _load_streams(folder, splits)
         super().__init__(streams, len(self.itos), seq_len, words={s: len(v) - 1 for s, v in streams.items()},
                          repeat_fraction=repeat_fraction, repeat_span=repeat_span)
+        self.eos_id = self._stoi[EOS]          # one per line: the document separator of ``data.pack``
 
     def encode(self, text: str) -> list[int]:
         """Words -> ids, one ``<eos>`` per newline; unknown words -> ``<unk>``."""

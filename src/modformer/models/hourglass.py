@@ -399,14 +399,17 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         return x if emb is None else x + emb.to(x.dtype)
 
     def forward(self, idx: Tensor, cache: TokenCache | HourglassCache | None = None, return_cache: bool = False,
-                last_only: bool = False, pos: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, object]:
+                last_only: bool = False, pos: Tensor | None = None, attention_mask: Tensor | None = None,
+                document_ids: Tensor | None = None) -> Tensor | tuple[Tensor, object]:
         """Logits ``(B, T, V)``; with a cache (``new_cache``) the call continues the cached sequence.
         ``attention_mask``: right padding only (causal: real tokens never see it); left padding is refused."""
         if pos is not None:
             raise ValueError("model 'hourglass' does not take tensor positions (no compiled decoding)")
         if attention_mask is not None:
             check_right_padded(attention_mask, cache is not None)
+        if document_ids is not None:
+            raise ValueError("model 'hourglass' does not take document_ids (data.pack): its token groups would "
+                             "straddle documents; use data.pack: false or model 'gpt'")
         if return_cache and cache is None:
             cache = self.new_cache(idx.shape[0])
         T = idx.shape[1]
