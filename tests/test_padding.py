@@ -296,3 +296,36 @@ def test_data_pack_document_ids_and_trainer(tmp_path):
                                                 with_kwargs=True)
     trainer.fit()
     assert sum(seen) >= 2          # the training step and the evaluation batch (a NaN probe may run plain)
+
+
+def test_cli_generate_batches_prompts(tmp_path, capsys):
+    """`modformer generate RUN --prompt A --prompt B` and `--prompts FILE` batch the prompts (left-padded):
+    each greedy continuation equals that prompt generated alone."""
+    from modformer.cli import main
+    from modformer.config import DataConfig, RunConfig, TrainConfig
+    from modformer.train.trainer import Trainer
+
+    cfg = RunConfig(name="gen", out_dir=str(tmp_path),
+                    data=DataConfig(name="shakespeare_char", seq_len=16,
+                                    options={"cache_dir": str(tmp_path / "cache")}),
+                    model=mf.ModelConfig(n_layer=1, d_model=16, n_head=2, max_seq_len=32, position="rope"),
+                    train=TrainConfig(steps=2, batch_size=4, eval_every=2, eval_batches=1, progress=False,
+                                      tensorboard=False, device="cpu", sample_tokens=0))
+    Trainer(cfg).fit()
+    run = str(tmp_path / "gen")
+    greedy = ["--temperature", "0", "--max-new-tokens", "5"]
+
+    def gen(*args: str) -> str:
+        assert main(["generate", run, *args, *greedy]) == 0
+        return capsys.readouterr().out
+
+    prompts = ["ROMEO:", "To be", "A"]
+    alone = [gen("--prompt", p).rstrip("\n") for p in prompts]
+    batched = gen(*[a for p in prompts for a in ("--prompt", p)])
+    assert batched == "\n".join(f"### {i}\n{t}" for i, t in enumerate(alone)) + "\n"
+    (tmp_path / "prompts.txt").write_text("ROMEO:\n\nTo be\n")
+    order = [alone[2], alone[0], alone[1]]                  # --prompt values first, then the file's lines
+    assert gen("--prompts", str(tmp_path / "prompts.txt"), "--prompt", "A") == \
+        "\n".join(f"### {i}\n{t}" for i, t in enumerate(order)) + "\n"
+    assert main(["generate", run]) == 2
+    assert "--prompts FILE" in capsys.readouterr().err

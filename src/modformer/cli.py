@@ -56,23 +56,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from modformer.models.generation import left_pad
     from modformer.runs import run_dataset, run_model
 
     model = run_model(args.run_dir, args.device or "cpu")
     data = run_dataset(args.run_dir)
-    ids = data.encode(args.prompt)
-    if not ids:
-        raise ConfigError("--prompt encodes to no tokens")
-    idx = torch.tensor([ids], device=model.tok_emb.weight.device)
-    g = torch.Generator(device=idx.device).manual_seed(args.seed)
+    prompts = list(args.prompt or [])
+    if args.prompts:              # one prompt per line; empty lines skipped
+        prompts += [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
+    ids = [data.encode(p) for p in prompts]
+    for p, i in zip(prompts, ids):
+        if not i:
+            raise ConfigError(f"--prompt {p!r} encodes to no tokens")
     max_len = model.position.max_len
+    idx, mask = left_pad(ids, max_len=max_len, device=model.tok_emb.weight.device)   # one left-padded batch
+    g = torch.Generator(device=idx.device).manual_seed(args.seed)
     fits = max_len is None or idx.shape[1] + args.max_new_tokens <= max_len
-    if max_len is not None and idx.shape[1] > max_len:
-        idx = idx[:, -max_len:]
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=g, use_cache=fits,    # slide the window past the table
-                         compile=args.compile and fits)
-    print(data.decode(out[0].tolist()))
+                         compile=args.compile and fits, attention_mask=mask)
+    new = out[:, idx.shape[1]:].tolist()
+    texts = [data.decode((i[-max_len:] if max_len else i) + n) for i, n in zip(ids, new)]
+    print(texts[0] if len(texts) == 1 else "\n".join(f"### {i}\n{t}" for i, t in enumerate(texts)))
     return 0
 
 
@@ -147,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     g.add_argument("run_dir")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", action="append", help="repeatable: the prompts decode together as one batch")
+    g.add_argument("--prompts", default=None, help="file of prompts, one per line (added to --prompt)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=None)

@@ -205,3 +205,18 @@ class GraphDecoder:
             if bool(hit.any(dim=1).all()):
                 out = out[:, :prompt_len + int(hit.float().argmax(dim=1).max()) + 1]
         return out
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, max_len: int | None = None,
+             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Token id lists -> ``(idx, attention_mask)`` ``(B, T)``, left-padded with ``pad_id`` (each row keeps its
+    last ``max_len`` tokens when given): the input of ``generate(idx, attention_mask=...)``."""
+    rows = [p[-max_len:] if max_len else p for p in prompts]
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, T - len(r):] = 1
+    return idx.to(device), mask.to(device)
