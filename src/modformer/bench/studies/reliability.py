@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             reference = final_state(Path(tmp) / f"reference_{every}")
             print(f"checkpoint_every={every}: reference run {wall:.1f}s; {args.trials} kill trials", flush=True)
             for i in range(args.trials):
-                row = kill_trial(config, f"kill{every}_{i}", rng.uniform(0.5, wall), reference)
+                row = kill_trial(config, f"kill{every}_{i}", rng.uniform(0.3 * wall, wall), reference)
                 rows.append({"checkpoint_every": every, **row})
                 print(f"  trial {i + 1}/{args.trials}: kill at {row['delay_s']}s -> "
                       f"{'ok' if row['problem'] is None else row['problem']}", flush=True)
