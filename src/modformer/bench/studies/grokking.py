@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title("modular addition p=113, 30% train")
     ax.legend()
     fig.tight_layout()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     fig.savefig(Path(args.out) / "grokking.png", dpi=110)
     recipe = [r for r in rows if r["name"].startswith("recipe")]
     ok = [r for r in recipe if r["steps_to_99"]]

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         heads_kept=[b.attn.n_head for b in small.blocks])
     headline = {"base_ppl": base, "params": n0, "train_steps": args.steps, "train_seconds": train_s,
                 **{f"{r['method']}_{r['fraction_removed']:g}_ppl": r["ppl"] for r in rows}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     plot(rows, base, Path(args.out) / "prune_wikitext2.png")
     write_result("prune_wikitext2", headline, rows, torch.device("cpu"), args.out,
                  extra={"threads": 1, "overrides": SMALL, "eval_windows": args.eval_batches * 16, "seq_len": 64})

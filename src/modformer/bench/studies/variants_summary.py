@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = merge(modular, lm)
     budget = modular["settings"]["steps"]
     print(table(rows, budget))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     plot(rows, budget, Path(args.out) / "variants_summary.png")
     ok = [r for r in rows if r["wikitext2_val_loss"] is not None]
     best = min(ok, key=lambda r: r["wikitext2_val_loss"]) if ok else None
