@@ -11,7 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+from modformer.cli_args import device, float_in, int_in
 from modformer.registry import ConfigError
+from modformer.validation import check_device_available
+
+
+def _device(name: str | None, default: str = "cpu") -> str:
+    """A ``--device`` value to load on: ``default`` when not given; ``auto`` = cuda when present, else cpu."""
+    import torch
+
+    name = name or default
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -19,6 +29,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from modformer.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    cfg.check_run_dir()
+    check_device_available(cfg.train.device, "train.device")
     summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
     if "report" in summary:
         keys = [k for k in summary if k.startswith("final_val_")]
@@ -36,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = run_config(args.run_dir)
     if args.stride is not None:
         cfg.train.eval_stride = args.stride
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device, "auto")
     model = run_model(args.run_dir, device)
     trainer = Trainer.__new__(Trainer)        # evaluation only: reuse the loop's evaluate()
     from modformer.data import build_dataset
@@ -59,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from modformer.models.generation import left_pad
     from modformer.runs import run_dataset, run_model
 
-    model = run_model(args.run_dir, args.device or "cpu")
+    model = run_model(args.run_dir, _device(args.device))
     data = run_dataset(args.run_dir)
     prompts = list(args.prompt or [])
     if args.prompts:              # one prompt per line; empty lines skipped
@@ -87,7 +99,7 @@ def cmd_circuits(args: argparse.Namespace) -> int:
     from modformer.interp.report import analyze
     from modformer.runs import run_dataset, run_model
 
-    model = run_model(args.run_dir, args.device or "cpu")
+    model = run_model(args.run_dir, _device(args.device))
     data = run_dataset(args.run_dir)
     out = Path(args.out) if args.out else Path(args.run_dir) / "circuits"
     summary = analyze(model, out, data, html=args.html, text=args.text, title=f"circuits: {Path(args.run_dir).name}")
@@ -146,24 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint on a split")
     e.add_argument("run_dir")
     e.add_argument("--split", default="val")
-    e.add_argument("--max-batches", type=int, default=0, help="0 = the full split")
-    e.add_argument("--stride", type=int, default=None,
+    e.add_argument("--max-batches", type=int_in(">= 0"), default=0, help="0 = the full split")
+    e.add_argument("--stride", type=int_in(">= 1"), default=None,
                    help="corpora: sliding-window evaluation, each token scored with >= seq_len - STRIDE context")
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     g.add_argument("run_dir")
     g.add_argument("--prompt", action="append", help="repeatable: the prompts decode together as one batch")
     g.add_argument("--prompts", default=None, help="file of prompts, one per line (added to --prompt)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int_in(">= 0"), default=200)
+    g.add_argument("--temperature", type=float_in(">= 0"), default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int_in(">= 1"), default=None)
+    g.add_argument("--top-p", type=float_in("(0, 1]"), default=None)
+    g.add_argument("--seed", type=int_in(">= 0"), default=0)
     g.add_argument("--compile", action="store_true",
                    help="compiled decoding with a static cache (one CUDA graph per token on GPU)")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("circuits", help="interpretability report (HTML, plots, head table) of a run's checkpoint")
@@ -171,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--html", default=None, help="attention page path (default OUT/circuits.html)")
     c.add_argument("--out", default=None, help="output folder (default RUN_DIR/circuits)")
     c.add_argument("--text", default=None, help="text shown in the attention page (default: a validation example)")
-    c.add_argument("--device", default=None)
+    c.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     c.set_defaults(fn=cmd_circuits)
 
     b = sub.add_parser("bench", help="run a benchmark or study: modformer bench NAME [options]; "
@@ -183,19 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a sweep: modformer sweep SWEEP.yaml [--workers N] [--resume] [key=value]")
     sw.add_argument("sweep")
     sw.add_argument("overrides", nargs="*", help="the sweep file's own keys, e.g. num_samples=4 halving.min_steps=50")
-    sw.add_argument("--workers", type=int, default=None, help="trials at once on CPU (default: the file's workers)")
+    sw.add_argument("--workers", type=int_in(">= 1"), default=None,
+                    help="trials at once on CPU (default: the file's workers)")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep, skipping finished trials")
     sw.set_defaults(fn=cmd_sweep)
 
     sc = sub.add_parser("scaling", help="fit scaling laws to sweep results: modformer scaling RESULTS.{jsonl,csv}")
     sc.add_argument("results")
-    sc.add_argument("--budget", type=float, nargs="*", default=None, help="FLOP budgets for compute-optimal sizes")
+    sc.add_argument("--budget", type=float_in("> 0"), nargs="*", default=None,
+                    help="FLOP budgets for compute-optimal sizes")
     sc.add_argument("--out", default=None, help="output folder (default: RESULTS' folder/scaling)")
     sc.add_argument("--loss", default="final_val_loss", help="loss column")
     sc.add_argument("--n", default="params", help="model-size column")
     sc.add_argument("--d", default="tokens", help="training-tokens column")
     sc.add_argument("--c", default="flops", help="training-compute column")
-    sc.add_argument("--bootstrap", type=int, default=200)
+    sc.add_argument("--bootstrap", type=int_in(">= 0"), default=200)
     sc.set_defaults(fn=cmd_scaling)
 
     from modformer.compress.commands import add_parsers as add_compress_parsers
@@ -216,11 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    takes_overrides = ("train", "sweep", "distill", "compose")
-    bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in takes_overrides]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:                            # argparse prints usage + one error line and exits 2 (--help: 0)
+        args, extra = parser.parse_known_args(argv)
+        takes_overrides = ("train", "sweep", "distill", "compose")
+        bad = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in takes_overrides]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    except SystemExit as e:         # returned, so in-process callers get the status as from any other error
+        return 0 if e.code is None else int(e.code)
     if extra:
         args.overrides = list(args.overrides) + extra   # key=value given after --flags
     from modformer.train.checkpoint import CheckpointError
@@ -229,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError, TrainingError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:            # the OS refused (permissions, a file where a folder should be): its own words
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from modformer.registry import ConfigError, suggest
+from modformer.validation import DEVICE, check_fields, check_plain_name
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "RunConfig",
            "from_dict", "load_config", "apply_overrides", "save_yaml"]
@@ -74,6 +76,13 @@ class ModelConfig:
 
     LAYER_FIELDS = ("n_head", "n_kv_heads", "d_head", "d_ff", "attn_only", "attention", "ffn",
                     "attention_options", "ffn_options")
+    # Value rules (validation.check_fields): a range in math notation or the allowed names; None passes.
+    RULES: ClassVar[dict[str, Any]] = {
+        "vocab_size": ">= 0", "n_layer": ">= 1", "d_model": ">= 1", "n_head": ">= 1", "n_kv_heads": ">= 1",
+        "d_head": ">= 1", "d_ff": ">= 1", "ffn_multiple_of": ">= 1", "max_seq_len": ">= 1", "rope_base": "> 0",
+        "norm_eps": "> 0", "dropout": "[0, 1)", "attn_dropout": "[0, 1)", "init_std": "> 0",
+        "embed_init_std": "> 0", "embed_noise": ">= 0", "init": ("gpt2", "torch"),
+        "norm_placement": ("pre", "post", "sandwich")}
 
     def for_layer(self, i: int) -> ModelConfig:
         """The config layer ``i`` is built from: this one with ``layer_overrides[i]`` applied.
@@ -102,12 +111,10 @@ class ModelConfig:
         """
         from modformer import registry
 
-        for name in ("vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"):
-            if name == "vocab_size" and vocab_from_data and self.vocab_size == 0:
-                continue
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                hint = " (0 means 'from the dataset', which only the trainer fills in)" if name == "vocab_size" else ""
-                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}{hint}")
+        check_fields(self, "model")
+        if self.vocab_size == 0 and not vocab_from_data:
+            raise ConfigError("model.vocab_size must be >= 1, got 0 (0 means 'from the dataset', which only the "
+                              "trainer fills in)")
         if self.d_head is None and self.d_model % self.n_head:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}), "
@@ -118,19 +125,11 @@ class ModelConfig:
         for fld, kind in (("model", "model"), ("attention", "attention"), ("position", "position"),
                           ("norm", "norm"), ("ffn", "ffn"), ("attn_backend", "attn_backend")):
             registry.get(kind, getattr(self, fld), field=f"model.{fld}")
-        if self.init not in ("gpt2", "torch"):
-            raise ConfigError(f"model.init: unknown {self.init!r}; allowed: gpt2, torch")
-        if self.norm_placement not in ("pre", "post", "sandwich"):
-            raise ConfigError(
-                f"model.norm_placement: unknown {self.norm_placement!r}; allowed: pre, post, sandwich")
         if self.parallel_residual and (self.norm_placement != "pre" or self.attn_only):
             raise ConfigError("model.parallel_residual needs model.norm_placement: pre and an FFN "
                               "(attn_only: false)")
         if not 0.0 < self.rope_fraction <= 1.0:
             raise ConfigError(f"model.rope_fraction must be in (0, 1], got {self.rope_fraction}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.layer_overrides:
             if len(self.layer_overrides) != self.n_layer:
                 raise ConfigError(f"model.layer_overrides needs one entry per layer ({self.n_layer}), "
@@ -141,6 +140,7 @@ class ModelConfig:
                     raise ConfigError(f"model.layer_overrides[{i}]: {sorted(bad)} cannot vary per layer; "
                                       f"allowed: {', '.join(self.LAYER_FIELDS)}")
                 sub = self.for_layer(i)
+                check_fields(sub, f"model.layer_overrides[{i}]")
                 if sub.n_head <= 0 or sub.kv_heads <= 0 or sub.n_head % sub.kv_heads:
                     raise ConfigError(f"model.layer_overrides[{i}]: n_head ({sub.n_head}) must be a positive "
                                       f"multiple of n_kv_heads ({sub.n_kv_heads})")
@@ -156,6 +156,13 @@ class DataConfig:
     root: str | None = None            # data folder; None = ../shared/data or $MODFORMER_DATA
     options: dict[str, Any] = field(default_factory=dict)
     pack: bool = False                 # corpora with an EOS separator: attention never crosses documents
+
+    RULES: ClassVar[dict[str, Any]] = {"seq_len": ">= 1"}   # value rules (validation.check_fields)
+
+    def validate(self) -> DataConfig:
+        """Raise a one-line ConfigError naming the first bad field (options are checked by the dataset)."""
+        check_fields(self, "data")
+        return self
 
 
 @dataclass
@@ -208,6 +215,33 @@ class TrainConfig:
     profile_steps: tuple[int, int] | None = None   # [first, last] steps traced by torch.profiler -> RUN/profile/
     init_from: str | None = None       # run folder / saved model / HF GPT-2 folder: initial weights (fine-tuning)
 
+    # Value rules (validation.check_fields): a range or the allowed names, [rule, note] where a value means more.
+    RULES: ClassVar[dict[str, Any]] = {
+        "steps": ">= 1", "batch_size": [">= 0", "0 = the whole training split, for tasks"], "grad_accum": ">= 1",
+        "lr": [">= 0", "0 = no update, weights kept"], "min_lr": ">= 0", "betas": "[0, 1)", "eps": "> 0",
+        "weight_decay": ">= 0",
+        "warmup_steps": ">= 0", "grad_clip": [">= 0", "0 disables clipping"], "label_smoothing": "[0, 1)",
+        "ema_decay": ["[0, 1)", "0 disables, typical 0.999"], "ema_start": ">= 0", "eval_every": ">= 1",
+        "eval_batches": [">= 0", "0 = the full split"], "eval_batch_size": ">= 1", "eval_stride": ">= 0",
+        "log_every": ">= 1", "checkpoint_every": [">= 0", "0 = only at the end"], "early_stop_mode": ("max", "min"),
+        "device": DEVICE, "dtype": ("auto", "float32", "bfloat16", "float16"), "distributed": ("ddp", "fsdp"),
+        "grad_reduce_dtype": ("float32", "bfloat16"), "seed": ">= 0", "threads": ">= 1", "sample_tokens": ">= 0",
+        "keep_checkpoints": ">= 1"}
+
+    def validate(self) -> TrainConfig:
+        """Raise a one-line ConfigError naming the first bad field (ranges here; the trainer checks the rest)."""
+        from modformer import registry
+        from modformer.train import optim, schedule  # noqa: F401 (they register the optimizers and schedules)
+
+        check_fields(self, "train")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
+        if self.early_stop_target is not None and not math.isfinite(self.early_stop_target):
+            raise ConfigError(f"train.early_stop_target must be a finite number, got {self.early_stop_target}")
+        registry.get("optimizer", self.optimizer, field="train.optimizer")
+        registry.get("schedule", self.schedule, field="train.schedule")
+        return self
+
 
 @dataclass
 class RunConfig:
@@ -222,6 +256,25 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    def validate(self) -> RunConfig:
+        """Check every section's values and that ``name`` is one plain folder name (so it stays inside out_dir)."""
+        check_plain_name(self.name, "name")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ConfigError(f"out_dir must be a folder path, got {self.out_dir!r}")
+        self.model.validate(vocab_from_data=True)
+        self.data.validate()
+        self.train.validate()
+        return self
+
+    def check_run_dir(self) -> None:
+        """ConfigError when ``out_dir/name`` cannot be a folder because it, or a folder above it, is a file."""
+        for path in (self.run_dir, *self.run_dir.parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise ConfigError(f"cannot create the run folder {self.run_dir}: {path} is a file, not a "
+                                      "folder; choose another out_dir= or name=")
+                return
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,13 +335,50 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix}{key!r}{suggest(key, names)}")
+            raise ConfigError(f"unknown config key {prefix}{key!r}{suggest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML silently keeps the last one).
+
+    Keys merged in with ``<<: *anchor`` may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            except TypeError:             # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(e: yaml.YAMLError, where: str) -> ConfigError:
+    """One line: ``where:LINE:COL: invalid YAML: problem``."""
+    mark = getattr(e, "problem_mark", None)
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return ConfigError(f"{at}: invalid YAML: {problem}")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML with ``StrictLoader`` (no code, no duplicate keys); errors name ``where``."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)   # a SafeLoader: plain data only, never Python objects
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, where) from None
+
+
+def _parse_scalar(text: str, key: str = "value") -> Any:
+    return parse_yaml(text, f"override {key}={text}") if text != "" else ""
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
@@ -311,7 +401,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if not isinstance(node, dict) or (last not in node and not is_options):
             here = list(node) if isinstance(node, dict) else []
             raise ConfigError(f"unknown config key {key!r}{suggest(last, here)}")
-        node[last] = _parse_scalar(text)
+        node[last] = _parse_scalar(text, key.strip())
     return from_dict(type(cfg), data)
 
 
@@ -320,19 +410,22 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply overrides, validate the model section."""
+    """Read a YAML run config, apply overrides, validate every section (``RunConfig.validate``)."""
     cfg = from_dict(RunConfig, read_yaml_mapping(path))
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    cfg.model.validate(vocab_from_data=True)
-    return cfg
+    return cfg.validate()
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

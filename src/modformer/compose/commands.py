@@ -11,6 +11,8 @@ import argparse
 import importlib
 from typing import Any
 
+from modformer.cli_args import device
+
 METHODS = {"cbtm": "modformer.compose.cbtm", "gates": "modformer.compose.gates_run",
            "calm": "modformer.compose.calm"}
 CBTM_STAGES = ("cluster", "plan", "train", "eval")
@@ -24,6 +26,10 @@ def cmd_compose(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, module.DEFAULTS, args.overrides)
     if args.device:
         spec["device"] = args.device
+    if "device" in spec:
+        from modformer.validation import DEVICE, check_value
+
+        check_value(spec["device"], DEVICE, "device")
     if args.method == "cbtm":
         stages = CBTM_STAGES if args.stage == "all" else tuple(args.stage.split(","))
         bad = [s for s in stages if s not in CBTM_STAGES]
@@ -46,6 +52,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("method", choices=list(METHODS))
     p.add_argument("config", help="YAML file (configs/compose_METHOD.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. experts.steps=100 out_dir=runs/x")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: the config's, auto)")
+    p.add_argument("--device", type=device, default=None, help="cpu | cuda | auto (default: the config's, auto)")
     p.add_argument("--stage", default="all", help="cbtm only: all, or a comma list of cluster,plan,train,eval")
     p.set_defaults(fn=cmd_compose)

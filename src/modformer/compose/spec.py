@@ -11,8 +11,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from modformer.registry import ConfigError, suggest
 
 OPEN_KEYS = ("run", "anchor", "augmenting", "base")   # RunConfig mappings (checked when the RunConfig is built)
@@ -35,6 +33,8 @@ def merge(defaults: dict[str, Any], given: dict[str, Any], where: str = "") -> d
 
 def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
     """``a.b=1`` strings (YAML values) -> nested dict."""
+    from modformer.config import parse_yaml
+
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -44,7 +44,7 @@ def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(text) if text != "" else ""
+        node[parts[-1]] = parse_yaml(text, f"override {item}") if text != "" else ""
     return out
 
 

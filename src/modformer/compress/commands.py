@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modformer.cli_args import float_in, int_in, plain_name
 from modformer.utils import atomic_write_text
 
 if TYPE_CHECKING:
@@ -52,8 +53,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ValueError("--l0-closed needs --method heads --importance l0")
     if args.amount is None and not args.l0_closed:
         raise ValueError("--amount is required (unless --l0-closed)")
-    if args.amount is not None and not 0.0 <= args.amount < 1.0:
-        raise ValueError(f"--amount must be in [0, 1), got {args.amount}")
     cfg = run_config(args.run_dir)
     model, data = run_model(args.run_dir).eval(), run_dataset(args.run_dir)
     before = {**_eval(model, data, cfg), "params": structured.count_params(model),
@@ -112,6 +111,8 @@ def cmd_lora(args: argparse.Namespace) -> int:
                          f"({base.cfg.vocab_size})")
     base_eval = _eval(base, data, cfg)
     targets = [t for t in args.targets.split(",") if t]
+    if not targets:
+        raise ValueError(f"--targets must name at least one module (e.g. qkv,out), got {args.targets!r}")
     pm = lora.add_lora(base, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
                        adapter_name=args.name)
     trainable, total, frac = lora.trainable_fraction(pm)
@@ -135,24 +136,25 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("prune", help="prune a run's newest checkpoint (magnitude | heads | neurons | layers)")
     p.add_argument("run_dir")
     p.add_argument("--method", required=True, choices=["magnitude", "heads", "neurons", "layers"])
-    p.add_argument("--amount", type=float, default=None,
+    p.add_argument("--amount", type=float_in("[0, 1)"), default=None,
                    help="fraction removed: of all weights (magnitude) or of heads / neurons / layers")
     p.add_argument("--scope", default="global", choices=["global", "layer"],
                    help="magnitude: one ranking or per matrix")
     p.add_argument("--importance", default="gradient", choices=["gradient", "ablation", "magnitude", "l0"],
                    help="unit scores: gradient (Michel et al. 2019), ablation (heads), magnitude (neurons), "
                         "l0 (heads: learned hard-concrete gates, Voita et al. 2019)")
-    p.add_argument("--l0-lambda", type=float, default=0.05, help="l0: weight of the expected-L0 penalty")
-    p.add_argument("--l0-steps", type=int, default=300, help="l0: gate training steps (over the scoring batches)")
-    p.add_argument("--l0-lr", type=float, default=0.05, help="l0: Adam lr of the gates")
+    p.add_argument("--l0-lambda", type=float_in(">= 0"), default=0.05, help="l0: weight of the expected-L0 penalty")
+    p.add_argument("--l0-steps", type=int_in(">= 1"), default=300,
+                   help="l0: gate training steps (over the scoring batches)")
+    p.add_argument("--l0-lr", type=float_in("> 0"), default=0.05, help="l0: Adam lr of the gates")
     p.add_argument("--l0-joint", action="store_true", help="l0: train the model with the gates (default frozen)")
     p.add_argument("--l0-closed", action="store_true",
                    help="l0: remove exactly the heads whose gates closed (instead of --amount); open gates "
                         "are folded into the out-projection")
-    p.add_argument("--finetune-steps", type=int, default=0, help="train this many steps after pruning")
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default: the run's train.lr)")
-    p.add_argument("--score-batches", type=int, default=8)
-    p.add_argument("--score-batch-size", type=int, default=512)
+    p.add_argument("--finetune-steps", type=int_in(">= 0"), default=0, help="train this many steps after pruning")
+    p.add_argument("--lr", type=float_in("> 0"), default=None, help="fine-tuning lr (default: the run's train.lr)")
+    p.add_argument("--score-batches", type=int_in(">= 1"), default=8)
+    p.add_argument("--score-batch-size", type=int_in(">= 1"), default=512)
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/pruned_METHOD_AMOUNT)")
     p.set_defaults(fn=cmd_prune)
 
@@ -161,13 +163,13 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--task", nargs="+", default=[], metavar="KEY=VALUE",
                    help='overrides of the run config for the new task, e.g. \'data.options.op="-"\' '
                         'train.lr=3e-3 (quote "-": values are YAML)')
-    q.add_argument("--rank", type=int, default=4)
-    q.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    q.add_argument("--dropout", type=float, default=0.0)
+    q.add_argument("--rank", type=int_in(">= 1"), default=4)
+    q.add_argument("--alpha", type=float_in("> 0"), default=None, help="LoRA alpha (default 2 * rank)")
+    q.add_argument("--dropout", type=float_in("[0, 1)"), default=0.0)
     q.add_argument("--targets", default="qkv,out,up,down", help="comma-separated module names")
-    q.add_argument("--steps", type=int, default=300)
-    q.add_argument("--lr", type=float, default=None, help="default: the run's (or --task's) train.lr")
-    q.add_argument("--name", default="default", help="adapter name")
+    q.add_argument("--steps", type=int_in(">= 0"), default=300)
+    q.add_argument("--lr", type=float_in("> 0"), default=None, help="default: the run's (or --task's) train.lr")
+    q.add_argument("--name", type=plain_name, default="default", help="adapter name (a plain folder name)")
     q.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
     q.add_argument("--out", default=None, help="adapter folder (default RUN_DIR/adapters/NAME)")
     q.set_defaults(fn=cmd_lora)

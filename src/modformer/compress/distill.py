@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,18 @@ import yaml
 from torch import Tensor, nn
 
 from modformer.bench.fidelity import next_token_kl
-from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, from_dict
+from modformer.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    read_yaml_mapping,
+)
 from modformer.registry import ConfigError
 from modformer.train.schedule import lr_schedule
+from modformer.validation import DEVICE, check_fields, check_plain_name
 
 
 @dataclass
@@ -80,17 +89,30 @@ class DistillConfig:
     progress: bool = True
     tensorboard: bool = False
 
+    RULES: ClassVar[dict[str, Any]] = {        # value rules (validation.check_fields); None passes
+        "steps": ">= 1", "batch_size": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "betas": "[0, 1)",
+        "warmup_steps": ">= 0", "min_lr": ">= 0", "grad_clip": [">= 0", "0 disables clipping"],
+        "temperature": "> 0", "kl_weight": ">= 0", "ce_weight": ">= 0", "hidden_weight": ">= 0",
+        "attn_out_weight": ">= 0", "aux_weight": ">= 0", "eval_every": ">= 1",
+        "eval_batches": [">= 0", "0 = the full split"], "eval_batch_size": ">= 1", "log_every": ">= 1",
+        "device": DEVICE, "dtype": ("auto", "float32", "bfloat16", "float16"), "seed": ">= 0"}
+
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    def validate(self) -> DistillConfig:
+        """Raise a one-line ConfigError naming the first bad field."""
+        check_plain_name(self.name, "name")
+        check_fields(self, "")
+        if self.data is not None:
+            self.data.validate()
+        return self
+
 
 def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    cfg = from_dict(DistillConfig, yaml.safe_load(path.read_text()) or {})
-    return apply_overrides(cfg, overrides) if overrides else cfg
+    cfg = from_dict(DistillConfig, read_yaml_mapping(path))
+    return (apply_overrides(cfg, overrides) if overrides else cfg).validate()
 
 
 # ---- models --------------------------------------------------------------------------------
@@ -155,7 +177,7 @@ class Distiller:
         from modformer.train.logging import MetricsLogger
         from modformer.train.trainer import resolve_device, resolve_dtype
 
-        self.cfg = cfg
+        self.cfg = cfg.validate()
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if teacher is None:

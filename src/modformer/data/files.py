@@ -8,7 +8,9 @@ goes to a cache folder keyed by a hash of its inputs, written atomically so conc
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +32,10 @@ URLS: dict[str, dict[str, str]] = {
 
 class DataFileNotFoundError(FileNotFoundError, ConfigError):
     """A corpus file is missing; the one-line message says how to point the project at it."""
+
+
+class DataDownloadError(ConfigError):
+    """``data.options.download=true`` could not fetch a file (offline, blocked, moved); one line says what to do."""
 
 
 def cache_dir(override: str | Path | None = None) -> Path:
@@ -88,8 +94,14 @@ def download_corpus(folder: str, root: Path) -> list[Path]:
     for name, url in URLS[folder].items():
         path = Path(root) / folder / name
         if not path.is_file():
-            with urllib.request.urlopen(url, timeout=60) as resp:
-                payload = resp.read()
+            try:
+                with urllib.request.urlopen(url, timeout=60) as resp:
+                    payload = resp.read()
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:   # offline, DNS, HTTP 404, ...
+                reason = " ".join(str(getattr(e, "reason", None) or e).split())
+                raise DataDownloadError(
+                    f"could not download {url} ({reason}); copy {folder}/{name} into {root} yourself, or set "
+                    "data.root / $MODFORMER_DATA to a folder that has it") from None
             atomic_write(path, lambda tmp, b=payload: Path(tmp).write_bytes(b))
         out.append(path)
     return out

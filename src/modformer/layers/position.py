@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from modformer.config import ModelConfig
 from modformer.registry import register
+from modformer.validation import check_value
 
 
 class Position(nn.Module):
@@ -127,6 +128,7 @@ class RotaryPosition(Position):
         dh = cfg.head_dim
         if dh % 2:
             raise ValueError(f"model.position='rope' needs an even head dimension, got {dh}")
+        check_value(cfg.rope_base, "> 0", "model.rope_base")     # also when built without ModelConfig.validate
         inv_freq = cfg.rope_base ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

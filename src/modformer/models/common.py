@@ -13,7 +13,12 @@ from modformer.config import ModelConfig
 
 def check_token_input(idx: Tensor, offset: int, cfg: ModelConfig, max_len: int | None, check_values: bool) -> None:
     """ValueError for ids that are not a (B, T) integer tensor, that run past ``max_len`` from ``offset``, or
-    (``check_values``: the caller decides, since reading the values syncs with the device) out of vocabulary."""
+    (``check_values``: the caller decides, since reading the values syncs with the device) out of vocabulary.
+
+    Models pass ``check_values`` on CPU only, so the GPU forward gains no host sync. Off CPU, ids reach the
+    forward from the datasets (the trainer checks their vocabulary against model.vocab_size) or from a
+    ``generate`` prompt (``generation.check_prompt`` reads its range once per call); any other out-of-range
+    id stops at the CUDA embedding kernel's own bounds assert (device-side, no sync), not silently."""
     if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
         got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
         raise ValueError(f"idx must be an integer tensor of shape (B, T); got {got}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,42 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError unless temperature >= 0 (finite), top_k >= 1 or None, 0 < top_p <= 1 or None.
+
+    A negative temperature would sample the least likely tokens, top_p > 1 or top_k <= 0 would silently
+    mean 'no filter' or crash deep inside torch.topk."""
+    def real(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not real(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (not real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
+def check_prompt(idx: Tensor, max_new_tokens: int, vocab_size: int, eos_token_id: int | None) -> None:
+    """ValueError for an empty or non-(B, T) integer prompt, out-of-vocabulary ids, or max_new_tokens < 0.
+
+    The id range is read on every device, once per ``generate`` call (one host sync before decoding, none per
+    token): the prompt is the only input that can be out of range, since every generated id is sampled from
+    ``vocab_size`` logits. (The forward checks ids itself only on CPU, where reading them costs no sync.)"""
+    if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+        got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(f"the prompt must be an integer tensor of shape (B, T); got {got}")
+    if idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"the prompt is empty (shape {tuple(idx.shape)}); give at least one token per sequence")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"eos_token_id must be in [0, {vocab_size}), got {eos_token_id!r}")
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got min {lo}, max {hi}")
+
+
 class GenerationMixin:
     """``generate`` for models whose forward accepts ``cache=``/``return_cache=``/``last_only=``."""
 
@@ -51,6 +88,8 @@ class GenerationMixin:
         with torch.compile and, on GPU, one whole decode step (forward, sampling, bookkeeping) is
         captured once as a CUDA graph and replayed for every token, with no host work in between.
         """
+        check_sampling(temperature, top_k, top_p)
+        check_prompt(idx, max_new_tokens, self.cfg.vocab_size, eos_token_id)
         was_training = self.training
         self.eval()
         static_cache = static_cache or compile

@@ -24,9 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from modformer.config import ConfigError, RunConfig, apply_overrides, load_config
+from modformer.config import ConfigError, RunConfig, apply_overrides, load_config, parse_yaml, read_yaml_mapping
 from modformer.registry import suggest
 from modformer.sweep.space import Space, format_value, parse_space
 
@@ -82,7 +80,7 @@ class SweepSpec:
     def base_config(self) -> RunConfig:
         cfg = load_config(self.base_path())
         try:
-            return apply_overrides(cfg, [f"{k}={format_value(v)}" for k, v in self.overrides.items()])
+            return apply_overrides(cfg, [f"{k}={format_value(v)}" for k, v in self.overrides.items()]).validate()
         except ConfigError as e:
             raise ConfigError(f"sweep overrides: {e}") from None
 
@@ -110,7 +108,7 @@ def _overrides(value: Any) -> dict[str, Any]:
             if not isinstance(item, str) or "=" not in item:
                 raise ConfigError(f"sweep overrides: {item!r} must look like key=value")
             k, v = item.split("=", 1)
-            out[k.strip()] = yaml.safe_load(v) if v else ""
+            out[k.strip()] = parse_yaml(v, f"sweep override {item}") if v else ""
         return out
     raise ConfigError("sweep overrides must be a mapping or a list of key=value")
 
@@ -159,12 +157,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml_mapping(path)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"sweep override {item!r} must look like key=value")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text else ""
+        value = parse_yaml(text, f"override {item}") if text else ""
         head, _, rest = key.partition(".")
         if head in ("overrides", "space") and rest:
             node = raw.setdefault(head, {})
