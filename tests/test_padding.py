@@ -184,6 +184,27 @@ def test_loss_ignores_padding():
     keep = mask.bool()
     ref = F.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(loss, ref)
+    model.train()
+    idx, mask = pad(rows, "left")                       # padding queries in front: gradients stay finite
+    model.loss(idx, torch.roll(idx, -1, 1), attention_mask=mask).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_hf_style_full_length_mask_with_cache():
+    """attention_mask may also cover the cached tokens (B, cached + T), as HF's generate passes it."""
+    model = build("mha", "sdpa", "rope")
+    idx, mask = pad(seqs(3, 6, seed=9), "left")
+    nxt = torch.randint(0, V, (2, 1))
+    with torch.no_grad():
+        ref = model(torch.cat([idx, nxt], 1), attention_mask=F.pad(mask, (0, 1), value=1))[:, -1]
+        cache = model.new_cache(2)
+        model(idx, cache=cache, attention_mask=mask)
+        out = model(nxt, cache=cache, attention_mask=F.pad(mask, (0, 1), value=1))[:, -1]
+    torch.testing.assert_close(out, ref, **TOL)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(idx, attention_mask=mask[:, :3])
+    with pytest.raises(ValueError, match="not with a KV cache"):
+        model(idx, cache=model.new_cache(2), document_ids=torch.zeros_like(idx))
 
 
 GEN_MODES = {"no_cache": dict(use_cache=False), "dynamic": {}, "static": dict(static_cache=True),
