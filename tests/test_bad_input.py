@@ -306,7 +306,10 @@ def option_cases(env: Env) -> list[tuple[list[str], str]]:
         *[(["compose", method, str(CONFIGS / f"compose_{method}.yaml"), f"out_dir={env.root}/c", *more], expect)
           for method, more, expect in (
               ("gates", ["--device", "bogus"], "--device"), ("gates", ["device=tpu"], "device"),
-              ("gates", ["seed=[1,"], "invalid YAML"), ("cbtm", ["--stage", "bake"], "--stage"))],
+              ("gates", ["seed=[1,"], "invalid YAML"), ("cbtm", ["--stage", "bake"], "--stage"),
+              ("gates", ["base.train.eval_every=0"], "base: train.eval_every"),
+              ("gates", ["base.model.d_head=0"], "base: model.d_head"),
+              ("calm", ["anchor.train.lr=nan"], "anchor: train.lr"))],
         (["list", "nosuchkind"], "nosuchkind"), (["nosuchcommand"], "invalid choice"),
         (["train", str(env.cfg), "--bogus-flag"], "unrecognized"),
     ]

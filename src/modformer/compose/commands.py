@@ -18,6 +18,24 @@ METHODS = {"cbtm": "modformer.compose.cbtm", "gates": "modformer.compose.gates_r
 CBTM_STAGES = ("cluster", "plan", "train", "eval")
 
 
+def check_spec(spec: dict[str, Any]) -> None:
+    """Check the device and the model / train sections of the spec's RunConfig mappings before anything runs, so
+    a bad value is one line now rather than a failure hours into the experiment."""
+    from modformer.compose.spec import OPEN_KEYS
+    from modformer.config import ConfigError, ModelConfig, TrainConfig, from_dict
+    from modformer.validation import DEVICE, check_value
+
+    check_value(spec.get("device"), DEVICE, "device")
+    for key in OPEN_KEYS:
+        run = spec.get(key)
+        if isinstance(run, dict):
+            try:
+                from_dict(ModelConfig, run.get("model") or {}, prefix="model.").validate(vocab_from_data=True)
+                from_dict(TrainConfig, run.get("train") or {}, prefix="train.").validate()
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     from modformer.bench.common import print_table
     from modformer.compose.spec import load_spec
@@ -26,10 +44,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, module.DEFAULTS, args.overrides)
     if args.device:
         spec["device"] = args.device
-    if "device" in spec:
-        from modformer.validation import DEVICE, check_value
-
-        check_value(spec["device"], DEVICE, "device")
+    check_spec(spec)
     if args.method == "cbtm":
         stages = CBTM_STAGES if args.stage == "all" else tuple(args.stage.split(","))
         bad = [s for s in stages if s not in CBTM_STAGES]
