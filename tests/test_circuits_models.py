@@ -91,3 +91,31 @@ def test_lora_adapter_deltas_name_the_adapted_heads():
     assert not torch.equal(interp.copying_scores(w1)[1], interp.copying_scores(w0)[1])
     scores = interp.head_scores(merged, length=8, batch=4)
     assert torch.isfinite(scores["induction"]).all()
+
+
+def test_mixed_induction_batches_repeat_after_filler():
+    from modformer.interp.studies import MixedInduction
+
+    data = MixedInduction((3, 5), n_symbols=16)
+    x, y = data.batch("train", 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (32, 9)
+    for row_x, row_y in zip(x, y):
+        L = n = int((row_y != -100).sum())                       # targets: the whole repeat (the task's choice)
+        assert L in (3, 5)
+        seq = torch.cat([row_x, row_y[-1:]])                     # the full sequence: x then the last target
+        assert torch.equal(seq[-L:], seq[-2 * L:-L])
+        assert torch.equal(row_y[-n:], seq[-n:])
+
+
+def test_pruning_circuits_study_rows_track_the_named_heads():
+    from modformer.interp.studies import pruning_circuits_study
+
+    result = pruning_circuits_study(levels=(0.5,), steps=5, d_model=16, n_head=4, probe_length=3, threshold=0.0,
+                                    lengths=(3, 4), n_symbols=16, batch_size=8)
+    base, half = result["rows"]
+    assert base["level"] == 0.0 and half["level"] == 0.5 and len(half["removed"]) == 4
+    assert len(base["induction_heads"]) == 4 and len(base["prev_token_heads"]) == 4     # threshold 0: every head
+    kept = set(half["induction_heads_kept"]) | set(half["prev_token_heads_kept"])
+    assert kept == {f"L{i}H{h}" for i in range(2) for h in range(4)} - set(half["removed"])
+    assert len(result["heads"]) == 8 and all("importance" in r for r in result["heads"])
+    assert result["headline"]["largest_level_within_5pct_loss"] in (0.0, 0.5)

@@ -1,0 +1,219 @@
+"""Circuit studies across the toolbox (issue 28): what structured head pruning leaves of an induction circuit.
+
+``pruning_circuits_study()`` trains a tiny 2-layer attention-only model on the ``induction`` task on CPU, finds
+its previous-token and induction heads (detectors on repeated random tokens), scores every head by ablation
+(``compress.importance``), removes the lowest-scoring 25 / 50 / 75 % (``compress.structured.remove_heads``) and
+reports, per level, which of the named heads survive, the induction (prefix-matching) score, the K-composition of
+the surviving previous-token -> induction pair, the patching recovery of the named heads and the loss.
+
+Training sequences: the task's ``[r_1..r_L, r_1..r_L]`` for L drawn per example from ``lengths``, after a random
+filler prefix that pads every sequence to the same length (targets on the repeat only). With one L the model can
+solve the task positionally (attend to t - L + 1); mixing L leaves induction as the solution.
+
+    from modformer.interp.studies import pruning_circuits_study
+    result = pruning_circuits_study()            # {"headline": {...}, "rows": [...], "heads": [...], ...}
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modformer.config import ModelConfig, TrainConfig
+from modformer.data.tasks import InductionTask
+from modformer.interp import composition, heads, patching
+from modformer.interp.weights import extract_weights
+from modformer.saving import build_model
+from modformer.train.optim import build_optimizer
+
+
+class MixedInduction:
+    """Batches of the ``induction`` task with per-example repeat length, left-padded with random filler."""
+
+    def __init__(self, lengths: tuple[int, ...], n_symbols: int, n_examples: int = 2000, seed: int = 0) -> None:
+        self.tasks = [InductionTask(length=L, n_symbols=n_symbols, n_examples=n_examples, seed=seed + L)
+                      for L in lengths]
+        self.seq_len = 2 * max(lengths) - 1
+        self.n_symbols = n_symbols
+
+    def batch(self, split: str, size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        which = torch.randint(len(self.tasks), (size,), generator=g)
+        xs, ys = [], []
+        for k in range(len(self.tasks)):
+            n = int((which == k).sum())
+            if n == 0:
+                continue
+            x, y = self.tasks[k].get_batch(split, n, g)
+            pad = self.seq_len - x.shape[1]
+            xs.append(torch.cat([torch.randint(self.n_symbols, (n, pad), generator=g), x], 1))
+            ys.append(torch.cat([torch.full((n, pad), -100), y], 1))
+        return torch.cat(xs), torch.cat(ys)
+
+
+def train_induction_model(steps: int = 600, d_model: int = 64, n_head: int = 4, lengths: tuple[int, ...] = (4, 6, 8,
+                          10, 12), n_symbols: int = 48, lr: float = 3e-3, batch_size: int = 64, position: str =
+                          "shortformer", seed: int = 0) -> tuple[nn.Module, MixedInduction, list[float]]:
+    """A 2-layer attention-only model trained on mixed-length induction (CPU, float32); returns it, the data
+    and the training losses."""
+    torch.manual_seed(seed)
+    data = MixedInduction(tuple(lengths), n_symbols, seed=seed)
+    cfg = ModelConfig(vocab_size=n_symbols, n_layer=2, d_model=d_model, n_head=n_head, max_seq_len=data.seq_len,
+                      attn_only=True, position=position, norm="layernorm")
+    model = build_model(cfg)
+    opt = build_optimizer(model, TrainConfig(lr=lr, weight_decay=0.0, batch_size=batch_size))
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        x, y = data.batch("train", batch_size, g)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return model.eval(), data, losses
+
+
+@torch.no_grad()
+def loss_and_accuracy(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    total, correct, n = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+        keep = y != -100
+        correct += int(((logits.argmax(-1) == y) & keep).sum())
+        n += int(keep.sum())
+    return total / max(n, 1), correct / max(n, 1)
+
+
+def induction_pair(length: int, n_symbols: int, batch: int = 32, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Clean ``[r, r]`` and corrupted ``[reversed r, r]`` (the first copy reversed, so every token's successor in
+    it changes) sequences and the clean targets on the repeat (``-100`` elsewhere)."""
+    half = heads.repeated_random_tokens(n_symbols, length, batch, seed)[:, :length]
+    clean = torch.cat([half, half], 1)
+    corrupted = torch.cat([half.flip(1), half], 1)
+    targets = torch.full_like(clean, -100)
+    targets[:, length:-1] = clean[:, length + 1:]
+    return clean, corrupted, targets
+
+
+def patch_heads_together(model: nn.Module, corrupted: Tensor, clean: Tensor, chosen: dict[int, list[int]],
+                         metric: patching.Metric) -> float:
+    """Metric of the corrupted run with the clean output (``hook_z``) of every chosen head patched in at once."""
+    names = [f"blocks.{i}.attn.hook_z" for i in chosen]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=names)
+
+        def hook_for(i: int):  # noqa: ANN202
+            def hook(x: Tensor, _h: object) -> Tensor:
+                x = x.clone()
+                x[:, chosen[i]] = cache[f"blocks.{i}.attn.hook_z"][:, chosen[i]]
+                return x
+            return hook
+
+        return float(metric(model.run_with_hooks(corrupted, [(f"blocks.{i}.attn.hook_z", hook_for(i))
+                                                             for i in chosen])))
+
+
+def measure(model: nn.Module, batches: list, length: int, n_symbols: int, names: list[list[str]],
+            threshold: float) -> dict[str, Any]:
+    """Loss, accuracy, detector heads, K-composition of the best pair and patching recovery of the named heads.
+    ``names[layer][head]``: the original name of each head of this (possibly pruned) model."""
+    loss, acc = loss_and_accuracy(model, batches)
+    s = heads.head_scores(model, length=length, batch=16)
+    prev, ind = s["prev_token"].nan_to_num(-1.0), s["induction"].nan_to_num(-1.0)
+    ind_heads = [names[1][h] for h in range(len(names[1])) if ind[1, h] >= threshold]
+    prev_heads = [names[0][h] for h in range(len(names[0])) if prev[0, h] >= threshold]
+    best_prev, best_ind = int(prev[0].argmax()), int(ind[1].argmax())
+    w = extract_weights(model)
+    kc = composition.composition_scores(w, "k")[0, best_prev, 1, best_ind] - composition.composition_baseline(
+        w.d_model, w.d_head)
+    clean, corrupted, targets = induction_pair(length, n_symbols)
+    metric = patching.target_logit(targets)
+    with torch.no_grad():
+        m_clean, m_corr = float(metric(model(clean))), float(metric(model(corrupted)))
+    chosen = {0: [h for h in range(len(names[0])) if prev[0, h] >= threshold],
+              1: [h for h in range(len(names[1])) if ind[1, h] >= threshold]}
+    chosen = {i: hs for i, hs in chosen.items() if hs}
+    recovery = None
+    if chosen and m_clean != m_corr:
+        recovery = (patch_heads_together(model, corrupted, clean, chosen, metric) - m_corr) / (m_clean - m_corr)
+    return {"loss": round(loss, 4), "acc": round(acc, 4),
+            "induction_score": round(float(ind[1].max()), 4), "prev_token_score": round(float(prev[0].max()), 4),
+            "induction_heads": ind_heads, "prev_token_heads": prev_heads,
+            "best_pair": [names[0][best_prev], names[1][best_ind]], "k_composition_minus_baseline": round(float(kc), 4),
+            "target_logit_clean": round(m_clean, 4), "target_logit_corrupted": round(m_corr, 4),
+            "patching_recovery_named_heads": None if recovery is None else round(recovery, 4)}
+
+
+def pruning_circuits_study(levels: tuple[float, ...] = (0.25, 0.5, 0.75), steps: int = 600, d_model: int = 64,
+                           n_head: int = 4, probe_length: int = 7, threshold: float = 0.4, seed: int = 0,
+                           importance: str = "ablation", **train_options: Any) -> dict[str, Any]:
+    """Train, name the circuit's heads, prune heads by ``importance`` at each level, re-measure: returns
+    ``{"headline", "rows", "heads", "train"}`` (rows: one per level, level 0 = the unpruned model).
+    ``probe_length``: the repeated-random-token probe's half length (not one of the training lengths)."""
+    from modformer.compress.importance import head_importance
+    from modformer.compress.structured import lowest, remove_heads
+
+    t0 = time.time()
+    model, data, losses = train_induction_model(steps=steps, d_model=d_model, n_head=n_head, seed=seed,
+                                                **train_options)
+    train_seconds = time.time() - t0
+    g = torch.Generator().manual_seed(seed + 1)
+    val = [data.batch("val", 256, g) for _ in range(4)]
+    score_batches = [data.batch("train", 256, g) for _ in range(2)]
+    original = [[f"L{i}H{h}" for h in range(n_head)] for i in range(2)]
+    base = measure(model, val, probe_length, data.n_symbols, original, threshold)
+    rows = [{"level": 0.0, "removed": [], **base, "induction_heads_kept": base["induction_heads"],
+             "prev_token_heads_kept": base["prev_token_heads"], "loss_ratio": 1.0}]
+    scores = head_importance(model, score_batches, importance)
+    table = heads.head_table(heads.head_scores(model, length=probe_length, batch=16))
+    for row in table:
+        row["importance"] = round(float(scores[row["layer"]][row["head"]]), 5)
+    for level in levels:
+        removed = lowest([s.clone() for s in scores], level)
+        pruned = remove_heads(model, removed)
+        names = [[n for h, n in enumerate(original[i]) if h not in removed.get(i, [])] for i in range(2)]
+        m = measure(pruned, val, probe_length, data.n_symbols, names, threshold)
+        m["induction_heads_kept"] = [n for n in base["induction_heads"] if n in names[1]]
+        m["prev_token_heads_kept"] = [n for n in base["prev_token_heads"] if n in names[0]]
+        rows.append({"level": level, "removed": [original[i][h] for i, hs in removed.items() for h in hs], **m,
+                     "loss_ratio": round(m["loss"] / max(base["loss"], 1e-12), 4)})
+    within = [r["level"] for r in rows if r["loss_ratio"] <= 1.05]
+    # the circuit survives a level when a named previous-token and a named induction head both remain and the
+    # pruned model still scores as an induction model
+    survives = [r["level"] for r in rows if r["induction_heads_kept"] and r["prev_token_heads_kept"]
+                and r["induction_score"] >= threshold]
+    headline = {"induction_score": base["induction_score"], "prev_token_score": base["prev_token_score"],
+                "val_loss": base["loss"], "largest_level_within_5pct_loss": max(within),
+                "circuit_survives_that_level": max(within) in survives,
+                "patching_recovery_named_heads": base["patching_recovery_named_heads"]}
+    return {"headline": headline, "rows": rows, "heads": table,
+            "train": {"steps": steps, "d_model": d_model, "n_head": n_head, "final_train_loss": losses[-1],
+                      "seconds": round(train_seconds, 1), "importance": importance, **train_options}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``modformer bench``-style entry: run the study and write ``OUT/circuits_pruning.json``."""
+    import argparse
+
+    from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+
+    p = argparse.ArgumentParser(prog="modformer bench circuits-pruning", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--importance", default="ablation", choices=["ablation", "gradient"])
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    result = pruning_circuits_study(steps=args.steps, seed=args.seed, importance=args.importance)
+    print_table([{k: r[k] for k in ("level", "loss", "acc", "induction_score", "prev_token_score",
+                                    "k_composition_minus_baseline", "patching_recovery_named_heads")}
+                 for r in result["rows"]])
+    path = write_result("circuits_pruning", result["headline"], result["rows"], "cpu", args.out,
+                        extra={"heads": result["heads"], "train": result["train"]})
+    print(f"wrote {path}")
+    return 0
