@@ -113,3 +113,140 @@ def test_greedy_generation_matches_hf(variant: str) -> None:
                          pad_token_id=0)
     assert torch.equal(mine, theirs)
     assert torch.equal(mine, ours.generate(idx, 10, temperature=0, use_cache=False))
+
+
+# ---- folders, tokenizer, export, errors --------------------------------------------------------------
+LINES = ["the cat sat on the mat", "a dog ran in the park", "the bird sang a song", "we read the old book"]
+
+
+def tiny_tokenizer() -> object:
+    """A word-level tokenizer trained on four lines (no network), wrapped for AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(LINES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[EOS]"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A tiny random Llama saved with save_pretrained, its tokenizer beside it."""
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    hf_model("llama", std=0.5).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_load_pretrained_and_tokenizer(llama_dir) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ours = mf.hf.load_pretrained(llama_dir)
+    assert _max_diff(ours, hf, _ids()) <= 1e-5
+    tok = mf.hf.load_tokenizer(llama_dir)
+    assert tok("the cat sat")["input_ids"] == tiny_tokenizer()("the cat sat")["input_ids"]
+    assert tok.decode(tok("the dog")["input_ids"]) == "the dog"
+
+
+def _cli(*argv: str) -> int:
+    from modformer.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_export_round_trip(llama_dir, tmp_path, capsys) -> None:
+    """HF folder -> modformer -> HF folder (tokenizer copied); then a modformer saved model -> HF."""
+    out = tmp_path / "exported"
+    assert _cli("export", llama_dir, "--hf", out) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(again) is type(hf)
+    for (name, a), (_, b) in zip(hf.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("a dog sang")["input_ids"] == tiny_tokenizer()("a dog sang")["input_ids"]
+    assert _cli("export", llama_dir, "--hf", out) == 2          # exists: refused without --overwrite
+    assert "exists" in capsys.readouterr().err
+    saved = tmp_path / "saved"                                   # a modformer-native model: GPT-NeoX shaped
+    ours = mf.hf.from_hf(hf_model("neox_parallel_partial"))
+    mf.saving.save(ours, saved)
+    assert _cli("export", saved, "--hf", tmp_path / "neox", "--overwrite") == 0
+    neox = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "neox").eval()
+    assert neox.config.model_type == "gpt_neox"
+    assert _max_diff(ours, neox, _ids()) <= 1e-5
+
+
+@pytest.mark.parametrize("prefix,kwargs,needle", [
+    ("GPTJ", dict(vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=64, rotary_dim=4), "model_type 'gptj'"),
+    ("Llama", dict(LLAMA, hidden_act="gelu"), "hidden_act"),
+    ("Llama", dict(LLAMA, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0,
+                                               original_max_position_embeddings=32)), "rope_type='yarn'"),
+    ("Llama", dict(LLAMA, attention_bias=True), "attention_bias"),
+    ("GPTNeoX", dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=48, attention_bias=False), "attention_bias"),
+])
+def test_unsupported_fails_in_one_line(prefix: str, kwargs: dict, needle: str, tmp_path, capsys) -> None:
+    config = getattr(transformers, f"{prefix}Config")(**kwargs)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config)
+    with pytest.raises(ValueError, match=needle):
+        mf.hf.from_hf(model)
+    model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()                                          # HF's own progress bar
+    assert _cli("export", tmp_path / "m", "--hf", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_rejects_unexportable_config(tmp_path, capsys) -> None:
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=1, d_model=32, n_head=4, max_seq_len=64, position="alibi")
+    mf.saving.save(mf.build_model(cfg), tmp_path / "saved")
+    assert _cli("export", tmp_path / "saved", "--hf", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "model.position='alibi'" in err and err.count("\n") == 1
+
+
+def test_offline_uncached_hub_name_fails_at_once(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+        mf.hf.load_pretrained("someorg/not-cached-model")
+    assert _cli("generate", "someorg/not-cached-model", "--prompt", "the") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: someorg/not-cached-model") and err.count("\n") == 1
+    # no offline flag and no network: the same single line, without HF's retries
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(mf.hf.common, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(FileNotFoundError, match="unreachable"):
+        mf.hf.load_pretrained("someorg/not-cached-model")
+
+
+# ---- the toolbox on an HF folder ---------------------------------------------------------------------
+def test_cli_generate_on_hf_folder(llama_dir, capsys) -> None:
+    assert _cli("generate", llama_dir, "--prompt", "the cat sat", "--max-new-tokens", "6", "--temperature", "0") == 0
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    idx = torch.tensor([tok("the cat sat", add_special_tokens=False)["input_ids"]])
+    ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert capsys.readouterr().out.strip() == tok.decode(ref[0].tolist())
+
+
+def test_cli_eval_on_hf_folder(llama_dir, capsys) -> None:
+    """`modformer eval HF_DIR`: WikiText-2 validation tokenized by the model's tokenizer; loss = HF's."""
+    import json
+
+    from modformer.models.hf.data import HFText
+
+    assert _cli("eval", llama_dir, "--max-batches", "1") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = HFText(64, tokenizer=str(llama_dir))
+    x, y = next(iter(data.iter_eval("val", 64, 1)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert abs(result["loss"] - ref.item()) <= 1e-4
+
+
+def test_cli_circuits_on_hf_folder(llama_dir, tmp_path) -> None:
+    out = tmp_path / "circuits"
+    assert _cli("circuits", llama_dir, "--out", out, "--text", "the cat sat on the mat the cat sat") == 0
+    assert (out / "summary.json").is_file() or any(out.iterdir())

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     from modformer.compress.distill import add_parser as add_distill_parser
 
     add_distill_parser(sub)                    # distill
+    from modformer.models.hf.commands import add_parser as add_export_parser
+
+    add_export_parser(sub)                     # export --hf
 
     ls = sub.add_parser("list", help="registered components")
     ls.add_argument("kind", nargs="?")

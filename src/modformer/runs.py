@@ -13,6 +13,10 @@ from modformer.saving import load
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
+    from modformer.models.hf.data import hf_run_config, is_hf_address
+
+    if not (Path(run_dir) / "config.yaml").is_file() and is_hf_address(run_dir):
+        return hf_run_config(run_dir)              # an HF model: its config, its tokenizer on WikiText-2
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -20,9 +24,12 @@ def run_config(run_dir: str | Path) -> RunConfig:
 
 
 def run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of the newest checkpoint of a run."""
+    """The model of the newest checkpoint of a run (or an HF folder / hub name)."""
+    from modformer.models.hf.data import is_hf_address
     from modformer.train.checkpoint import latest_checkpoint
 
+    if not (Path(run_dir) / "config.yaml").is_file() and is_hf_address(run_dir):
+        return load_any(run_dir, device)
     path = latest_checkpoint(Path(run_dir) / "checkpoints")
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
@@ -37,9 +44,15 @@ def load_any(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     if (path / "config.yaml").is_file():
         return run_model(path, device)
     cfg_file = path / "config.json"
+    from modformer.models.hf.data import is_hub_name
+
+    if not cfg_file.is_file() and is_hub_name(path):   # an HF hub id (offline and uncached: one error line)
+        from modformer.models.hf import load_pretrained
+
+        return load_pretrained(str(path)).to(device)
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: not a run folder, saved model or HF model folder")
-    if json.loads(cfg_file.read_text()).get("model_type") == "gpt2":
+    if "model_type" in json.loads(cfg_file.read_text()):   # any HF family; hf names unsupported ones
         from modformer.models.hf import load_pretrained
 
         return load_pretrained(str(path)).to(device)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from modformer.config import ModelConfig
-from modformer.registry import register
+from modformer.registry import ConfigError, register
 from modformer.validation import check_value
 
 
@@ -116,25 +116,54 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_inv_freq(dim: int, base: float, scaling: dict) -> Tensor:
+    """RoPE inverse frequencies ``1 / base^(2i/dim)`` (``dim`` rotated dims), optionally rescaled (HF's keys):
+    ``linear`` divides every frequency by ``factor`` (position interpolation, Chen et al. 2023); ``llama3``
+    (Llama 3.1) divides the low frequencies (wavelength > original length / low_freq_factor) by ``factor``,
+    keeps the high ones (wavelength < original length / high_freq_factor) and interpolates in between."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return inv_freq
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(f"model.rope_scaling: rope_type {kind!r} is not supported (allowed: linear, llama3)")
+    try:
+        factor = float(scaling["factor"])
+        if kind == "linear":
+            return inv_freq / factor
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ConfigError(f"model.rope_scaling: rope_type {kind!r} needs {e.args[0]!r}") from None
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > old_len / low, inv_freq / factor,
+                       torch.where(wavelen < old_len / high, inv_freq, mid))
+
+
 @register("position", "rope")
 class RotaryPosition(Position):
-    """Rotary embeddings (Su et al. 2021), half-split convention; ``rope_base`` sets the base.
+    """Rotary embeddings (Su et al. 2021), half-split convention (``rotate_half``, as HF Llama / GPT-NeoX
+    store their q/k weights); ``rope_base`` sets the base. ``rope_fraction`` < 1 rotates only the first
+    ``int(head_dim * rope_fraction)`` dims of each head and passes the rest through (GPT-NeoX's partial
+    rotary); ``rope_scaling`` rescales the frequencies (``rope_inv_freq``).
 
     The score between positions m and n depends only on m - n (tested).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        dh = cfg.head_dim
-        if dh % 2:
-            raise ValueError(f"model.position='rope' needs an even head dimension, got {dh}")
-        check_value(cfg.rope_base, "> 0", "model.rope_base")     # also when built without ModelConfig.validate
-        inv_freq = cfg.rope_base ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh)
+        self.rot_dim = int(cfg.head_dim * cfg.rope_fraction)
+        if self.rot_dim % 2 or self.rot_dim == 0:
+            raise ConfigError(f"model.position='rope' needs an even, positive number of rotated dims, got "
+                              f"{self.rot_dim} (head_dim {cfg.head_dim} x rope_fraction {cfg.rope_fraction})")
+        inv_freq = rope_inv_freq(self.rot_dim, cfg.rope_base, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        angles = pos.float()[..., None] * self.inv_freq.to(pos.device)         # (T | B, T, Dh/2)
-        angles = torch.cat((angles, angles), dim=-1)                           # (T, Dh)
+        angles = pos.float()[..., None] * self.inv_freq.to(pos.device)         # (T | B, T, rot_dim/2)
+        angles = torch.cat((angles, angles), dim=-1)                           # (T, rot_dim)
         return angles.cos(), angles.sin()
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,7 +171,15 @@ class RotaryPosition(Position):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         if pos.dim() == 2:                                     # per-row positions (B, T): broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if self.rot_dim == q.shape[-1]:
+            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        r = self.rot_dim
+
+        def rot(x: Tensor) -> Tensor:
+            x_rot = x[..., :r]
+            return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x[..., r:]), dim=-1)
+
+        return rot(q), rot(k)
 
 
 def alibi_slopes(n_head: int) -> Tensor:

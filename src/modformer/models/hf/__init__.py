@@ -125,8 +125,9 @@ def load_tokenizer(name_or_path: str | Path) -> Any | None:
         return None
 
 
-def save_hf(model: nn.Module, path: str | Path, tokenizer: Any | None = None, overwrite: bool = True) -> Path:
-    """Write ``to_hf(model)`` (and ``tokenizer``, if given) as an HF folder any HF user can ``from_pretrained``.
+def save_hf(model: nn.Module, path: str | Path, tokenizer: Any | None = None, overwrite: bool = True,
+            family: str | None = None) -> Path:
+    """Write ``to_hf(model, family)`` (and ``tokenizer``, if given) as an HF folder any HF user can ``from_pretrained``.
 
     The folder is written beside ``path`` and renamed into place, so a reader never sees half of it; an
     existing folder is replaced only with ``overwrite`` (otherwise ValueError).
@@ -134,7 +135,7 @@ def save_hf(model: nn.Module, path: str | Path, tokenizer: Any | None = None, ov
     path = Path(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{path} exists and is not empty (pass --overwrite to replace it)")
-    hf = to_hf(model)
+    hf = to_hf(model, family)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
