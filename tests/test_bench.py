@@ -99,6 +99,9 @@ def test_benchmark_pages_link_to_files_that_exist():
                 assert (page.parent / link).exists(), f"{page.name}: broken link {link}"
         for path in re.findall(r"benchmarks/results/[\w./-]+\.(?:json|png|md)", text):
             assert (ROOT / path).exists(), f"{page.name}: {path} does not exist"
+        for name in re.findall(r"`([\w.-]+\.json)`", text):     # a bare name is a canonical file's
+            assert (RESULTS / name).exists() or not (RESULTS / "archive" / name).exists(), \
+                f"{page.name}: {name} is archived: write archive/{name}"
 
 
 def test_circuits_study_through_the_registry_writes_a_schema_result_and_its_figures(tmp_path):
