@@ -119,3 +119,23 @@ def test_pruning_circuits_study_rows_track_the_named_heads():
     assert kept == {f"L{i}H{h}" for i in range(2) for h in range(4)} - set(half["removed"])
     assert len(result["heads"]) == 8 and all("importance" in r for r in result["heads"])
     assert result["headline"]["largest_level_within_5pct_loss"] in (0.0, 0.5)
+
+
+def test_circuits_cli_analyses_a_lora_adapter(tmp_path, capsys):
+    pytest.importorskip("peft")
+    from test_compress import run_cfg
+
+    from modformer.cli import main
+    from modformer.train.trainer import Trainer
+
+    Trainer(run_cfg(tmp_path, steps=2)).fit()
+    run = tmp_path / "r"
+    assert main(["lora", str(run), "--rank", "2", "--steps", "3", "--out", str(tmp_path / "ad")]) == 0
+    capsys.readouterr()
+    assert main(["circuits", str(run), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "c")]) == 0
+    assert str(tmp_path / "c" / "adapter_deltas.json") in capsys.readouterr().out
+    rows = json.loads((tmp_path / "c" / "adapter_deltas.json").read_text())["heads"]
+    assert len(rows) == 8 and all(r["qk"] >= 0 and r["ov"] > 0 for r in rows)     # qkv and out are adapted
+    assert (tmp_path / "c" / "head_scores.json").is_file()
+    assert main(["circuits", str(run), "--adapter", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err

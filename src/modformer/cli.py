@@ -102,8 +102,14 @@ def cmd_circuits(args: argparse.Namespace) -> int:
     model = run_model(args.run_dir, _device(args.device))
     data = run_dataset(args.run_dir)
     out = Path(args.out) if args.out else Path(args.run_dir) / "circuits"
+    extra = []
+    if args.adapter:                # a LoRA adapter: per-head QK/OV deltas, then the circuits of the merged model
+        from modformer.interp.deltas import merge_adapter_for_analysis
+
+        model, deltas = merge_adapter_for_analysis(model, args.adapter, out)
+        extra.append(str(deltas))
     summary = analyze(model, out, data, html=args.html, text=args.text, title=f"circuits: {Path(args.run_dir).name}")
-    print("\n".join(summary["files"]))
+    print("\n".join(summary["files"] + extra))
     return 0
 
 
@@ -184,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output folder (default RUN_DIR/circuits)")
     c.add_argument("--text", default=None, help="text shown in the attention page (default: a validation example)")
     c.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default cpu)")
+    c.add_argument("--adapter", default=None, help="LoRA adapter folder (`modformer lora` output): writes "
+                                                   "OUT/adapter_deltas.json and analyses the merged model")
     c.set_defaults(fn=cmd_circuits)
 
     b = sub.add_parser("bench", help="run a benchmark or study: modformer bench NAME [options]; "

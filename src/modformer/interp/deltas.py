@@ -13,6 +13,8 @@ compared unfolded (the norms' own weights are not part of a head; a tuned norm s
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from modformer.interp.circuits import FactoredMatrix
 from modformer.interp.weights import ModelWeights, extract_weights
+from modformer.utils import atomic_write_text
 
 
 def _delta_norm(A1: Tensor, B1: Tensor, A0: Tensor, B0: Tensor) -> Tensor:
@@ -54,3 +57,24 @@ def adapter_head_deltas(peft_model: Any) -> dict[str, Tensor]:
     base = peft_model.get_base_model()           # LoRA layers expose the frozen base weight as .weight
     merged = copy.deepcopy(peft_model).merge_and_unload()
     return head_deltas(base, merged)
+
+
+def merge_adapter_for_analysis(model: nn.Module, adapter_dir: str | Path,
+                               out_dir: str | Path) -> tuple[nn.Module, Path]:
+    """Load a saved LoRA adapter (``modformer lora`` output) onto ``model``, write its per-head deltas to
+    ``out_dir/adapter_deltas.json`` and return the merged model (for ``analyze``) and that file."""
+    from modformer.compress.lora import load_adapters, merged_model
+
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not an adapter folder (no adapter_config.json)")
+    pm = load_adapters(model, {"adapter": folder})
+    d = adapter_head_deltas(pm)
+    merged = merged_model(pm).eval()
+    rows = [{"layer": i, "head": h, "name": f"L{i}H{h}", **{k: round(float(v[i, h]), 6) for k, v in d.items()}}
+            for i in range(d["qk"].shape[0]) for h in range(d["qk"].shape[1]) if not bool(d["qk"][i, h].isnan())]
+    path = Path(out_dir) / "adapter_deltas.json"
+    atomic_write_text(path, json.dumps({"adapter": str(folder), "heads": rows,
+                                        "definition": "qk/ov: ||delta||_F / ||base||_F per head; *_abs: ||delta||_F"},
+                                       indent=1))
+    return merged, path
