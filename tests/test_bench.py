@@ -28,7 +28,7 @@ def test_bench_list_prints_one_line_per_entry(capsys):
 @pytest.mark.parametrize("name", list(registry.ENTRIES))
 def test_every_entry_imports_and_parses_help(name, capsys):
     """Each entry's module has main(argv); ``--help`` runs its parser (prog named after the CLI entry)."""
-    module = importlib.import_module(f"modformer.bench.{registry.ENTRIES[name].module}")
+    module = importlib.import_module(registry.ENTRIES[name].module_path)
     with pytest.raises(SystemExit) as exc:
         module.main(["--help"])
     assert exc.value.code == 0

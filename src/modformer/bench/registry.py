@@ -17,8 +17,12 @@ from modformer.registry import ConfigError, suggest
 @dataclass(frozen=True)
 class Entry:
     name: str      # the CLI name
-    module: str    # the module holding main(argv)
+    module: str    # the module holding main(argv): under modformer.bench, or a full ``modformer.`` path
     summary: str   # one line for `modformer bench list`
+
+    @property
+    def module_path(self) -> str:
+        return self.module if self.module.startswith("modformer.") else f"modformer.bench.{self.module}"
 
 
 def _entries(*rows: tuple[str, str, str]) -> dict[str, Entry]:
@@ -40,6 +44,7 @@ ENTRIES = _entries(
     ("grokking-fourier", "studies.grokking_fourier", "grokking mechanism: key frequencies, restricted/excluded loss"),
     ("circuits", "studies.circuits", "copying heads (1 layer) and induction heads (2 layers) on WikiText-2 BPE"),
     ("circuits-figures", "studies.circuits_figures", "the circuits pages' per-head figures from a circuits result"),
+    ("circuits-pruning", "modformer.interp.studies", "what head pruning leaves of an induction circuit (CPU, tiny)"),
     ("variants", "studies.variants", "attention / FFN variants on modular addition at equal parameters"),
     ("variants-lm", "studies.variants_lm", "attention / FFN variants on WikiText-2 at a fixed token budget"),
     ("variants-summary", "studies.variants_summary", "the variants' one table and plot from the two results above"),
@@ -77,5 +82,5 @@ def run(name: str, argv: list[str]) -> int:
     if name == "list":
         print("\n".join(lines()))
         return 0
-    module = importlib.import_module(f"modformer.bench.{entry(name).module}")
+    module = importlib.import_module(entry(name).module_path)
     return module.main(argv) or 0
