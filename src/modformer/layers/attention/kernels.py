@@ -237,12 +237,19 @@ def causal_block_mask(tq: int, tk: int, q_offset: int, device: str) -> object:
     return create_block_mask(mask_mod, None, None, tq, tk, device=device, _compile=device.startswith("cuda"))
 
 
-def row_mask_mod(spec: AttnSpec, device: torch.device) -> Callable:
-    """FlexAttention ``mask_mod`` equal to ``row_keep``: causal + padding + document + sparse pattern."""
+def row_mask_mod(spec: AttnSpec, tq: int, device: torch.device) -> Callable:
+    """FlexAttention ``mask_mod`` equal to ``row_keep``: causal + padding + document + sparse pattern. The per-row
+    tables are padded past every index a compiled kernel may read in its last partial tile (128 wide)."""
     off, causal = spec.q_offset, spec.causal
-    valid = spec.key_valid.to(device)
-    doc = spec.key_doc.to(device) if spec.key_doc is not None else None
-    kpos = spec.key_pos.to(device) if spec.pattern is not None else None
+    tk = spec.key_valid.shape[1]
+    extra = (-(-(off + tq) // 128) * 128 + -(-tk // 128) * 128) - tk
+
+    def table(x: Tensor, value: int) -> Tensor:
+        return F.pad(x.to(device), (0, extra), value=value)
+
+    valid = table(spec.key_valid, False)
+    doc = table(spec.key_doc, -1) if spec.key_doc is not None else None
+    kpos = table(spec.key_pos, 0) if spec.pattern is not None else None
     fn, params = spec.pattern if spec.pattern is not None else (None, ())
 
     def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
@@ -266,7 +273,7 @@ def row_block_mask(spec: AttnSpec, batch: int, tq: int, tk: int, device: torch.d
     key = ("row_block_mask", tq, tk, spec.causal, spec.pattern, str(device))
     if spec.memo is not None and key in spec.memo:
         return spec.memo[key]
-    mask = create_block_mask(row_mask_mod(spec, device), batch, None, tq, tk, device=str(device),
+    mask = create_block_mask(row_mask_mod(spec, tq, device), batch, None, tq, tk, device=str(device),
                              _compile=device.type == "cuda")
     if spec.memo is not None:
         spec.memo[key] = mask
