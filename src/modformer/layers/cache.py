@@ -128,6 +128,7 @@ class StaticKVCache(KVCache):
         return buf
 
     def update_mask(self, name: str, x: Tensor) -> Tensor:
+        self._check(x.shape[-1])
         buf = self.masks.get(name)
         if buf is None:
             buf = self.masks[name] = torch.zeros(x.shape[0], self.max_len, device=self.device, dtype=x.dtype)
