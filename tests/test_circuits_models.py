@@ -93,25 +93,29 @@ def test_lora_adapter_deltas_name_the_adapted_heads():
     assert torch.isfinite(scores["induction"]).all()
 
 
-def test_mixed_induction_batches_repeat_after_filler():
+def test_mixed_induction_batches_hold_one_repeat_inside_filler():
     from modformer.interp.studies import MixedInduction
 
-    data = MixedInduction((3, 5), n_symbols=16)
-    x, y = data.batch("train", 32, torch.Generator().manual_seed(0))
-    assert x.shape == y.shape == (32, 9)
+    data = MixedInduction((3, 5), n_symbols=16, seq_len=12)
+    x, y = data.batch("train", 64, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (64, 12)
+    starts = set()
     for row_x, row_y in zip(x, y):
-        L = n = int((row_y != -100).sum())                       # targets: the whole repeat (the task's choice)
-        assert L in (3, 5)
-        seq = torch.cat([row_x, row_y[-1:]])                     # the full sequence: x then the last target
-        assert torch.equal(seq[-L:], seq[-2 * L:-L])
-        assert torch.equal(row_y[-n:], seq[-n:])
+        targets = (row_y != -100).nonzero().flatten()
+        L = len(targets)                                         # targets: the whole second copy (the task's)
+        assert L in (3, 5) and torch.equal(targets, torch.arange(targets[0], targets[0] + L))
+        s0 = int(targets[0]) - L + 1                             # the block's first token
+        block = torch.cat([row_x[s0:s0 + 2 * L - 1], row_y[s0 + 2 * L - 2:s0 + 2 * L - 1]])
+        assert torch.equal(block[:L], block[L:]) and torch.equal(row_y[targets], block[L:])
+        starts.add(s0)
+    assert len(starts) > 3                                       # the block moves
 
 
 def test_pruning_circuits_study_rows_track_the_named_heads():
     from modformer.interp.studies import pruning_circuits_study
 
     result = pruning_circuits_study(levels=(0.5,), steps=5, d_model=16, n_head=4, probe_length=3, threshold=0.0,
-                                    lengths=(3, 4), n_symbols=16, batch_size=8)
+                                    lengths=(3, 4), n_symbols=16, seq_len=8, batch_size=8)
     base, half = result["rows"]
     assert base["level"] == 0.0 and half["level"] == 0.5 and len(half["removed"]) == 4
     assert len(base["induction_heads"]) == 4 and len(base["prev_token_heads"]) == 4     # threshold 0: every head

@@ -32,35 +32,46 @@ from modformer.train.optim import build_optimizer
 
 
 class MixedInduction:
-    """Batches of the ``induction`` task with per-example repeat length, left-padded with random filler."""
+    """Batches of the ``induction`` task with a per-example repeat length, placed at a random offset inside random
+    filler of a fixed total length (targets on the repeat only), so neither the repeat's length nor its position
+    tells where the earlier copy is."""
 
-    def __init__(self, lengths: tuple[int, ...], n_symbols: int, n_examples: int = 2000, seed: int = 0) -> None:
+    def __init__(self, lengths: tuple[int, ...], n_symbols: int, seq_len: int | None = None, n_examples: int = 2000,
+                 seed: int = 0) -> None:
         self.tasks = [InductionTask(length=L, n_symbols=n_symbols, n_examples=n_examples, seed=seed + L)
                       for L in lengths]
-        self.seq_len = 2 * max(lengths) - 1
+        self.seq_len = seq_len or 2 * max(lengths) - 1
+        if self.seq_len < 2 * max(lengths) - 1:
+            raise ValueError(f"seq_len {self.seq_len} is shorter than the longest repeat block {2 * max(lengths) - 1}")
         self.n_symbols = n_symbols
 
     def batch(self, split: str, size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         which = torch.randint(len(self.tasks), (size,), generator=g)
-        xs, ys = [], []
+        x = torch.randint(self.n_symbols, (size, self.seq_len), generator=g)
+        y = torch.full((size, self.seq_len), -100)
         for k in range(len(self.tasks)):
-            n = int((which == k).sum())
-            if n == 0:
+            rows = (which == k).nonzero().flatten()
+            if len(rows) == 0:
                 continue
-            x, y = self.tasks[k].get_batch(split, n, g)
-            pad = self.seq_len - x.shape[1]
-            xs.append(torch.cat([torch.randint(self.n_symbols, (n, pad), generator=g), x], 1))
-            ys.append(torch.cat([torch.full((n, pad), -100), y], 1))
-        return torch.cat(xs), torch.cat(ys)
+            bx, by = self.tasks[k].get_batch(split, len(rows), g)
+            n = bx.shape[1]
+            starts = torch.randint(self.seq_len - n + 1, (len(rows),), generator=g)
+            for r, s0, ex, ey in zip(rows.tolist(), starts.tolist(), bx, by):
+                x[r, s0:s0 + n] = ex
+                y[r, s0:s0 + n] = ey
+                if s0 + n < self.seq_len:                # the block's last token is an input after it
+                    x[r, s0 + n] = ey[-1]
+        return x, y
 
 
-def train_induction_model(steps: int = 600, d_model: int = 64, n_head: int = 4, lengths: tuple[int, ...] = (4, 6, 8,
-                          10, 12), n_symbols: int = 48, lr: float = 3e-3, batch_size: int = 64, position: str =
-                          "shortformer", seed: int = 0) -> tuple[nn.Module, MixedInduction, list[float]]:
+def train_induction_model(steps: int = 600, d_model: int = 64, n_head: int = 4,
+                          lengths: tuple[int, ...] = tuple(range(2, 13)), n_symbols: int = 64, seq_len: int = 32,
+                          lr: float = 3e-3, batch_size: int = 64, position: str = "shortformer",
+                          seed: int = 0) -> tuple[nn.Module, MixedInduction, list[float]]:
     """A 2-layer attention-only model trained on mixed-length induction (CPU, float32); returns it, the data
     and the training losses."""
     torch.manual_seed(seed)
-    data = MixedInduction(tuple(lengths), n_symbols, seed=seed)
+    data = MixedInduction(tuple(lengths), n_symbols, seq_len, seed=seed)
     cfg = ModelConfig(vocab_size=n_symbols, n_layer=2, d_model=d_model, n_head=n_head, max_seq_len=data.seq_len,
                       attn_only=True, position=position, norm="layernorm")
     model = build_model(cfg)
