@@ -263,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the newest checkpoint is kept (use --resume)", file=sys.stderr)
+        from modformer.runs import interrupted_message   # names the newest verified checkpoint, or says none
+
+        print(interrupted_message(args), file=sys.stderr)
         return 130
 
 

@@ -1,7 +1,19 @@
-"""Reading finished (or interrupted) run folders: config, newest checkpoint, model, dataset."""
+"""Addressing models and runs: one resolver for every form a model comes in.
+
+A model is named by a run folder (its newest checkpoint that loads and is finite), ``RUN/checkpoints``,
+``RUN/checkpoints/latest``, a checkpoint folder, a saved-model folder (``mf.save``, prune, distill) or an
+HF GPT-2 folder. ``resolve_model`` is what ``mf.load`` and every command use; commands that need the
+data (eval, generate, circuits) find the run's ``config.yaml`` next to the model (run folder, the run
+around a checkpoint or a saved model kept inside its run folder) and fail with one shared message
+otherwise.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -9,55 +21,115 @@ from torch import nn
 
 from modformer.config import RunConfig, load_config
 from modformer.data import Dataset, build_dataset
-from modformer.saving import load
+from modformer.registry import ConfigError
+from modformer.saving import CONFIG_NAME, load_folder
+from modformer.utils import CheckpointError
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _checkpoint_root(path: Path) -> Path | None:
+    """``RUN/checkpoints`` when ``path`` names a run, its checkpoints folder or its ``latest`` pointer."""
+    if path.name == "latest" and path.parent.name == "checkpoints" and not path.is_dir():
+        return path.parent
+    if path.name == "checkpoints" and path.is_dir():
+        return path
+    if (path / "config.yaml").is_file() and not (path / CONFIG_NAME).is_file():
+        return path / "checkpoints"
+    return None
+
+
+def _is_hf(path: Path) -> bool:
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(raw, dict) and "model_type" in raw       # any HF family; hf names unsupported ones
+
+
+def resolve_model(path: str | Path, device: str | torch.device = "cpu", finite: bool = False,
+                  warn: Callable[[str], None] = _stderr) -> tuple[nn.Module, Path]:
+    """(model, the folder it came from) for any form of model address (see the module docstring).
+
+    Run forms pick the newest checkpoint that verifies (signature, shapes, finite weights), reporting each
+    skipped one on ``warn``; a directly named folder is loaded as it is (``finite``: refuse NaN/inf weights).
+    """
+    path = Path(path)
+    root = _checkpoint_root(path)
+    if root is not None:
+        from modformer.train.checkpoint import newest_checkpoint
+
+        found = newest_checkpoint(root, lambda p: (load_folder(p, "cpu", finite=True), p), warn)
+        return found[0].to(device), found[1]
+    if (path / CONFIG_NAME).is_file():
+        if _is_hf(path):
+            from modformer.models.hf import load_pretrained
+
+            return load_pretrained(str(path)).to(device), path
+        return load_folder(path, device, finite=finite), path
+    from modformer.models.hf.data import is_hub_name
+
+    if is_hub_name(path):                          # an HF hub id (offline and uncached: one error line)
+        from modformer.models.hf import load_pretrained
+
+        return load_pretrained(str(path)).to(device), path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    raise FileNotFoundError(f"{path}: not a run folder, checkpoint, saved model or HF model folder")
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run folder (holding config.yaml) a model address belongs to, or None."""
+    path = Path(path)
+    if path.name == "latest" and not path.is_dir():
+        path = path.parent
+    around = [path, path.parent] + ([path.parent.parent] if path.parent.name == "checkpoints" else [])
+    return next((p for p in around if (p / "config.yaml").is_file()), None)
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
-    from modformer.models.hf.data import hf_run_config, is_hf_address
+    """The RunConfig of the run a model address belongs to (see :func:`run_dir_of`)."""
+    found = run_dir_of(run_dir)
+    if found is None and (_is_hf(Path(run_dir)) or not Path(run_dir).exists()):
+        from modformer.models.hf.data import hf_run_config, is_hub_name
 
-    if not (Path(run_dir) / "config.yaml").is_file() and is_hf_address(run_dir):
-        return hf_run_config(run_dir)              # an HF model: its config, its tokenizer on WikiText-2
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
+        if _is_hf(Path(run_dir)) or is_hub_name(run_dir):   # an HF model: its config, its tokenizer on WikiText-2
+            return hf_run_config(run_dir)
+    if found is None:
+        if (Path(run_dir) / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{run_dir} is a saved model outside any run folder: this needs the run's "
+                                    "config.yaml (data and tokenizer); give the run folder, or keep the saved "
+                                    "model inside its run folder")
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    return load_config(path)
+    return load_config(found / "config.yaml")
 
 
 def run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of the newest checkpoint of a run (or an HF folder / hub name)."""
-    from modformer.models.hf.data import is_hf_address
-    from modformer.train.checkpoint import latest_checkpoint
-
-    if not (Path(run_dir) / "config.yaml").is_file() and is_hf_address(run_dir):
-        return load_any(run_dir, device)
-    path = latest_checkpoint(Path(run_dir) / "checkpoints")
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
-    return load(path, device)
+    """The model a run/checkpoint/saved-model address names, refusing non-finite weights (eval, generate...)."""
+    return resolve_model(run_dir, device, finite=True)[0]
 
 
 def load_any(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A model from a run folder (newest checkpoint), a saved model folder or an HF GPT-2 folder."""
-    import json
-
-    path = Path(path)
-    if (path / "config.yaml").is_file():
-        return run_model(path, device)
-    cfg_file = path / "config.json"
-    from modformer.models.hf.data import is_hub_name
-
-    if not cfg_file.is_file() and is_hub_name(path):   # an HF hub id (offline and uncached: one error line)
-        from modformer.models.hf import load_pretrained
-
-        return load_pretrained(str(path)).to(device)
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path}: not a run folder, saved model or HF model folder")
-    if "model_type" in json.loads(cfg_file.read_text()):   # any HF family; hf names unsupported ones
-        from modformer.models.hf import load_pretrained
-
-        return load_pretrained(str(path)).to(device)
-    return load(path, device)
+    """A model from a run folder (newest good checkpoint), a checkpoint, a saved model or an HF GPT-2 folder."""
+    return resolve_model(path, device)[0]
 
 
 def run_dataset(run_dir: str | Path) -> Dataset:
     return build_dataset(run_config(run_dir).data)
+
+
+def interrupted_message(args: Namespace) -> str:
+    """The Ctrl-C line: for ``train``, the newest checkpoint that verifies (what --resume will use), or that
+    there is none; other commands promise nothing."""
+    if getattr(args, "command", None) != "train":
+        return "interrupted"
+    from modformer.train.checkpoint import newest_checkpoint, read_checkpoint
+
+    try:
+        run_dir = load_config(args.config, args.overrides).run_dir
+        path = newest_checkpoint(run_dir / "checkpoints", read_checkpoint, warn=lambda _: None).path
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError):
+        return "interrupted; no verified checkpoint exists, so there is nothing to resume"
+    return f"interrupted; newest verified checkpoint: {path} (continue with --resume)"

@@ -253,48 +253,72 @@ class Trainer:
         barrier(self.world)
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
-            raise ConfigError(f"cannot resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        state = ckpt.load_trainer_state(path)
+        """Continue from the newest checkpoint that verifies in full (signed config, weights that fit and are
+        finite, a trainer state that parses and fits this optimizer); each newer one skipped is reported in
+        one line. Everything is read and checked before any of this trainer's state changes."""
+        root = self.run_dir / "checkpoints"
+        try:
+            found = ckpt.newest_checkpoint(root, self._read_resumable, warn=self._warn)
+        except FileNotFoundError:
+            raise ConfigError(f"cannot resume: no checkpoint in {root}") from None
+        path, state = found.path, found.state
         saved = from_dict(ModelConfig, state["model_config"])
         diff = config_diff(saved, self.cfg.model)
         if diff:
             raise ConfigError(f"cannot resume {self.run_dir}: model config differs from the checkpoint "
                               f"({'; '.join(diff)})")
-        from safetensors.torch import load_model
+        trained = found.raw_model if found.raw_model is not None else found.model   # EMA: model is the average
+        try:
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                    set_optimizer_state_dict,
+                )
 
-        raw_file = path / ckpt.RAW_WEIGHTS_NAME      # present when the run used EMA: model.safetensors is the average
-        weights = raw_file if raw_file.is_file() else path / "model.safetensors"
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            plain = build_model(self.cfg.model)
-            load_model(plain, str(weights))
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, plain.state_dict(), options=opts)
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        else:
-            load_model(self.raw_model, str(weights), device=str(self.device))
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None:                      # (never sharded)
-            if raw_file.is_file() and "ema_n_averaged" in state:
-                load_model(self.ema.module, str(path / "model.safetensors"), device=str(self.device))
-                self.ema.n_averaged.fill_(state["ema_n_averaged"])
-            else:                                     # a checkpoint without EMA: the average starts here
-                self.ema.module.load_state_dict(self.raw_model.state_dict())
-                self.ema.n_averaged.zero_()
-        if self.grad_filter is not None and state.get("grad_filter") is not None:
-            self.grad_filter.load_state_dict(state["grad_filter"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.data_gen.set_state(state["data_gen"])
-        ckpt.set_rng_state(state["rng"])
+                opts = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(self.model, trained.state_dict(), options=opts)
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.raw_model.load_state_dict(trained.state_dict())
+            if self.ema is not None:                      # (never sharded)
+                if found.raw_model is not None and "ema_n_averaged" in state:
+                    self.ema.module.load_state_dict(found.model.state_dict())
+                    self.ema.n_averaged.fill_(state["ema_n_averaged"])
+                else:                                     # a checkpoint without EMA: the average starts here
+                    self.ema.module.load_state_dict(self.raw_model.state_dict())
+                    self.ema.n_averaged.zero_()
+            if self.grad_filter is not None and state.get("grad_filter") is not None:
+                self.grad_filter.load_state_dict(state["grad_filter"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.data_gen.set_state(state["data_gen"])
+            ckpt.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: its trainer state does not fit this run "
+                                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         self.step, self.best, self.wall_offset = state["step"], state["best"], state["wall_s"]
         self.logger.truncate_after(self.step)
+
+    def _read_resumable(self, path: Path) -> ckpt.Checkpoint:
+        """``ckpt.read_checkpoint`` plus the checks that make applying the state all-or-nothing."""
+        found = ckpt.read_checkpoint(path)
+        s = found.state
+        kinds = {"model_config": dict, "optimizer": dict, "scaler": dict, "data_gen": torch.Tensor, "rng": dict,
+                 "best": dict, "wall_s": (int, float)}
+        bad = [k for k, kind in kinds.items() if not isinstance(s.get(k), kind)]
+        if not bad and not self.sharded and not ckpt.optimizer_layout_matches(s["optimizer"],
+                                                                                 self.optimizer.state_dict()):
+            bad = ["optimizer (its parameter groups differ from this run's optimizer)"]
+        if bad:
+            raise ckpt.CheckpointError(f"{path / ckpt.STATE_JSON}: missing or malformed {', '.join(bad)}")
+        return found
+
+    def _warn(self, line: str) -> None:
+        if self.world.is_main:
+            import sys
+
+            print(line, file=sys.stderr, flush=True)
 
     # ---- one optimisation step ---------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -408,8 +432,12 @@ class Trainer:
         return self.wall_offset + time.perf_counter() - self.t_start
 
     def _kept(self) -> str:
-        last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-        return f"last good checkpoint kept: {last}" if last else "no checkpoint was written"
+        """Names the newest checkpoint that verifies (what --resume would use), or says there is none."""
+        try:
+            last = ckpt.newest_checkpoint(self.run_dir / "checkpoints", warn=lambda _: None).path
+        except (FileNotFoundError, ckpt.CheckpointError, ConfigError):
+            return "no good checkpoint exists"
+        return f"last good checkpoint kept: {last}"
 
     def _metric_value(self, key: str, rows: dict[str, dict[str, float]]) -> float | None:
         split, _, name = key.partition("/")
@@ -517,7 +545,54 @@ class Trainer:
         """FSDP2 under torchrun: parameters are DTensor shards; state must be gathered collectively."""
         return self.cfg.train.distributed == "fsdp" and self.world.size > 1
 
+    PROBE_ROWS = 8      # validation rows the NaN guard's forward pass uses
+
+    def _probe_loss(self, model: torch.nn.Module) -> float:
+        """Mean loss of ``model`` on one fixed validation batch (the split's first rows): no RNG is drawn,
+        no gradient kept, and the model's train/eval mode is restored."""
+        if getattr(self, "_probe", None) is None:
+            x, y = next(iter(self.data.iter_eval("val", self.PROBE_ROWS, 1)))
+            self._probe = (x[: self.PROBE_ROWS].to(self.device), y[: self.PROBE_ROWS].to(self.device))
+        x, y = self._probe
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                logits = model(x)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+        finally:
+            model.train(was_training)
+        return float(nll) / max(int((y != -100).sum()), 1)
+
+    def _check_saveable(self) -> None:
+        """The NaN guard: a checkpoint is written (and so becomes ``latest``) only if every weight it holds is
+        finite and the loss those weights give on one fixed validation batch is finite. The training loss
+        checked in ``fit`` is measured before an update; this check sees the weights after it, which are what
+        the checkpoint holds. Every rank takes part (FSDP's forward is collective) and all agree; on failure
+        the run stops with TrainingError naming the step and the last good checkpoint, which stays newest."""
+        held = [("weights", self.ema.module if self.ema is not None else self.raw_model)]
+        if self.ema is not None:
+            held.append(("trained weights", self.raw_model))
+        counts = []
+        for _, model in held:
+            from modformer.saving import nonfinite_names
+
+            local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}
+            counts.append(float(len(nonfinite_names(local))))
+            counts.append(float(not math.isfinite(self._probe_loss(model))))
+        counts = all_reduce_sum(counts, self.device, self.world)
+        for i, (label, _) in enumerate(held):
+            if counts[2 * i]:
+                why = f"{int(counts[2 * i])} tensors of the {label} hold NaN/inf"
+            elif counts[2 * i + 1]:
+                why = f"the loss of the {label} on a fixed validation batch is not finite"
+            else:
+                continue
+            raise TrainingError(f"step {self.step}: {why}; checkpoint not written, training stopped, {self._kept()}")
+
     def save_checkpoint(self) -> Path | None:
+        """Checkpoint the current step if it passes the NaN guard (``_check_saveable``); rank 0 writes it."""
+        self._check_saveable()
         model, optim_state = self.raw_model, None
         if self.sharded:   # every rank takes part in gathering the full state; rank 0 writes it
             from torch.distributed.checkpoint.state_dict import (
