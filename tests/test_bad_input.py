@@ -9,10 +9,12 @@ trained once per module and serves as the run folder, teacher and sweep base of 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import math
 import os
+import string
 import subprocess
 import sys
 import typing
@@ -27,7 +29,7 @@ from hypothesis import strategies as st
 
 import modformer as mf
 from modformer.cli import main
-from modformer.config import DataConfig, ModelConfig, TrainConfig
+from modformer.config import DataConfig, ModelConfig, TrainConfig, load_config
 from modformer.validation import Range
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -143,6 +145,9 @@ TRAIN_OVERRIDES = [
     ("name=..", "name"), ("name=.", "name"), ("train.lr=[1,", "invalid YAML"), ("train.lr={a: 1", "invalid YAML"),
     ("train.lr=fast", "train.lr"), ("model.n_layers=3", "n_layer"), ("train.steps=1.5", "train.steps"),
     ("model.bias=maybe", "model.bias"), ("train.betas=0.9", "train.betas"), ("model=3", "model"),
+    ("model.layer_overrides=7", "model.layer_overrides"), ("model.layer_overrides=[1]", "model.layer_overrides[0]"),
+    ("data.options.train_fraction=''", "data.options.train_fraction"), ("data.options.p=seven", "data.options.p"),
+    ('name="a\\nb"', "name"), ('name="a\\tb"', "name"),
 ]
 
 
@@ -218,6 +223,27 @@ def test_corrupted_yaml_fuzz(env, data):
     path.parent.mkdir(exist_ok=True)
     path.write_text(text)
     assert_clean_error(env, ["train", str(path)], "invalid YAML")
+
+
+LEAF_KEYS = ["name", "out_dir", "data.options.p", "data.options.train_fraction", "data.options.op"] + [
+    f"{section}.{f.name}" for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig))
+    for f in dataclasses.fields(cls)]
+
+
+@settings(HYP, max_examples=300)
+@given(key=st.sampled_from(LEAF_KEYS), text=st.text(alphabet=string.printable, max_size=10))
+def test_any_override_text_loads_or_fails_with_one_config_error(env, key, text):
+    """Whatever text a key gets, the config loads and builds (data + model, as the trainer does first) or raises
+    one single-line ConfigError; never a TypeError or KeyError from deep inside."""
+    from modformer.data import build_dataset
+
+    try:
+        cfg = load_config(env.cfg, [f"{key}={text}"])
+        data = build_dataset(cfg.data)
+        cfg.model.vocab_size = cfg.model.vocab_size or data.vocab_size
+        mf.build_model(cfg.model)
+    except mf.ConfigError as e:
+        assert "\n" not in str(e)
 
 
 # ---- every ranged config field, values drawn outside its range -------------------------------------------------

@@ -280,7 +280,7 @@ class RunConfig:
         return asdict(self)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert YAML/CLI values to the annotated type; error names the field."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -291,12 +291,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):    # the first member that takes the value
+            try:
+                return coerce(value, inner, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        return tuple(coerce(v, a, where) for v, a in zip(value, args))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -336,7 +345,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"unknown config key {prefix}{key!r}{suggest(str(key), names)}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 
@@ -378,7 +387,7 @@ def parse_yaml(text: str, where: str) -> Any:
 
 
 def _parse_scalar(text: str, key: str = "value") -> Any:
-    return parse_yaml(text, f"override {key}={text}") if text != "" else ""
+    return parse_yaml(text, f"override {key}={text!r}") if text != "" else ""
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:

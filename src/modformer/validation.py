@@ -103,9 +103,11 @@ def check_fields(obj: Any, section: str) -> None:
 
 
 def check_plain_name(name: Any, key: str) -> None:
-    """A name that becomes one folder: not empty, no path separator, not ``.`` / ``..``, no NUL."""
-    if not isinstance(name, str) or not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise ConfigError(f"{key} must be a plain folder name (no '/', not empty, '.' or '..'), got {name!r}")
+    """A name that becomes one folder: not empty, no path separator, not ``.`` / ``..``, no control character."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or any(c in name for c in "/\\")
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise ConfigError(f"{key} must be a plain folder name (no '/', not empty, '.' or '..', no control "
+                          f"characters), got {name!r}")
 
 
 def check_device_available(name: str, key: str) -> str:

@@ -43,6 +43,17 @@ def dataset_options(name: str) -> dict[str, object]:
     return {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _typed_options(ctor: Callable[..., Dataset], options: dict[str, object]) -> dict[str, object]:
+    """``options`` converted to the constructor's annotated types (as config fields are): a wrong type is one
+    ConfigError naming data.options.KEY, not a TypeError inside the dataset."""
+    import typing
+
+    from modformer.config import coerce
+
+    hints = typing.get_type_hints(ctor.__init__ if inspect.isclass(ctor) else ctor)
+    return {k: coerce(v, hints[k], f"data.options.{k}") if k in hints else v for k, v in options.items()}
+
+
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The task or corpus named by ``cfg.name``, built with ``(cfg.seq_len, cfg.root, **cfg.options)``."""
     ctor = _lookup(cfg.name)
@@ -52,7 +63,7 @@ def build_dataset(cfg: DataConfig) -> Dataset:
             raise ConfigError(f"unknown option data.options.{key}{registry.suggest(str(key), list(allowed))} "
                               f"for {cfg.name!r}; allowed: {', '.join(allowed)}")
     root = Path(cfg.root).expanduser() if cfg.root else None
-    ds = ctor(cfg.seq_len, root, **cfg.options)
+    ds = ctor(cfg.seq_len, root, **_typed_options(ctor, cfg.options))
     if getattr(cfg, "pack", False):
         if ds.eos_id is None:
             raise ConfigError(f"data.pack needs a corpus whose stream separates documents with an EOS token; "
