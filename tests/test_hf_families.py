@@ -236,7 +236,7 @@ def test_cli_eval_on_hf_folder(llama_dir, capsys) -> None:
 
     from modformer.models.hf.data import HFText
 
-    assert _cli("eval", llama_dir, "--max-batches", "1") == 0
+    assert _cli("eval", llama_dir, "--max-batches", "1", "--json") == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     data = HFText(64, tokenizer=str(llama_dir))
     x, y = next(iter(data.iter_eval("val", 64, 1)))
@@ -250,3 +250,51 @@ def test_cli_circuits_on_hf_folder(llama_dir, tmp_path) -> None:
     out = tmp_path / "circuits"
     assert _cli("circuits", llama_dir, "--out", out, "--text", "the cat sat on the mat the cat sat") == 0
     assert (out / "summary.json").is_file() or any(out.iterdir())
+
+
+# ---- left padding (attention_mask) -------------------------------------------------------------------
+def _left_padded(pads: tuple[int, ...] = (0, 5, 2), t: int = T) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = _ids(len(pads), t)
+    mask = torch.ones_like(idx)
+    for row, n in enumerate(pads):
+        mask[row, :n] = 0
+        idx[row, :n] = 0                                        # pad token: any id, it is never attended to
+    return idx, mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_logits_match_hf(variant: str) -> None:
+    """Positions count from each row's first real token on both sides (HF: position_ids from the mask)."""
+    hf = hf_model(variant)
+    ours = mf.hf.from_hf(hf)
+    idx, mask = _left_padded()
+    with torch.no_grad():
+        mine = ours(idx, attention_mask=mask)
+        theirs = hf(idx, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    real = mask.bool()
+    assert (mine[real] - theirs[real]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_greedy_generation_matches_hf(variant: str) -> None:
+    hf = hf_model(variant, std=0.5)
+    ours = mf.hf.from_hf(hf)
+    idx, mask = _left_padded((0, 3, 1), 7)
+    mine = ours.generate(idx, 10, temperature=0, attention_mask=mask, pad_token_id=0)
+    theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(mine, theirs)
+
+
+def test_cli_lora_on_hf_folder_then_export(llama_dir, tmp_path) -> None:
+    """HF folder -> `modformer lora --merge` (2 steps) -> `modformer export` -> an HF Llama equal to the merge."""
+    out = tmp_path / "adapter"
+    assert _cli("lora", llama_dir, "--steps", "2", "--lr", "0.05", "--merge", "--out", out,
+                "--task", "train.eval_batches=1", "train.batch_size=4") == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    merged = mf.load(out / "merged").eval()
+    base = mf.hf.load_pretrained(llama_dir)
+    assert not torch.equal(merged.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)   # it trained
+    assert _cli("export", out / "merged", "--hf", tmp_path / "merged_hf") == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf").eval()
+    assert hf.config.model_type == "llama"
+    assert _max_diff(merged, hf, _ids()) <= 1e-5

@@ -24,16 +24,15 @@ SOURCES = {"wikitext2": ("wikitext-2", {"train": "train.txt", "val": "valid.txt"
 
 
 class _Lazy(Mapping):
-    """split -> value computed from the split's text file on first use: a command that only encodes prompts
-    (generate) never needs the corpus, and evaluation tokenizes one split of three."""
+    """split -> ``value(split)`` computed on first use: a command that only encodes prompts (generate) never
+    reads the corpus, and evaluation tokenizes one split of three."""
 
-    def __init__(self, splits: tuple[str, ...], paths: Callable[[], dict[str, Path]],
-                 value: Callable[[str], Any]) -> None:
-        self._splits, self._paths, self._value, self._done = splits, paths, value, {}
+    def __init__(self, splits: tuple[str, ...], value: Callable[[str], Any]) -> None:
+        self._splits, self._value, self._done = splits, value, {}
 
     def __getitem__(self, split: str) -> Any:
         if split not in self._done:
-            self._done[split] = self._value(self._paths()[split].read_text(encoding="utf-8"))
+            self._done[split] = self._value(split)
         return self._done[split]
 
     def __iter__(self) -> Iterator[str]:
@@ -53,7 +52,7 @@ class HFText(StreamDataset):
     """
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, tokenizer: str | None = None,
-                 source: str | dict[str, str] = "wikitext2") -> None:
+                 source: str | dict[str, str] = "wikitext2", cache_dir: str | None = None) -> None:
         from modformer.models.hf import load_tokenizer
 
         if not tokenizer:
@@ -68,10 +67,23 @@ class HFText(StreamDataset):
         else:
             raise ConfigError(f"data.options.source: unknown {source!r}; allowed: {', '.join(SOURCES)} or "
                               "a mapping split -> text file")
-        self._source, self._root, self._paths = source, root, None
-        encode = self._encode_text
-        super().__init__(_Lazy(splits, self.paths, lambda t: np.asarray(encode(t), dtype=np.int64)),
-                         len(self.tokenizer), seq_len, words=_Lazy(splits, self.paths, lambda t: len(t.split())))
+        self._source, self._root, self._paths, self._cache_dir = source, root, None, cache_dir
+        super().__init__(_Lazy(splits, self._stream), len(self.tokenizer), seq_len,
+                         words=_Lazy(splits, lambda split: len(self._text(split).split())))
+
+    def _text(self, split: str) -> str:
+        return self.paths()[split].read_text(encoding="utf-8")
+
+    def _stream(self, split: str) -> np.ndarray:
+        """The split tokenized, cached as .npy keyed by the text file and the tokenizer's full definition."""
+        vocab = json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        key = files.file_digest(self.paths()[split], type(self.tokenizer).__name__, vocab,
+                                backend.to_str() if backend is not None else "")
+        path = files.cache_dir(self._cache_dir) / f"hf_text-{key}.npy"
+        if not path.is_file():
+            files.save_stream(path, self._encode_text(self._text(split)), len(self.tokenizer))
+        return files.load_stream(path)
 
     def paths(self) -> dict[str, Path]:
         """split -> text file (found on first call; a missing file is one clear error)."""
