@@ -358,6 +358,40 @@ def test_generate_option_fuzz(env, k, p, t, n):
     assert_clean_error(env, [*base, "--max-new-tokens", str(n)], "--max-new-tokens")
 
 
+# ---- damaged run folders (a copy: the original stays as it was) --------------------------------------------------
+@pytest.mark.parametrize("damage", [
+    "empty_weights", "truncated_weights", "config_json_list", "config_yaml_bad",
+    pytest.param("garbage_state", marks=pytest.mark.xfail(
+        reason="Trainer._prepare_run_dir rewrites config.yaml before _resume reads the checkpoint (lead's part)"))])
+def test_damaged_run_folder(env, damage):
+    import shutil
+
+    copy = env.root / "damaged" / damage
+    if not copy.exists():
+        shutil.copytree(env.run, copy)
+        ckpt = sorted((copy / "checkpoints").glob("step_*"))[-1]
+        weights = ckpt / "model.safetensors"
+        if damage == "empty_weights":
+            weights.write_bytes(b"")
+        elif damage == "truncated_weights":
+            weights.write_bytes(weights.read_bytes()[:100])
+        elif damage == "config_json_list":
+            (ckpt / "config.json").write_text("[1, 2]")
+        elif damage == "garbage_state":
+            for f in ckpt.iterdir():
+                if f.name.startswith("trainer_state"):
+                    f.write_bytes(os.urandom(64))
+        else:
+            (copy / "config.yaml").write_text("model: {d_model: 16\n")
+    commands = [["eval", str(copy)], ["generate", str(copy), "--prompt", "1 2 ="]]
+    if damage in ("garbage_state", "config_yaml_bad"):
+        run_cfg = env.root / "damaged" / f"{damage}.yaml"
+        run_cfg.write_text(yaml.safe_dump({**TINY, "name": damage, "out_dir": str(copy.parent)}))
+        commands = [["train", str(run_cfg), "--resume"]] + (commands if damage == "config_yaml_bad" else [])
+    for argv in commands:
+        assert_clean_error(env, argv)
+
+
 # ---- data download offline ----------------------------------------------------------------------------------
 def test_download_failure_is_one_line(env, monkeypatch, tmp_path):
     def offline(*args, **kwargs):

@@ -158,6 +158,7 @@ class RotaryPosition(Position):
         if self.rot_dim % 2 or self.rot_dim == 0:
             raise ConfigError(f"model.position='rope' needs an even, positive number of rotated dims, got "
                               f"{self.rot_dim} (head_dim {cfg.head_dim} x rope_fraction {cfg.rope_fraction})")
+        check_value(cfg.rope_base, "> 0", "model.rope_base")     # also when built without ModelConfig.validate
         inv_freq = rope_inv_freq(self.rot_dim, cfg.rope_base, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
