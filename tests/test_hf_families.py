@@ -28,6 +28,7 @@ VARIANTS = {
     "llama": ("Llama", LLAMA),
     "llama3_rope_tied_bias": ("Llama", dict(LLAMA, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True,
                                             attention_bias=True, mlp_bias=True)),
+    "llama_mqa_head_dim16": ("Llama", dict(LLAMA, num_key_value_heads=1, head_dim=16)),   # head_dim != D / H
     "mistral_window5": ("Mistral", dict(LLAMA, sliding_window=5)),
     "qwen2": ("Qwen2", dict(LLAMA)),
     "qwen2_sliding_layer1": ("Qwen2", dict(LLAMA, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
@@ -298,3 +299,26 @@ def test_cli_lora_on_hf_folder_then_export(llama_dir, tmp_path) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf").eval()
     assert hf.config.model_type == "llama"
     assert _max_diff(merged, hf, _ids()) <= 1e-5
+
+
+def test_cli_distill_sparse_student_of_hf_teacher(llama_dir, tmp_path) -> None:
+    """`modformer distill` with an HF folder as teacher: a sliding-window student, two KL steps on hf_text."""
+    import json
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(LINES * 40))
+    spec = tmp_path / "distill.yaml"
+    spec.write_text(json.dumps({
+        "name": "student", "out_dir": str(tmp_path / "runs"), "teacher": str(llama_dir),
+        "student": {"attention": "sliding_window", "attention_options": {"window": 4}},
+        "data": {"name": "hf_text", "seq_len": 32,
+                 "options": {"tokenizer": str(llama_dir), "source": {"train": str(text), "val": str(text)}}},
+        "steps": 2, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "progress": False}))
+    assert _cli("distill", spec) == 0
+    student = mf.load(tmp_path / "runs" / "student")
+    assert student.cfg.attention == "sliding_window" and student.cfg.position == "rope"
+    teacher = mf.hf.load_pretrained(llama_dir)
+    assert not torch.equal(student.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)   # trained
+    assert torch.equal(student.blocks[0].mlp.up.weight, teacher.blocks[0].mlp.up.weight)          # frozen
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kl" in r for r in rows)
