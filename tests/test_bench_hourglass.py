@@ -110,6 +110,15 @@ def test_tiny_study_through_the_registry_writes_sweep_seed_rows_and_a_profile(tm
     assert list(comps) == ["token_layers_before", "compression", "latent_stack", "upsampling",
                            "token_layers_after", "head_and_loss", "other"]
     assert all(comps[name]["wall_ms"] > 0 for name in list(comps)[:-1])
+    # a second call adds an lr to the sweep: the earlier runs are kept, not rerun
+    again = tmp_path / "hg2.json"
+    assert main(["bench", "hourglass", "--tiny", "--steps", "2", "--lrs", "1e-3,2e-3", "--seeds", "2",
+                 "--reuse", str(out), "--runs-dir", str(tmp_path / "runs"), "--out", str(again)]) == 0
+    result = json.loads(again.read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert len(names) == len(set(names)) and sum(bool(r.get("reused_from")) for r in result["rows"]) == 4
+    assert {"shakespeare_gpt_lr0.002_s0", "shakespeare_hourglass_lr0.002_s0"} <= set(names)
+    assert result["profile"]["reused_from"] == str(out) and result["headline"]["seeds"] == 2
 
 
 def test_budget_skips_runs_that_would_not_fit(tmp_path):

@@ -22,7 +22,8 @@ counts; ``--profile`` adds the hourglass's per-component time split (``hourglass
 forward + backward time at the same batch. ``--variants`` adds one-seed rows of hourglass ablations at the
 hourglass's tuned lr, compared with GPT seed 0. Every finished run rewrites the result file, so a run stopped by
 a time limit leaves what it finished; ``--budget-s`` skips runs that would not fit (the longest run so far as
-the estimate).
+the estimate); ``--reuse RESULT`` continues an earlier result (its runs are not rerun, e.g. to add an lr to the
+sweep or variants in a second call on a machine with a per-command time limit).
 
     modformer bench hourglass --budget-s 560 --profile --out benchmarks/results    # the canonical result (H200)
     modformer bench hourglass --tiny --out /tmp/hg.json                          # CPU smoke test, not a measurement
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench hourglass", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="shakespeare", choices=sorted(CORPORA))
-    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="peak learning rates swept for both models")
+    p.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3", help="peak learning rates swept for both models")
     p.add_argument("--seeds", type=int, default=3, help="seeds at each model's best lr (seed 0 = the sweep run)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
     p.add_argument("--seq-len", type=int, default=None, help="context (default: the configs'); batch keeps tokens")
@@ -229,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="comma list of hourglass ablations: " + ", ".join(ABLATIONS))
     p.add_argument("--profile", action="store_true", help="per-component time split of the hourglass (at the end)")
     p.add_argument("--budget-s", type=float, default=0.0, help="skip runs that would end past this many seconds")
+    p.add_argument("--reuse", default=None, metavar="RESULT",
+                   help="an earlier result of this study: its runs (same corpus, names) count as done, not rerun")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 6 steps, T=64")
     p.add_argument("--out", default=f"{DEFAULT_OUT}/hourglass.json")
     p.add_argument("--runs-dir", default=None)
@@ -262,8 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows: list[dict] = []
     skipped: list[str] = []
+    earlier: dict = {}
+    if args.reuse:
+        try:
+            earlier = json.loads(Path(args.reuse).read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--reuse: cannot read {args.reuse}: {e}")
+        rows = [{**r, "reused_from": r.get("reused_from") or args.reuse} for r in earlier.get("rows", [])
+                if r.get("corpus") == args.corpus and r.get("role") in ("sweep", "seed", "variant")]
     extra: dict = {"settings": {"corpus": args.corpus, "configs": {a: str(c) for a, c in configs.items()},
-                                "overrides": common, "lrs": lrs, "seeds": args.seeds, "variants": variants}}
+                                "overrides": common, "lrs": lrs, "seeds": args.seeds, "variants": variants,
+                                "reused_from": args.reuse, "reused_command": earlier.get("command")}}
     if args.tiny:
         extra["note"] = "CPU smoke test with tiny models: not a measurement"
     t_start = time.perf_counter()
@@ -274,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def train(arm: str, role: str, lr: float, seed: int, opts: dict | None = None, label: str = "") -> None:
         name = f"{args.corpus}_{label or arm}_lr{lr:g}_s{seed}"
+        if any(r["name"] == name for r in rows):
+            return
         if not fits():
             skipped.append(name)
             print(f"== skip {name} (budget)", flush=True)
@@ -311,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if hg_lr is not None:
             opts = {**copy.deepcopy(base["hourglass"].model.model_options), **ABLATIONS[name]}
             train("hourglass", "variant", hg_lr, 0, opts, label=name)
+    if earlier.get("profile") and not args.profile:
+        extra["profile"] = {**earlier["profile"], "reused_from": args.reuse}
     if args.profile:
         if fits():
             try:
