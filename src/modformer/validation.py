@@ -96,7 +96,7 @@ def check_value(value: Any, rule: Any, key: str, note: str = "") -> None:
 
 
 def check_fields(obj: Any, section: str) -> None:
-    """Apply ``type(obj).RULES`` ({field: rule} or {field: (rule, note)}) to ``obj``; keys print as section.field."""
+    """Apply ``type(obj).RULES`` ({field: rule} or {field: [rule, note]}) to ``obj``; keys print as section.field."""
     for name, rule in type(obj).RULES.items():
         rule, note = rule if isinstance(rule, list) else (rule, "")
         check_value(getattr(obj, name), rule, f"{section}.{name}" if section else name, note)
