@@ -322,3 +322,39 @@ def test_cli_distill_sparse_student_of_hf_teacher(llama_dir, tmp_path) -> None:
     assert torch.equal(student.blocks[0].mlp.up.weight, teacher.blocks[0].mlp.up.weight)          # frozen
     rows = [json.loads(line) for line in (tmp_path / "runs" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in r for r in rows)
+
+
+@pytest.mark.parametrize("fields,needle", [
+    (dict(parallel_residual=True, norm_placement="post"), "model.parallel_residual"),
+    (dict(position="rope", rope_fraction=0.0), "model.rope_fraction"),
+    (dict(position="rope", rope_fraction=0.1), "rotated dims"),                  # 0.1 * 8 -> 0 dims
+    (dict(position="rope", rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type 'yarn'"),
+    (dict(position="rope", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+])
+def test_new_model_fields_fail_in_one_line(fields: dict, needle: str) -> None:
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=1, d_model=32, n_head=4, max_seq_len=64, **fields)
+    with pytest.raises(mf.ConfigError, match=needle):
+        mf.build_model(cfg.validate())
+
+
+def test_rope_frequencies_against_references() -> None:
+    """Default frequencies = the float64 formula to fp32 rounding; llama3 / linear = HF's own rope functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from modformer.layers.position import rope_inv_freq
+
+    exact = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    assert ((rope_inv_freq(8, 10000.0, {}).double() - exact).abs() / exact).max().item() <= 2 ** -23
+    for scaling in (LLAMA3_ROPE, dict(rope_type="linear", rope_theta=10000.0, factor=4.0)):
+        config = transformers.LlamaConfig(**{**LLAMA, "rope_parameters": scaling})
+        theirs, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+        assert torch.allclose(rope_inv_freq(8, 10000.0, scaling), theirs.float(), rtol=1e-6, atol=0), scaling
+
+
+def test_partial_rotary_passes_the_other_dims_through() -> None:
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=1, d_model=32, n_head=4, position="rope", rope_fraction=0.5)
+    rope = mf.build_model(cfg).position
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    q2, k2 = rope.rotate(q, k, torch.arange(3, 9))
+    assert torch.equal(q2[..., 4:], q[..., 4:]) and torch.equal(k2[..., 4:], k[..., 4:])
+    assert not torch.allclose(q2[..., :4], q[..., :4])
