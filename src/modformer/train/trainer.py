@@ -110,6 +110,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                  callbacks: list[Callable[[Trainer, int], None]] | None = None) -> None:
+        cfg.validate()                 # the CLI checks too; the Python API, sweeps and compose runs rely on this
+        cfg.check_run_dir()
         self.cfg = cfg
         t = cfg.train
         self.t_start = time.perf_counter()
