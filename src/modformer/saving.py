@@ -113,12 +113,12 @@ def load_weights(model: nn.Module, file: Path, device: str | torch.device = "cpu
 
 
 def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or inf (one max-abs reduction each: NaN propagates)."""
+    """Names of the floating-point tensors holding NaN or inf (one min/max pass each: NaN propagates)."""
     names = [k for k, v in tensors.items() if v.is_floating_point() and v.numel()]
     if not names:
         return []
-    peaks = torch.stack([tensors[k].detach().abs().amax().float() for k in names])
-    return [k for k, ok in zip(names, torch.isfinite(peaks).tolist(), strict=True) if not ok]
+    peaks = torch.stack([torch.stack(torch.aminmax(tensors[k].detach())).float() for k in names])
+    return [k for k, ok in zip(names, torch.isfinite(peaks).all(1).tolist(), strict=True) if not ok]
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:

@@ -547,14 +547,15 @@ class Trainer:
         """FSDP2 under torchrun: parameters are DTensor shards; state must be gathered collectively."""
         return self.cfg.train.distributed == "fsdp" and self.world.size > 1
 
-    PROBE_ROWS = 8      # validation rows the NaN guard's forward pass uses
+    PROBE_ROWS, PROBE_TOKENS = 8, 512     # the NaN guard's validation batch: at most 8 rows, ~512 tokens
 
     def _probe_loss(self, model: torch.nn.Module) -> float:
         """Mean loss of ``model`` on one fixed validation batch (the split's first rows): no RNG is drawn,
         no gradient kept, and the model's train/eval mode is restored."""
         if getattr(self, "_probe", None) is None:
             x, y = next(iter(self.data.iter_eval("val", self.PROBE_ROWS, 1)))
-            self._probe = (x[: self.PROBE_ROWS].to(self.device), y[: self.PROBE_ROWS].to(self.device))
+            rows = max(1, min(self.PROBE_ROWS, self.PROBE_TOKENS // max(x.shape[1], 1)))
+            self._probe = (x[:rows].to(self.device), y[:rows].to(self.device))
         x, y = self._probe
         was_training = model.training
         model.eval()
