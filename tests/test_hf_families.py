@@ -114,6 +114,7 @@ def test_greedy_generation_matches_hf(variant: str) -> None:
                          pad_token_id=0)
     assert torch.equal(mine, theirs)
     assert torch.equal(mine, ours.generate(idx, 10, temperature=0, use_cache=False))
+    assert torch.equal(mine, ours.generate(idx, 10, temperature=0, static_cache=True))
 
 
 # ---- folders, tokenizer, export, errors --------------------------------------------------------------
@@ -284,6 +285,8 @@ def test_left_padded_greedy_generation_matches_hf(variant: str) -> None:
     mine = ours.generate(idx, 10, temperature=0, attention_mask=mask, pad_token_id=0)
     theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(mine, theirs)
+    static = ours.generate(idx, 10, temperature=0, attention_mask=mask, pad_token_id=0, static_cache=True)
+    assert torch.equal(static, theirs)
 
 
 def test_cli_lora_on_hf_folder_then_export(llama_dir, tmp_path) -> None:
