@@ -463,3 +463,39 @@ def test_ctrl_c_names_the_newest_verified_checkpoint_or_none(run, tmp_path, monk
     save_yaml(run_cfg(tmp_path / "fresh"), tmp_path / "fresh.yaml")
     rc, err = main(capsys, "train", tmp_path / "fresh.yaml")
     assert rc == 130 and "no verified checkpoint exists" in err
+
+
+# ---- kill -9 while saving ----------------------------------------------------------------------------------
+SAVER = """
+import sys, torch
+import modformer as mf
+from modformer.config import ModelConfig
+from modformer.train import checkpoint as ckpt
+torch.manual_seed(0)
+model = mf.build_model(ModelConfig(vocab_size=64, n_layer=2, d_model=64, n_head=2, max_seq_len=16))
+state = {"step": 0, "optimizer": {"exp_avg": [torch.randn(64, 64) for _ in range(8)]}, "rng": ckpt.rng_state()}
+print("ready", flush=True)
+for step in range(1, 100000):
+    state["step"] = step
+    ckpt.save_checkpoint(ckpt.Path(sys.argv[1]), step, model, state, keep=2)
+"""
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_kill_9_while_saving_leaves_a_verified_checkpoint(tmp_path, trial):
+    """SIGKILL at a random moment of back-to-back checkpoint saves: the newest checkpoint still verifies."""
+    root = tmp_path / "checkpoints"
+    child = subprocess.Popen([sys.executable, "-c", SAVER, str(root)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert child.stdout.readline().strip() == "ready"
+    rng = random.Random(trial)
+    deadline = 0.3 + rng.random()
+    while not list(root.glob("step_*")):          # let it commit a first checkpoint, then a random while
+        assert child.poll() is None
+        subprocess.run(["sleep", "0.05"], check=True)
+    subprocess.run(["sleep", f"{deadline:.3f}"], check=True)
+    child.kill()
+    child.wait()
+    found = ckpt.newest_checkpoint(root, warn=lambda line: None)
+    assert found.state["step"] >= 1 and ckpt.latest_checkpoint(root) == found.path     # latest names it
+    assert mf.load(root / "latest").cfg.d_model == 64
