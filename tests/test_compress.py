@@ -259,7 +259,7 @@ def test_cli_prune_and_lora(tiny_run, tmp_path, capsys):
     for method, amount in (("heads", 0.5), ("magnitude", 0.7)):
         out = tmp_path / method
         assert main(["prune", str(run), "--method", method, "--amount", str(amount), "--finetune-steps", "2",
-                     "--out", str(out)]) == 0
+                     "--out", str(out), "--json"]) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         model = mf.load(out)
         if method == "magnitude":
@@ -269,7 +269,7 @@ def test_cli_prune_and_lora(tiny_run, tmp_path, capsys):
             assert model.num_params() == result["after"]["params"] < result["before"]["params"]
         assert json.loads((out / "prune.json").read_text())["method"] == method
     assert main(["lora", str(run), "--task", 'data.options.op="-"', "--rank", "2", "--steps", "2",
-                 "--out", str(tmp_path / "sub"), "--merge"]) == 0
+                 "--out", str(tmp_path / "sub"), "--merge", "--json"]) == 0
     meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < meta["trainable_fraction"] < 0.2 and (tmp_path / "sub" / "adapter_model.safetensors").is_file()
     assert mf.load(tmp_path / "sub" / "merged").num_params() == mf.load(out).num_params()
@@ -345,7 +345,7 @@ def test_cli_prune_l0(tiny_run, tmp_path, capsys):
     run, _, _ = tiny_run
     out = tmp_path / "l0"
     assert main(["prune", str(run), "--method", "heads", "--importance", "l0", "--l0-closed", "--l0-lambda", "2",
-                 "--l0-steps", "60", "--l0-lr", "0.2", "--score-batches", "1", "--out", str(out)]) == 0
+                 "--l0-steps", "60", "--l0-lr", "0.2", "--score-batches", "1", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert mf.load(out).num_params() == result["after"]["params"] < result["before"]["params"]
     assert main(["prune", str(run), "--method", "heads", "--importance", "l0", "--amount", "0.25",

@@ -73,7 +73,7 @@ def test_modular_splits_and_determinism() -> None:
     assert not torch.equal(whole(other, "train")[0], xt)
     div = build("modular", op="/")
     assert div.split_size("train") + div.split_size("val") == 113 * 112   # b != 0
-    assert div.decode([3, 5, 113]) == "3 5 =" and div.encode("3 5 =") == [3, 5, 113]
+    assert div.decode([3, 5, 113]) == "3 / 5 =" and div.encode("3 5 =") == div.encode("3 / 5 =") == [3, 5, 113]
 
 
 def test_modular_bad_options() -> None:

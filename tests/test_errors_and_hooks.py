@@ -53,7 +53,7 @@ def test_input_errors():
 
 
 def test_config_keys_overrides_and_yaml(tmp_path):
-    with pytest.raises(mf.ConfigError, match=r"unknown config key 'model.n_layers' \(did you mean 'n_layer'\?\)"):
+    with pytest.raises(mf.ConfigError, match=r"unknown config key 'model.n_layers' \(did you mean 'model.n_layer'\?\)"):
         apply_overrides(RunConfig(), ["model.n_layers=3"])
     with pytest.raises(mf.ConfigError, match="train.lr must be a number"):
         apply_overrides(RunConfig(), ["train.lr=fast"])
@@ -66,7 +66,7 @@ def test_config_keys_overrides_and_yaml(tmp_path):
     again = load_config(path)
     assert again == run
     path.write_text("model:\n  d_modle: 64\n")
-    with pytest.raises(mf.ConfigError, match="did you mean 'd_model'"):
+    with pytest.raises(mf.ConfigError, match="did you mean 'model.d_model'"):
         load_config(path)
     with pytest.raises(mf.ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")

@@ -5,28 +5,41 @@
     logits = model(idx)                                    # (B, T, V)
     logits, cache = model.run_with_cache(idx)              # activations by hook name
     mf.save(model, "dir/"); model = mf.load("dir/")
+
+Every name is imported on first use (PEP 562), so ``import modformer`` and ``modformer --help`` load no
+torch, matplotlib, TensorBoard, transformers or PEFT; the registry imports the built-in components the first
+time a component is looked up.
 """
 
-from modformer import (  # noqa: F401  (registers built-in components)
-    data,  # noqa: F401
-    layers,
-    models,
-    nn,  # noqa: F401  (modformer.nn.MultiheadAttention)
-    registry,
-)
-from modformer.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from modformer.saving import build_model, load, save
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+_ATTRS = {   # public name -> module that defines it
+    "ConfigError": "modformer.config", "DataConfig": "modformer.config", "ModelConfig": "modformer.config",
+    "RunConfig": "modformer.config", "TrainConfig": "modformer.config", "load_config": "modformer.config",
+    "build_model": "modformer.saving", "load": "modformer.saving", "save": "modformer.saving",
+}
 
-def __getattr__(name: str):  # lazy: HF interop imports transformers only when used
-    if name == "hf":
-        from modformer.models import hf
 
-        return hf
-    raise AttributeError(f"module 'modformer' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name in _ATTRS:
+        value = getattr(importlib.import_module(_ATTRS[name]), name)
+    elif not name.startswith("__"):
+        try:                                   # a subpackage: mf.registry, mf.hf, mf.interp, ...
+            value = importlib.import_module(f"modformer.{'models.hf' if name == 'hf' else name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"modformer.{name}":
+                raise
+            raise AttributeError(f"module 'modformer' has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module 'modformer' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "build_model",
-           "load", "load_config", "registry", "save"]
+           "load", "load_config", "registry", "save", "__version__"]

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from modformer.cli_args import device, float_in, int_in
 from modformer.registry import ConfigError
@@ -33,8 +34,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_device_available(cfg.train.device, "train.device")
     summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
     if "report" in summary:
-        keys = [k for k in summary if k.startswith("final_val_")]
-        print(" ".join(f"{k[len('final_val_'):]}={summary[k]:.4g}" for k in keys))
+        from modformer.console import print_summary
+        from modformer.train.logging import duration
+
+        names = [k[len("final_val_"):] for k in summary if k.startswith("final_val_")]
+        took = f"{summary['steps']} steps in {duration(summary['wall_s'])}"
+        print_summary(f"{cfg.name}: {took} ({summary['stop_reason']})",
+                      columns={"final": {n: summary[f"final_val_{n}"] for n in names},
+                               "best": {n: summary[f"val_{n}"] for n in names if f"val_{n}" in summary},
+                               "best at step": {n: summary[f"val_{n}_step"] for n in names
+                                                if f"val_{n}_step" in summary}})
         print(f"report: {summary['report']}")
     return 0
 
@@ -60,8 +69,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer.model = trainer.raw_model = model
     trainer.data, trainer.step = build_dataset(cfg.data), -1
     trainer.run_dir = Path(args.run_dir)
+    if not args.json:
+        from modformer.console import note
+
+        size = f"{trainer.data.split_size(args.split):,} {'examples' if trainer.data.kind == 'task' else 'tokens'}"
+        part = f", first {args.max_batches} batches" if args.max_batches else ""
+        note("eval", f"{args.run_dir}: {args.split} split, {size}{part} on {device}")
     result = {"split": args.split, **trainer.evaluate(args.split, args.max_batches)}
-    print(json.dumps(result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from modformer.console import print_summary
+
+        print_summary(f"eval {args.run_dir} ({args.split} split)", values=result)
     return 0
 
 
@@ -79,6 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
     ids = [data.encode(p) for p in prompts]
+    if args.max_new_tokens is None:       # a task's answer length (e.g. 1 for modular arithmetic), else 200
+        args.max_new_tokens = getattr(data, "answer_length", lambda: 200)()
     for p, i in zip(prompts, ids):
         if not i:
             raise ConfigError(f"--prompt {p!r} encodes to no tokens")
@@ -108,8 +130,13 @@ def cmd_circuits(args: argparse.Namespace) -> int:
 
         model, deltas = merge_adapter_for_analysis(model, args.adapter, out)
         extra.append(str(deltas))
+    from modformer.console import note
+
+    note("circuits", f"{args.run_dir}: weights, head detectors, attention page -> {out}")
     summary = analyze(model, out, data, html=args.html, text=args.text, title=f"circuits: {Path(args.run_dir).name}")
-    print("\n".join(summary["files"] + extra))
+    files = summary["files"] + extra
+    print(f"circuits {args.run_dir}: {len(files)} files")
+    print("\n".join(f"  {f}" for f in files))
     return 0
 
 
@@ -150,42 +177,108 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modformer", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (when it has one worth showing) and examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if (action.default is None or action.default is False or action.default == [] or
+                action.default == argparse.SUPPRESS or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose sub-parsers (and theirs) all use ``HelpFormatter``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+EXAMPLES = {   # subcommand -> the epilog of its --help
+    "train": "modformer train configs/grokking.yaml                 # ~10 s on a 2-core CPU -> runs/grokking/\n"
+             "modformer train configs/grokking.yaml name=g2 train.lr=3e-3 model.n_layer=1\n"
+             "modformer train configs/grokking.yaml --resume        # continue from the newest checkpoint",
+    "eval": "modformer eval runs/grokking\n"
+            "modformer eval runs/wikitext2 --split test --stride 128",
+    "generate": 'modformer generate runs/grokking --prompt "3 + 5 ="            # task runs: prints 3 + 5 = 8\n'
+                'modformer generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 200',
+    "circuits": "modformer circuits runs/induction_2l                   # -> runs/induction_2l/circuits/",
+    "bench": "modformer bench list\n"
+             "modformer bench throughput --preset tiny                # writes under runs/bench/",
+    "sweep": "modformer sweep configs/sweeps/scaling_shakespeare.yaml --workers 2\n"
+             "modformer sweep configs/sweeps/scaling_shakespeare.yaml --resume",
+    "scaling": "modformer scaling runs/sweeps/scaling_shakespeare/results.jsonl --budget 1e16 1e17",
+    "prune": "modformer prune runs/grokking --method neurons --amount 0.5 --finetune-steps 200\n"
+             "modformer prune runs/grokking --method heads --importance l0 --l0-closed --l0-lambda 2",
+    "lora": "modformer lora runs/grokking --task 'data.options.op=\"-\"' --rank 1 --targets qkv,out,up,down",
+    "distill": "modformer distill configs/sparse_window.yaml teacher=runs/sparse_fidelity/teacher_hf",
+    "compose": "modformer compose cbtm configs/compose_cbtm.yaml experts.workers=4\n"
+               "modformer compose cbtm configs/compose_cbtm.yaml --stage plan\n"
+               "modformer compose calm configs/compose_calm.yaml calm.every=1",
+    "export": "modformer export runs/shakespeare_char --hf out/shakespeare_hf",
+    "list": "modformer list\nmodformer list attention",
+}
+
+# Sub-commands whose parser lives in a module that imports torch: built only when that command is run
+# (or for the full parser), so `modformer --help` and the other commands' --help stay fast.
+HEAVY = {  # module -> (function adding its sub-parsers, {command: one-line help})
+    "modformer.compress.commands": ("add_parsers", {
+        "prune": "prune a run's newest checkpoint (magnitude | heads | neurons | layers)",
+        "lora": "train a LoRA adapter (HF PEFT) on a task from a run's newest checkpoint"}),
+    "modformer.compress.distill": ("add_parser", {
+        "distill": "distil a teacher into a student with another attention: modformer distill CONFIG.yaml"}),
+    "modformer.models.hf.commands": ("add_parser", {
+        "export": "write a model as an HF folder: modformer export MODEL --hf OUT"}),
+}
+
+
+def build_parser(command: str | None = None, full: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. ``full=False`` builds the torch-importing parsers (``HEAVY``) only for
+    ``command``; the others get a one-line entry (enough for ``modformer --help``)."""
+    from modformer import __version__
+
+    p = Parser(prog="modformer", description=__doc__.splitlines()[0],
+               epilog="examples:\n  modformer train configs/grokking.yaml\n  modformer COMMAND --help")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train from a YAML config: modformer train CONFIG.yaml [key=value ...]")
-    t.add_argument("config")
+    t.add_argument("config", help="YAML recipe, e.g. configs/grokking.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.n_layer=4")
     t.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint on a split")
-    e.add_argument("run_dir")
-    e.add_argument("--split", default="val")
+    e.add_argument("run_dir", help="run folder (runs/NAME)")
+    e.add_argument("--split", default="val", help="val | train (| test for corpora that have one)")
     e.add_argument("--max-batches", type=int_in(">= 0"), default=0, help="0 = the full split")
     e.add_argument("--stride", type=int_in(">= 1"), default=None,
                    help="corpora: sliding-window evaluation, each token scored with >= seq_len - STRIDE context")
     e.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON line (for scripts), not a table")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
-    g.add_argument("run_dir")
-    g.add_argument("--prompt", action="append", help="repeatable: the prompts decode together as one batch")
+    g.add_argument("run_dir", help="run folder (runs/NAME)")
+    g.add_argument("--prompt", action="append", help="repeatable: the prompts decode together as one batch; "
+                   'task runs use the task\'s format, e.g. "3 + 5 =" for modular addition')
     g.add_argument("--prompts", default=None, help="file of prompts, one per line (added to --prompt)")
-    g.add_argument("--max-new-tokens", type=int_in(">= 0"), default=200)
+    g.add_argument("--max-new-tokens", type=int_in(">= 0"), default=None,
+                   help="tokens to add (default: the answer's length for task runs, else 200)")
     g.add_argument("--temperature", type=float_in(">= 0"), default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int_in(">= 1"), default=None)
-    g.add_argument("--top-p", type=float_in("(0, 1]"), default=None)
-    g.add_argument("--seed", type=int_in(">= 0"), default=0)
+    g.add_argument("--top-k", type=int_in(">= 1"), default=None, help="sample among the K likeliest tokens only")
+    g.add_argument("--top-p", type=float_in("(0, 1]"), default=None,
+                   help="sample among the likeliest tokens holding probability P (nucleus)")
+    g.add_argument("--seed", type=int_in(">= 0"), default=0, help="sampling seed")
     g.add_argument("--compile", action="store_true",
                    help="compiled decoding with a static cache (one CUDA graph per token on GPU)")
     g.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("circuits", help="interpretability report (HTML, plots, head table) of a run's checkpoint")
-    c.add_argument("run_dir")
+    c.add_argument("run_dir", help="run folder (runs/NAME)")
     c.add_argument("--html", default=None, help="attention page path (default OUT/circuits.html)")
     c.add_argument("--out", default=None, help="output folder (default RUN_DIR/circuits)")
     c.add_argument("--text", default=None, help="text shown in the attention page (default: a validation example)")
@@ -201,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     sw = sub.add_parser("sweep", help="run a sweep: modformer sweep SWEEP.yaml [--workers N] [--resume] [key=value]")
-    sw.add_argument("sweep")
+    sw.add_argument("sweep", help="sweep file, e.g. configs/sweeps/scaling_shakespeare.yaml")
     sw.add_argument("overrides", nargs="*", help="the sweep file's own keys, e.g. num_samples=4 halving.min_steps=50")
     sw.add_argument("--workers", type=int_in(">= 1"), default=None,
                     help="trials at once on CPU (default: the file's workers)")
@@ -209,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(fn=cmd_sweep)
 
     sc = sub.add_parser("scaling", help="fit scaling laws to sweep results: modformer scaling RESULTS.{jsonl,csv}")
-    sc.add_argument("results")
+    sc.add_argument("results", help="a sweep's results.jsonl or results.csv")
     sc.add_argument("--budget", type=float_in("> 0"), nargs="*", default=None,
                     help="FLOP budgets for compute-optimal sizes")
     sc.add_argument("--out", default=None, help="output folder (default: RESULTS' folder/scaling)")
@@ -217,30 +310,37 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--n", default="params", help="model-size column")
     sc.add_argument("--d", default="tokens", help="training-tokens column")
     sc.add_argument("--c", default="flops", help="training-compute column")
-    sc.add_argument("--bootstrap", type=int_in(">= 0"), default=200)
+    sc.add_argument("--bootstrap", type=int_in(">= 0"), default=200, help="bootstrap resamples for the intervals")
     sc.set_defaults(fn=cmd_scaling)
 
-    from modformer.compress.commands import add_parsers as add_compress_parsers
+    import importlib
 
-    add_compress_parsers(sub)                  # prune, lora
+    for module, (fn, lines) in HEAVY.items():          # prune, lora, distill, export --hf
+        if full or command in lines:
+            getattr(importlib.import_module(module), fn)(sub)
+        else:
+            for name, line in lines.items():
+                sub.add_parser(name, help=line)
     from modformer.compose.commands import add_parsers as add_compose_parsers
 
     add_compose_parsers(sub)                   # compose cbtm | gates | calm
-    from modformer.compress.distill import add_parser as add_distill_parser
-
-    add_distill_parser(sub)                    # distill
-    from modformer.models.hf.commands import add_parser as add_export_parser
-
-    add_export_parser(sub)                     # export --hf
-
     ls = sub.add_parser("list", help="registered components")
-    ls.add_argument("kind", nargs="?")
+    ls.add_argument("kind", nargs="?", help="one kind (attention, position, norm, ffn, model, task, corpus, ...)")
     ls.set_defaults(fn=cmd_list)
+    for name, parser in sub.choices.items():
+        if name in EXAMPLES:
+            parser.epilog = "examples:\n" + "\n".join("  " + line for line in EXAMPLES[name].splitlines())
     return p
 
 
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv), full=False)
     try:                            # argparse prints usage + one error line and exits 2 (--help: 0)
         args, extra = parser.parse_known_args(argv)
         takes_overrides = ("train", "sweep", "distill", "compose")
@@ -263,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from modformer.runs import interrupted_message   # names the newest verified checkpoint, or says none
+        from modformer.runs import interrupted_message  # names the newest verified checkpoint, or says none
 
         print(interrupted_message(args), file=sys.stderr)
         return 130

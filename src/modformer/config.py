@@ -344,7 +344,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix}{key!r}{suggest(str(key), names)}")
+            hint = suggest_key(str(key), prefix.rstrip("."), names)
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")
         kwargs[key] = coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 
@@ -390,6 +391,31 @@ def _parse_scalar(text: str, key: str = "value") -> Any:
     return parse_yaml(text, f"override {key}={text!r}") if text != "" else ""
 
 
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key of a nested config dict in dotted form (``train.lr``), sections included."""
+    out = []
+    for k, v in data.items():
+        out.append(prefix + k)
+        if isinstance(v, dict) and not k.endswith("options"):
+            out += _dotted_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def suggest_key(key: str, section: str, here: list[str], data: dict[str, Any] | None = None) -> str:
+    """' (did you mean 'train.lr'?)': the closest key of ``section`` written in full, else (with ``data``, the
+    whole config) the closest dotted key anywhere (``lr`` -> ``train.lr``); '' when nothing is close."""
+    prefix = f"{section}." if section else ""
+    last = key.rsplit(".", 1)[-1]
+    hint = suggest(last, here)
+    if hint:
+        return hint.replace("mean '", f"mean '{prefix}", 1)
+    if data is None:
+        return ""
+    everywhere = _dotted_keys(data)
+    by_last = [k for k in everywhere if k.rsplit(".", 1)[-1] == last]
+    return f" (did you mean {by_last[0]!r}?)" if len(by_last) == 1 else suggest(key, everywhere)
+
+
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply ``section.key=value`` strings (YAML-parsed values) and return a new RunConfig."""
     data = asdict(cfg)                  # any config dataclass (RunConfig, the distill config, ...)
@@ -402,14 +428,15 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node, dict) or part not in node:
                 here = list(node) if isinstance(node, dict) else []
-                raise ConfigError(
-                    f"unknown config key {'.'.join(parts[:depth + 1])!r}{suggest(part, here)}")
+                raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])!r}"
+                                  f"{suggest_key('.'.join(parts[:depth + 1]), '.'.join(parts[:depth]), here, data)}")
             node = node[part]
         last = parts[-1]
         is_options = len(parts) >= 2 and (parts[-2].endswith("options") or parts[-2] == "student")
         if not isinstance(node, dict) or (last not in node and not is_options):
             here = list(node) if isinstance(node, dict) else []
-            raise ConfigError(f"unknown config key {key!r}{suggest(last, here)}")
+            hint = suggest_key(key.strip(), ".".join(parts[:-1]), here, data)
+            raise ConfigError(f"unknown config key {key!r}{hint}")
         node[last] = _parse_scalar(text, key.strip())
     return from_dict(type(cfg), data)
 

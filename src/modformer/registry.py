@@ -33,8 +33,10 @@ def register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..
 
 
 def _ensure_loaded() -> None:
-    # Importing the package registers every built-in component.
-    import modformer  # noqa: F401
+    """Import the built-in components (their modules register themselves); ``import modformer`` alone is lazy."""
+    import modformer.data  # noqa: F401
+    import modformer.layers  # noqa: F401
+    import modformer.models  # noqa: F401
 
 
 def available(kind: str | None = None) -> dict[str, list[str]] | list[str]:

@@ -45,6 +45,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if args.device:
         spec["device"] = args.device
     check_spec(spec)
+    from modformer.console import note
+
+    note("compose", f"{args.method} {spec['name']} -> {spec['out_dir']}/{spec['name']}/")
     if args.method == "cbtm":
         stages = CBTM_STAGES if args.stage == "all" else tuple(args.stage.split(","))
         bad = [s for s in stages if s not in CBTM_STAGES]
@@ -56,7 +59,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
     rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in result.get("rows", [])]
     print_table(rows)
     if "headline" in result:
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["headline"].items()))
+        from modformer.console import print_summary
+
+        print_summary(f"compose {args.method} {spec['name']}: headline", values=result["headline"])
     print(f"wrote {spec['out_dir']}/{spec['name']}/{args.method}.json")
     return 0
 
@@ -64,7 +69,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     """Register ``compose`` on the CLI's subparsers."""
     p = sub.add_parser("compose", help="composition of experts: cbtm | gates | calm CONFIG.yaml [key=value ...]")
-    p.add_argument("method", choices=list(METHODS))
+    p.add_argument("method", choices=list(METHODS), help="cbtm (c-BTM) | gates (PHATGOOSE) | calm (CALM)")
     p.add_argument("config", help="YAML file (configs/compose_METHOD.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. experts.steps=100 out_dir=runs/x")
     p.add_argument("--device", type=device, default=None, help="cpu | cuda | auto (default: the config's, auto)")

@@ -5,7 +5,8 @@
     modformer lora RUN_DIR --task 'data.options.op="-"' [--rank 4] [--targets qkv,out,up,down] [--steps N] [--out DIR]
 
 Both evaluate before and after on the run's validation split (the trainer's eval settings), print
-one JSON line and write it next to the result (``prune.json`` / ``modformer.json``).
+a summary table (``--json``: one JSON line) and write the result beside the model (``prune.json`` /
+``modformer.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modformer.cli_args import float_in, int_in, plain_name
+from modformer.console import note
 from modformer.utils import atomic_write_text
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ValueError("--amount is required (unless --l0-closed)")
     cfg = run_config(args.run_dir)
     model, data = run_model(args.run_dir).eval(), run_dataset(args.run_dir)
+    note("prune", f"{args.run_dir}: evaluating before pruning")
     before = {**_eval(model, data, cfg), "params": structured.count_params(model),
               "latency_s": _latency(model, data, cfg)}
     info: dict[str, Any] = {}
@@ -74,8 +77,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model, info = structured.prune_structured(model, args.method, args.amount, scoring, args.importance,
                                                   l0_opts if args.importance == "l0" else None)
         info.pop("scores", None)
+    note("prune", f"{args.method}: {'closed L0 gates' if args.l0_closed else args.amount} pruned; evaluating")
     pruned = _eval(model, data, cfg)
     if args.finetune_steps:
+        note("prune", f"fine-tuning {args.finetune_steps} steps")
         finetune(model, data, cfg.train, args.finetune_steps, lr=args.lr, seed=cfg.train.seed)
     if args.method == "magnitude":
         unstructured.make_permanent(model)
@@ -91,7 +96,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     atomic_write_text(out / "prune.json", json.dumps(result, indent=2))
     if "removed" in result:                  # the full lists are in prune.json
         result["removed"] = {k: len(v) for k, v in result["removed"].items()}
-    print(json.dumps(result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from modformer.console import print_summary
+
+        shown = {k: v for k, v in result.items() if k in ("out", "sparsity", "removed", "finetune_steps")}
+        print_summary(f"prune {args.run_dir}: {args.method} {tag} (details: {out / 'prune.json'})", values=shown,
+                      columns={"before": before, "pruned": pruned, "after": after})
     return 0
 
 
@@ -109,6 +121,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
     if data.vocab_size > base.cfg.vocab_size:
         raise ValueError(f"the task's vocabulary ({data.vocab_size}) is larger than the model's "
                          f"({base.cfg.vocab_size})")
+    note("lora", f"{args.run_dir}: evaluating the base model on the task")
     base_eval = _eval(base, data, cfg)
     targets = [t for t in args.targets.split(",") if t]
     if not targets:
@@ -116,6 +129,8 @@ def cmd_lora(args: argparse.Namespace) -> int:
     pm = lora.add_lora(base, r=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
                        adapter_name=args.name)
     trainable, total, frac = lora.trainable_fraction(pm)
+    note("lora", f"training a rank-{args.rank} adapter on {', '.join(targets)} ({trainable:,} parameters) "
+                 f"for {args.steps} steps")
     finetune(pm, data, cfg.train, args.steps, lr=args.lr, seed=cfg.train.seed)
     after = _eval(pm, data, cfg)
     out = Path(args.out) if args.out else Path(args.run_dir) / "adapters" / args.name
@@ -127,15 +142,25 @@ def cmd_lora(args: argparse.Namespace) -> int:
     if args.merge:
         save(lora.merged_model(pm), out / "merged")
         meta["merged"] = str(out / "merged")
-    print(json.dumps({"out": str(out), **meta}))
+    if args.json:
+        print(json.dumps({"out": str(out), **meta}))
+    else:
+        from modformer.console import print_summary
+
+        shown = {"out": str(out), **{k: meta[k] for k in ("task", "rank", "alpha", "targets", "steps",
+                                                          "trainable_params", "trainable_fraction", "merged")
+                                     if k in meta}}
+        print_summary(f"lora {args.run_dir}: adapter {args.name!r}", values=shown,
+                      columns={"base on task": base_eval, "with adapter": after})
     return 0
 
 
 def add_parsers(sub: Any) -> None:
     """Register ``prune`` and ``lora`` on the CLI's subparsers."""
     p = sub.add_parser("prune", help="prune a run's newest checkpoint (magnitude | heads | neurons | layers)")
-    p.add_argument("run_dir")
-    p.add_argument("--method", required=True, choices=["magnitude", "heads", "neurons", "layers"])
+    p.add_argument("run_dir", help="run folder (runs/NAME); its newest checkpoint is pruned")
+    p.add_argument("--method", required=True, choices=["magnitude", "heads", "neurons", "layers"],
+                   help="magnitude: zero the smallest weights; heads | neurons | layers: remove them physically")
     p.add_argument("--amount", type=float_in("[0, 1)"), default=None,
                    help="fraction removed: of all weights (magnitude) or of heads / neurons / layers")
     p.add_argument("--scope", default="global", choices=["global", "layer"],
@@ -153,23 +178,25 @@ def add_parsers(sub: Any) -> None:
                         "are folded into the out-projection")
     p.add_argument("--finetune-steps", type=int_in(">= 0"), default=0, help="train this many steps after pruning")
     p.add_argument("--lr", type=float_in("> 0"), default=None, help="fine-tuning lr (default: the run's train.lr)")
-    p.add_argument("--score-batches", type=int_in(">= 1"), default=8)
-    p.add_argument("--score-batch-size", type=int_in(">= 1"), default=512)
+    p.add_argument("--score-batches", type=int_in(">= 1"), default=8, help="training batches the importance uses")
+    p.add_argument("--score-batch-size", type=int_in(">= 1"), default=512, help="rows per importance batch")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/pruned_METHOD_AMOUNT)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line (for scripts), not a table")
     p.set_defaults(fn=cmd_prune)
 
     q = sub.add_parser("lora", help="train a LoRA adapter (HF PEFT) on a task from a run's newest checkpoint")
-    q.add_argument("run_dir")
+    q.add_argument("run_dir", help="run folder (runs/NAME); the adapter trains on its newest checkpoint")
     q.add_argument("--task", nargs="+", default=[], metavar="KEY=VALUE",
                    help='overrides of the run config for the new task, e.g. \'data.options.op="-"\' '
                         'train.lr=3e-3 (quote "-": values are YAML)')
-    q.add_argument("--rank", type=int_in(">= 1"), default=4)
+    q.add_argument("--rank", type=int_in(">= 1"), default=4, help="LoRA rank r of each adapted matrix")
     q.add_argument("--alpha", type=float_in("> 0"), default=None, help="LoRA alpha (default 2 * rank)")
-    q.add_argument("--dropout", type=float_in("[0, 1)"), default=0.0)
+    q.add_argument("--dropout", type=float_in("[0, 1)"), default=0.0, help="LoRA dropout on the adapter input")
     q.add_argument("--targets", default="qkv,out,up,down", help="comma-separated module names")
-    q.add_argument("--steps", type=int_in(">= 0"), default=300)
+    q.add_argument("--steps", type=int_in(">= 0"), default=300, help="adapter training steps")
     q.add_argument("--lr", type=float_in("> 0"), default=None, help="default: the run's (or --task's) train.lr")
     q.add_argument("--name", type=plain_name, default="default", help="adapter name (a plain folder name)")
     q.add_argument("--merge", action="store_true", help="also save the merged model to OUT/merged")
     q.add_argument("--out", default=None, help="adapter folder (default RUN_DIR/adapters/NAME)")
+    q.add_argument("--json", action="store_true", help="print the result as one JSON line (for scripts), not a table")
     q.set_defaults(fn=cmd_lora)

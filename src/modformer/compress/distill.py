@@ -346,6 +346,6 @@ def add_parser(sub: Any) -> None:
     """Register ``distill`` on the CLI's subparsers."""
     p = sub.add_parser("distill", help="distil a teacher into a student with another attention: "
                                        "modformer distill CONFIG.yaml [key=value ...]")
-    p.add_argument("config")
+    p.add_argument("config", help="distillation YAML, e.g. configs/sparse_window.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=500 student.attention_options.window=64")
     p.set_defaults(fn=cmd_distill)

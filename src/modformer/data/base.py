@@ -143,6 +143,11 @@ class ExampleDataset(Dataset):
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.symbols[int(i)] for i in ids)
 
+    def answer_length(self) -> int:
+        """Tokens of one answer (those the loss is taken on): what ``generate`` adds after a task prompt."""
+        y = next(v for v in (*self._y.values(), None) if v is None or len(v))
+        return int((y[0] != IGNORE_INDEX).sum()) if y is not None else 1
+
     def split_size(self, split: str) -> int:
         self._check_split(split)
         return int(self._x[split].shape[0])

@@ -10,6 +10,7 @@ length, so ``DataConfig.seq_len`` is ignored.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +89,8 @@ MODULAR_OPS = tuple(_mod_ops())
 class ModularArithmetic(ExampleDataset):
     """``a b =`` -> ``c = a op b (mod p)``; tokens 0..p-1 are numbers, p is '='; loss on c only.
 
+    Prompts (``modformer generate --prompt``) are written ``"3 + 5 ="``; the answer is one token.
+
     Ops: + - * / (b != 0, a * b^(p-2) by Fermat, p prime), x/y_or_x-y (x/y if y odd else x-y),
     x2+y2, x2+xy+y2, x2+xy+y2+x, x3+xy, x3+xy2+y (the grokking paper's binary operations).
     """
@@ -111,6 +114,26 @@ class ModularArithmetic(ExampleDataset):
         self.p, self.op = p, op
         g = torch.Generator().manual_seed(seed)
         self._setup(seqs, answer, [str(i) for i in range(p)] + ["="], train_fraction, g)
+
+    def encode(self, text: str) -> list[int]:
+        """A prompt as people write it, ``"3 + 5 ="`` (``"3+5="``), or as the model sees it, ``"3 5 ="``.
+
+        The op between the numbers is not a token: it must be this task's op, and is dropped."""
+        words = re.findall(r"\d+|=|[-+*/]|[^\s\d=]+", text) if self.op in "+-*/" else text.split()
+        if len(words) >= 3 and not words[1].isdigit() and words[1] != "=":
+            if words[1] != self.op:
+                raise ValueError(f"this model computes a {self.op} b (mod {self.p}), not {words[1]!r}: "
+                                 f"write e.g. '3 {self.op} 5 =' (the answer is the one token after '=')")
+            words = words[:1] + words[2:]
+        return super().encode(" ".join(words))
+
+    def decode(self, ids: list[int]) -> str:
+        """``a b = c`` ids as ``"a + b = c"`` (single-symbol ops); any other id list token by token."""
+        text = super().decode(ids)
+        if self.op in "+-*/" and len(ids) >= 3 and int(ids[2]) == self.p and max(int(ids[0]), int(ids[1])) < self.p:
+            first, rest = text.split(" ", 1)
+            text = f"{first} {self.op} {rest}"
+        return text
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from modformer.train import checkpoint as ckpt
 from modformer.train.distributed import World, all_reduce_sum, barrier, init_world, shutdown, wrap_model
 from modformer.train.ema import build_ema, update_ema
 from modformer.train.grokfast import build_grad_filter
-from modformer.train.logging import MetricsLogger, ProgressDisplay
+from modformer.train.logging import MetricsLogger, ProgressDisplay, run_banner
 from modformer.train.optim import build_optimizer
 from modformer.train.profiling import StepProfiler
 from modformer.train.report import plot_metrics, write_report, write_summary
@@ -449,6 +449,7 @@ class Trainer:
         """Train to ``train.steps`` (or early stop) and write the run's artefacts; returns the summary."""
         t = self.cfg.train
         progress = ProgressDisplay(t.steps, self.step, t.progress and self.world.is_main)
+        progress.banner(*run_banner(self))
         stats = [torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long)]
         window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
         try:
@@ -457,6 +458,7 @@ class Trainer:
                     self.profiler.before(self.step + 1)
                     loss_sum, correct, n_tokens, n_targets = self.train_step()
                     self.profiler.after(self.step)
+                    progress.advance(self.step)
                     stats[0] += loss_sum
                     stats[1] += correct
                     window_tokens += n_tokens

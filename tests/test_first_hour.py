@@ -1,0 +1,177 @@
+"""A new user's first hour (issue 26): a CLI that explains itself, progress off a terminal, the task prompt
+format, what the run report says, and an `import modformer` that loads no optional heavy package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import modformer as mf
+from modformer.cli import build_parser, main
+from modformer.config import RunConfig, apply_overrides, load_config
+from modformer.data.tasks import ModularArithmetic
+from modformer.registry import ConfigError
+from modformer.train.logging import ProgressDisplay, read_metrics
+from modformer.train.report import applied_settings, curve_figure
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ("matplotlib", "tensorboard", "transformers", "peft")
+
+
+def _walk(parser: argparse.ArgumentParser, path: list[str]):
+    """(command path, parser) for the parser and every sub-parser below it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, [*path, name])
+
+
+def test_every_option_has_help_and_every_command_an_example():
+    missing, no_example = [], []
+    commands = list(_walk(build_parser(), ["modformer"]))
+    assert {"train", "eval", "generate", "prune", "lora", "distill", "export", "compose"} <= \
+        {p[1] for p, _ in commands if len(p) > 1}
+    for path, parser in commands:
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+        if len(path) == 2 and "modformer " + path[1] not in (parser.epilog or ""):
+            no_example.append(path[1])
+    assert not missing, f"options without help text: {missing}"
+    assert not no_example, f"sub-commands without an example: {no_example}"
+
+
+def test_help_shows_defaults(capsys):
+    assert main(["generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: 0.8)" in out and "examples:" in out and "--max-new-tokens" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert capsys.readouterr().out.strip() == f"modformer {declared}" == f"modformer {mf.__version__}"
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return {m.split(".")[0] for m in out.stdout.split()}
+
+
+def test_import_modformer_loads_no_optional_package():
+    """`import modformer` (and building a model) loads none of the optional packages; the CLI's parser, used by
+    `modformer --help`, does not even load torch."""
+    loaded = _modules_after("import modformer as mf\nmf.build_model(mf.ModelConfig(vocab_size=10, n_layer=1, "
+                            "d_model=8, n_head=2))\nmf.registry.available()")
+    assert "torch" in loaded and not loaded & set(OPTIONAL), loaded & set(OPTIONAL)
+    parser_only = _modules_after("from modformer.cli import build_parser\nbuild_parser(full=False)")
+    assert not parser_only & {"torch", *OPTIONAL}, parser_only & {"torch", *OPTIONAL}
+
+
+def test_typo_hints_name_the_full_key(tmp_path):
+    for override, hint in (("train.lrr=1", "train.lr"), ("lr=1", "train.lr"), ("model.nlayer=2", "model.n_layer"),
+                           ("trian.lr=1", "train")):
+        with pytest.raises(ConfigError, match=rf"did you mean '{hint}'\?"):
+            apply_overrides(RunConfig(), [override])
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  eval_evry: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.eval_evry' \(did you mean 'train.eval_every'"):
+        load_config(path)
+
+
+def test_modular_prompt_format_round_trip():
+    data = ModularArithmetic(p=13, op="+")
+    ids = data.encode("3 + 5 =")
+    assert ids == data.encode("3+5=") == data.encode("3 5 =") == [3, 5, 13]
+    assert data.decode(ids) == "3 + 5 =" and data.decode([*ids, 8]) == "3 + 5 = 8"
+    assert data.decode([7]) == "7"                                # single tokens (interp labels) unchanged
+    assert data.answer_length() == 1
+    with pytest.raises(ValueError, match="computes a \\+ b"):
+        data.encode("3 - 5 =")
+    named = ModularArithmetic(p=7, op="x2+y2")
+    assert named.decode(named.encode("3 5 =")) == "3 5 ="
+
+
+def test_progress_plain_lines_first_and_last(capsys):
+    """Off a terminal, updates become plain lines with the info, at most one per interval (first and last kept)."""
+    progress = ProgressDisplay(total=30, start=0, enabled=True, plain_every_s=1e9)
+    for step in (10, 20, 30):
+        progress.update(step, f"loss {step / 10:.4f}")
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split("  ")[0] for ln in lines] == ["train step 10/30", "train step 30/30"]
+    assert "loss 1.0000" in lines[0] and "ETA" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def modular_run(tmp_path_factory):
+    """A tiny modular-addition run trained through the CLI with progress on, output captured (no terminal)."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg = ROOT / "configs" / "grokking.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "modformer.cli", "train", str(cfg), f"out_dir={out}", "name=tiny",
+         "data.options.p=7", "model.d_model=16", "model.n_head=2", "model.d_ff=32", "train.steps=6",
+         "train.log_every=2", "train.eval_every=3", "train.early_stop_metric=null", "train.threads=1",
+         "train.tensorboard=false"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out / "tiny", proc
+
+
+def test_non_terminal_run_prints_banner_and_train_loss(modular_run):
+    run, proc = modular_run
+    err = proc.stderr
+    for fact in ("modformer train tiny", "parameters", "device", f"run folder  {run}", "data", "modular: train"):
+        assert fact in err, fact
+    train_lines = [ln for ln in err.splitlines() if ln.startswith("train step ")]
+    logged = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert train_lines and f"loss {logged[0]['loss']:.4f}" in train_lines[0]
+    assert "best at step" in proc.stdout and f"report: {run / 'report.md'}" in proc.stdout
+
+
+def test_generate_uses_the_task_prompt_and_answer_length(modular_run, capsys):
+    run, _ = modular_run
+    assert main(["generate", str(run), "--prompt", "3 + 5 =", "--temperature", "0"]) == 0
+    words = capsys.readouterr().out.split()
+    assert words[:4] == ["3", "+", "5", "="] and len(words) == 5 and 0 <= int(words[4]) < 7
+
+
+def test_report_names_best_and_final_and_records_the_environment(modular_run):
+    run, _ = modular_run
+    report = (run / "report.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert "| validation | final (step 6) | best | best at step |" in report
+    assert f"| loss | {summary['final_val_loss']:.6g} | {summary['val_loss']:.6g} | {summary['val_loss_step']} |" \
+        in report
+    import torch
+
+    for fact in (f"| modformer | `{mf.__version__}` |", f"| torch | `{torch.__version__}` |", "| git commit |",
+                 "| command | `", "train.steps=6", "| device | `cpu"):
+        assert fact in report, fact
+    settings = report.split("## Settings", 1)[1]
+    assert "rope_base" not in settings and "d_model: 16" in settings and "p: 7" in settings
+
+
+def test_applied_settings_keep_core_and_changed_only():
+    cfg = apply_overrides(RunConfig(), ["model.d_model=64", "train.lr=1e-3"]).to_dict()
+    kept = applied_settings(cfg)
+    assert kept["model"]["d_model"] == 64 and kept["model"]["n_layer"] == 2          # changed; core at default
+    assert kept["train"]["lr"] == 1e-3 and "eval_every" not in kept["train"] and "rope_base" not in kept["model"]
+
+
+def test_plots_are_titled_with_integer_step_ticks():
+    rows = [{"step": s, "split": "train", "loss": 2.0 / s} for s in (1, 2, 3)]
+    fig = curve_figure(rows, "loss", "tiny: loss")
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ax.get_title() == "tiny: loss" and ticks and all(float(t).is_integer() for t in ticks)
