@@ -82,9 +82,9 @@ def to_hf(model: nn.Module, family: str | None = None) -> nn.Module:
     if not isinstance(model, GPT):
         raise ValueError(f"cannot export to HF: {type(model).__name__} is not a modformer GPT")
     module = _family(family or export_family(model.cfg), "cannot export to HF")
-    config_cls, model_cls, kwargs = module.hf_config(model.cfg)
     if family is not None and module is llama and llama.family_of(model.cfg) != family:
         raise ValueError(f"cannot export to HF {family}: the config fits {llama.family_of(model.cfg)}")
+    config_cls, model_cls, kwargs = module.hf_config(model.cfg)
     hf = new_hf_model(config_cls, model_cls, kwargs)
     check_tied(hf, model.cfg.tie_embeddings)
     pairs = module.pairs(model, hf)

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from modformer.config import ModelConfig
+from modformer.layers.ffn import glu_hidden
 from modformer.models.hf.common import Pair, linear_pairs, unsupported
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -121,7 +122,7 @@ def hf_config(cfg: ModelConfig) -> tuple[type, type, dict[str, Any]]:
     kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=kv,
-        head_dim=cfg.head_dim, intermediate_size=_glu_width(cfg), hidden_act="silu", rms_norm_eps=cfg.norm_eps,
+        head_dim=cfg.head_dim, intermediate_size=glu_hidden(cfg), hidden_act="silu", rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_theta": cfg.rope_base, "rope_type": "default", **cfg.rope_scaling},
         tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.attn_dropout,
         initializer_range=cfg.init_std, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -141,12 +142,6 @@ def hf_config(cfg: ModelConfig) -> tuple[type, type, dict[str, Any]]:
         kwargs.update(sliding_window=window)
     cls = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
     return cls[0], cls[1], kwargs
-
-
-def _glu_width(cfg: ModelConfig) -> int:
-    from modformer.layers.ffn import glu_hidden
-
-    return glu_hidden(cfg)
 
 
 def pairs(model: nn.Module, hf: nn.Module) -> list[Pair]:

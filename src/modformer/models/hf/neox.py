@@ -24,7 +24,6 @@ from modformer.models.hf.common import Pair, linear_pairs, unsupported
 from modformer.models.hf.gpt2 import FROM_HF_ACT, TO_HF_ACT
 
 MODEL_TYPES = ("gpt_neox",)
-_TO_HF_ACT = {**TO_HF_ACT, "gelu_tanh": "gelu_new"}
 
 
 def config_from_hf(c: Any) -> ModelConfig:
@@ -66,8 +65,8 @@ def hf_config(cfg: ModelConfig) -> tuple[type, type, dict[str, Any]]:
             raise unsupported(why, f"model.{field}={getattr(cfg, field)!r} (GPT-NeoX needs {want!r})")
     if cfg.qkv_bias is False:
         raise unsupported(why, "model.qkv_bias=False (GPT-NeoX has QKV biases)")
-    if cfg.ffn not in _TO_HF_ACT:
-        raise unsupported(why, f"model.ffn={cfg.ffn!r} (GPT-NeoX needs one of {', '.join(_TO_HF_ACT)})")
+    if cfg.ffn not in TO_HF_ACT:
+        raise unsupported(why, f"model.ffn={cfg.ffn!r} (GPT-NeoX needs one of {', '.join(TO_HF_ACT)})")
     if cfg.kv_heads != cfg.n_head or set(cfg.attention_options) - {"n_kv_heads"} or \
             cfg.attention_options.get("n_kv_heads", cfg.n_head) != cfg.n_head:
         raise unsupported(why, f"model.n_kv_heads={cfg.n_kv_heads} / attention_options={cfg.attention_options} "
@@ -77,7 +76,7 @@ def hf_config(cfg: ModelConfig) -> tuple[type, type, dict[str, Any]]:
     return GPTNeoXConfig, GPTNeoXForCausalLM, dict(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff or 4 * cfg.d_model,
-        hidden_act=_TO_HF_ACT[cfg.ffn], layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
+        hidden_act=TO_HF_ACT[cfg.ffn], layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
         rope_parameters={"rope_theta": cfg.rope_base, "rope_type": "default", **cfg.rope_scaling,
                          "partial_rotary_factor": cfg.rope_fraction},
         attention_bias=True, tie_word_embeddings=cfg.tie_embeddings, hidden_dropout=cfg.dropout,
