@@ -34,6 +34,8 @@ ENTRIES = _entries(
     ("throughput", "throughput", "training tokens/s and MFU of GPT-2 124M / 350M vs HF GPT2LMHeadModel"),
     ("attention", "attention", "attention forward(+backward) of our dispatcher vs raw SDPA and flex"),
     ("generation", "generation", "decoding tokens/s: no cache, growing / static cache, compiled graph vs HF generate"),
+    ("generation-batched", "generation_batched", "64 left-padded prompts of mixed lengths, greedy: tokens/s and "
+                                                 "identical rows vs HF generate (static cache)"),
     ("memory", "memory", "peak memory of a training step per attention backend and sequence length"),
     ("time-to-loss", "time_to_loss", "wall seconds of fresh `modformer train` processes to a target val loss"),
     ("fidelity", "fidelity", "sparse student vs dense teacher: KL, top-1, ppl retention, attention MSE, timing"),
