@@ -143,3 +143,20 @@ def test_circuits_cli_analyses_a_lora_adapter(tmp_path, capsys):
     assert (tmp_path / "c" / "head_scores.json").is_file()
     assert main(["circuits", str(run), "--adapter", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_pruning_study_on_a_saved_run(tmp_path):
+    from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from modformer.interp.studies import pruning_circuits_study
+    from modformer.train.trainer import Trainer
+
+    cfg = RunConfig(name="ind", out_dir=str(tmp_path),
+                    model=ModelConfig(n_layer=2, d_model=16, n_head=4, max_seq_len=8, attn_only=True),
+                    data=DataConfig(name="induction", options={"length": 4, "n_symbols": 16, "n_examples": 200}),
+                    train=TrainConfig(steps=2, batch_size=8, eval_every=2, eval_batches=1, progress=False,
+                                      tensorboard=False, device="cpu", sample_tokens=0))
+    Trainer(cfg).fit()
+    result = pruning_circuits_study(levels=(0.5,), probe_length=3, threshold=0.0, run_dir=str(tmp_path / "ind"))
+    base, half = result["rows"]
+    assert result["train"]["run_dir"] == str(tmp_path / "ind") and len(half["removed"]) == 4
+    assert base["loss"] > 0 and half["loss_ratio"] == pytest.approx(half["loss"] / base["loss"], rel=1e-3)

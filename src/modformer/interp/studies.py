@@ -163,22 +163,38 @@ def measure(model: nn.Module, batches: list, length: int, n_symbols: int, names:
 
 def pruning_circuits_study(levels: tuple[float, ...] = (0.25, 0.5, 0.75), steps: int = 600, d_model: int = 64,
                            n_head: int = 4, probe_length: int = 7, threshold: float = 0.4, seed: int = 0,
-                           importance: str = "ablation", **train_options: Any) -> dict[str, Any]:
-    """Train, name the circuit's heads, prune heads by ``importance`` at each level, re-measure: returns
+                           importance: str = "ablation", run_dir: str | None = None,
+                           **train_options: Any) -> dict[str, Any]:
+    """Train (or load ``run_dir``: any 2-layer mha run, e.g. ``configs/induction_2l.yaml``, with its own data for
+    the loss), name the circuit's heads, prune heads by ``importance`` at each level, re-measure: returns
     ``{"headline", "rows", "heads", "train"}`` (rows: one per level, level 0 = the unpruned model).
     ``probe_length``: the repeated-random-token probe's half length (not one of the training lengths)."""
     from modformer.compress.importance import head_importance
     from modformer.compress.structured import lowest, remove_heads
 
     t0 = time.time()
-    model, data, losses = train_induction_model(steps=steps, d_model=d_model, n_head=n_head, seed=seed,
-                                                **train_options)
-    train_seconds = time.time() - t0
     g = torch.Generator().manual_seed(seed + 1)
-    val = [data.batch("val", 256, g) for _ in range(4)]
-    score_batches = [data.batch("train", 256, g) for _ in range(2)]
+    if run_dir is None:
+        model, data, losses = train_induction_model(steps=steps, d_model=d_model, n_head=n_head, seed=seed,
+                                                    **train_options)
+        val = [data.batch("val", 256, g) for _ in range(4)]
+        score_batches = [data.batch("train", 256, g) for _ in range(2)]
+        vocab = data.n_symbols
+        train_info: dict[str, Any] = {"steps": steps, "d_model": d_model, "n_head": n_head,
+                                      "final_train_loss": losses[-1], **train_options}
+    else:
+        from modformer.runs import run_dataset, run_model
+
+        model, data = run_model(run_dir).eval(), run_dataset(run_dir)
+        if len(model.blocks) != 2:
+            raise ValueError(f"the pruning study expects a 2-layer model, {run_dir} has {len(model.blocks)}")
+        val = list(data.iter_eval("val", 16, 4))
+        score_batches = [data.get_batch("train", 16, g) for _ in range(2)]
+        vocab, n_head = model.cfg.vocab_size, model.cfg.n_head
+        train_info = {"run_dir": str(run_dir)}
+    train_info.update(seconds=round(time.time() - t0, 1), importance=importance)
     original = [[f"L{i}H{h}" for h in range(n_head)] for i in range(2)]
-    base = measure(model, val, probe_length, data.n_symbols, original, threshold)
+    base = measure(model, val, probe_length, vocab, original, threshold)
     rows = [{"level": 0.0, "removed": [], **base, "induction_heads_kept": base["induction_heads"],
              "prev_token_heads_kept": base["prev_token_heads"], "loss_ratio": 1.0}]
     scores = head_importance(model, score_batches, importance)
@@ -189,7 +205,7 @@ def pruning_circuits_study(levels: tuple[float, ...] = (0.25, 0.5, 0.75), steps:
         removed = lowest([s.clone() for s in scores], level)
         pruned = remove_heads(model, removed)
         names = [[n for h, n in enumerate(original[i]) if h not in removed.get(i, [])] for i in range(2)]
-        m = measure(pruned, val, probe_length, data.n_symbols, names, threshold)
+        m = measure(pruned, val, probe_length, vocab, names, threshold)
         m["induction_heads_kept"] = [n for n in base["induction_heads"] if n in names[1]]
         m["prev_token_heads_kept"] = [n for n in base["prev_token_heads"] if n in names[0]]
         rows.append({"level": level, "removed": [original[i][h] for i, hs in removed.items() for h in hs], **m,
@@ -203,9 +219,7 @@ def pruning_circuits_study(levels: tuple[float, ...] = (0.25, 0.5, 0.75), steps:
                 "val_loss": base["loss"], "largest_level_within_5pct_loss": max(within),
                 "circuit_survives_that_level": max(within) in survives,
                 "patching_recovery_named_heads": base["patching_recovery_named_heads"]}
-    return {"headline": headline, "rows": rows, "heads": table,
-            "train": {"steps": steps, "d_model": d_model, "n_head": n_head, "final_train_loss": losses[-1],
-                      "seconds": round(train_seconds, 1), "importance": importance, **train_options}}
+    return {"headline": headline, "rows": rows, "heads": table, "train": train_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--importance", default="ablation", choices=["ablation", "gradient"])
+    p.add_argument("--run", default=None, help="study this 2-layer run instead of training one")
+    p.add_argument("--probe-length", type=int, default=7)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
-    result = pruning_circuits_study(steps=args.steps, seed=args.seed, importance=args.importance)
+    result = pruning_circuits_study(steps=args.steps, seed=args.seed, importance=args.importance, run_dir=args.run,
+                                    probe_length=args.probe_length)
     print_table([{k: r[k] for k in ("level", "loss", "acc", "induction_score", "prev_token_score",
                                     "k_composition_minus_baseline", "patching_recovery_named_heads")}
                  for r in result["rows"]])
