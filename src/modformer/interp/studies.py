@@ -12,6 +12,12 @@ solve the task positionally (attend to t - L + 1); mixing L leaves induction as 
 
     from modformer.interp.studies import pruning_circuits_study
     result = pruning_circuits_study()            # {"headline": {...}, "rows": [...], "heads": [...], ...}
+    result = pruning_circuits_study(run_dir="runs/induction_2l")   # a trained 2-layer induction run instead
+
+Measured (2-core CPU, shared): the default 600 steps (51 s) reach val loss 3.21 and form no induction head
+(best prefix matching 0.20); neither did 1,500-4,000 steps with shortformer or RoPE positions (loss 2.5-2.8,
+layer-1 prefix matching <= 0.22). A fixed repeat length is solved positionally by layer 0 in ~100 steps (prefix
+matching 0.84 in layer 0, i.e. not induction). For a real circuit, pass ``run_dir`` (configs/induction_2l.yaml).
 """
 
 from __future__ import annotations
