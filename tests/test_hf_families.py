@@ -241,7 +241,7 @@ def test_cli_eval_on_hf_folder(llama_dir, capsys) -> None:
     assert _cli("eval", llama_dir, "--max-batches", "1", "--json") == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     data = HFText(64, tokenizer=str(llama_dir))
-    x, y = next(iter(data.iter_eval("val", 64, 1)))
+    x, y = next(iter(data.iter_eval("val", 8, 1)))              # eval_batch_size 8 (hf_run_config)
     hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100)
@@ -361,3 +361,26 @@ def test_partial_rotary_passes_the_other_dims_through() -> None:
     q2, k2 = rope.rotate(q, k, torch.arange(3, 9))
     assert torch.equal(q2[..., 4:], q[..., 4:]) and torch.equal(k2[..., 4:], k[..., 4:])
     assert not torch.allclose(q2[..., :4], q[..., :4])
+
+
+def test_cli_prune_heads_on_hf_folder(llama_dir, tmp_path, capsys) -> None:
+    """`modformer prune HF_DIR --method heads`: 'before' is the HF model's own loss; heads are removed."""
+    import json
+
+    from modformer.models.hf.data import HFText
+
+    out = tmp_path / "pruned"
+    assert _cli("prune", llama_dir, "--method", "heads", "--amount", "0.25", "--score-batches", "1",
+                "--score-batch-size", "8", "--out", out) == 0
+    result = json.loads((out / "prune.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    loss_sum, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in HFText(64, tokenizer=str(llama_dir)).iter_eval("val", 8, 20):
+            loss_sum += torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                          reduction="sum").item()
+            n += int((y != -100).sum())
+    assert abs(result["before"]["loss"] - loss_sum / n) <= 1e-4
+    pruned = mf.load(out)
+    assert result["after"]["params"] < result["before"]["params"]
+    assert sum(pruned.cfg.for_layer(i).n_head for i in range(2)) == 6        # 2 of 8 heads removed

@@ -141,7 +141,7 @@ def hf_run_config(path: str | Path) -> Any:
     return RunConfig(name=p.name, out_dir=str(p.parent), model=model,
                      data=DataConfig(name="hf_text", seq_len=min(256, model.max_seq_len),
                                      options={"tokenizer": str(path)}),
-                     train=TrainConfig(tensorboard=False))
+                     train=TrainConfig(batch_size=8, eval_batch_size=8, tensorboard=False))   # large models
 
 
 def is_hf_address(path: str | Path) -> bool:
