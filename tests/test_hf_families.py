@@ -384,3 +384,18 @@ def test_cli_prune_heads_on_hf_folder(llama_dir, tmp_path, capsys) -> None:
     pruned = mf.load(out)
     assert result["after"]["params"] < result["before"]["params"]
     assert sum(pruned.cfg.for_layer(i).n_head for i in range(2)) == 6        # 2 of 8 heads removed
+
+
+def test_hub_errors_become_one_line(monkeypatch) -> None:
+    """A reachable hub that refuses (unknown repo, gated) gives HF's first line, not its paragraph."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("someorg/missing is not a local folder and is not a valid model identifier\nIf this is a "
+                      "private repository, make sure to pass a token\n")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(mf.hf.common, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    with pytest.raises(FileNotFoundError) as err:
+        mf.hf.load_pretrained("someorg/missing")
+    assert str(err.value) == ("someorg/missing: someorg/missing is not a local folder and is not a valid "
+                              "model identifier")

@@ -94,6 +94,17 @@ def to_hf(model: nn.Module, family: str | None = None) -> nn.Module:
     return hf.to(device=ref.device, dtype=ref.dtype).train(model.training)
 
 
+def pretrained_config(name_or_path: str | Path) -> tuple[str, dict[str, Any], Any]:
+    """(path or repo id, ``from_pretrained`` kwargs, HF config) of a folder or hub name; failures are one line."""
+    from transformers import AutoConfig
+
+    path, extra = resolve(name_or_path)
+    try:
+        return path, extra, AutoConfig.from_pretrained(path, **extra)
+    except OSError as e:                                     # not on the hub, gated, no config.json: HF's first line
+        raise FileNotFoundError(f"{name_or_path}: {str(e).strip().splitlines()[0]}") from None
+
+
 def load_pretrained(name_or_path: str | Path = "gpt2", **kwargs: Any) -> GPT:
     """``AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)`` converted by ``from_hf``.
 
@@ -101,10 +112,9 @@ def load_pretrained(name_or_path: str | Path = "gpt2", **kwargs: Any) -> GPT:
     fails at once with one line). The family is checked from config.json before any weight is read. Loads
     in float32 unless ``dtype`` is given; never runs repository code (``trust_remote_code`` stays off).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path, extra = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(path, **extra)
+    path, extra, config = pretrained_config(name_or_path)
     config_from_hf(config)                                   # unsupported family / option: fail before loading
     kwargs.setdefault("dtype", torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(path, config=config, **extra, **kwargs)

@@ -129,14 +129,10 @@ def is_hub_name(name: str | Path) -> bool:
 
 def hf_run_config(path: str | Path) -> Any:
     """The RunConfig an HF folder or hub name stands for (model config, ``hf_text`` data with its tokenizer)."""
-    from transformers import AutoConfig
-
     from modformer.config import DataConfig, RunConfig, TrainConfig
-    from modformer.models.hf import config_from_hf
-    from modformer.models.hf.common import resolve
+    from modformer.models.hf import config_from_hf, pretrained_config
 
-    where, extra = resolve(path)
-    model = config_from_hf(AutoConfig.from_pretrained(where, **extra))
+    model = config_from_hf(pretrained_config(path)[2])
     p = Path(path)
     return RunConfig(name=p.name, out_dir=str(p.parent), model=model,
                      data=DataConfig(name="hf_text", seq_len=min(256, model.max_seq_len),
