@@ -175,3 +175,16 @@ def test_plots_are_titled_with_integer_step_ticks():
     ax = fig.axes[0]
     ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     assert ax.get_title() == "tiny: loss" and ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_readme_starts_with_make_test_and_names_real_configs():
+    """CI runs the README's first command; every recipe the README names exists; LICENSE is pyproject's MIT."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if line.strip() and not line.startswith(("#", "```")))
+    assert first.startswith("make test")
+    configs = set(re.findall(r"configs/[\w/]+\.yaml", readme))
+    assert configs and not [c for c in configs if not (ROOT / c).is_file()]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")

@@ -300,7 +300,7 @@ class Distiller:
         c = self.cfg
         before = self.evaluate()
         self.logger.log({"step": 0, "split": "val", **before, "wall_s": 0.0})
-        progress = ProgressDisplay(c.steps, 0, c.progress)
+        progress = ProgressDisplay(c.steps, 0, c.progress, label="distill")
         progress.message(f"[distill {c.name}] before: kl {before['kl']:.4g}  ppl {before['ppl']:.4g} "
                          f"(teacher {before['teacher_ppl']:.4g})  trainable {len(self.trained)} tensors")
         rows: list[dict[str, float]] = []
