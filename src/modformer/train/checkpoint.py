@@ -229,12 +229,12 @@ def newest_checkpoint(ckpt_root: Path, read: Callable[[Path], Any] = read_checkp
         raise FileNotFoundError(f"no checkpoint in {ckpt_root}")
     notes = []
     if (ckpt_root / "latest").exists() and _pointer_target(ckpt_root) is None:
-        notes.append(f"{ckpt_root / 'latest'} is unreadable or names no checkpoint folder")
+        notes.append(f"latest ({ckpt_root / 'latest'} is unreadable or names no checkpoint folder)")
     for path in candidates:
         try:
             result = read(path)
         except (CheckpointError, ConfigError, FileNotFoundError) as e:
-            notes.append(f"{path.name}: {e}")
+            notes.append(f"{path.name} ({e})")
             continue
         for note in notes:
             warn(f"warning: skipped {note}; using {path}")
