@@ -188,3 +188,24 @@ def test_readme_starts_with_make_test_and_names_real_configs():
     assert configs and not [c for c in configs if not (ROOT / c).is_file()]
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"]
     assert declared == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+@pytest.mark.parametrize("stride", [0, 16, 50])
+def test_eval_progress_counts_the_batches_evaluate_draws(stride, capsys):
+    """`modformer eval` shows a bar / plain lines over its batches: the estimated total equals the number of
+    batches iter_eval yields (non-overlapping and sliding windows), and the last line reaches it."""
+    from types import SimpleNamespace
+
+    from modformer.cli import _eval_progress
+    from modformer.config import DataConfig, TrainConfig
+    from modformer.data import build_dataset
+
+    data = build_dataset(DataConfig(name="shakespeare_char", seq_len=64))
+    trainer = SimpleNamespace(data=data, cfg=SimpleNamespace(train=TrainConfig(eval_batch_size=256,
+                                                                                 eval_stride=stride)))
+    actual = sum(1 for _ in data.iter_eval("val", 256, 0, stride=stride))
+    progress = _eval_progress(trainer, SimpleNamespace(split="val", max_batches=0, json=False))
+    assert progress.total == actual
+    assert sum(1 for _ in data.iter_eval("val", 256, 0, stride=stride)) == actual    # the wrapper yields all
+    progress.close()
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"eval batch {actual}/{actual}")

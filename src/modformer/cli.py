@@ -75,7 +75,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         size = f"{trainer.data.split_size(args.split):,} {'examples' if trainer.data.kind == 'task' else 'tokens'}"
         part = f", first {args.max_batches} batches" if args.max_batches else ""
         note("eval", f"{args.run_dir}: {args.split} split, {size}{part} on {device}")
-    result = {"split": args.split, **trainer.evaluate(args.split, args.max_batches)}
+    progress = _eval_progress(trainer, args)
+    try:
+        result = {"split": args.split, **trainer.evaluate(args.split, args.max_batches)}
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(result))
     else:
@@ -83,6 +87,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         print_summary(f"eval {args.run_dir} ({args.split} split)", values=result)
     return 0
+
+
+def _eval_progress(trainer: Any, args: argparse.Namespace) -> Any:
+    """A progress bar (plain lines off a terminal) over the evaluation batches: their number is estimated from
+    the split size, batch size and stride, and each batch the dataset hands out moves it."""
+    import math
+
+    from modformer.train.logging import ProgressDisplay
+
+    data, t = trainer.data, trainer.cfg.train
+    bs = t.eval_batch_size or (t.batch_size if t.batch_size > 0 else 0)
+    n = data.split_size(args.split)
+    if data.kind == "corpus":
+        stride = t.eval_stride if 0 < t.eval_stride < data.seq_len else data.seq_len
+        n = 1 + max(0, math.ceil((n - 1 - data.seq_len) / stride))          # windows
+    total = math.ceil(n / bs) if bs > 0 else 1
+    if args.max_batches:
+        total = min(total, args.max_batches)
+    progress = ProgressDisplay(max(total, 1), 0, not args.json, label="eval", unit="batch")
+    inner = data.iter_eval
+
+    def counted(*a: Any, **k: Any) -> Any:
+        for i, batch in enumerate(inner(*a, **k), 1):
+            yield batch
+            progress.update(min(i, progress.total), "")
+    data.iter_eval = counted
+    return progress
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -147,11 +147,11 @@ class ProgressDisplay:
     """
 
     def __init__(self, total: int, start: int, enabled: bool, label: str = "train",
-                 plain_every_s: float = 10.0) -> None:
+                 plain_every_s: float = 10.0, unit: str = "step") -> None:
         self.console = Console(stderr=True)
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
-        self.total, self.start, self.label = total, start, label
+        self.total, self.start, self.label, self.unit = total, start, label, unit
         self.t0 = time.perf_counter()
         self.plain_every_s = plain_every_s
         self._last_plain: float | None = None
@@ -185,7 +185,8 @@ class ProgressDisplay:
         due = self._last_plain is None or now - self._last_plain >= self.plain_every_s or step >= self.total
         if self.enabled and due:
             self._last_plain = now
-            print(f"{self.label} step {step}/{self.total}  {info}  ETA {self.eta(step)}", file=sys.stderr, flush=True)
+            parts = [f"{self.label} {self.unit} {step}/{self.total}", info, f"ETA {self.eta(step)}"]
+            print("  ".join(p for p in parts if p), file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         """A line that stays (evaluation results); with no terminal, this is the progress log."""
