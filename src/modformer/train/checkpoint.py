@@ -93,7 +93,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, state: dict[st
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".tmp_step_{step:07d}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in [*ckpt_root.glob(".tmp_step_*"), *ckpt_root.glob(".latest.*.tmp")]:   # left by a killed save
+            if stale.is_dir():                            # (one writer per run: the run lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         save(model, tmp)
         if raw_model is not None:
             atomic_write(tmp / RAW_WEIGHTS_NAME, lambda f: save_model(unwrap(raw_model), f))
