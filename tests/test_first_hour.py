@@ -209,3 +209,19 @@ def test_eval_progress_counts_the_batches_evaluate_draws(stride, capsys):
     assert sum(1 for _ in data.iter_eval("val", 256, 0, stride=stride)) == actual    # the wrapper yields all
     progress.close()
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"eval batch {actual}/{actual}")
+
+
+def test_finetune_inside_prune_and_lora_shows_its_loss(capsys):
+    """prune --finetune-steps / lora train through compress.finetune: with a label the loss is shown (plain lines
+    here), matching the returned losses; studies (no label) stay silent."""
+    from modformer.compress.finetune import finetune
+    from modformer.config import ModelConfig, TrainConfig
+
+    data = ModularArithmetic(p=7)
+    model = mf.build_model(ModelConfig(vocab_size=data.vocab_size, n_layer=1, d_model=16, n_head=2, max_seq_len=3))
+    losses = finetune(model, data, TrainConfig(batch_size=8, lr=1e-2), 12, progress="lora")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("lora step 10/12") and f"loss {sum(losses[:10]) / 10:.4f}" in lines[0]
+    assert lines[-1].startswith("lora step 12/12") and f"loss {sum(losses[2:]) / 10:.4f}" in lines[-1]
+    finetune(model, data, TrainConfig(batch_size=8, lr=1e-2), 3)
+    assert capsys.readouterr().err == ""

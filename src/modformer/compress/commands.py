@@ -81,7 +81,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned = _eval(model, data, cfg)
     if args.finetune_steps:
         note("prune", f"fine-tuning {args.finetune_steps} steps")
-        finetune(model, data, cfg.train, args.finetune_steps, lr=args.lr, seed=cfg.train.seed)
+        finetune(model, data, cfg.train, args.finetune_steps, lr=args.lr, seed=cfg.train.seed, progress="fine-tune")
     if args.method == "magnitude":
         unstructured.make_permanent(model)
         info["sparsity"] = unstructured.sparsity_of(model)
@@ -131,7 +131,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
     trainable, total, frac = lora.trainable_fraction(pm)
     note("lora", f"training a rank-{args.rank} adapter on {', '.join(targets)} ({trainable:,} parameters) "
                  f"for {args.steps} steps")
-    finetune(pm, data, cfg.train, args.steps, lr=args.lr, seed=cfg.train.seed)
+    finetune(pm, data, cfg.train, args.steps, lr=args.lr, seed=cfg.train.seed, progress="lora")
     after = _eval(pm, data, cfg)
     out = Path(args.out) if args.out else Path(args.run_dir) / "adapters" / args.name
     meta = {"base_run": str(Path(args.run_dir).resolve()), "task": args.task, "rank": args.rank,

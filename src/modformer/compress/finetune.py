@@ -18,11 +18,14 @@ from modformer.train.optim import build_optimizer
 
 
 def finetune(model: nn.Module, data: Dataset, train_cfg: TrainConfig, steps: int, lr: float | None = None,
-             batch_size: int | None = None, seed: int = 0) -> list[float]:
+             batch_size: int | None = None, seed: int = 0, progress: str | None = None) -> list[float]:
     """``steps`` AdamW (the run's optimizer) steps at constant ``lr`` on the train split; returns losses.
 
-    Only parameters with ``requires_grad`` are trained (frozen bases stay frozen).
+    Only parameters with ``requires_grad`` are trained (frozen bases stay frozen). ``progress``: a label
+    (``"lora"``) shows the train loss as a bar on a terminal, plain lines elsewhere; None (studies) is silent.
     """
+    from modformer.train.logging import ProgressDisplay
+
     cfg = dataclasses.replace(train_cfg, lr=lr if lr is not None else train_cfg.lr)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable or steps <= 0:
@@ -31,8 +34,9 @@ def finetune(model: nn.Module, data: Dataset, train_cfg: TrainConfig, steps: int
     g = torch.Generator().manual_seed(seed)
     device = trainable[0].device
     losses = []
+    display = ProgressDisplay(steps, 0, progress is not None, label=progress or "")
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         x, y = data.get_batch("train", batch_size if batch_size is not None else cfg.batch_size, g)
         x, y = x.to(device), y.to(device)
         logits = model(x)
@@ -44,6 +48,11 @@ def finetune(model: nn.Module, data: Dataset, train_cfg: TrainConfig, steps: int
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
+        display.advance(step)
+        if step % 10 == 0 or step == steps:
+            window = losses[-10:]
+            display.update(step, f"loss {sum(window) / len(window):.4f}")
+    display.close()
     model.eval()
     return losses
 
