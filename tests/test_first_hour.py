@@ -142,8 +142,13 @@ def test_non_terminal_run_prints_banner_and_train_loss(modular_run):
 def test_generate_uses_the_task_prompt_and_answer_length(modular_run, capsys):
     run, _ = modular_run
     assert main(["generate", str(run), "--prompt", "3 + 5 =", "--temperature", "0"]) == 0
-    words = capsys.readouterr().out.split()
+    out = capsys.readouterr()
+    words = out.out.split()
     assert words[:4] == ["3", "+", "5", "="] and len(words) == 5 and 0 <= int(words[4]) < 7
+    assert "window slides" not in out.err                 # one answer token fits the 3-token context
+    assert main(["generate", str(run), "--prompt", "3 + 5 =", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.split()) == 7 and "exceed the model's context (3): the window slides" in out.err
 
 
 def test_report_names_best_and_final_and_records_the_environment(modular_run):

@@ -139,6 +139,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     idx, mask = left_pad(ids, max_len=max_len, device=model.tok_emb.weight.device)   # one left-padded batch
     g = torch.Generator(device=idx.device).manual_seed(args.seed)
     fits = max_len is None or idx.shape[1] + args.max_new_tokens <= max_len
+    from modformer.console import note
+
+    if max_len is not None and idx.shape[1] + args.max_new_tokens - 1 > max_len:   # the last token is never fed
+        note("generate", f"prompt + {args.max_new_tokens} new tokens exceed the model's context ({max_len}): "
+                         "the window slides, the oldest tokens drop out (no cache)")
+    elif args.compile:
+        note("generate", "--compile: compiling the decoding step first (a one-off warm-up)")
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=g, use_cache=fits,    # slide the window past the table
                          compile=args.compile and fits, attention_mask=mask)
