@@ -362,8 +362,7 @@ def test_generate_option_fuzz(env, k, p, t, n):
 # ---- damaged run folders (a copy: the original stays as it was) --------------------------------------------------
 @pytest.mark.parametrize("damage", [
     "empty_weights", "truncated_weights", "config_json_list", "config_yaml_bad",
-    pytest.param("garbage_state", marks=pytest.mark.xfail(
-        reason="Trainer._prepare_run_dir rewrites config.yaml before _resume reads the checkpoint (lead's part)"))])
+    "garbage_state"])
 def test_damaged_run_folder(env, damage):
     import shutil
 

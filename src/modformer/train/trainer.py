@@ -217,8 +217,6 @@ class Trainer:
                               "--overwrite to replace it, or choose another name=")
         if not resume:
             return
-        if ckpt.latest_checkpoint(self.run_dir / "checkpoints") is None:
-            raise ConfigError(f"cannot resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         saved_file = self.run_dir / "config.yaml"
         if saved_file.is_file():
             saved = load_config(saved_file)
@@ -228,6 +226,7 @@ class Trainer:
                 if diff:
                     raise ConfigError(f"cannot resume {self.run_dir}: {section} config differs from the run's "
                                       f"config.yaml ({'; '.join(diff)}); only train.* settings may change")
+        self._resume_from = self._find_resumable()
 
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         """Lock the run folder for this process's lifetime, then (and only then) clear or create it."""
@@ -254,21 +253,25 @@ class Trainer:
             save_yaml(self.cfg, self.run_dir / "config.yaml")
         barrier(self.world)
 
-    def _resume(self) -> None:
-        """Continue from the newest checkpoint that verifies in full (signed config, weights that fit and are
-        finite, a trainer state that parses and fits this optimizer); each newer one skipped is reported in
-        one line. Everything is read and checked before any of this trainer's state changes."""
+    def _find_resumable(self) -> ckpt.Checkpoint:
+        """The newest checkpoint that verifies in full (signed config, weights that fit and are finite, a trainer
+        state that parses and fits this optimizer and model config); each newer one skipped is reported in one
+        line. Only reads: called before the run folder is touched."""
         root = self.run_dir / "checkpoints"
         try:
             found = ckpt.newest_checkpoint(root, self._read_resumable, warn=self._warn)
         except FileNotFoundError:
             raise ConfigError(f"cannot resume: no checkpoint in {root}") from None
-        path, state = found.path, found.state
-        saved = from_dict(ModelConfig, state["model_config"])
-        diff = config_diff(saved, self.cfg.model)
+        diff = config_diff(from_dict(ModelConfig, found.state["model_config"]), self.cfg.model)
         if diff:
             raise ConfigError(f"cannot resume {self.run_dir}: model config differs from the checkpoint "
                               f"({'; '.join(diff)})")
+        return found
+
+    def _resume(self) -> None:
+        """Continue from the checkpoint ``_check_request`` found; everything was read and checked before."""
+        found = self._resume_from
+        path, state = found.path, found.state
         trained = found.raw_model if found.raw_model is not None else found.model   # EMA: model is the average
         try:
             if self.sharded:
@@ -301,6 +304,7 @@ class Trainer:
                                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         self.step, self.best, self.wall_offset = state["step"], state["best"], state["wall_s"]
         self.logger.truncate_after(self.step)
+        self._resume_from = None          # the checkpoint's tensors are not needed any more
 
     def _read_resumable(self, path: Path) -> ckpt.Checkpoint:
         """``ckpt.read_checkpoint`` plus the checks that make applying the state all-or-nothing."""
