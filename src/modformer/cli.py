@@ -234,7 +234,7 @@ class Parser(argparse.ArgumentParser):
 
 
 EXAMPLES = {   # subcommand -> the epilog of its --help
-    "train": "modformer train configs/grokking.yaml                 # ~10 s on a 2-core CPU -> runs/grokking/\n"
+    "train": "modformer train configs/grokking.yaml                 # ~30 s on a 2-core CPU -> runs/grokking/\n"
              "modformer train configs/grokking.yaml name=g2 train.lr=3e-3 model.n_layer=1\n"
              "modformer train configs/grokking.yaml --resume        # continue from the newest checkpoint",
     "eval": "modformer eval runs/grokking\n"

@@ -226,7 +226,8 @@ def run_banner(trainer: Any) -> tuple[str, dict[str, Any]]:
     if trainer.device.type == "cpu":
         import torch
 
-        device += f" ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        device += f" ({n} thread{'s' if n != 1 else ''}{', deterministic' if trainer.cfg.train.deterministic else ''})"
     unit = "examples" if data.kind == "task" else "tokens"
     sizes = ", ".join(f"{s} {data.split_size(s):,}" for s in data.splits)
     steps = f"{t.steps:,}" + (f" (resuming at {trainer.step:,})" if trainer.step else "")
