@@ -34,3 +34,17 @@ def assert_cache_matches_full_forward(model: torch.nn.Module, vocab: int, static
         chunk = model(idx[:, 12:], cache=cache)
     torch.testing.assert_close(torch.cat([first, *steps, chunk], dim=1), full, atol=1e-5, rtol=1e-5)
     return cache
+
+
+def randomized(**kw) -> torch.nn.Module:
+    """A small attention-only model (override any ModelConfig field) with N(0, 0.3) weights, norm gains N(1, 0.3):
+    far from initialisation, so circuit tests see every head and path carry signal."""
+    import modformer as mf
+
+    base = dict(vocab_size=37, n_layer=2, d_model=32, n_head=4, max_seq_len=32, attn_only=True)
+    base.update(kw)
+    model = mf.build_model(mf.ModelConfig(**base)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else 0.0, 0.3)
+    return model

@@ -6,21 +6,11 @@ import json
 
 import pytest
 import torch
+from _helpers import randomized
 
-import modformer as mf
 from modformer import interp
 from modformer.compress.structured import remove_heads, remove_neurons
 from modformer.interp.deltas import adapter_head_deltas, head_deltas
-
-
-def randomized(**kw) -> torch.nn.Module:
-    base = dict(vocab_size=37, n_layer=2, d_model=32, n_head=4, max_seq_len=32, attn_only=True)
-    base.update(kw)
-    model = mf.build_model(mf.ModelConfig(**base)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else 0.0, 0.3)
-    return model
 
 
 def test_pruned_model_weights_and_scores_keep_the_surviving_heads():

@@ -5,24 +5,14 @@ import json
 
 import pytest
 import torch
+from _helpers import randomized
 from safetensors.torch import load_file
 from test_interp import induction_model
 
-import modformer as mf
 from modformer import interp
 from modformer.compress.structured import remove_heads
 from modformer.interp import terms
 from modformer.interp.circuits import composition_eigenvalues
-
-
-def randomized(**kw) -> torch.nn.Module:
-    base = dict(vocab_size=37, n_layer=2, d_model=32, n_head=4, max_seq_len=32, attn_only=True)
-    base.update(kw)
-    model = mf.build_model(mf.ModelConfig(**base)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if name.endswith(("ln1.weight", "ln_f.weight")) else 0.0, 0.3)
-    return model
 
 
 @pytest.mark.parametrize("kw", [{"n_layer": 1}, {}, {"norm": "rmsnorm", "attention": "gqa", "n_kv_heads": 2},

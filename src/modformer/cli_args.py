@@ -16,38 +16,31 @@ from modformer.validation import Range, check_device_available, check_plain_name
 __all__ = ["int_in", "float_in", "device", "plain_name"]
 
 
-def int_in(rng: str) -> Callable[[str], int]:
-    """An integer option in ``rng`` (e.g. ``">= 0"``)."""
-    allowed = Range(rng)
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not allowed.contains(value):
-            raise argparse.ArgumentTypeError(f"must be an integer {allowed.describe()}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer {allowed.describe()}"
-    return parse
-
-
-def float_in(rng: str) -> Callable[[str], float]:
-    """A finite number option in ``rng`` (e.g. ``"(0, 1]"``); nan and inf are refused."""
+def _number_in(rng: str, cast: Callable[[str], float], kind: str) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)`` must lie in ``rng``; the error names ``kind`` and the range."""
     allowed = Range(rng)
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = cast(text)
         except ValueError:
             value = None
         if value is None or not allowed.contains(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number {allowed.describe()}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {kind} {allowed.describe()}, got {text!r}")
         return value
 
-    parse.__name__ = f"number {allowed.describe()}"
+    parse.__name__ = f"{kind.split()[-1]} {allowed.describe()}"
     return parse
+
+
+def int_in(rng: str) -> Callable[[str], int]:
+    """An integer option in ``rng`` (e.g. ``">= 0"``)."""
+    return _number_in(rng, int, "an integer")
+
+
+def float_in(rng: str) -> Callable[[str], float]:
+    """A finite number option in ``rng`` (e.g. ``"(0, 1]"``); nan and inf are refused."""
+    return _number_in(rng, float, "a finite number")
 
 
 def device(text: str) -> str:
