@@ -21,8 +21,8 @@ Training the gate (options):
 - ``grad: ste``: additionally, end to end, the attention probabilities of kept blocks are multiplied by
   ``1 + g - stopgrad(g)`` (value 1, gradient to the gate ``g``): straight-through top-k. ``grad: none``
   (default) trains the gate through ``gate_loss`` only. With ``select: sparsemax``, ``g`` is the sparsemax weight.
-The aux-loss route is the one that works in our measurements (benchmarks/sparse_fidelity.py); STE alone
-only sees kept blocks, so it cannot learn to promote a dropped one.
+The aux-loss route is the one that works in our measurements (`modformer bench sparse-fidelity`,
+docs/studies/sparse_attention.md); STE alone only sees kept blocks, so it cannot learn to promote a dropped one.
 
 Execution: the flex backend on CUDA builds a ``BlockMask`` from the kept block indices (off-diagonal
 blocks full, diagonal block partial with the causal ``mask_mod``): dropped blocks are never computed. This
