@@ -164,5 +164,5 @@ def test_patching_errors_and_plot(tmp_path):
         patching.path_patching(model, corrupted, clean, metric, receiver=(0, 0))
     assert torch.isnan(patching.activation_patching(model, corrupted, clean, metric, site="mlp_out")).all()
     res = patching.activation_patching(model, corrupted, clean, metric, site="resid_pre", by_position=True)
-    path = patching.plot_patching(res, tmp_path / "p.png", center=float(metric(model(corrupted))))
+    path = patching.plot_patching(res, tmp_path / "p.png", center=float(metric(model(corrupted)).detach()))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

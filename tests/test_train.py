@@ -102,7 +102,8 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch)
         return real(model, path)
 
     monkeypatch.setattr(ckpt, "save", flaky)
-    with pytest.raises(ckpt.CheckpointError, match=r"no space left on device while writing .*step_0000008.*last good checkpoint kept: .*step_0000004"):
+    expected = r"no space left on device while writing .*step_0000008.*last good checkpoint kept: .*step_0000004"
+    with pytest.raises(ckpt.CheckpointError, match=expected):
         Trainer(run_cfg(tmp_path)).fit()
     root = tmp_path / "r" / "checkpoints"
     assert ckpt.latest_checkpoint(root).name == "step_0000004"
