@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 
 import modformer as mf
 from modformer.cli import main
@@ -294,6 +295,9 @@ def test_cli_gates_and_calm(tmp_path, capsys):
     assert main(["compose", "calm", cfg, "calm.every=1"]) == 0
     head = json.loads((tmp_path / "c" / "calm.json").read_text())["headline"]
     assert {"composed_acc", "anchor_acc", "augmenting_acc", "finetune_acc", "lora_acc"} <= set(head)
+    bridges = load_file(tmp_path / "c" / "bridges.safetensors")   # the trained bridges, no pickle
+    assert bridges and all(k.split(".")[0].isdigit() for k in bridges)
+    assert not list((tmp_path / "c").glob("*.pt"))
     assert main(["compose", "calm", cfg, "calm.evry=1"]) == 2
     assert "did you mean" in capsys.readouterr().err
 

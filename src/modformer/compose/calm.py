@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from modformer.compose.common import accuracy, train_run, trainable, write_json
 from modformer.compose.spec import resolve_device
+from modformer.utils import atomic_write
 
 _SMALL = {"n_layer": 2, "d_model": 128, "n_head": 4, "d_ff": 512, "max_seq_len": 8, "attn_backend": "eager"}
 DEFAULTS: dict[str, Any] = {
@@ -127,7 +129,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     n_calm = trainable(calm)
     row("CALM (anchor + augmenting)", calm, n_calm, time.perf_counter() - t0, connections=calm.connections,
         final_train_loss=losses[-1] if losses else None)
-    torch.save(calm.bridges.state_dict(), out / "bridges.pt")
+    bridges = {k: v.detach().contiguous().cpu() for k, v in calm.bridges.state_dict().items()}
+    atomic_write(out / "bridges.safetensors", lambda tmp: save_file(bridges, tmp))
     b = spec["baselines"]
     if b["finetune"]:
         t0 = time.perf_counter()
