@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from modformer.registry import ConfigError
+from modformer.utils import atomic_write_text
 
 
 def activities(device: torch.device) -> list[ProfilerActivity]:
@@ -57,4 +58,4 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}_trace.json"))
-        (self.out_dir / f"rank{self.rank}_table.txt").write_text(op_table(prof, self.device))
+        atomic_write_text(self.out_dir / f"rank{self.rank}_table.txt", op_table(prof, self.device))

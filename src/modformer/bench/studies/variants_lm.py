@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out, json.dumps(result, indent=2))
         return 0
     if args.part:
-        Path(args.part).write_text(json.dumps(train_one(names[0], args)))
+        atomic_write_text(args.part, json.dumps(train_one(names[0], args)))
         return 0
     if args.jobs > 1:
         rows = run_parallel(names, args)
