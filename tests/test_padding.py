@@ -6,6 +6,7 @@ padding queries give no NaN; documents packed into one row equal the documents r
 holds with a mask; the unmasked path still calls SDPA with ``is_causal=True``; hook points still work.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,3 +354,75 @@ def test_cli_generate_batches_prompts(tmp_path, capsys):
         "\n".join(f"### {i}\n{t}" for i, t in enumerate(order)) + "\n"
     assert main(["generate", run]) == 2
     assert "--prompts FILE" in capsys.readouterr().err
+
+
+def _doc_stream(seq_len: int = 4):
+    """A stream with EOS = 0: an empty document, one longer than seq_len, and a last one without a closing EOS."""
+    from modformer.data.base import StreamDataset
+
+    s = np.array([0, 5, 6, 0, 7, 8, 9, 10, 11, 12, 0, 0, 3, 4], dtype=np.int64)
+    ds = StreamDataset({"train": s, "val": s}, vocab_size=V, seq_len=seq_len)
+    ds.eos_id, ds.pad_documents = 0, True
+    return ds, s
+
+
+def test_pad_documents_rows_cover_every_target_once():
+    """data.pad_documents: each row is (a piece of) one document opened by its EOS; inputs and targets are the
+    stream's, padding is 0 / -100, and the rows' targets read in order are exactly the stream after its first
+    token. attention_mask marks the real inputs."""
+    ds, s = _doc_stream()
+    batches = list(ds.iter_eval("val", 3))
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert len(x) == ds.eval_rows("val") == 5            # inputs [0 5 6] [0 7 8 9] [10 11 12] [0] [0 3]
+    real = y != -100
+    assert torch.equal(y[real], torch.from_numpy(s[1:]))
+    for row_x, row_y, m in zip(x, y, real):
+        n = int(m.sum())
+        assert n >= 1 and bool(m[:n].all()) and not bool(m[n:].any())     # right padding only
+        assert (row_x[n:] == 0).all()
+        assert torch.equal(row_x[1:n], row_y[:n - 1])                      # next-token targets inside the row
+    assert (x[real][x[real] == 0].numel()) == int((x[:, 0] == 0).sum())  # EOS only as a row's opening token
+    mask = ds.batch_kwargs(x, y)["attention_mask"]
+    assert torch.equal(mask.bool(), real)
+    xb, yb = ds.get_batch("train", 16, torch.Generator().manual_seed(0))
+    rows = {tuple(r.tolist()) for r in torch.cat([x, y], 1)}
+    assert all(tuple(r.tolist()) in rows for r in torch.cat([xb, yb], 1))
+
+
+def test_pad_documents_loss_equals_each_document_alone():
+    """A padded row's loss equals its document run alone (the mask hides the padding from every position)."""
+    ds, _ = _doc_stream(seq_len=5)
+    torch.manual_seed(0)
+    model = build("mha", causal=False)        # not causal: without the mask the padding would leak into rows
+    x, y = next(iter(ds.iter_eval("val", 0)))
+    logits = model(x, **ds.batch_kwargs(x, y))
+    for i in range(len(x)):
+        n = int((y[i] != -100).sum())
+        alone = model(x[i:i + 1, :n])
+        torch.testing.assert_close(logits[i:i + 1, :n], alone, **TOL)
+
+
+def test_pad_documents_errors_and_trainer(tmp_path):
+    from modformer.config import DataConfig, RunConfig, TrainConfig
+    from modformer.data import build_dataset
+    from modformer.train.trainer import Trainer
+
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(ConfigError, match="data.pad_documents needs a corpus"):
+        build_dataset(DataConfig(name="shakespeare_char", seq_len=8, pad_documents=True, options=cache))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_dataset(DataConfig(name="wikitext2", seq_len=8, pad_documents=True, pack=True, options=cache))
+    ds, _ = _doc_stream()
+    with pytest.raises(ConfigError, match="eval_stride=0"):
+        next(ds.iter_eval("val", 2, stride=2))
+    seen = []
+    cfg = RunConfig(name="padded", out_dir=str(tmp_path),
+                    data=DataConfig(name="wikitext2", seq_len=24, pad_documents=True, options=cache),
+                    model=mf.ModelConfig(n_layer=1, d_model=16, n_head=2, max_seq_len=24, position="rope"),
+                    train=TrainConfig(steps=1, batch_size=4, eval_every=1, eval_batches=1, progress=False,
+                                      tensorboard=False, device="cpu", sample_tokens=0))
+    trainer = Trainer(cfg)
+    trainer.raw_model.register_forward_pre_hook(lambda m, a, kw: seen.append("attention_mask" in kw),
+                                                with_kwargs=True)
+    trainer.fit()
+    assert sum(seen) >= 2

@@ -98,10 +98,7 @@ def _eval_progress(trainer: Any, args: argparse.Namespace) -> Any:
 
     data, t = trainer.data, trainer.cfg.train
     bs = t.eval_batch_size or (t.batch_size if t.batch_size > 0 else 0)
-    n = data.split_size(args.split)
-    if data.kind == "corpus":
-        stride = t.eval_stride if 0 < t.eval_stride < data.seq_len else data.seq_len
-        n = 1 + max(0, math.ceil((n - 1 - data.seq_len) / stride))          # windows
+    n = data.eval_rows(args.split, t.eval_stride)
     total = math.ceil(n / bs) if bs > 0 else 1
     if args.max_batches:
         total = min(total, args.max_batches)

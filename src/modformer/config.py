@@ -156,6 +156,7 @@ class DataConfig:
     root: str | None = None            # data folder; None = ../shared/data or $MODFORMER_DATA
     options: dict[str, Any] = field(default_factory=dict)
     pack: bool = False                 # corpora with an EOS separator: attention never crosses documents
+    pad_documents: bool = False        # one document per row, right-padded (attention_mask; no loss on padding)
 
     RULES: ClassVar[dict[str, Any]] = {"seq_len": ">= 1"}   # value rules (validation.check_fields)
 

@@ -69,4 +69,12 @@ def build_dataset(cfg: DataConfig) -> Dataset:
             raise ConfigError(f"data.pack needs a corpus whose stream separates documents with an EOS token; "
                               f"{cfg.name!r} has none (wikitext2 has <eos>)")
         ds.pack = True
+    if getattr(cfg, "pad_documents", False):
+        if ds.kind != "corpus" or ds.eos_id is None:
+            raise ConfigError(f"data.pad_documents needs a corpus whose stream separates documents with an EOS "
+                              f"token; {cfg.name!r} has none (wikitext2 has <eos>)")
+        if getattr(cfg, "pack", False):
+            raise ConfigError("data.pack and data.pad_documents exclude each other: pack several documents into "
+                              "a window, or give each document its own padded row")
+        ds.pad_documents = True
     return ds

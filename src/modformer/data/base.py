@@ -29,15 +29,23 @@ class Dataset(abc.ABC):
     splits: tuple[str, ...] = ("train", "val")
     eos_id: int | None = None   # the stream's document separator, if it has one
     pack: bool = False          # ``data.pack``: windows hold several documents; attention stays inside each
+    pad_documents: bool = False  # ``data.pad_documents``: one document per row, right-padded
 
-    def batch_kwargs(self, x: Tensor) -> dict[str, Tensor]:
+    def batch_kwargs(self, x: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
         """Model inputs besides ``x``: with ``pack``, ``document_ids`` (a document begins at its EOS separator,
-        which acts as its BOS, so every target is predicted from inside one document); else none."""
+        which acts as its BOS, so every target is predicted from inside one document); with ``pad_documents``,
+        ``attention_mask`` (1 on real tokens: in a padded row exactly the positions with a target); else none."""
+        if self.pad_documents and y is not None:
+            return {"attention_mask": (y != IGNORE_INDEX).long()}
         if not self.pack:
             return {}
         from modformer.layers.attention.masks import document_ids
 
         return {"document_ids": document_ids(x, self.eos_id)}
+
+    def eval_rows(self, split: str, stride: int = 0) -> int:
+        """How many rows ``iter_eval(split, ...)`` yields in all (progress totals)."""
+        return self.split_size(split)
 
     @abc.abstractmethod
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -212,10 +220,41 @@ class StreamDataset(Dataset):
         self._check_split(split)
         return self._streams[split]
 
+    def document_rows(self, split: str) -> np.ndarray:
+        """``(R, 2)`` [start, length] of the rows of ``data.pad_documents``: each document (from its leading EOS
+        separator, which acts as its BOS, to the next one) cut into pieces of at most ``seq_len`` inputs, so every
+        target after the stream's first token belongs to exactly one row."""
+        cache = self.__dict__.setdefault("_document_rows", {})
+        if split not in cache:
+            s, t = self.stream(split), self.seq_len
+            bounds = np.unique(np.concatenate([[0], np.flatnonzero(s == self.eos_id), [len(s) - 1]]))
+            lengths = np.diff(bounds)
+            lengths = lengths[lengths > 0]
+            pieces = -(-lengths // t)                                       # ceil: rows per document
+            first = np.repeat(bounds[:-1][np.diff(bounds) > 0], pieces)
+            k = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece index in its doc
+            start = first + k * t
+            end = np.repeat(bounds[1:][np.diff(bounds) > 0], pieces)
+            cache[split] = np.stack([start, np.minimum(end - start, t)], 1).astype(np.int64)
+        return cache[split]
+
+    def _padded_rows(self, split: str, rows: np.ndarray) -> tuple[Tensor, Tensor]:
+        """x right-padded with 0 and y with IGNORE_INDEX for document rows ``rows`` ``(B, 2)``."""
+        s, t = self.stream(split), self.seq_len
+        pos = rows[:, :1] + np.arange(t + 1)                                # (B, T+1)
+        real = np.arange(t + 1) <= rows[:, 1:]                              # inputs 0..L-1, targets 1..L
+        chunk = torch.from_numpy(s[np.minimum(pos, len(s) - 1)].astype(np.int64))
+        x = chunk[:, :-1].masked_fill(~torch.from_numpy(real[:, 1:]), 0)
+        y = chunk[:, 1:].masked_fill(~torch.from_numpy(real[:, 1:]), IGNORE_INDEX)
+        return x.contiguous(), y.contiguous()
+
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         s, t = self.stream(split), self.seq_len
         if batch_size <= 0:
             raise ConfigError("batch_size <= 0 (full batch) is for tasks; corpora need batch_size > 0")
+        if self.pad_documents:
+            rows = self.document_rows(split)
+            return self._padded_rows(split, rows[torch.randint(len(rows), (batch_size,), generator=generator).numpy()])
         if len(s) <= t:
             raise ConfigError(f"data.seq_len={t} is too long for split {split!r} of {len(s)} tokens")
         ix = torch.randint(len(s) - t, (batch_size,), generator=generator).numpy()
@@ -244,6 +283,17 @@ class StreamDataset(Dataset):
             raise ConfigError(f"evaluation stride must be >= 0, got {stride}")
         stride = t if stride == 0 or stride >= t else stride
         self._last_eval_split = split
+        if self.pad_documents:
+            if stride < t:
+                raise ConfigError("evaluation stride is for windows of a stream; data.pad_documents scores each "
+                                  "document in its own rows (set train.eval_stride=0)")
+            rows = self.document_rows(split)
+            step = batch_size if batch_size > 0 else max(len(rows), 1)
+            for k, i in enumerate(range(0, len(rows), step)):
+                if max_batches and k >= max_batches:
+                    return
+                yield self._padded_rows(split, rows[i:i + step])
+            return
         n = len(s)
         # windows start every `stride` tokens until one reaches the last target
         starts = np.arange(0, max(n - 1 - t, 0) + stride, stride) if n > 1 else np.arange(0)
@@ -279,3 +329,10 @@ class StreamDataset(Dataset):
 
     def split_size(self, split: str) -> int:
         return len(self.stream(split))
+
+    def eval_rows(self, split: str, stride: int = 0) -> int:
+        if self.pad_documents:
+            return len(self.document_rows(split))
+        n, t = self.split_size(split), self.seq_len
+        stride = stride if 0 < stride < t else t
+        return 1 + max(0, math.ceil((n - 1 - t) / stride))

@@ -360,7 +360,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
-                logits = self.model(x, **self.data.batch_kwargs(x))    # document_ids with data.pack
+                logits = self.model(x, **self.data.batch_kwargs(x, y))  # document_ids / attention_mask
                 flat_logits, flat_y = logits.flatten(0, 1).float(), y.flatten()
                 nll = F.cross_entropy(flat_logits, flat_y, ignore_index=-100, reduction="sum")
                 objective = nll if not t.label_smoothing else F.cross_entropy(
@@ -418,7 +418,7 @@ class Trainer:
         for x, y in windows:
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                logits = model(x, **self.data.batch_kwargs(x))
+                logits = model(x, **self.data.batch_kwargs(x, y))
             loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
                                         reduction="sum").item()
             mask = y != -100
