@@ -10,6 +10,8 @@ mis-mapped weight (an O(0.1) change) shows up as an O(0.1-1) difference.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -220,6 +222,29 @@ def test_offline_uncached_hub_name_fails_at_once(monkeypatch, tmp_path, capsys) 
     monkeypatch.setattr(mf.hf.common, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(FileNotFoundError, match="unreachable"):
         mf.hf.load_pretrained("someorg/not-cached-model")
+
+
+def test_offline_cached_hub_name_loads_from_the_cache(llama_dir, tmp_path) -> None:
+    """HF_HUB_OFFLINE=1 with the model in the HF cache (hub layout: refs/main -> snapshots/<commit>/): the hub name
+    loads from the cache, logits equal the folder's, in a fresh process (huggingface_hub reads the cache path and
+    the offline flag at import)."""
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-llama" / "snapshots" / ("ab" * 20)
+    shutil.copytree(llama_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("ab" * 20)
+    code = ("import torch, modformer as mf\n"
+            "ids = torch.arange(12).reshape(2, 6) % 50\n"
+            f"a = mf.hf.load_pretrained('someorg/tiny-llama')(ids)\n"
+            f"b = mf.hf.load_pretrained({str(llama_dir)!r})(ids)\n"
+            "print(float((a - b).abs().max()))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) == 0.0
 
 
 # ---- the toolbox on an HF folder ---------------------------------------------------------------------
