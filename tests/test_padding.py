@@ -261,20 +261,31 @@ def test_padded_cache_equals_no_cache(kind):
             torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
 
 
-def test_hourglass_right_padding_honoured_left_refused():
+@pytest.mark.parametrize("group_len", [2, 3])
+def test_hourglass_left_and_right_padding(group_len):
+    """Hourglass: a padded row (either side) equals the sequence alone; left-padded greedy generation equals each
+    prompt generated alone; a mask row with a hole is refused, and so is padding with an incremental cache."""
     cfg = mf.ModelConfig(vocab_size=V, n_layer=1, d_model=16, n_head=2, max_seq_len=40, model="hourglass",
-                         model_options={"group_len": 2})
+                         position="rope", model_options={"group_len": group_len})
     model = mf.build_model(cfg).eval()
-    rows = seqs(5, 9, seed=7)
+    rows = seqs(5, 9, 7, seed=7)
     with torch.no_grad():
-        idx, mask = pad(rows, "right")
-        out = model(idx, attention_mask=mask)
-        torch.testing.assert_close(out[0, :5], model(rows[0][None])[0], **TOL)
+        for side in ("right", "left"):
+            idx, mask = pad(rows, side)
+            out = model(idx, attention_mask=mask)
+            for i, r in enumerate(rows):
+                torch.testing.assert_close(real(out, i, len(r), side), model(r[None])[0], **TOL)
         idx, mask = pad(rows, "left")
-        with pytest.raises(ValueError, match="right-padded batches only"):
-            model(idx, attention_mask=mask)
-        with pytest.raises(ValueError, match="does not decode padded batches"):
-            model.generate(idx, 2, temperature=0, attention_mask=mask)
+        got = model.generate(idx, 4, temperature=0, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone = model.generate(r[None], 4, temperature=0)[0]
+            assert torch.equal(got[i, -4:], alone[-4:])
+        holed = torch.ones_like(mask)
+        holed[0, 3] = 0
+        with pytest.raises(ValueError, match="contiguously"):
+            model(idx, attention_mask=holed)
+        with pytest.raises(ValueError, match="continues a cache only for unpadded"):
+            model(idx, attention_mask=mask, cache=model.new_cache(len(rows)))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

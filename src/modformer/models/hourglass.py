@@ -402,11 +402,21 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
                 last_only: bool = False, pos: Tensor | None = None, attention_mask: Tensor | None = None,
                 document_ids: Tensor | None = None) -> Tensor | tuple[Tensor, object]:
         """Logits ``(B, T, V)``; with a cache (``new_cache``) the call continues the cached sequence.
-        ``attention_mask``: right padding only (causal: real tokens never see it); left padding is refused."""
+
+        ``attention_mask`` (no cache): left or right padding. Right padding is invisible to causal layers; a
+        left-padded row is rotated so its real tokens start at position 0 (the groups and positions it would
+        have alone, as HF counts positions from the first real token), run, and rotated back."""
         if pos is not None:
             raise ValueError("model 'hourglass' does not take tensor positions (no compiled decoding)")
+        lead = None
         if attention_mask is not None:
-            check_right_padded(attention_mask, cache is not None)
+            if cache is not None:
+                check_right_padded(attention_mask, cached=True)
+            else:
+                lead = leading_padding(attention_mask)
+                if lead is not None:
+                    idx, attention_mask = rotate_rows(idx, lead), rotate_rows(attention_mask, lead)
+                check_right_padded(attention_mask)
         if document_ids is not None:
             raise ValueError("model 'hourglass' does not take document_ids (data.pack): its token groups would "
                              "straddle documents; use data.pack: false or model 'gpt'")
@@ -420,6 +430,8 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         full = idx if cache is None or cache.tokens is None else torch.cat([cache.tokens, idx], dim=1)
         self._check_input(full)
         x = self._forward(full)
+        if lead is not None:
+            x = rotate_rows(x, -lead)
         if cache is not None:
             cache.tokens, cache.length = full, full.shape[1]
         x = x[:, -1:] if last_only else (x if x.shape[1] == T else x[:, -T:])
@@ -527,17 +539,36 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         """As ``gpt``'s generate (greedy with and without cache agree); no compiled decoding."""
         if compile:
             raise ValueError("model 'hourglass' has no compiled decode step (its cache is not a static one)")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            kwargs["use_cache"] = False      # a padded batch re-runs each (rotated) row: exact, slower
         return super().generate(idx, max_new_tokens, *args, **kwargs)
 
 
+def leading_padding(attention_mask: Tensor) -> Tensor | None:
+    """Leading zeros of each row of the 0/1 mask ``(B, T)``; None when no row starts with padding."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, length), got shape {tuple(attention_mask.shape)}")
+    lead = (~attention_mask.bool()).long().cumprod(1).sum(1)
+    return lead if bool(lead.any()) else None
+
+
+def rotate_rows(x: Tensor, shift: Tensor) -> Tensor:
+    """``out[b, j] = x[b, (j + shift[b]) % T]`` along dim 1 (``-shift`` undoes it); trailing dims follow."""
+    T = x.shape[1]
+    src = (torch.arange(T, device=x.device)[None] + shift.to(x.device)[:, None]) % T          # (B, T)
+    return x.gather(1, src.view(*src.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
 def check_right_padded(attention_mask: Tensor, cached: bool = False) -> None:
-    """ValueError unless every row of the 0/1 mask is real tokens then padding: the hourglass groups tokens by
-    absolute position, so left padding would change the groups (right padding is invisible to causal layers).
-    A cached call (decoding continues after the context) takes no padding at all."""
+    """ValueError unless every row of the 0/1 mask is real tokens then padding (what ``forward`` runs after
+    moving left padding to the right): the hourglass groups tokens by position, so a row's real tokens must be
+    contiguous. A cached call (decoding continues after the context) takes no padding at all: ``generate`` on a
+    padded batch decodes without the cache instead."""
     m = attention_mask.bool()
     if cached and not bool(m.all()):
-        raise ValueError("model 'hourglass' does not decode padded batches (left padding would shift its token "
-                         "groups); generate each prompt alone or use model 'gpt'")
+        raise ValueError("model 'hourglass' continues a cache only for unpadded batches; call it without a cache "
+                         "(generate does so for padded batches)")
     if m.dim() != 2 or bool((m[:, 1:] & ~m[:, :-1]).any()):
-        raise ValueError("model 'hourglass' takes right-padded batches only (attention_mask rows 1...1 0...0): "
-                         "left padding would shift its token groups; pad on the right or use model 'gpt'")
+        raise ValueError("model 'hourglass': each attention_mask row must hold its real tokens contiguously "
+                         "(left or right padding), got a row with a hole")
