@@ -350,6 +350,12 @@ def test_cli_distill_sparse_student_of_hf_teacher(llama_dir, tmp_path) -> None:
     assert torch.equal(student.blocks[0].mlp.up.weight, teacher.blocks[0].mlp.up.weight)          # frozen
     rows = [json.loads(line) for line in (tmp_path / "runs" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in r for r in rows)
+    # `bench fidelity` with the HF folder as teacher scores the student against it
+    assert _cli("bench", "fidelity", "--teacher", llama_dir, "--student", tmp_path / "runs" / "student",
+                "--batch-size", "2", "--eval-batches", "1", "--device", "cpu", "--out", tmp_path / "bench") == 0
+    result = json.loads(next((tmp_path / "bench").glob("*.json")).read_text())
+    row = result["rows"][0]
+    assert row["attention"] == "sliding_window" and 0 < row["kl"] < 10 and row["teacher_ppl"] > 1
 
 
 @pytest.mark.parametrize("fields,needle", [

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from modformer.runs import run_config, run_model
 
     p = argparse.ArgumentParser(prog="modformer bench fidelity", description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", required=True, help="run dir, saved model or HF GPT-2 dir")
+    p.add_argument("--teacher", required=True, help="run dir, saved model, or HF folder / hub name (any family)")
     p.add_argument("--student", nargs="+", required=True, help="modformer distill run folders")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batches", type=int, default=8)
