@@ -50,7 +50,7 @@ from modformer.interp.gradflow import (
     grad_flow,
     grad_norms,
 )
-from modformer.interp.heads import frequent_tokens, head_scores, head_table, repeated_random_tokens
+from modformer.interp.heads import band_mass, frequent_tokens, head_scores, head_table, repeated_random_tokens
 from modformer.interp.patching import activation_patching, attribution_patching, path_patching
 from modformer.interp.report import analyze
 from modformer.interp.skip_trigrams import SkipTrigram, skip_trigrams
@@ -61,7 +61,7 @@ __all__ = [
     "AttentionStatsMonitor", "FactoredMatrix", "GradFlowMonitor", "ModelWeights", "SkipTrigram",
     "activation_patching", "adapter_head_deltas", "attribution_patching", "composition_eigenvalues",
     "dump_circuits", "head_deltas", "path_patching", "path_terms", "term_importance",
-    "all_composition_scores", "analyze", "attention_distance", "attention_entropy", "attention_forward",
+    "all_composition_scores", "analyze", "attention_distance", "band_mass", "attention_entropy", "attention_forward",
     "attention_stats", "comp_score", "composition_baseline", "composition_scores", "copying_scores",
     "eigen_score", "excluded_loss", "extract_weights", "flag_grad_flow", "fourier_basis", "fourier_report",
     "frequency_norms", "frequent_tokens", "grad_flow", "grad_norms", "head_scores", "head_table", "key_frequencies",

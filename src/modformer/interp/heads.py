@@ -79,6 +79,22 @@ def offset_attention(patterns: Tensor, offset: int, start: int = 0) -> Tensor:
     return patterns[..., t, t - offset].mean((1, -1))
 
 
+def band_mass(patterns: Tensor, width: int) -> Tensor:
+    """Diagonal dominance ``(L, H)``: the attention mass inside the causal band of ``width`` keys, averaged
+    over every query position and batch row.
+
+    For query ``i`` the band holds keys ``j`` with ``0 <= i - j < width`` (itself and the ``width - 1``
+    keys before it), so a row's band mass is ``sum_{i-width < j <= i} A[i, j]``; 1 means the head attends
+    only locally. A sliding window of ``w`` keys gives exactly 1 at ``width = w``; uniform causal attention
+    gives ``min(i + 1, width) / (i + 1)`` per row."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    T = patterns.shape[-1]
+    dist = torch.arange(T, device=patterns.device)[:, None] - torch.arange(T, device=patterns.device)[None, :]
+    band = (dist >= 0) & (dist < width)
+    return (patterns * band).sum(-1).mean((1, -1))
+
+
 def previous_token_scores(patterns: Tensor) -> Tensor:
     return offset_attention(patterns, 1)
 
