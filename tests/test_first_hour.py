@@ -44,10 +44,24 @@ def test_every_option_has_help_and_every_command_an_example():
                 continue
             if not (action.help or "").strip():
                 missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
-        if len(path) == 2 and "modformer " + path[1] not in (parser.epilog or ""):
-            no_example.append(path[1])
+        if len(path) >= 2 and " ".join(path) + " " not in (parser.epilog or ""):
+            no_example.append(" ".join(path[1:]))      # every command and sub-command (compose cbtm) has one
     assert not missing, f"options without help text: {missing}"
     assert not no_example, f"sub-commands without an example: {no_example}"
+    assert {("modformer", "compose", m) for m in ("cbtm", "gates", "calm")} <= {tuple(p) for p, _ in commands}
+
+
+def test_compose_methods_have_their_own_help(capsys):
+    """`compose cbtm --help` is cbtm's page (its --stage, its examples), not the generic compose page."""
+    assert main(["compose", "cbtm", "--help"]) == 0
+    cbtm = capsys.readouterr().out
+    assert cbtm.startswith("usage: modformer compose cbtm") and "--stage" in cbtm and "jobs.txt" in cbtm
+    assert main(["compose", "calm", "--help"]) == 0
+    calm = capsys.readouterr().out
+    assert calm.startswith("usage: modformer compose calm") and "--stage" not in calm
+    assert main(["compose", "--help"]) == 0
+    page = capsys.readouterr().out
+    assert all(m in page for m in ("cbtm", "gates", "calm"))
 
 
 def test_help_shows_defaults(capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import textwrap
 from typing import Any
 
 from modformer.cli_args import device
@@ -66,12 +67,41 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTIONS = {   # method -> (one-line help, what it does, examples)
+    "cbtm": ("c-BTM: cluster a corpus, train one expert per cluster, mix them by distance",
+             "Stages (--stage): cluster the training documents, plan one run config per expert (+ jobs.txt), "
+             "train the experts (experts.workers at a time), eval the distance-weighted mixture against a dense "
+             "model trained on the same tokens. Writes OUT_DIR/NAME/cbtm.json.",
+             "modformer compose cbtm configs/compose_cbtm.yaml experts.workers=4\n"
+             "modformer compose cbtm configs/compose_cbtm.yaml --stage plan    # configs + jobs.txt only\n"
+             "modformer compose cbtm configs/compose_cbtm.yaml --stage train,eval"),
+    "gates": ("PHATGOOSE: per-task LoRA experts routed by learned gates",
+              "Trains a base on the task format, one LoRA expert per task, then gate variants (independent | "
+              "joint, token | prefix) against the oracle, the base and a multitask LoRA. Writes "
+              "OUT_DIR/NAME/gates.json.",
+              "modformer compose gates configs/compose_gates.yaml\n"
+              "modformer compose gates configs/compose_gates.yaml --device cpu experts.steps=100"),
+    "calm": ("CALM: bridge a frozen anchor and a frozen augmenting model with cross-attention",
+             "Key-value arithmetic (Bansal et al. 2024, 4.1): anchor and augmenting runs, trained bridges, "
+             "against full fine-tuning and LoRA of the anchor on the same data. Writes OUT_DIR/NAME/calm.json.",
+             "modformer compose calm configs/compose_calm.yaml\n"
+             "modformer compose calm configs/compose_calm.yaml calm.every=1"),
+}
+
+
 def add_parsers(sub: Any) -> None:
-    """Register ``compose`` on the CLI's subparsers."""
-    p = sub.add_parser("compose", help="composition of experts: cbtm | gates | calm CONFIG.yaml [key=value ...]")
-    p.add_argument("method", choices=list(METHODS), help="cbtm (c-BTM) | gates (PHATGOOSE) | calm (CALM)")
-    p.add_argument("config", help="YAML file (configs/compose_METHOD.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. experts.steps=100 out_dir=runs/x")
-    p.add_argument("--device", type=device, default=None, help="cpu | cuda | auto (default: the config's, auto)")
-    p.add_argument("--stage", default="all", help="cbtm only: all, or a comma list of cluster,plan,train,eval")
-    p.set_defaults(fn=cmd_compose)
+    """Register ``compose`` and its sub-commands ``cbtm``, ``gates`` and ``calm`` on the CLI's subparsers."""
+    p = sub.add_parser("compose", help="composition of experts: cbtm | gates | calm CONFIG.yaml [key=value ...]",
+                       description="Composition of experts; each method has its own --help "
+                                   "(modformer compose cbtm --help).")
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for name, (line, text, examples) in DESCRIPTIONS.items():
+        m = methods.add_parser(name, help=line, description=f"{line}.\n\n" + textwrap.fill(text, 100),
+                               epilog="examples:\n" + "\n".join("  " + e for e in examples.splitlines()))
+        m.add_argument("config", help=f"YAML file (configs/compose_{name}.yaml)")
+        m.add_argument("overrides", nargs="*", help="dotted overrides of the file, e.g. out_dir=runs/x "
+                                                     + ("experts.steps=100" if name != "calm" else "calm.every=1"))
+        m.add_argument("--device", type=device, default=None, help="cpu | cuda | auto (default: the config's, auto)")
+        if name == "cbtm":
+            m.add_argument("--stage", default="all", help="all, or a comma list of cluster,plan,train,eval")
+        m.set_defaults(fn=cmd_compose, stage="all")
