@@ -5,8 +5,15 @@ its own empty torch.compile cache unless ``--warm-cache``; the time runs from th
 ``early stop:`` line. The peer in the same call is the nanoGPT-like baby GPT (``configs/shakespeare_char.yaml``,
 compiled); the headline run is our recipe (``configs/shakespeare_char_muon.yaml``).
 
+``--peer-nanogpt PATH`` adds nanoGPT itself: its ``train.py config/train_shakespeare_char.py`` run from a temporary
+copy of the user's checkout (``bench/nanogpt_peer.py``; its data files written from our local Tiny Shakespeare, the
+same 90/10 split), as a fresh process with its own empty compile cache, timed from launch to its first
+``step N: ... val loss Y`` line with Y <= target (then stopped). Headline: ``seconds_to_target_cold`` (ours, from
+process start, cold caches), ``nanogpt_seconds_to_target`` and ``speedup_vs_nanogpt``.
+
     modformer bench time-to-loss                                  # both default runs -> results/time_to_loss.json
     modformer bench time-to-loss --run muon configs/shakespeare_char_muon.yaml train.batch_size=128
+    modformer bench time-to-loss --peer-nanogpt ../nanoGPT --out benchmarks/results      # vs nanoGPT, same call
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.nanogpt_peer import checkout, run_peer_time_to_loss
 from modformer.bench.process import TrainProcess, child_env
 
 DEFAULT_RUNS = [["nanogpt_like", "configs/shakespeare_char.yaml", "train.compile=true"],
@@ -34,10 +42,11 @@ def run_row(run: TrainProcess) -> dict:
             "warmup_s": run.warmup_s(), "returncode": run.returncode, "settings": run.settings()}
 
 
-def headline(rows: list[dict], target: float, headline_run: str) -> dict:
-    """The headline run's time and steps, the nanoGPT-like peer's, their ratio and the fastest run."""
+def headline(rows: list[dict], target: float, headline_run: str, cold: bool = True) -> dict:
+    """The headline run's time and steps, the nanoGPT-like peer's, nanoGPT's own (``--peer-nanogpt``), the ratios
+    and the fastest of our runs. ``cold``: every run had empty compile caches (not ``--warm-cache``)."""
     by = {r["name"]: r for r in rows}
-    reached = [r for r in rows if r["seconds_to_target"] is not None]
+    reached = [r for r in rows if r["seconds_to_target"] is not None and r["name"] != "nanogpt"]
     best = min(reached, key=lambda r: r["seconds_to_target"]) if reached else None
     out = {"target": target,
            "seconds_to_target": by.get(headline_run, {}).get("seconds_to_target"),
@@ -49,6 +58,13 @@ def headline(rows: list[dict], target: float, headline_run: str) -> dict:
            "best_seconds_to_target": best["seconds_to_target"] if best else None}
     if out["seconds_to_target"] and out["nanogpt_like_seconds_to_target"]:
         out["speedup_vs_nanogpt_like"] = out["nanogpt_like_seconds_to_target"] / out["seconds_to_target"]
+    out["seconds_to_target_cold"] = out["seconds_to_target"] if cold else None
+    if "nanogpt" in by:
+        peer = by["nanogpt"]
+        out.update(nanogpt_seconds_to_target=peer["seconds_to_target"], nanogpt_steps_to_target=peer["steps_to_target"],
+                   nanogpt_best_val_loss=peer["best_val_loss"],
+                   speedup_vs_nanogpt=peer["seconds_to_target"] / out["seconds_to_target"]
+                   if peer["seconds_to_target"] and out["seconds_to_target"] else None)
     return out
 
 
@@ -62,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="train.device of every run (default: the configs')")
     p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
     p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")
+    p.add_argument("--peer-nanogpt", metavar="PATH",
+                   help="a nanoGPT checkout: also time its train.py (PEER_CONFIG) to the target, from process start")
+    p.add_argument("--peer-config", default="config/train_shakespeare_char.py",
+                   help="nanoGPT config file, relative to its checkout")
+    p.add_argument("--peer-arg", action="append", default=[], metavar="--key=value",
+                   help="extra nanoGPT train.py argument (repeatable), e.g. --peer-arg=--device=cpu")
     p.add_argument("--runs-dir", default="runs/bench")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     p.add_argument("--results-name", default="time_to_loss", help="result file name, without .json")
@@ -74,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     device = [f"train.device={args.device}"] if args.device else []
     measured = torch.device(args.device if args.device not in (None, "auto") else
                             "cuda" if torch.cuda.is_available() else "cpu")
+    if args.peer_nanogpt:
+        checkout(args.peer_nanogpt, "train.py")            # a wrong path fails before any run
     rows: list[dict] = []
     for spec in args.run or DEFAULT_RUNS:                  # one at a time: each run has the device to itself
         if len(spec) < 2:
@@ -90,8 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         if run.returncode:
             print(run.tail(20))
         # after every run, so a cut-off benchmark keeps what it measured
-        path = write_result("time_to_loss", headline(rows, args.target, args.headline), rows, measured, args.out,
-                            filename=f"{args.results_name}.json")
+        path = write_result("time_to_loss", headline(rows, args.target, args.headline, not args.warm_cache), rows,
+                            measured, args.out, filename=f"{args.results_name}.json")
+    if args.peer_nanogpt:
+        from modformer.data.files import corpus_files
+
+        (text_file,) = corpus_files(None, "tinyshakespeare", ["input.txt"])
+        print(f"nanoGPT: {args.peer_nanogpt}/train.py {args.peer_config} (temporary copy, cold cache)", flush=True)
+        peer = run_peer_time_to_loss(args.peer_nanogpt, text_file.read_text(), args.target,
+                                     [args.peer_config, *args.peer_arg], child_env("nanogpt", args.warm_cache),
+                                     args.max_seconds, Path(args.runs_dir) / "nanogpt.log")
+        rows.append(peer)
+        print(json.dumps({k: v for k, v in peer.items() if k != "evals"}), flush=True)
+        path = write_result("time_to_loss", headline(rows, args.target, args.headline, not args.warm_cache), rows,
+                            measured, args.out, filename=f"{args.results_name}.json")
     print_table(rows, ["name", "seconds_to_target", "steps_to_target", "best_val_loss", "process_seconds",
                        "tokens_per_s"])
     print(f"wrote {path}")
