@@ -73,6 +73,12 @@ class ModelConfig:
     # Per-layer overrides (empty, or one dict per layer) of LAYER_FIELDS, e.g. a pruned model's
     # {"n_head": 3, "d_head": 32, "d_ff": 96}; Block builds layer i from for_layer(i).
     layer_overrides: list[dict[str, Any]] = field(default_factory=list)
+    # Speedrun components (modded-nanogpt; ARCHITECTURE.md "Speedrun components"). All off by default.
+    zero_init_proj: bool = False       # residual output projections (attn.out, mlp.down) start at exactly zero
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2), e.g. 30.0; None = off
+    value_embeds: int = 0              # K token-embedding tables mixed into V of the first K and last K layers
+    unet_skips: bool = False           # block i's output joins the input of block L-1-i (learned scalar)
+    window_pattern: list[int] = field(default_factory=list)   # per-layer sliding windows, cycled; 0 = full
 
     LAYER_FIELDS = ("n_head", "n_kv_heads", "d_head", "d_ff", "attn_only", "attention", "ffn",
                     "attention_options", "ffn_options")
@@ -82,19 +88,42 @@ class ModelConfig:
         "d_head": ">= 1", "d_ff": ">= 1", "ffn_multiple_of": ">= 1", "max_seq_len": ">= 1", "rope_base": "> 0",
         "norm_eps": "> 0", "dropout": "[0, 1)", "attn_dropout": "[0, 1)", "init_std": "> 0",
         "embed_init_std": "> 0", "embed_noise": ">= 0", "init": ("gpt2", "torch"),
-        "norm_placement": ("pre", "post", "sandwich")}
+        "norm_placement": ("pre", "post", "sandwich"), "logit_softcap": ["> 0", "null = off"],
+        "value_embeds": ">= 0"}
+    GPT_ONLY = ("logit_softcap", "value_embeds", "unet_skips", "window_pattern")   # other models reject them
 
     def for_layer(self, i: int) -> ModelConfig:
         """The config layer ``i`` is built from: this one with ``layer_overrides[i]`` applied.
 
         A layer that changes ``n_head`` keeps the model's head width unless it sets ``d_head``.
         """
-        over = self.layer_overrides[i] if self.layer_overrides else {}
+        over = dict(self.layer_overrides[i]) if self.layer_overrides else {}
+        window = self.window_for(i)
+        if window:                          # model.window_pattern: this layer's attention becomes sliding_window
+            kind = over.get("attention", self.attention)
+            opts = dict(over.get("attention_options", self.attention_options))
+            if kind == "mqa":
+                opts["n_kv_heads"] = 1
+            over.update(attention="sliding_window", attention_options={**opts, "window": window})
         if not over:
             return self
         if "n_head" in over and "d_head" not in over and self.d_head is None:
             over = {**over, "d_head": self.head_dim}
-        return dataclasses.replace(self, layer_overrides=[], **over)
+        return dataclasses.replace(self, layer_overrides=[], window_pattern=[], **over)
+
+    def window_for(self, i: int) -> int:
+        """Layer ``i``'s sliding window from ``window_pattern`` (cycled over the layers); 0 = full attention."""
+        return int(self.window_pattern[i % len(self.window_pattern)]) if self.window_pattern else 0
+
+    def value_embed_table(self, i: int) -> int | None:
+        """Which value-embedding table layer ``i`` mixes into its values (modded-nanogpt's layout: table t
+        serves layer t and layer ``n_layer - K + t``), or None."""
+        k = self.value_embeds
+        if i < k:
+            return i
+        if i >= self.n_layer - k:
+            return i - (self.n_layer - k)
+        return None
 
     @property
     def head_dim(self) -> int:
@@ -130,6 +159,7 @@ class ModelConfig:
                               "(attn_only: false)")
         if not 0.0 < self.rope_fraction <= 1.0:
             raise ConfigError(f"model.rope_fraction must be in (0, 1], got {self.rope_fraction}")
+        self._validate_speedrun()
         if self.layer_overrides:
             if len(self.layer_overrides) != self.n_layer:
                 raise ConfigError(f"model.layer_overrides needs one entry per layer ({self.n_layer}), "
@@ -145,6 +175,27 @@ class ModelConfig:
                     raise ConfigError(f"model.layer_overrides[{i}]: n_head ({sub.n_head}) must be a positive "
                                       f"multiple of n_kv_heads ({sub.n_kv_heads})")
         return self
+
+    def _validate_speedrun(self) -> None:
+        """The speedrun fields: GPT only, value tables fit the depth, windows on mha / gqa / mqa layers only."""
+        if self.model != "gpt":
+            for name in self.GPT_ONLY:
+                if getattr(self, name):
+                    raise ConfigError(f"model.{name} is supported by model: gpt only, not {self.model!r}")
+        if 2 * self.value_embeds > self.n_layer:
+            raise ConfigError(f"model.value_embeds ({self.value_embeds}) tables serve the first and last K layers: "
+                              f"2 * K must be <= model.n_layer ({self.n_layer})")
+        for w in self.window_pattern:
+            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+                raise ConfigError(f"model.window_pattern entries must be integers >= 0 (0 = full attention), "
+                                  f"got {w!r}")
+        for i in range(self.n_layer):
+            if self.window_for(i):
+                over = self.layer_overrides[i] if self.layer_overrides else {}
+                kind = over.get("attention", self.attention)
+                if kind not in ("mha", "gqa", "mqa"):
+                    raise ConfigError(f"model.window_pattern needs model.attention mha, gqa or mqa on its windowed "
+                                      f"layers; layer {i} has {kind!r}")
 
 
 @dataclass

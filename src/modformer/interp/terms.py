@@ -53,6 +53,8 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(f"term importance needs pre-norm blocks, not norm_placement={cfg.norm_placement!r}")
     if cfg.model_options.get("denseformer"):
         raise ValueError("term importance does not support DenseFormer averaging")
+    if cfg.unet_skips or cfg.value_embeds or cfg.logit_softcap:
+        raise ValueError("term importance does not support model.unet_skips, value_embeds or logit_softcap")
     attention_modules(model)                     # mha / gqa / mqa only (per-head value and output weights)
 
 

@@ -54,6 +54,7 @@ def tl_config(model: nn.Module, **overrides: Any) -> Any:
         bad.append("layer_overrides (per-layer shapes, e.g. a pruned model)")
     if c.qk_norm or c.rezero or not c.causal or c.scale_embeddings:
         bad.append("qk_norm / rezero / non-causal / scale_embeddings")
+    bad += [f"{f}={getattr(c, f)}" for f in c.GPT_ONLY if getattr(c, f)]   # speedrun components
     acts = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
     if not c.attn_only and c.ffn not in acts:
         bad.append(f"ffn={c.ffn}")

@@ -23,6 +23,7 @@ class Context:
     key_valid: Tensor | None = None  # (B, Tk) bool: False for padding keys (None: no padding / packing)
     key_pos: Tensor | None = None   # (B, Tk) per-row key positions
     key_doc: Tensor | None = None   # (B, Tk) document ids (packed batches)
+    value_embeds: dict[int, Tensor] | None = None   # layer -> (B, T, Hkv*Dh) value embedding (model.value_embeds)
 
     @property
     def q_slots(self) -> Tensor:

@@ -1,6 +1,7 @@
 """Feed-forward layers (registry kind ``ffn``).
 
-``relu``, ``gelu``, ``gelu_tanh`` (GPT-2's approximation): two-layer MLP ``down(act(up(x)))``.
+``relu``, ``gelu``, ``gelu_tanh`` (GPT-2's approximation), ``relu2`` (squared ReLU, So et al. 2021 "Primer";
+the modded-nanogpt speedrun's MLP): two-layer MLP ``down(act(up(x)))``.
 ``swiglu``, ``geglu``: gated ``down(act(gate(x)) * up(x))`` (Shazeer 2020) with the hidden
 size LLaMA uses: 2/3 of 4*d_model rounded up to ``ffn_multiple_of``.
 Hook points: ``hook_pre`` (pre-activation) and ``hook_post`` (hidden activation).
@@ -63,8 +64,14 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def relu_squared(x: Tensor) -> Tensor:
+    """``relu(x) ** 2`` (Primer's activation)."""
+    return F.relu(x).square()
+
+
 register("ffn", "relu")(lambda cfg: MLP(cfg, F.relu))
 register("ffn", "gelu")(lambda cfg: MLP(cfg, F.gelu))
 register("ffn", "gelu_tanh")(lambda cfg: MLP(cfg, _gelu_tanh))
+register("ffn", "relu2")(lambda cfg: MLP(cfg, relu_squared))
 register("ffn", "swiglu")(lambda cfg: GLU(cfg, F.silu))
 register("ffn", "geglu")(lambda cfg: GLU(cfg, F.gelu))

@@ -44,10 +44,16 @@ def init_linear_and_embeddings(model: nn.Module, cfg: ModelConfig, depth: int,
                                is_residual_out: Callable[[str], bool]) -> None:
     """``init: gpt2``: Linear weights N(0, init_std), residual output projections (``is_residual_out``
     on the module name) scaled by 1/sqrt(2 * depth), zero biases; ``init: torch``: PyTorch's default
-    Linear init. Embeddings N(0, init_std) either way."""
+    Linear init. Embeddings N(0, init_std) either way. ``model.zero_init_proj``: the residual output
+    projections start at exactly zero instead (each block starts as the identity; modded-nanogpt)."""
     std = cfg.init_std
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
+            if cfg.zero_init_proj and is_residual_out(name):
+                nn.init.zeros_(mod.weight)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+                continue
             if cfg.init == "torch":
                 mod.reset_parameters()
                 continue

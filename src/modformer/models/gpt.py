@@ -9,6 +9,13 @@ follows GPT-2: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_la
 ``aux_loss`` attribute (set in its forward, e.g. MoE load balancing) is summed into ``model.aux_loss``
 after each forward (None when there is none), which the trainer adds to the loss; their
 ``aux_stats`` dicts (e.g. MoE overflow counts) are summed into ``model.aux_stats``.
+
+Speedrun components (modded-nanogpt; ``ModelConfig`` fields, all off by default): ``value_embeds: K`` adds K
+token-embedding tables ``ve_t`` (width Hkv * Dh); table t is mixed into the values of layers t and L - K + t
+(``MultiHeadAttention.value_mix``). ``unet_skips``: the output of block i < L // 2 is added, times a learned
+scalar (init 1), to the input of block L - 1 - i. ``logit_softcap: c``: logits -> c * tanh(logits / c),
+computed in float32. ``zero_init_proj`` and ``window_pattern`` act in ``models/common.py`` and
+``ModelConfig.for_layer``.
 """
 
 from __future__ import annotations
@@ -65,9 +72,29 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         opts = cfg.model_options
         self.dwa = DepthWeightedAverage(cfg.n_layer, int(opts.get("dwa_dilation", 1)),
                                         int(opts.get("dwa_period", 1))) if opts.get("denseformer") else None
+        self._init_speedrun(cfg)
         self.reset_parameters()
         name_hook_points(self)
         self.init_aux()
+
+    def _init_speedrun(self, cfg: ModelConfig) -> None:
+        """Value-embedding tables and U-net skip weights (see the module doc); ConfigError for what cannot work."""
+        if cfg.unet_skips and self.dwa is not None:
+            raise ConfigError("model.unet_skips and model_options.denseformer both rewire the residual stream; "
+                              "choose one")
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
+        width = cfg.kv_heads * cfg.head_dim
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, width) for _ in range(cfg.value_embeds))
+        self.value_layers = {i: t for i in range(cfg.n_layer) if (t := cfg.value_embed_table(i)) is not None}
+        for i in self.value_layers:
+            attn = self.blocks[i].attn
+            if getattr(attn, "value_mix", None) is None:
+                raise ConfigError(f"model.value_embeds needs an attention with a value projection (mha and its "
+                                  f"variants); layer {i} has {type(attn).__name__}")
+            if attn.n_kv_heads * attn.head_dim != width:
+                raise ConfigError(f"model.value_embeds: layer {i} has values of width "
+                                  f"{attn.n_kv_heads * attn.head_dim}, the tables {width}; per-layer head shapes "
+                                  "(layer_overrides) must keep n_kv_heads * d_head")
 
     # ---- initialisation and accounting -------------------------------------------------
     def reset_parameters(self) -> None:
@@ -87,7 +114,7 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         params = {id(p): p for p in self.parameters()}
         if non_embedding:
             params.pop(id(self.tok_emb.weight), None)
-            for p in self.position.parameters():
+            for p in (*self.position.parameters(), *self.value_embeds.parameters()):
                 params.pop(id(p), None)
         return sum(p.numel() for p in params.values())
 
@@ -95,10 +122,10 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         """Training FLOPs per token, PaLM appendix B: 6N + 12 L H Dh T.
 
         N counts every matmul weight, including the (tied) LM head but not the position
-        table, as nanoGPT's MFU estimate does.
+        table (nor the value-embedding tables: lookups), as nanoGPT's MFU estimate does.
         """
         n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-        n -= sum(p.numel() for p in self.position.parameters())
+        n -= sum(p.numel() for p in (*self.position.parameters(), *self.value_embeds.parameters()))
         c = self.cfg
         heads = sum(c.for_layer(i).n_head * c.for_layer(i).head_dim for i in range(c.n_layer))  # per-layer shapes
         return 6 * n + 12 * heads * seq_len
@@ -142,10 +169,19 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
             ctx.slots, ctx.pos = pos, rows.pos
             ctx.key_valid, ctx.key_pos, ctx.key_doc = rows.key_valid, rows.key_pos, rows.key_doc
         x = self.embed(idx, ctx)
+        if self.value_layers:
+            tables = [emb(idx) for emb in self.value_embeds]
+            ctx.value_embeds = {i: tables[t] for i, t in self.value_layers.items()}
         use_ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         history = [x] if self.dwa is not None else None
+        skips: list[Tensor] = []
+        L, half = len(self.blocks), len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
+            if self.skip_weights is not None and i >= L - half:        # U-net: block L-1-j's input gets block j's out
+                x = x + self.skip_weights[i - (L - half)].to(x.dtype) * skips.pop()
             x = checkpoint(block, x, ctx, use_reentrant=False) if use_ckpt else block(x, ctx)
+            if self.skip_weights is not None and i < half:
+                skips.append(x)
             if history is not None:
                 history.append(x)
                 x = self.dwa(i, history)
@@ -156,6 +192,10 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)
+        if self.cfg.logit_softcap:
+            cap = self.cfg.logit_softcap
+            acc = torch.promote_types(logits.dtype, torch.float32)              # >= float32 inside the tanh
+            logits = (cap * torch.tanh(logits.to(acc) / cap)).to(logits.dtype)
         return (logits, cache) if return_cache else logits
 
     def loss(self, idx: Tensor, targets: Tensor, attention_mask: Tensor | None = None,

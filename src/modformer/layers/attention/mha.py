@@ -4,7 +4,8 @@ Registered as ``mha`` (Hkv from the config), ``gqa`` (requires n_kv_heads) and `
 Hook points, shapes ``(B, H, T, Dh)`` unless noted: ``hook_q``, ``hook_k``, ``hook_v`` (after
 RoPE), ``hook_pattern`` ``(B, H, Tq, Tk)`` (only computed when hooked; switches to the eager
 kernel), ``hook_z`` (per-head mixed values), ``hook_result`` ``(B, T, H, D)`` (per-head output
-in the residual basis; only computed when hooked).
+in the residual basis; only computed when hooked). With ``model.value_embeds`` a layer that has a table mixes it
+into its values before the cache (``hook_v`` shows the mix).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class MultiHeadAttention(nn.Module):
             self.q_norm, self.k_norm = build_norm(norm_cfg, self.head_dim), build_norm(norm_cfg, self.head_dim)
         else:
             self.q_norm = self.k_norm = nn.Identity()
+        # model.value_embeds: v <- a * v + b * value_embedding(token), (a, b) learned from (0.5, 0.5) (modded-nanogpt)
+        self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if cfg.value_embed_table(layer_idx) is not None \
+            else None
         for name in ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_result"):
             setattr(self, name, HookPoint())
 
@@ -58,6 +62,12 @@ class MultiHeadAttention(nn.Module):
             q, k = q + dq, k + dk
         q = self.q_norm(q.view(B, T, H, Dh)).transpose(1, 2)
         k = self.k_norm(k.view(B, T, Hkv, Dh)).transpose(1, 2)
+        if self.value_mix is not None:
+            if ctx.value_embeds is None or self.layer_idx not in ctx.value_embeds:
+                raise RuntimeError(f"layer {self.layer_idx} mixes a value embedding, but the model passed none "
+                                   "(model.value_embeds is supported by model: gpt only)")
+            a, b = self.value_mix.to(v.dtype)
+            v = a * v + b * ctx.value_embeds[self.layer_idx].to(v.dtype)
         v = v.view(B, T, Hkv, Dh).transpose(1, 2)
         q, k = ctx.position.rotate(q, k, ctx.pos)
         return self.hook_q(q), self.hook_k(k), self.hook_v(v)

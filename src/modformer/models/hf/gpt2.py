@@ -63,7 +63,8 @@ def hf_config(cfg: ModelConfig) -> tuple[type, type, dict[str, Any]]:
     required = {"model": "gpt", "attention": "mha", "position": "learned", "norm": "layernorm",
                 "norm_placement": "pre", "bias": True, "qk_norm": False, "rezero": False,
                 "final_norm": True, "causal": True, "attn_only": False, "scale_embeddings": False,
-                "parallel_residual": False}
+                "parallel_residual": False,
+                "logit_softcap": None, "value_embeds": 0, "unet_skips": False, "window_pattern": []}
     for name, want in required.items():
         if getattr(cfg, name) != want:
             raise unsupported(why, f"model.{name}={getattr(cfg, name)!r} (GPT-2 needs {want!r})")

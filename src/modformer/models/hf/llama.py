@@ -108,7 +108,8 @@ def hf_config(cfg: ModelConfig) -> tuple[type, type, dict[str, Any]]:
     why = f"cannot export to HF {name}"
     required = {"model": "gpt", "position": "rope", "norm": "rmsnorm", "norm_placement": "pre", "ffn": "swiglu",
                 "qk_norm": False, "rezero": False, "final_norm": True, "causal": True, "attn_only": False,
-                "scale_embeddings": False, "parallel_residual": False, "rope_fraction": 1.0}
+                "scale_embeddings": False, "parallel_residual": False, "rope_fraction": 1.0,
+                "logit_softcap": None, "value_embeds": 0, "unet_skips": False, "window_pattern": []}
     for field, want in required.items():
         if getattr(cfg, field) != want:
             raise unsupported(why, f"model.{field}={getattr(cfg, field)!r} ({name} needs {want!r})")
