@@ -1,10 +1,23 @@
-"""Training throughput: step time, tokens/s and MFU of modformer vs HF GPT2LMHeadModel, same run.
+"""Training throughput: step time, tokens/s and MFU of modformer vs HF GPT2LMHeadModel and nanoGPT, same run.
 
 Both models get the same GPT-2-shaped config and weights (``mf.hf.to_hf``), the same batch, the
 same fused AdamW and the same loss. Rows are cumulative techniques for modformer (fp32 -> bf16
-autocast -> fused AdamW -> torch.compile -> CUDA graphs, the last on GPU)
-and the HF peer with and without compile.
+autocast -> fused AdamW -> torch.compile -> CUDA graphs, the last on GPU), the trainer's loss path (compiled
+model, chunked cross-entropy outside it), FP8 linear layers (``train.precision: fp8``; GPUs of compute
+capability >= 8.9) with tensorwise and rowwise scaling, and the HF peer with and without compile.
+
+``--peer-nanogpt PATH`` adds nanoGPT's own model (its checkout's ``model.py``, imported from the path, never copied)
+at its ``bench.py`` setting: bf16 autocast, torch.compile, its ``configure_optimizers`` (fused AdamW), the loss
+inside its compiled forward, on the same batch. Its model has no biases (``bench.py``'s ``bias=False``); ours keeps
+GPT-2's, so the comparison is conservative for us. ``--fp8-loss-steps N`` trains a recipe (default the GPT-2-124M
+WikiText-2 one) N steps in bf16 and again in FP8 (same seed, same batches) and reports the relative gap of the mean
+training loss over the last 100 steps (``fp8_loss_gap``; the goal is <= 1%), with both curves in the rows.
+
+No speed-up is claimed on a CPU (the ratios in the headline are null there: timings on a shared CPU are noise).
 MFU = flops_per_token (PaLM formula) x tokens/s / 989 TF (H100 SXM dense bf16).
+
+    modformer bench throughput --preset gpt2-124m --peer-nanogpt ../nanoGPT --fp8-loss-steps 500 \
+        --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -21,6 +34,10 @@ import torch.nn.functional as F
 
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, H100_BF16_PEAK, matmul_ceiling, print_table, time_fn, write_result
+from modformer.bench.fp8_gap import fp8_loss_gap
+from modformer.bench.nanogpt_peer import build_peer_model, checkout, load_model_module
+from modformer.train.fp8 import convert_to_float8, fp8_supported
+from modformer.train.loss import chunked_cross_entropy
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(model=dict(vocab_size=50304, n_layer=12, d_model=768, n_head=12, max_seq_len=1024),
@@ -36,23 +53,35 @@ def gpt2_config(spec: dict[str, Any]) -> mf.ModelConfig:
                           tie_embeddings=True, attn_backend="sdpa")
 
 
-def measure(model: torch.nn.Module, hf: bool, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
+def measure(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
             fused: bool, compile_model: bool | str, steps: int, device: torch.device,
-            profile_to: str | None = None) -> dict[str, float]:
+            profile_to: str | None = None, loss: str = "compiled") -> dict[str, float]:
     """Median step time of forward + cross-entropy + backward + AdamW step.
 
-    ``compile_model`` is False, True (default mode) or a torch.compile mode name; ``profile_to`` writes
-    the step's top GPU kernels (torch.profiler) to that file."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
+    ``kind``: modformer | hf | nanogpt (its forward returns the loss; its own ``configure_optimizers``).
+    ``compile_model`` is False, True (default mode) or a torch.compile mode name; ``loss``: ``compiled`` (the
+    cross-entropy inside the compiled region) or ``chunked`` (the trainer's path: only the model compiled,
+    ``chunked_cross_entropy`` outside it); ``profile_to`` writes the step's top GPU kernels (torch.profiler)."""
+    if kind == "nanogpt":
+        opt = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
+                                         device_type=device.type)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    mode = compile_model if isinstance(compile_model, str) else None
+    net = torch.compile(model, mode=mode) if compile_model and loss == "chunked" else model
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with amp:
-            logits = model(input_ids=x).logits if hf else model(x)
+            if kind == "nanogpt":
+                return net(x, y)[1]
+            logits = net(input_ids=x).logits if kind == "hf" else net(x)
+            if loss == "chunked":
+                return chunked_cross_entropy(logits.flatten(0, 1), y.flatten()) / y.numel()
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-    mode = compile_model if isinstance(compile_model, str) else None
-    fwd = torch.compile(loss_fn, mode=mode) if compile_model else loss_fn   # same compiled region for both models
+    compile_all = compile_model and loss != "chunked"
+    fwd = torch.compile(loss_fn, mode=mode) if compile_all else loss_fn   # same compiled region for every model
 
     def step() -> None:
         loss = fwd(x, y)
@@ -84,8 +113,40 @@ def write_profile(step: Any, device: torch.device, path: str, steps: int = 3) ->
     Path(path).write_text(op_table(prof, device, rows=30))
 
 
+NANOGPT_VARIANT = "nanoGPT GPT (bench.py setting)"
+
+
+def variants(device: torch.device, with_hf: bool, compile_ok: bool, peer: bool) -> list[dict[str, Any]]:
+    """The rows to time: name, model kind, autocast dtype, fused AdamW, compile (False / True / a mode), FP8 recipe
+    (None = bf16 matmuls), loss path."""
+    gpu = device.type == "cuda"
+    bf16 = torch.bfloat16 if gpu else None
+
+    def v(name: str, kind: str = "modformer", dtype: torch.dtype | None = bf16, fused: bool = gpu,
+          comp: bool | str = False, fp8: str | None = None, loss: str = "compiled") -> dict[str, Any]:
+        return dict(name=name, kind=kind, dtype=dtype, fused=fused, comp=comp, fp8=fp8, loss=loss)
+
+    out = [v("modformer fp32", dtype=None, fused=False), v("modformer +bf16 autocast", fused=False),
+           v("modformer +fused AdamW")]
+    if compile_ok:
+        out.append(v("modformer +torch.compile", comp=True))
+        out.append(v("modformer +compile, chunked CE outside (trainer's loss path)", comp=True, loss="chunked"))
+        if gpu:
+            out.append(v("modformer +CUDA graphs (reduce-overhead)", comp="reduce-overhead"))
+        if fp8_supported(device)[0] and gpu:
+            out += [v("modformer +fp8 tensorwise (e4m3 / e5m2 grads) +compile", comp=True, fp8="tensorwise"),
+                    v("modformer +fp8 rowwise (e4m3 / e4m3 grads) +compile", comp=True, fp8="rowwise")]
+    if with_hf:
+        out.append(v("HF GPT2LMHeadModel (sdpa)", kind="hf"))
+        if compile_ok:
+            out.append(v("HF GPT2LMHeadModel +torch.compile", kind="hf", comp=True))
+    if peer:
+        out.append(v(NANOGPT_VARIANT, kind="nanogpt", comp=compile_ok))
+    return out
+
+
 def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok: bool,
-        profile_dir: str | None = None) -> list[dict[str, Any]]:
+        profile_dir: str | None = None, peer_nanogpt: str | None = None) -> list[dict[str, Any]]:
     spec = PRESETS[preset]
     cfg = gpt2_config(spec["model"])
     torch.manual_seed(0)
@@ -95,29 +156,26 @@ def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok
     tokens = x.numel()
     flops = base.flops_per_token(spec["seq"])
     gpu = device.type == "cuda"
-    bf16 = torch.bfloat16 if gpu else None
-    # (name, HF peer?, autocast dtype, fused AdamW, compile (False / True / a torch.compile mode))
-    variants = [("modformer fp32", False, None, False, False),
-                ("modformer +bf16 autocast", False, bf16, False, False),
-                ("modformer +fused AdamW", False, bf16, gpu, False)]
-    if compile_ok:
-        variants.append(("modformer +torch.compile", False, bf16, gpu, True))
-        if gpu:
-            variants.append(("modformer +CUDA graphs (reduce-overhead)", False, bf16, gpu, "reduce-overhead"))
-    if with_hf:
-        variants += [("HF GPT2LMHeadModel (sdpa)", True, bf16, gpu, False)]
-        if compile_ok:
-            variants.append(("HF GPT2LMHeadModel +torch.compile", True, bf16, gpu, True))
+    peer_module = load_model_module(peer_nanogpt) if peer_nanogpt else None
     rows = []
-    for name, hf, dtype, fused, comp in variants:
+    for var in variants(device, with_hf, compile_ok, peer_module is not None):
+        name = var["name"]
         torch.manual_seed(0)
-        model = mf.build_model(cfg).to(device)
-        model.load_state_dict(base.state_dict())
-        if hf:
-            model = mf.hf.to_hf(model).to(device)
+        if var["kind"] == "nanogpt":
+            m = spec["model"]
+            model = build_peer_model(peer_module, m["vocab_size"], m["n_layer"], m["n_head"], m["d_model"],
+                                     spec["seq"]).to(device)
+        else:
+            model = mf.build_model(cfg).to(device)
+            model.load_state_dict(base.state_dict())
+            if var["fp8"]:
+                convert_to_float8(model, var["fp8"])
+            if var["kind"] == "hf":
+                model = mf.hf.to_hf(model).to(device)
         model.train()
         prof = f"{profile_dir}/{preset}_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.txt" if profile_dir else None
-        r = measure(model, hf, x, y, dtype, fused, comp, steps, device, prof)
+        r = measure(model, var["kind"], x, y, var["dtype"], var["fused"], var["comp"], steps, device, prof,
+                    var["loss"])
         tps = tokens / (r["step_ms"] / 1e3)
         rows.append({"preset": preset, "variant": name, **r, "tokens_per_s": tps,
                      "mfu": flops * tps / H100_BF16_PEAK if gpu else float("nan")})
@@ -137,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--profile-dir", help="write each variant's top GPU kernels (torch.profiler) here")
+    p.add_argument("--peer-nanogpt", metavar="PATH", help="a nanoGPT checkout: time its model at bench.py's setting")
+    p.add_argument("--fp8-loss-steps", type=int, default=0,
+                   help="train --fp8-loss-config this many steps in bf16 and in fp8; report fp8_loss_gap (0 = skip)")
+    p.add_argument("--fp8-loss-config", default="configs/ddp_gpt2_wikitext2.yaml",
+                   help="recipe of the FP8 loss-gap runs (GPT-2 124M on WikiText-2)")
+    p.add_argument("--fp8-loss-set", action="append", default=[], metavar="key=value",
+                   help="override for both loss-gap runs (repeatable), e.g. train.batch_size=8")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
@@ -144,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     presets = args.preset or ["gpt2-124m", "char-10m"]
+    if args.peer_nanogpt:
+        checkout(args.peer_nanogpt, "model.py")             # a wrong path fails before any timing
     rows = []
     for preset in presets:
-        rows += run(preset, args.steps, device, not args.no_hf, not args.no_compile, args.profile_dir)
+        rows += run(preset, args.steps, device, not args.no_hf, not args.no_compile, args.profile_dir,
+                    args.peer_nanogpt)
     ceiling = matmul_ceiling(device)
     print_table(rows, ["preset", "variant", "step_ms", "tokens_per_s", "mfu", "peak_mem_gib"])
     first = presets[0]
@@ -155,12 +223,28 @@ def main(argv: list[str] | None = None) -> int:
         cands = [r for r in rows if r["preset"] == first and r["variant"].startswith(prefix)]
         return max(cands, key=lambda r: r["tokens_per_s"]) if cands else {}
 
-    ours, hf = best("modformer"), best("HF")
-    headline = {"preset": first, "tokens_per_s": ours.get("tokens_per_s"), "hf_tokens_per_s": hf.get("tokens_per_s"),
-                "speedup_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"] if hf else None,
+    ours, hf, peer = best("modformer"), best("HF"), best(NANOGPT_VARIANT)
+    ours_bf16 = max((r for r in rows if r["preset"] == first and r["variant"].startswith("modformer")
+                     and "fp8" not in r["variant"]), key=lambda r: r["tokens_per_s"])
+    gpu = device.type == "cuda"                      # a CPU's timings are noise: no ratio is claimed there
+
+    def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        return a["tokens_per_s"] / b["tokens_per_s"] if gpu and a and b else None
+
+    headline = {"preset": first, "best_variant": ours.get("variant"), "tokens_per_s": ours.get("tokens_per_s"),
+                "step_ms": ours.get("step_ms"), "hf_tokens_per_s": hf.get("tokens_per_s"),
+                "nanogpt_tokens_per_s": peer.get("tokens_per_s"), "nanogpt_step_ms": peer.get("step_ms"),
+                "speedup_vs_nanogpt": ratio(ours, peer), "speedup_vs_nanogpt_bf16": ratio(ours_bf16, peer),
+                "speedup_vs_hf": ratio(ours, hf),
                 "mfu": ours.get("mfu"), "matmul_ceiling_tflops": ceiling / 1e12,
                 "mfu_of_measured_ceiling": ours["tokens_per_s"] * mf.build_model(gpt2_config(
                     PRESETS[first]["model"])).flops_per_token(PRESETS[first]["seq"]) / ceiling}
+    headline["fp8_loss_gap"] = None
+    if args.fp8_loss_steps:
+        gap, curves = fp8_loss_gap(args.fp8_loss_config, args.fp8_loss_steps, args.fp8_loss_set, args.device)
+        headline["fp8_loss_gap"] = gap
+        rows += curves
+        print_table(curves, ["variant", "steps", "first_loss", "loss_last_100", "relative_gap"])
     print(f"headline: {headline}")
     print(f"wrote {write_result('throughput', headline, rows, device, args.out)}")
     return 0
