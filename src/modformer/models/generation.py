@@ -67,6 +67,28 @@ def check_prompt(idx: Tensor, max_new_tokens: int, vocab_size: int, eos_token_id
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got min {lo}, max {hi}")
 
 
+# torch.compile ``options`` of the decode step's forward, by the name ``generate(compile=NAME)`` takes. Our own
+# CUDA graph wraps the step, so Inductor's cudagraphs stay off. "max-autotune" times Triton GEMM templates
+# against cuBLAS for each projection (batch-1 decoding is 48 GEMVs per token on GPT-2-124M) and fuses bias /
+# activation / residual epilogues into the chosen template; it compiles for minutes, not seconds.
+COMPILE_PRESETS: dict[str, dict | None] = {
+    "default": None,
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "triton.cudagraphs": False},
+}
+
+
+def check_compile(compile: bool | str, graph_steps: int) -> str:
+    """The compile preset name of ``generate(compile=...)`` (``"default"`` for True/False); ValueError for an
+    unknown name or ``graph_steps`` that is not an integer >= 1."""
+    if not isinstance(graph_steps, int) or isinstance(graph_steps, bool) or graph_steps < 1:
+        raise ValueError(f"graph_steps must be an integer >= 1, got {graph_steps!r}")
+    if isinstance(compile, bool):
+        return "default"
+    if not isinstance(compile, str) or compile not in COMPILE_PRESETS:
+        raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_PRESETS)}; got {compile!r}")
+    return compile
+
+
 class GenerationMixin:
     """``generate`` for models whose forward accepts ``cache=``/``return_cache=``/``last_only=``."""
 
@@ -74,8 +96,8 @@ class GenerationMixin:
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, static_cache: bool = False,
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 compile: bool = False, attention_mask: Tensor | None = None,
-                 pad_token_id: int | None = None) -> Tensor:
+                 compile: bool | str = False, attention_mask: Tensor | None = None,
+                 pad_token_id: int | None = None, graph_steps: int = 1) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + new)``.
 
         ``attention_mask`` ``(B, T)`` 0/1 marks left padding of a batch of prompts of different lengths:
@@ -87,12 +109,16 @@ class GenerationMixin:
         (implies a static cache) runs the decode loop as a ``GraphDecoder``: the forward is compiled
         with torch.compile and, on GPU, one whole decode step (forward, sampling, bookkeeping) is
         captured once as a CUDA graph and replayed for every token, with no host work in between.
+        ``compile`` may name an Inductor preset instead of True (``COMPILE_PRESETS``: ``"default"``,
+        ``"max-autotune"``); ``graph_steps`` > 1 captures that many decode steps in one graph (fewer
+        launches; the last ``(max_new_tokens - 1) % graph_steps`` steps replay a one-step graph).
         """
         check_sampling(temperature, top_k, top_p)
+        preset = check_compile(compile, graph_steps)
         check_prompt(idx, max_new_tokens, self.cfg.vocab_size, eos_token_id)
         was_training = self.training
         self.eval()
-        static_cache = static_cache or compile
+        static_cache = static_cache or bool(compile)
         max_len = self.position.max_len
         if use_cache and max_len is not None and idx.shape[1] + max_new_tokens > max_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -102,7 +128,8 @@ class GenerationMixin:
             attention_mask = None                        # nothing padded: the unmasked (fast) path
         try:
             if compile and use_cache and max_new_tokens > 0:
-                decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device)
+                decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, preset,
+                                              graph_steps)
                 return decoder.run(idx, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p),
                                    eos_token_id, generator, attention_mask, pad)
             cache = None
@@ -133,16 +160,19 @@ class GenerationMixin:
         finally:
             self.train(was_training)
 
-    def _graph_decoder(self, batch: int, length: int, device: torch.device) -> GraphDecoder:
-        """The model's ``GraphDecoder`` for this batch size and total length (one kept at a time).
+    def _graph_decoder(self, batch: int, length: int, device: torch.device, preset: str = "default",
+                       graph_steps: int = 1) -> GraphDecoder:
+        """The model's ``GraphDecoder`` for this batch size, total length, compile preset and steps per graph
+        (one kept at a time).
 
         A captured graph reads the weights at fixed addresses, so the decoder is rebuilt whenever a tensor
         of the model was replaced (``model.to(...)``, ``load_state_dict(assign=True)``); in-place updates
         such as optimizer steps keep the addresses and reach the graph."""
-        key = (batch, length, device, tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
+        key = (batch, length, device, preset, graph_steps,
+               tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
         dec = getattr(self, "_decoder", None)
         if dec is None or dec.key != key:
-            dec = GraphDecoder(self, batch, length, device, key)
+            dec = GraphDecoder(self, batch, length, device, key, COMPILE_PRESETS[preset], graph_steps)
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
         return dec
 
@@ -151,21 +181,26 @@ class GraphDecoder:
     """Decoding whose per-token step reads and writes only fixed buffers, so it can be a CUDA graph.
 
     The step runs the compiled forward on the last token at position ``pos`` (a tensor), samples,
-    writes the token into the output buffer and advances ``pos``, all in place. On CUDA the step is
-    captured once per sampling setting and replayed; the host then only launches the graph, which
-    removes the per-token Python and launch overhead that dominates batch-1 decoding. The static
-    KV cache and buffers are reused across calls of the same batch size and total length.
+    writes the token into the output buffer and advances ``pos``, all in place. On CUDA ``graph_steps``
+    consecutive steps are captured once per sampling setting and replayed; the host then only launches
+    the graph, which removes the per-token Python and launch overhead that dominates batch-1 decoding
+    (the step count not divisible by ``graph_steps`` replays a one-step graph). The static KV cache and
+    buffers are reused across calls of the same batch size and total length.
     """
 
     check_every = 32                        # with an EOS token: steps between host checks for "all finished"
-    compile_options: dict | None = None     # torch.compile ``options`` for the forward (Inductor config)
+    compile_options: dict | None = None     # default torch.compile ``options`` (Inductor config) of the forward
     sdpa_backends: list | None = None       # SDPA backends for the decode step (None: PyTorch's choice)
 
     def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device,
-                 key: tuple = ()) -> None:
-        self.model, self.device, self.key = model, device, key
+                 key: tuple = (), compile_options: dict | None = None, graph_steps: int = 1) -> None:
+        self.model, self.device, self.key, self.graph_steps = model, device, key, graph_steps
         self.cache = model.new_cache(batch, static=True, max_len=length)
-        self.logits_fn = torch.compile(self._logits, dynamic=False, options=self.compile_options)
+        options = compile_options if compile_options is not None else self.compile_options
+        # every decoder compiles the same ``_logits`` code for another self: one more dynamo cache entry each;
+        # past the default limit (8) torch.compile would silently fall back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.logits_fn = torch.compile(self._logits, dynamic=False, options=options)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)      # input of the next step
         self.pos = torch.zeros(1, dtype=torch.long, device=device)             # its absolute position
         self.out = torch.zeros(batch, length, dtype=torch.long, device=device)
@@ -189,16 +224,23 @@ class GraphDecoder:
         self.tok.copy_(nxt)
         self.pos.add_(1)
 
+    def _steps(self, n: int, sampling: dict, eos: int | None, generator: torch.Generator | None) -> None:
+        for _ in range(n):
+            self._step(sampling, eos, generator)
+
     def _state(self) -> list[Tensor]:
         return [self.tok, self.pos, self.out, self.finished]
 
-    def _graph(self, sampling: dict, eos: int | None, generator: torch.Generator | None) -> object | None:
-        """The captured step for this sampling setting (None off CUDA: the step then runs directly)."""
+    def _graph(self, steps: int, sampling: dict, eos: int | None, generator: torch.Generator | None,
+               warmup: int) -> object | None:
+        """The captured ``steps`` decode steps for this sampling setting (None off CUDA: the steps then run
+        directly). ``warmup`` (>= 1) steps run first, outside the capture, then are undone: the caller makes
+        sure that many steps still fit the buffers."""
         if self.device.type != "cuda" or (generator is not None
                                            and not hasattr(torch.cuda.CUDAGraph, "register_generator_state")):
             return None
         # a cache that holds a padding mask runs the masked forward: another graph
-        key = (tuple(sampling.values()), eos, self.pad, id(generator), "valid" in self.cache.masks)
+        key = (tuple(sampling.values()), eos, self.pad, id(generator), "valid" in self.cache.masks, steps)
         if key not in self.graphs:
             graph = torch.cuda.CUDAGraph()
             if generator is not None:
@@ -207,13 +249,12 @@ class GraphDecoder:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):     # warm-up: compile, autotune and allocate outside the capture
-                for _ in range(2):
-                    self._step(sampling, eos, generator)
+                self._steps(warmup, sampling, eos, generator)
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            with torch.cuda.graph(graph):
-                self._step(sampling, eos, generator)
             for t, s in zip(self._state(), saved):   # undo the warm-up (its cache writes are overwritten)
                 t.copy_(s)
+            with torch.cuda.graph(graph):
+                self._steps(steps, sampling, eos, generator)
             self.graphs[key] = graph
         return self.graphs[key]
 
@@ -233,17 +274,46 @@ class GraphDecoder:
         self.out[:, prompt_len:prompt_len + 1] = first
         self.tok.copy_(first)
         self.pos.fill_(prompt_len)
-        graph = self._graph(sampling, eos, generator)
-        for i in range(1, max_new_tokens):
-            graph.replay() if graph is not None else self._step(sampling, eos, generator)
-            if eos is not None and i % self.check_every == 0 and bool(self.finished.all()):
-                break
+        left = max_new_tokens - 1                   # decode steps after the prefill's token
+        done, checked = 0, 0
+        while left > 0:
+            n = self.graph_steps if left >= self.graph_steps else 1
+            # a capture's warm-up steps must fit the buffers too (each writes the slot after pos)
+            graph = self._graph(n, sampling, eos, generator, warmup=min(2, left))
+            graph.replay() if graph is not None else self._steps(n, sampling, eos, generator)
+            left, done = left - n, done + n
+            if eos is not None and done - checked >= self.check_every:
+                checked = done
+                if bool(self.finished.all()):
+                    break
         out = self.out[:, :prompt_len + max_new_tokens].clone()
         if eos is not None:              # drop the columns after the step at which every sequence had finished
             hit = out[:, prompt_len:] == eos
             if bool(hit.any(dim=1).all()):
                 out = out[:, :prompt_len + int(hit.float().argmax(dim=1).max()) + 1]
         return out
+
+    def kernels_per_step(self, steps: int = 8) -> float | None:
+        """CUDA kernels one decode step launches (what one graph replay per token runs), counted with
+        torch.profiler over ``steps`` direct, uncaptured steps of the compiled forward; None off CUDA. Call
+        after ``run`` (the decoder must be warm); ``pos`` is put back so the steps stay inside the buffers,
+        and the tokens they write are overwritten by the next run."""
+        if self.device.type != "cuda":
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        start, length = int(self.pos), self.out.shape[1]
+        steps = max(1, min(steps, length - 1))
+        self.pos.fill_(length - 1 - steps)          # the last ``steps`` slots: every write stays in bounds
+        sampling = dict(temperature=0, top_k=None, top_p=None)
+        torch.cuda.synchronize(self.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self._steps(steps, sampling, None, None)
+            torch.cuda.synchronize(self.device)
+        self.pos.fill_(start)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset", "[memory]"))]
+        return len(kernels) / steps
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0, max_len: int | None = None,

@@ -1,0 +1,132 @@
+"""The compiled decoder's loop (GraphDecoder): multi-step graphs, options, kernel counting, and the generation bench.
+
+torch.compile is replaced by the identity here: what is tested is the decoder's bookkeeping (static cache written
+in place at tensor positions, chunks of ``graph_steps`` steps, EOS checks between chunks), which is the same code
+with or without Inductor; ``tests/test_model.py`` covers the compiled forward itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import modformer as mf
+from modformer.models.generation import COMPILE_PRESETS, GraphDecoder
+
+
+def tiny_gpt(std: float = 0.5, **kw: object) -> torch.nn.Module:
+    """A small GPT-2-like model whose weights are wide enough that greedy text varies (not one repeated token)."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=37, n_layer=2, d_model=32, n_head=4, max_seq_len=64, position="learned", bias=True,
+               ffn="gelu_tanh")
+    model = mf.build_model(mf.ModelConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return model
+
+
+@pytest.fixture
+def no_inductor(monkeypatch):
+    """torch.compile -> identity (seconds instead of minutes on a shared CPU)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+
+@pytest.mark.parametrize("graph_steps", [1, 3, 7])
+def test_fast_path_greedy_tokens_equal_the_uncached_path(no_inductor, graph_steps):
+    """The decoder's tokens equal the uncached path's (which re-runs the whole context per token) for every chunk
+    size, including ones that do not divide the step count (19 steps after the prefill's token)."""
+    model = tiny_gpt()
+    prompt = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(1))
+    slow = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert len(set(slow[0, 5:].tolist())) > 3                       # the text varies: positions matter
+    fast = model.generate(prompt, 20, temperature=0, compile=True, graph_steps=graph_steps)
+    assert torch.equal(fast, slow)
+    assert model._decoder.graph_steps == graph_steps
+
+
+def test_decode_step_logits_equal_the_full_forward(no_inductor):
+    """Cache consistency: each step's logits (static cache, position as a tensor) equal the uncached forward's
+    last-position logits on the same context, within float32 rounding of a 2-layer model."""
+    model = tiny_gpt()
+    ids = torch.randint(0, 37, (1, 12), generator=torch.Generator().manual_seed(2))
+    dec = GraphDecoder(model, 1, 12, torch.device("cpu"))
+    dec.run(ids[:, :4], 1, dict(temperature=0, top_k=None, top_p=None), None, None)   # prefill 4 tokens
+    for t in range(4, 12):
+        dec.tok.copy_(ids[:, t:t + 1])
+        dec.pos.fill_(t)
+        step = dec.logits_fn(dec.tok, dec.pos)
+        full = model(ids[:, :t + 1])[:, -1]
+        torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_step_graph_stops_at_eos_like_the_eager_loop(no_inductor, monkeypatch):
+    """With EOS and chunks of 3 steps (checks every 4 steps fall inside chunks) the output equals the eager loop's."""
+    monkeypatch.setattr(GraphDecoder, "check_every", 4)
+    model = tiny_gpt()
+    prompt = torch.randint(0, 37, (3, 4), generator=torch.Generator().manual_seed(3))
+    eos = int(model.generate(prompt, 9, temperature=0)[0, -1])
+    eager = model.generate(prompt, 40, temperature=0, eos_token_id=eos)
+    assert torch.equal(model.generate(prompt, 40, temperature=0, eos_token_id=eos, compile=True, graph_steps=3),
+                       eager)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_shortest_generations(no_inductor, n):
+    """One or two new tokens: no step (or one) after the prefill; nothing is written past the buffers."""
+    model = tiny_gpt()
+    prompt = torch.randint(0, 37, (1, 3), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(model.generate(prompt, n, temperature=0, compile=True, graph_steps=4),
+                       model.generate(prompt, n, temperature=0, use_cache=False))
+
+
+def test_compile_preset_is_passed_to_torch_compile_and_keys_the_decoder(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or fn)
+    model = tiny_gpt()
+    prompt = torch.randint(0, 37, (1, 3))
+    model.generate(prompt, 4, temperature=0, compile=True)
+    model.generate(prompt, 4, temperature=0, compile=True)              # same key: the decoder is reused
+    model.generate(prompt, 4, temperature=0, compile="max-autotune")   # another preset: rebuilt
+    assert seen == [None, COMPILE_PRESETS["max-autotune"]]
+    assert COMPILE_PRESETS["max-autotune"]["triton.cudagraphs"] is False   # our own graph wraps the step
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(compile="fast"), "compile must be True, False or one of default, max-autotune"),
+    (dict(compile=True, graph_steps=0), "graph_steps must be an integer >= 1"),
+    (dict(compile=True, graph_steps=True), "graph_steps must be an integer >= 1"),
+    (dict(compile=1.5), "compile must be"),
+])
+def test_bad_decoder_options_are_one_clear_error(kw, match):
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0, **kw)
+
+
+def test_kernel_count_is_none_off_cuda(no_inductor):
+    model = tiny_gpt()
+    model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0, compile=True)
+    assert model._decoder.kernels_per_step() is None
+
+
+def test_generation_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
+    """`modformer bench generation --preset tiny`: the issue's headline keys, the fp32 identity check on both
+    weight sets, and agreement with the uncached path (CPU: no compile, no kernel count)."""
+    from modformer.bench import generation
+
+    assert generation.main(["--preset", "tiny", "--new-tokens", "12", "--prompt-len", "4", "--repeats", "1",
+                            "--decoders", "graph", "graph16", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "generation.json").read_text())
+    head = result["headline"]
+    for key in ("tokens_per_s_batch1", "speedup_vs_hf_static", "kernels_per_token", "greedy_match"):
+        assert key in head
+    assert head["greedy_match"] == 1.0 and head["kernels_per_token"] is None and head["goal_met"] is None
+    assert head["tokens_per_s_batch1"] > 0 and head["speedup_vs_hf_static"] > 0
+    assert result["fp32_check"]["diverse_weights"]["distinct_tokens"] > 1
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert all(r["agreement_vs_no_cache"] == 1.0 for r in rows.values())
+    assert "HF generate (static cache)" in rows and "tokens_per_s_batch1" in capsys.readouterr().out
