@@ -250,6 +250,10 @@ class TrainConfig:
     early_stop_mode: str = "max"       # max: stop when metric >= target; min: <=
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    precision: str = "auto"            # auto (as dtype) | bf16 (= dtype bfloat16) | fp8 (bf16 autocast + FP8
+                                       # matmuls in the linear layers, train/fp8.py; CUDA capability >= 8.9)
+    loss_chunk_size: int = 0           # rows per chunk of the training cross-entropy (train/loss.py);
+                                       # 0 = automatic (about 64M logits a chunk)
     compile: bool = False
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs: for small,
                                        # launch-bound models) | max-autotune | max-autotune-no-cudagraphs |
@@ -265,7 +269,11 @@ class TrainConfig:
     sample_tokens: int = 200           # generated sample length in LM reports
     keep_checkpoints: int = 2          # newest checkpoints kept on disk
     profile_steps: tuple[int, int] | None = None   # [first, last] steps traced by torch.profiler -> RUN/profile/
+    profile_memory: bool = False       # also record allocations -> RUN/profile/rank{R}_memory.txt (peak, ops by
+                                       # memory); without profile_steps it traces steps 1-3
     init_from: str | None = None       # run folder / saved model / HF GPT-2 folder: initial weights (fine-tuning)
+    prune: dict[str, Any] = field(default_factory=dict)   # gradual magnitude pruning while training (train/pruning.py):
+                                       # {final: 0.9, start: 100, end: 400, every: 10, scope: global}; {} = off
 
     # Value rules (validation.check_fields): a range or the allowed names, [rule, note] where a value means more.
     RULES: ClassVar[dict[str, Any]] = {
@@ -276,7 +284,8 @@ class TrainConfig:
         "ema_decay": ["[0, 1)", "0 disables, typical 0.999"], "ema_start": ">= 0", "eval_every": ">= 1",
         "eval_batches": [">= 0", "0 = the full split"], "eval_batch_size": ">= 1", "eval_stride": ">= 0",
         "log_every": ">= 1", "checkpoint_every": [">= 0", "0 = only at the end"], "early_stop_mode": ("max", "min"),
-        "device": DEVICE, "dtype": ("auto", "float32", "bfloat16", "float16"), "distributed": ("ddp", "fsdp"),
+        "device": DEVICE, "dtype": ("auto", "float32", "bfloat16", "float16"), "precision": ("auto", "bf16", "fp8"),
+        "loss_chunk_size": [">= 0", "0 = automatic"], "distributed": ("ddp", "fsdp"),
         "grad_reduce_dtype": ("float32", "bfloat16"), "seed": ">= 0", "threads": ">= 1", "sample_tokens": ">= 0",
         "keep_checkpoints": ">= 1"}
 
@@ -288,10 +297,16 @@ class TrainConfig:
         check_fields(self, "train")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
+        if self.precision != "auto" and self.dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"train.precision={self.precision} computes in bfloat16 but train.dtype={self.dtype}; "
+                              "leave train.dtype auto (or bfloat16)")
         if self.early_stop_target is not None and not math.isfinite(self.early_stop_target):
             raise ConfigError(f"train.early_stop_target must be a finite number, got {self.early_stop_target}")
         registry.get("optimizer", self.optimizer, field="train.optimizer")
         registry.get("schedule", self.schedule, field="train.schedule")
+        from modformer.train.pruning import parse_prune
+
+        parse_prune(self.prune, self.steps)
         return self
 
 
@@ -484,7 +499,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
                                   f"{suggest_key('.'.join(parts[:depth + 1]), '.'.join(parts[:depth]), here, data)}")
             node = node[part]
         last = parts[-1]
-        is_options = len(parts) >= 2 and (parts[-2].endswith("options") or parts[-2] == "student")
+        is_options = len(parts) >= 2 and (parts[-2].endswith("options") or parts[-2] in ("student", "prune"))
         if not isinstance(node, dict) or (last not in node and not is_options):
             here = list(node) if isinstance(node, dict) else []
             hint = suggest_key(key.strip(), ".".join(parts[:-1]), here, data)

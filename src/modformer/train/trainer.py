@@ -27,10 +27,13 @@ from modformer.saving import build_model, unwrap
 from modformer.train import checkpoint as ckpt
 from modformer.train.distributed import World, all_reduce_sum, barrier, init_world, shutdown, wrap_model
 from modformer.train.ema import build_ema, update_ema
+from modformer.train.fp8 import check_fp8, convert_to_float8
 from modformer.train.grokfast import build_grad_filter
 from modformer.train.logging import MetricsLogger, ProgressDisplay, run_banner
+from modformer.train.loss import chunked_cross_entropy
 from modformer.train.optim import build_optimizer
 from modformer.train.profiling import StepProfiler
+from modformer.train.pruning import TrainingPruner, check_prune_compatible, parse_prune
 from modformer.train.report import plot_metrics, write_report, write_summary
 from modformer.train.runlock import LOCK_NAME, RunInUseError, RunLock
 from modformer.train.schedule import lr_schedule
@@ -104,12 +107,24 @@ def compile_kwargs(t: TrainConfig) -> dict[str, str]:
 
 
 class Trainer:
-    """Builds data, model and optimizer from a RunConfig and runs the loop."""
+    """Builds data, model and optimizer from a RunConfig and runs the loop.
+
+    ``model`` / ``data``: train this model object as it is (a pruned model, one with pruning masks or LoRA
+    adapters attached; only parameters with ``requires_grad`` train) on this dataset instead of building them
+    from ``cfg`` (fine-tuning: ``compress.finetune``); ``saved`` maps the trained module to the plain model its
+    checkpoints hold (e.g. a LoRA model merged). ``record=False``: no checkpoints, plots, report or summary
+    (a silent inner loop; metrics.jsonl is still written) and no evaluation unless ``train.eval_every`` is due.
+    """
 
     ema: AveragedModel | None = None    # weight EMA (train.ema_decay > 0): evaluated, sampled and saved
 
     def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-                 callbacks: list[Callable[[Trainer, int], None]] | None = None) -> None:
+                 callbacks: list[Callable[[Trainer, int], None]] | None = None, *,
+                 model: torch.nn.Module | None = None, data: Dataset | None = None,
+                 saved: Callable[[torch.nn.Module], torch.nn.Module] | None = None, record: bool = True) -> None:
+        if model is not None and resume:
+            raise ConfigError("a run that trains a given model object (fine-tuning) cannot be resumed; start it again")
+        self.record, self.saved = record, saved
         cfg.validate()                 # the CLI checks too; the Python API, sweeps and compose runs rely on this
         cfg.check_run_dir()
         self.cfg = cfg
@@ -128,14 +143,23 @@ class Trainer:
         elif t.threads:
             torch.set_num_threads(t.threads)
         self.dtype = resolve_dtype(t.dtype, self.device)
-        self.profiler = StepProfiler(t.profile_steps, cfg.run_dir / "profile", self.world.rank, self.device)
+        if t.precision != "auto":                 # bf16 | fp8: bf16 autocast (fp8 adds FP8 linear layers)
+            self.dtype = torch.bfloat16
+        if t.precision == "fp8":
+            check_fp8(self.device)
+        self.profiler = StepProfiler(t.profile_steps, cfg.run_dir / "profile", self.world.rank, self.device,
+                                     memory=t.profile_memory, total_steps=t.steps)
         self.callbacks = callbacks or []
         self.run_dir = cfg.run_dir
         self.lock = RunLock(self.run_dir)      # taken in _prepare_run_dir, released when fit() ends
-        self.data: Dataset = build_dataset(cfg.data)
-        self._fill_model_config()
+        self.data: Dataset = data if data is not None else build_dataset(cfg.data)
+        if model is not None and isinstance(getattr(unwrap(model), "cfg", None), ModelConfig):
+            cfg.model = dataclasses.replace(unwrap(model).cfg)   # config.yaml and checkpoints describe it
+        self._fill_model_config(check_model=model is None)
         torch.manual_seed(t.seed)
-        self.raw_model = build_model(cfg.model).to(self.device)
+        self.raw_model = build_model(cfg.model).to(self.device) if model is None else model.to(self.device)
+        if t.precision == "fp8":
+            convert_to_float8(self.raw_model)
         if t.init_from and not resume:
             self._init_weights_from(Path(t.init_from))
         self.ema = build_ema(self.raw_model, t, self.sharded)
@@ -150,6 +174,11 @@ class Trainer:
         if t.compile and not self.sharded:
             self.model = torch.compile(self.model, **compile_args)
         self.optimizer = build_optimizer(self.raw_model, t)
+        prune_spec = parse_prune(t.prune, t.steps)
+        self.pruner: TrainingPruner | None = None      # train.prune: gradual magnitude pruning in the loop
+        if prune_spec is not None:
+            check_prune_compatible(t, self.sharded)
+            self.pruner = TrainingPruner(self.raw_model, prune_spec)
         self.lr_at = lr_schedule(t)
         self.grad_filter = build_grad_filter(t.optimizer_options)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -189,14 +218,16 @@ class Trainer:
                               f"{(bad or [f'{extra[0]} unexpected'])[0]} ({len(bad) + len(extra)} tensors differ)")
         self.raw_model.load_state_dict(theirs)
 
-    def _fill_model_config(self) -> None:
+    def _fill_model_config(self, check_model: bool = True) -> None:
         m, d = self.cfg.model, self.data
-        if m.vocab_size == 0:
+        if not check_model:        # a given model is what it is
+            pass
+        elif m.vocab_size == 0:
             m.vocab_size = d.vocab_size
         elif m.vocab_size < d.vocab_size:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the dataset's vocabulary "
                               f"({d.vocab_size}); set model.vocab_size=0 to take it from the data")
-        if m.position == "learned" and d.seq_len > m.max_seq_len:
+        if check_model and m.position == "learned" and d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if self.cfg.train.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.cfg.train.steps}")
@@ -303,6 +334,8 @@ class Trainer:
             raise ckpt.CheckpointError(f"cannot resume from {path}: its trainer state does not fit this run "
                                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         self.step, self.best, self.wall_offset = state["step"], state["best"], state["wall_s"]
+        if self.pruner is not None:
+            self.pruner.restore(self.step)        # the mask is the checkpoint's zeros
         self.logger.truncate_after(self.step)
         self._resume_from = None          # the checkpoint's tensors are not needed any more
 
@@ -361,10 +394,10 @@ class Trainer:
             sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
                 logits = self.model(x, **self.data.batch_kwargs(x, y))  # document_ids / attention_mask
-                flat_logits, flat_y = logits.flatten(0, 1).float(), y.flatten()
-                nll = F.cross_entropy(flat_logits, flat_y, ignore_index=-100, reduction="sum")
+                flat_logits, flat_y = logits.flatten(0, 1), y.flatten()
+                nll = chunked_cross_entropy(flat_logits, flat_y, t.loss_chunk_size)   # no float32 logits copy
                 objective = nll if not t.label_smoothing else F.cross_entropy(
-                    flat_logits, flat_y, ignore_index=-100, reduction="sum", label_smoothing=t.label_smoothing)
+                    flat_logits.float(), flat_y, ignore_index=-100, reduction="sum", label_smoothing=t.label_smoothing)
                 loss = objective * (self.world.size / max(n_targets, 1))   # exact global mean after DDP's average
                 aux = getattr(unwrap(self.model), "aux_loss", None)
                 if aux is not None:
@@ -375,6 +408,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             loss_sum += nll.detach()
             correct += ((logits.argmax(-1) == y) & (y != -100)).sum()
+        if self.pruner is not None:
+            self.pruner.mask_grads()
         if self.grad_filter is not None:
             self.grad_filter(self.raw_model)
         if t.grad_clip > 0:
@@ -382,6 +417,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.pruner is not None:
+            self.pruner.apply()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
@@ -453,7 +490,8 @@ class Trainer:
         """Train to ``train.steps`` (or early stop) and write the run's artefacts; returns the summary."""
         t = self.cfg.train
         progress = ProgressDisplay(t.steps, self.step, t.progress and self.world.is_main)
-        progress.banner(*run_banner(self))
+        if progress.enabled:
+            progress.banner(*run_banner(self))
         stats = [torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long)]
         window_tokens, window_t0, targets_in_window = 0, time.perf_counter(), 0
         try:
@@ -462,14 +500,16 @@ class Trainer:
                     self.profiler.before(self.step + 1)
                     loss_sum, correct, n_tokens, n_targets = self.train_step()
                     self.profiler.after(self.step)
+                    if self.pruner is not None:
+                        self.pruner.update(self.step)
                     progress.advance(self.step)
                     stats[0] += loss_sum
                     stats[1] += correct
                     window_tokens += n_tokens
                     targets_in_window += n_targets
                     last = self.step == t.steps
-                    do_eval = self.step % t.eval_every == 0 or last
-                    do_ckpt = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last
+                    do_eval = self.step % t.eval_every == 0 or (last and self.record)
+                    do_ckpt = self.record and ((t.checkpoint_every and self.step % t.checkpoint_every == 0) or last)
                     if self.step % t.log_every == 0 or do_eval or do_ckpt:
                         loss_tot, corr_tot = all_reduce_sum([stats[0].item(), float(stats[1].item())],
                                                             self.device, self.world)
@@ -481,6 +521,8 @@ class Trainer:
                         row = {"step": self.step, "split": "train", "loss": train_loss,
                                "acc": corr_tot / max(targets_in_window, 1), "lr": self.lr_at(self.step - 1),
                                "tokens_per_s": tps, "wall_s": self.wall(), **self._pop_aux()}
+                        if self.pruner is not None:
+                            row["sparsity"] = self.pruner.sparsity()
                         self.logger.log(row)
                         progress.update(self.step, f"loss {train_loss:.4f}  acc {row['acc']:.3f}  {tps:,.0f} tok/s")
                         stats = [torch.zeros_like(stats[0]), torch.zeros_like(stats[1])]
@@ -501,7 +543,7 @@ class Trainer:
                         if self._early_stop({"val": val}):
                             self.stop_reason = f"early stop: {t.early_stop_metric} reached {t.early_stop_target}"
                             progress.message(self.stop_reason)
-                            do_ckpt = True
+                            do_ckpt = self.record
                     if do_ckpt:
                         self.save_checkpoint()
                     for cb in self.callbacks:
@@ -509,7 +551,7 @@ class Trainer:
                     if self.stop_reason != "steps":
                         break
             finally:
-                self.profiler.close()
+                self.profiler.close(self.step)
                 progress.close()
                 self.logger.close()
             summary = self.finish()
@@ -579,7 +621,7 @@ class Trainer:
         checked in ``fit`` is measured before an update; this check sees the weights after it, which are what
         the checkpoint holds. Every rank takes part (FSDP's forward is collective) and all agree; on failure
         the run stops with TrainingError naming the step and the last good checkpoint, which stays newest."""
-        held = [("weights", self.ema.module if self.ema is not None else self.raw_model)]
+        held = [("weights", self.ema.module if self.ema is not None else self._saved_model())]
         if self.ema is not None:
             held.append(("trained weights", self.raw_model))
         counts = []
@@ -622,6 +664,8 @@ class Trainer:
                  "rng": ckpt.rng_state(), "best": self.best, "wall_s": self.wall(),
                  "model_config": dataclasses.asdict(self.cfg.model)}
         raw = None
+        if self.saved is not None and not self.sharded:
+            model = self._saved_model()
         if self.ema is not None:     # the average is the saved model; the trained weights are kept for resume
             model, raw = self.ema.module, self.raw_model
             state["ema_n_averaged"] = int(self.ema.n_averaged)
@@ -631,6 +675,16 @@ class Trainer:
                                         self.cfg.train.keep_checkpoints, raw_model=raw)
         barrier(self.world)
         return path
+
+    def _saved_model(self) -> torch.nn.Module:
+        """The model a checkpoint holds: the trained one, or ``saved(trained)`` (e.g. a LoRA model merged)."""
+        if getattr(self, "saved", None) is None:
+            return self.raw_model
+        was = self.raw_model.training
+        try:
+            return self.saved(self.raw_model).eval()
+        finally:
+            self.raw_model.train(was)
 
     # ---- end of run --------------------------------------------------------------------
     def samples(self, n: int = 2) -> list[str]:
@@ -653,7 +707,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         final = {}
-        if self.world.is_main:
+        if self.world.is_main and self.record:
             from modformer.train.logging import read_metrics
 
             rows = read_metrics(self.run_dir / "metrics.jsonl")
@@ -661,9 +715,14 @@ class Trainer:
             final = {k: v for k, v in (last_val[-1] if last_val else {}).items() if k not in ("split",)}
         summary = {"steps": self.step, "stop_reason": self.stop_reason, "wall_s": self.wall(),
                    **{f"final_val_{k}": v for k, v in final.items() if k not in ("step", "wall_s")},
-                   **self.best, "params": unwrap(self.raw_model).num_params(),
+                   **self.best, "params": sum(p.numel() for p in {id(p): p for p in
+                                                                  unwrap(self.raw_model).parameters()}.values()),
                    "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                    "world_size": self.world.size}
+        if self.pruner is not None:
+            summary["sparsity"] = self.pruner.sparsity()
+        if not self.record:
+            return summary
         if self.world.is_main:
             write_summary(self.run_dir, summary)
             metric = "ppl" if self.data.kind == "corpus" else "acc"
