@@ -399,10 +399,10 @@ def test_calm_bridge_optimizer_options_reach_only_the_bridges(tmp_path, monkeypa
     from modformer.compose import calm
     from modformer.compose.spec import merge
 
-    ft = importlib.import_module("modformer.compress.finetune")   # the package re-exports the function
+    tr = importlib.import_module("modformer.train.trainer")   # finetune() runs the Trainer, which builds it
     seen = []
-    real = ft.build_optimizer
-    monkeypatch.setattr(ft, "build_optimizer", lambda model, cfg: seen.append(cfg) or real(model, cfg))
+    real = tr.build_optimizer
+    monkeypatch.setattr(tr, "build_optimizer", lambda model, cfg: seen.append(cfg) or real(model, cfg))
     model = {"n_layer": 1, "d_model": 16, "n_head": 2, "max_seq_len": 8}
     spec = {"name": "co", "out_dir": str(tmp_path), "device": "cpu",
             "data": {"n_keys": 30, "p": 5, "n_examples": 40, "n_val": 20, "aug_examples": 50},
@@ -411,6 +411,6 @@ def test_calm_bridge_optimizer_options_reach_only_the_bridges(tmp_path, monkeypa
             "calm": {"steps": 2, "n_head": 2, "optimizer": "sgd", "momentum": 0.8, "weight_decay": 0.5, "lr": 0.1},
             "baselines": {"finetune": True, "lora": False}}
     calm.run(merge(calm.DEFAULTS, spec))
-    bridge, baseline = seen
+    bridge, baseline = seen[-2:]                   # after the anchor's and the augmenting model's runs
     assert (bridge.optimizer, bridge.betas[0], bridge.weight_decay, bridge.lr) == ("sgd", 0.8, 0.5, 0.1)
     assert (baseline.optimizer, baseline.weight_decay) == ("adamw", 0.0)

@@ -230,17 +230,77 @@ def test_eval_progress_counts_the_batches_evaluate_draws(stride, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"eval batch {actual}/{actual}")
 
 
-def test_finetune_inside_prune_and_lora_shows_its_loss(capsys):
-    """prune --finetune-steps / lora train through compress.finetune: with a label the loss is shown (plain lines
-    here), matching the returned losses; studies (no label) stay silent."""
+def _reference_finetune(model, data, cfg, steps, seed):
+    """The loop compress.finetune had before it went through the Trainer (constant lr, mean NLL, clipping)."""
+    import torch
+    import torch.nn.functional as F
+
+    from modformer.train.optim import build_optimizer
+
+    opt, g, losses = build_optimizer(model, cfg), torch.Generator().manual_seed(seed), []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for _ in range(steps):
+        x, y = data.get_batch("train", cfg.batch_size, g)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_finetune_is_the_trainer_loop_and_matches_the_former_loop(capsys):
+    """finetune() (studies) runs the Trainer silently: the same batches, losses and weights as the former
+    hand-written loop, only trainable parameters change, and nothing is printed. fp32 on CPU: the Trainer's
+    sum/n and the reference's mean differ by rounding only (observed <= 1.2e-7 absolute on weights of size ~1)."""
+    import copy
+
+    import torch
+
     from modformer.compress.finetune import finetune
     from modformer.config import ModelConfig, TrainConfig
 
     data = ModularArithmetic(p=7)
     model = mf.build_model(ModelConfig(vocab_size=data.vocab_size, n_layer=1, d_model=16, n_head=2, max_seq_len=3))
-    losses = finetune(model, data, TrainConfig(batch_size=8, lr=1e-2), 12, progress="lora")
-    lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("lora step 10/12") and f"loss {sum(losses[:10]) / 10:.4f}" in lines[0]
-    assert lines[-1].startswith("lora step 12/12") and f"loss {sum(losses[2:]) / 10:.4f}" in lines[-1]
-    finetune(model, data, TrainConfig(batch_size=8, lr=1e-2), 3)
-    assert capsys.readouterr().err == ""
+    model.blocks[0].attn.qkv.requires_grad_(False)   # (also the key bias: its gradient is 0 up to rounding,
+    ref_model = copy.deepcopy(model)                  # which Adam's normalisation would blow up to +-lr)
+    cfg = TrainConfig(batch_size=8, lr=1e-2, schedule="cosine", warmup_steps=3)   # fine-tuning: constant lr
+    frozen = model.blocks[0].attn.qkv.weight.clone()
+    threads = torch.get_num_threads()
+    losses = finetune(model, data, cfg, 6, seed=3)
+    expected = _reference_finetune(ref_model, data, cfg, 6, seed=3)
+    assert capsys.readouterr().err == "" and torch.get_num_threads() == threads
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, frozen) and not model.training
+
+
+def test_prune_and_lora_fine_tune_into_a_normal_run_folder(modular_run, tmp_path, capsys):
+    """prune --finetune-steps / lora train through the Trainer: banner and loss lines, and OUT/finetune is a run
+    folder (config.yaml, metrics.jsonl, safetensors checkpoint, plots, report) whose checkpoint is the model
+    that was written (the pruned model; the LoRA model merged), loadable by every command."""
+    import torch
+
+    run, _ = modular_run
+    for command, out in ((["prune", str(run), "--method", "neurons", "--amount", "0.5", "--finetune-steps", "4"],
+                          tmp_path / "pruned"),
+                         (["lora", str(run), "--task", 'data.options.op="-"', "--rank", "1", "--steps", "4",
+                           "--merge"], tmp_path / "lora")):
+        assert main([*command, "--out", str(out)]) == 0, command[0]
+        captured = capsys.readouterr()
+        ft = out / "finetune"
+        assert "modformer train finetune" in captured.err and "trainable" * (command[0] == "lora") in captured.err
+        assert any(ln.startswith("train step 4/4") and "loss" in ln for ln in captured.err.splitlines())
+        for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md", "checkpoints/latest"):
+            assert (ft / name).is_file(), (command[0], name)
+        assert list((ft / "checkpoints").glob("step_*/model.safetensors")) and list((ft / "plots").glob("*.png"))
+        assert [r["step"] for r in read_metrics(ft / "metrics.jsonl") if r["split"] == "val"][-1] == 4
+        final = out if command[0] == "prune" else out / "merged"
+        for a, b in zip(mf.load(ft).state_dict().values(), mf.load(final).state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)    # merging a copy vs the original: rounding
+        assert (out / ("prune.json" if command[0] == "prune" else "adapter_model.safetensors")).is_file()
+        assert main(["eval", str(ft), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["split"] == "val"

@@ -47,7 +47,7 @@ def _latency(model: nn.Module, data: Any, cfg: Any, iters: int = 5) -> float:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from modformer.compress import structured, unstructured
-    from modformer.compress.finetune import batches, finetune
+    from modformer.compress.finetune import batches, finetune_run
     from modformer.runs import run_config, run_dataset, run_model
     from modformer.saving import save
 
@@ -79,19 +79,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
         info.pop("scores", None)
     note("prune", f"{args.method}: {'closed L0 gates' if args.l0_closed else args.amount} pruned; evaluating")
     pruned = _eval(model, data, cfg)
+    tag = "l0closed" if args.l0_closed else f"{args.amount:g}"
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"pruned_{args.method}_{tag}"
+    finetune_dir = None
     if args.finetune_steps:
-        note("prune", f"fine-tuning {args.finetune_steps} steps")
-        finetune(model, data, cfg.train, args.finetune_steps, lr=args.lr, seed=cfg.train.seed, progress="fine-tune")
+        finetune_dir = out / "finetune"
+        note("prune", f"fine-tuning {args.finetune_steps} steps -> {finetune_dir}")
+        finetune_run(model, data, cfg, args.finetune_steps, finetune_dir, lr=args.lr)
     if args.method == "magnitude":
         unstructured.make_permanent(model)
         info["sparsity"] = unstructured.sparsity_of(model)
     after = {**_eval(model, data, cfg), "params": structured.count_params(model),
              "latency_s": _latency(model, data, cfg)}
-    tag = "l0closed" if args.l0_closed else f"{args.amount:g}"
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"pruned_{args.method}_{tag}"
     save(model, out)
     result = {"run": str(args.run_dir), "method": args.method, "amount": args.amount, "out": str(out),
-              "before": before, "pruned": pruned, "finetune_steps": args.finetune_steps, "after": after,
+              "before": before, "pruned": pruned, "finetune_steps": args.finetune_steps,
+              "finetune_run": str(finetune_dir) if finetune_dir else None, "after": after,
               **info, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_text(out / "prune.json", json.dumps(result, indent=2))
     if "removed" in result:                  # the full lists are in prune.json
@@ -101,7 +104,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         from modformer.console import print_summary
 
-        shown = {k: v for k, v in result.items() if k in ("out", "sparsity", "removed", "finetune_steps")}
+        shown = {k: v for k, v in result.items() if k in ("out", "sparsity", "removed", "finetune_steps",
+                                                          "finetune_run") and v is not None}
         print_summary(f"prune {args.run_dir}: {args.method} {tag} (details: {out / 'prune.json'})", values=shown,
                       columns={"before": before, "pruned": pruned, "after": after})
     return 0
@@ -109,7 +113,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_lora(args: argparse.Namespace) -> int:
     from modformer.compress import lora
-    from modformer.compress.finetune import finetune
+    from modformer.compress.finetune import finetune_run
     from modformer.config import apply_overrides
     from modformer.data import build_dataset
     from modformer.runs import run_config, run_model
@@ -131,12 +135,14 @@ def cmd_lora(args: argparse.Namespace) -> int:
     trainable, total, frac = lora.trainable_fraction(pm)
     note("lora", f"training a rank-{args.rank} adapter on {', '.join(targets)} ({trainable:,} parameters) "
                  f"for {args.steps} steps")
-    finetune(pm, data, cfg.train, args.steps, lr=args.lr, seed=cfg.train.seed, progress="lora")
-    after = _eval(pm, data, cfg)
     out = Path(args.out) if args.out else Path(args.run_dir) / "adapters" / args.name
+    if args.steps:
+        finetune_run(pm, data, cfg, args.steps, out / "finetune", lr=args.lr, saved=lora.merged_copy)
+    after = _eval(pm, data, cfg)
     meta = {"base_run": str(Path(args.run_dir).resolve()), "task": args.task, "rank": args.rank,
             "alpha": args.alpha if args.alpha is not None else 2 * args.rank, "targets": targets,
-            "steps": args.steps, "trainable_params": trainable, "total_params": total,
+            "steps": args.steps, "finetune_run": str(out / "finetune") if args.steps else None,
+            "trainable_params": trainable, "total_params": total,
             "trainable_fraction": frac, "base_on_task": base_eval, "adapter_on_task": after}
     lora.save_adapter(pm, out, args.name, meta)
     if args.merge:
@@ -148,8 +154,8 @@ def cmd_lora(args: argparse.Namespace) -> int:
         from modformer.console import print_summary
 
         shown = {"out": str(out), **{k: meta[k] for k in ("task", "rank", "alpha", "targets", "steps",
-                                                          "trainable_params", "trainable_fraction", "merged")
-                                     if k in meta}}
+                                                          "trainable_params", "trainable_fraction", "merged",
+                                                          "finetune_run") if meta.get(k) is not None}}
         print_summary(f"lora {args.run_dir}: adapter {args.name!r}", values=shown,
                       columns={"base on task": base_eval, "with adapter": after})
     return 0

@@ -1,58 +1,91 @@
-"""A short training loop for compressed models (fine-tune after pruning, IMP rounds, LoRA) and accuracy.
+"""Fine-tuning a model object as it is (after pruning, IMP rounds, LoRA) through the Trainer, and accuracy.
 
-The Trainer builds its model from a config; these helpers train a model object as it is (with
-pruning masks or LoRA adapters attached), using the run's optimizer settings.
+The Trainer usually builds its model from a config; here it trains a given model (with pruning masks or LoRA
+adapters attached: only parameters with ``requires_grad`` train) with the run's optimizer settings at a
+constant learning rate. ``finetune_run`` (``prune --finetune-steps``, ``lora``) leaves a normal run folder:
+config.yaml, metrics.jsonl, a safetensors checkpoint, plots and report.md. ``finetune`` (studies) is the same
+loop, silent, in a temporary folder, returning the per-step training losses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modformer.config import TrainConfig
+from modformer.config import RunConfig, TrainConfig
 from modformer.data import Dataset
-from modformer.train.optim import build_optimizer
+
+
+def finetune_train_config(train_cfg: TrainConfig, steps: int, lr: float | None = None,
+                          batch_size: int | None = None, device: str | None = None) -> TrainConfig:
+    """The run's train settings for ``steps`` of fine-tuning: constant ``lr`` (default the run's), no warmup,
+    EMA, early stop, compile or initial weights; one checkpoint at the end."""
+    return dataclasses.replace(
+        train_cfg, steps=steps, lr=lr if lr is not None else train_cfg.lr, min_lr=0.0, schedule="constant",
+        warmup_steps=0, ema_decay=0.0, ema_start=0, early_stop_metric=None, early_stop_target=None,
+        checkpoint_every=0, compile=False, init_from=None, profile_steps=None, profile_memory=False,
+        batch_size=batch_size if batch_size is not None else train_cfg.batch_size,
+        eval_every=min(train_cfg.eval_every, steps), log_every=min(train_cfg.log_every, steps),
+        device=device or train_cfg.device)
+
+
+def _device_of(model: nn.Module) -> str:
+    return str(next(iter(model.parameters())).device)
+
+
+def finetune_run(model: nn.Module, data: Dataset, run_cfg: RunConfig, steps: int, run_dir: str | Path,
+                 lr: float | None = None, saved: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place for ``steps`` through the Trainer into the run folder ``run_dir`` (replaced if it
+    exists): banner, progress, metrics.jsonl, a checkpoint of ``saved(model)`` (default the model), plots,
+    report.md. Returns the run's summary."""
+    from modformer.train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    cfg = dataclasses.replace(run_cfg, name=run_dir.name, out_dir=str(run_dir.parent),
+                              model=dataclasses.replace(run_cfg.model),
+                              train=finetune_train_config(run_cfg.train, steps, lr, device=_device_of(model)))
+    summary = Trainer(cfg, overwrite=True, model=model, data=data, saved=saved).fit()
+    model.eval()
+    return summary
 
 
 def finetune(model: nn.Module, data: Dataset, train_cfg: TrainConfig, steps: int, lr: float | None = None,
-             batch_size: int | None = None, seed: int = 0, progress: str | None = None) -> list[float]:
-    """``steps`` AdamW (the run's optimizer) steps at constant ``lr`` on the train split; returns losses.
+             batch_size: int | None = None, seed: int = 0) -> list[float]:
+    """``steps`` steps of the run's optimizer at constant ``lr`` on the train split, silently; returns the
+    per-step training losses (mean NLL of each batch).
 
-    Only parameters with ``requires_grad`` are trained (frozen bases stay frozen). ``progress``: a label
-    (``"lora"``) shows the train loss as a bar on a terminal, plain lines elsewhere; None (studies) is silent.
-    """
-    from modformer.train.logging import ProgressDisplay
+    The Trainer's loop in fp32 on the model's device, in a temporary run folder with nothing recorded but the
+    metrics; batches are drawn from ``torch.Generator().manual_seed(seed)``, dropout from the caller's global RNG
+    (the Trainer's seeding is undone), and the caller's threads and TF32 settings are restored afterwards."""
+    from modformer.train.logging import read_metrics
+    from modformer.train.trainer import Trainer
 
-    cfg = dataclasses.replace(train_cfg, lr=lr if lr is not None else train_cfg.lr)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable or steps <= 0:
+    if steps <= 0 or not any(p.requires_grad for p in model.parameters()):
         return []
-    opt = build_optimizer(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    device = trainable[0].device
-    losses = []
-    display = ProgressDisplay(steps, 0, progress is not None, label=progress or "")
-    model.train()
-    for step in range(1, steps + 1):
-        x, y = data.get_batch("train", batch_size if batch_size is not None else cfg.batch_size, g)
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
-                               label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-        display.advance(step)
-        if step % 10 == 0 or step == steps:
-            window = losses[-10:]
-            display.update(step, f"loss {sum(window) / len(window):.4f}")
-    display.close()
+    t = dataclasses.replace(finetune_train_config(train_cfg, steps, lr, batch_size, _device_of(model)),
+                            eval_every=steps + 1, log_every=1, dtype="float32", precision="auto",
+                            deterministic=False, threads=None, progress=False, tensorboard=False, seed=seed,
+                            distributed="ddp")
+    rng, tf32 = torch.get_rng_state(), (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="modformer_finetune_") as tmp:
+        cfg = RunConfig(name="finetune", out_dir=tmp, train=t)
+        try:
+            trainer = Trainer(cfg, model=model, data=data, record=False)
+            trainer.data_gen = torch.Generator().manual_seed(seed)
+            torch.set_rng_state(rng)              # dropout draws from the caller's stream, as it would here
+            trainer.fit()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            torch.set_num_threads(threads)
+        losses = [r["loss"] for r in read_metrics(Path(tmp) / "finetune" / "metrics.jsonl") if r["split"] == "train"]
     model.eval()
     return losses
 

@@ -8,7 +8,7 @@ plus ``modformer.json`` naming the base), several can be loaded into one model a
 ``merge`` folds the active one into the weights (``unmerge`` restores them exactly up to rounding).
 
     pm = add_lora(model, r=4, targets=("qkv", "out", "up", "down"))
-    finetune(pm, data, train_cfg, steps=300)
+    finetune(pm, data, train_cfg, steps=300)          # or finetune_run(...): a run folder, checkpoint = merged
     save_adapter(pm, "adapters/sub")
     pm = load_adapters(mf.load(base), {"sub": "adapters/sub", "mul": "adapters/mul"}); pm.set_adapter("mul")
 """
@@ -65,18 +65,21 @@ def trainable_fraction(model: nn.Module) -> tuple[int, int, float]:
 
 def save_adapter(peft_model: Any, path: str | Path, adapter_name: str | None = None,
                  meta: dict[str, Any] | None = None) -> Path:
-    """Write one adapter (the active one by default) to ``path``: safetensors + PEFT config + modformer.json."""
-    import shutil
+    """Write one adapter (the active one by default) to ``path``: safetensors + PEFT config + modformer.json.
+
+    Files of the same name are replaced; other entries of ``path`` (the ``finetune/`` run folder) stay."""
+    import os
     import tempfile
 
     name = adapter_name or peft_model.active_adapter
     path = Path(path)
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=[name])
         src = Path(tmp) if name == "default" else Path(tmp) / name
-        if path.exists():
-            shutil.rmtree(path)
-        shutil.copytree(src, path)
+        for f in src.iterdir():
+            if f.is_file():
+                os.replace(f, path / f.name)
     atomic_write_text(path / META_NAME, json.dumps({"adapter": name, **(meta or {})}, indent=2))
     return path
 
@@ -99,3 +102,10 @@ def load_adapters(base: nn.Module, adapters: dict[str, str | Path], trainable: b
 def merged_model(peft_model: Any) -> nn.Module:
     """The base model with the active adapter folded into its weights (an ordinary modformer model)."""
     return peft_model.merge_and_unload()
+
+
+def merged_copy(peft_model: Any) -> nn.Module:
+    """A merged copy (``merged_model`` of a deep copy): ``peft_model`` keeps its adapter (fine-tune checkpoints)."""
+    import copy
+
+    return merged_model(copy.deepcopy(peft_model))

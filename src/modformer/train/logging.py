@@ -232,7 +232,10 @@ def run_banner(trainer: Any) -> tuple[str, dict[str, Any]]:
     sizes = ", ".join(f"{s} {data.split_size(s):,}" for s in data.splits)
     steps = f"{t.steps:,}" + (f" (resuming at {trainer.step:,})" if trainer.step else "")
     batch = "full batch" if t.batch_size <= 0 else f"batch {t.batch_size:,}"
-    facts = {"parameters": f"{trainer.raw_model.num_params():,}", "device": f"{device}, {str(trainer.dtype)[6:]}",
+    params = {id(p): p for p in trainer.raw_model.parameters()}.values()
+    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    facts = {"parameters": f"{total:,}" + (f" ({trainable:,} trainable)" if trainable != total else ""),
+             "device": f"{device}, {str(trainer.dtype)[6:]}",
              "run folder": str(trainer.run_dir),
              "data": f"{cfg.data.name}: {sizes} {unit}; seq_len {data.seq_len}, vocab {data.vocab_size}",
              "steps": f"{steps}, {batch}, eval every {t.eval_every}"}
