@@ -38,6 +38,7 @@ ENTRIES = _entries(
                                                  "identical rows vs HF generate (static cache)"),
     ("memory", "memory", "peak memory of a training step per attention backend and sequence length"),
     ("time-to-loss", "time_to_loss", "wall seconds of fresh `modformer train` processes to a target val loss"),
+    ("startup", "startup", "seconds before the first optimizer step, by phase (imports, Trainer() parts, compile)"),
     ("fidelity", "fidelity", "sparse student vs dense teacher: KL, top-1, ppl retention, attention MSE, timing"),
     ("wikitext2", "studies.wikitext2", "WikiText-2 word-level test perplexity of the recipe, via train + eval"),
     ("ddp-scaling", "studies.ddp_scaling", "torchrun DDP / FSDP2 on 1..N GPUs: tokens/s and loss-curve identity"),
