@@ -117,13 +117,15 @@ def test_throughput_peer_rows_and_no_cpu_speedups(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no model.py"):
         load_model_module(tmp_path / "missing")
     monkeypatch.chdir(tmp_path)
-    assert throughput.main(["--preset", "tiny", "--steps", "1", "--no-compile", "--no-hf",
-                            "--peer-nanogpt", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    common = ["--preset", "tiny", "--steps", "1", "--no-compile", "--peer-nanogpt", str(tmp_path)]
+    with pytest.raises(SystemExit, match="matches none"):
+        throughput.main([*common, "--variant", "no such variant"])
+    assert throughput.main([*common, "--variant", "FP32", "--variant", "nanogpt", "--out", str(tmp_path / "out")]) == 0
     import json
 
     result = json.loads((tmp_path / "out" / "throughput.json").read_text())
     variants = [r["variant"] for r in result["rows"]]
-    assert variants[-1] == "nanoGPT GPT (bench.py setting)" and variants[0] == "modformer fp32"
+    assert variants == ["modformer fp32", "nanoGPT GPT (bench.py setting)"]
     head = result["headline"]
     assert head["nanogpt_tokens_per_s"] > 0
     assert head["speedup_vs_nanogpt"] is None and head["speedup_vs_hf"] is None   # CPU: no speed-up claimed

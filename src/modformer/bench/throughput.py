@@ -146,7 +146,8 @@ def variants(device: torch.device, with_hf: bool, compile_ok: bool, peer: bool) 
 
 
 def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok: bool,
-        profile_dir: str | None = None, peer_nanogpt: str | None = None) -> list[dict[str, Any]]:
+        profile_dir: str | None = None, peer_nanogpt: str | None = None,
+        only: list[str] | None = None) -> list[dict[str, Any]]:
     spec = PRESETS[preset]
     cfg = gpt2_config(spec["model"])
     torch.manual_seed(0)
@@ -158,7 +159,11 @@ def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok
     gpu = device.type == "cuda"
     peer_module = load_model_module(peer_nanogpt) if peer_nanogpt else None
     rows = []
-    for var in variants(device, with_hf, compile_ok, peer_module is not None):
+    chosen = [v for v in variants(device, with_hf, compile_ok, peer_module is not None)
+              if not only or any(o.lower() in v["name"].lower() for o in only)]
+    if not chosen:
+        raise SystemExit(f"--variant {only}: matches none of this device's variants")
+    for var in chosen:
         name = var["name"]
         torch.manual_seed(0)
         if var["kind"] == "nanogpt":
@@ -195,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--profile-dir", help="write each variant's top GPU kernels (torch.profiler) here")
+    p.add_argument("--variant", action="append", metavar="TEXT",
+                   help="time only the variants whose name contains TEXT (repeatable, case-insensitive)")
     p.add_argument("--peer-nanogpt", metavar="PATH", help="a nanoGPT checkout: time its model at bench.py's setting")
     p.add_argument("--fp8-loss-steps", type=int, default=0,
                    help="train --fp8-loss-config this many steps in bf16 and in fp8; report fp8_loss_gap (0 = skip)")
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset in presets:
         rows += run(preset, args.steps, device, not args.no_hf, not args.no_compile, args.profile_dir,
-                    args.peer_nanogpt)
+                    args.peer_nanogpt, args.variant)
     ceiling = matmul_ceiling(device)
     print_table(rows, ["preset", "variant", "step_ms", "tokens_per_s", "mfu", "peak_mem_gib"])
     first = presets[0]
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ours, hf, peer = best("modformer"), best("HF"), best(NANOGPT_VARIANT)
     ours_bf16 = max((r for r in rows if r["preset"] == first and r["variant"].startswith("modformer")
-                     and "fp8" not in r["variant"]), key=lambda r: r["tokens_per_s"])
+                     and "fp8" not in r["variant"]), key=lambda r: r["tokens_per_s"], default={})
     gpu = device.type == "cuda"                      # a CPU's timings are noise: no ratio is claimed there
 
     def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
@@ -237,16 +244,20 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_vs_nanogpt": ratio(ours, peer), "speedup_vs_nanogpt_bf16": ratio(ours_bf16, peer),
                 "speedup_vs_hf": ratio(ours, hf),
                 "mfu": ours.get("mfu"), "matmul_ceiling_tflops": ceiling / 1e12,
-                "mfu_of_measured_ceiling": ours["tokens_per_s"] * mf.build_model(gpt2_config(
+                "mfu_of_measured_ceiling": ours.get("tokens_per_s", 0.0) * mf.build_model(gpt2_config(
                     PRESETS[first]["model"])).flops_per_token(PRESETS[first]["seq"]) / ceiling}
     headline["fp8_loss_gap"] = None
-    if args.fp8_loss_steps:
+    path = write_result("throughput", headline, rows, device, args.out)   # kept if the loss-gap runs fail
+    if args.fp8_loss_steps and not fp8_supported(device)[0]:
+        print(f"fp8_loss_gap skipped: {fp8_supported(device)[1]} has no FP8 matmuls (needs compute capability >= 8.9)")
+    elif args.fp8_loss_steps:
         gap, curves = fp8_loss_gap(args.fp8_loss_config, args.fp8_loss_steps, args.fp8_loss_set, args.device)
         headline["fp8_loss_gap"] = gap
         rows += curves
         print_table(curves, ["variant", "steps", "first_loss", "loss_last_100", "relative_gap"])
+        path = write_result("throughput", headline, rows, device, args.out)
     print(f"headline: {headline}")
-    print(f"wrote {write_result('throughput', headline, rows, device, args.out)}")
+    print(f"wrote {path}")
     return 0
 
 
