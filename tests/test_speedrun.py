@@ -279,3 +279,30 @@ def test_hf_export_refuses_speedrun_components(field, value):
     llama = dataclasses.replace(tiny(ffn="swiglu"), **{field: value})
     with pytest.raises(ValueError, match=f"model.{field}"):
         llama_hf_config(llama)
+
+
+# ---- the study's bookkeeping (modformer bench speedrun) --------------------------------------------------------
+def test_speedrun_study_plan_and_headline():
+    from modformer.bench.studies import speedrun
+
+    runs = speedrun.plan(["baseline", "recipe", "ablations", "lrs"], [0, 1, 2], [3e-3], ["no_unet"])
+    assert [r["name"] for r in runs] == ["baseline_s0", "baseline_s1", "baseline_s2", "recipe_s0", "recipe_s1",
+                                         "recipe_s2", "no_unet_s0", "recipe_lr0.003_s0"]
+    assert runs[6]["overrides"] == ["model.unet_skips=false"] and runs[7]["overrides"][0] == "train.lr=0.003"
+
+    def row(name, group, seed, tokens, lr=5e-3):
+        return {"name": name, "group": group, "seed": seed, "tokens_to_target": tokens, "lr": lr,
+                "steps_to_target": None if tokens is None else tokens // 16384}
+
+    rows = [row("baseline_s0", "baseline", 0, 800 * 16384), row("baseline_s1", "baseline", 1, 750 * 16384),
+            row("baseline_s2", "baseline", 2, None), row("recipe_s0", "recipe", 0, 500 * 16384),
+            row("recipe_s1", "recipe", 1, 550 * 16384), row("recipe_s2", "recipe", 2, 525 * 16384),
+            row("no_unet_s0", "no_unet", 0, 600 * 16384), row("lr3_s0", "lr0.003", 0, 450 * 16384, 3e-3)]
+    h = speedrun.headline(rows, 1.47)
+    # baseline: one miss counts as +inf, so the median of {750, 800, inf} is 800; the max is unknown
+    assert h["baseline"]["tokens_median"] == 800 * 16384 and h["baseline"]["tokens_max"] is None
+    assert h["recipe"]["tokens_median"] == 525 * 16384 and h["recipe"]["tokens_min"] == 500 * 16384
+    assert h["token_ratio_baseline_over_recipe"] == 800 / 525
+    assert h["best_lr"] == 3e-3 and h["ablations"]["no_unet"]["ratio_to_recipe"] == 600 / 500
+    two_missed = rows[:1] + [row("b1", "baseline", 1, None), row("b2", "baseline", 2, None)]
+    assert speedrun.group_stats(two_missed, "baseline")["tokens_median"] is None

@@ -38,6 +38,8 @@ ENTRIES = _entries(
                                                  "identical rows vs HF generate (static cache)"),
     ("memory", "memory", "peak memory of a training step per attention backend and sequence length"),
     ("time-to-loss", "time_to_loss", "wall seconds of fresh `modformer train` processes to a target val loss"),
+    ("speedrun", "studies.speedrun", "tokens to Tiny Shakespeare val 1.47: speedrun recipe vs Muon baseline, "
+                                     "ablations, lr grid, seeds"),
     ("startup", "startup", "seconds before the first optimizer step, by phase (imports, Trainer() parts, compile)"),
     ("fidelity", "fidelity", "sparse student vs dense teacher: KL, top-1, ppl retention, attention MSE, timing"),
     ("wikitext2", "studies.wikitext2", "WikiText-2 word-level test perplexity of the recipe, via train + eval"),
