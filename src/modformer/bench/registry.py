@@ -50,6 +50,8 @@ ENTRIES = _entries(
     ("circuits", "studies.circuits", "copying heads (1 layer) and induction heads (2 layers) on WikiText-2 BPE"),
     ("circuits-figures", "studies.circuits_figures", "the circuits pages' per-head figures from a circuits result"),
     ("circuits-pruning", "modformer.interp.studies", "what head pruning leaves of an induction circuit (CPU, tiny)"),
+    ("circuits-lora", "studies.circuits_lora", "LoRA adapters' weight deltas as circuits: where they sit, ablated"),
+    ("circuits-sparse", "studies.circuits_sparse", "sparse-attention students vs their teacher's induction circuit"),
     ("variants", "studies.variants", "attention / FFN variants on modular addition at equal parameters"),
     ("variants-lm", "studies.variants_lm", "attention / FFN variants on WikiText-2 at a fixed token budget"),
     ("variants-summary", "studies.variants_summary", "the variants' one table and plot from the two results above"),
