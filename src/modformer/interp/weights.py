@@ -103,15 +103,19 @@ def _linear_head_classes() -> tuple[type, ...]:
     return (MultiHeadAttention,)
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention module of every block; only plain mha/gqa/mqa (subclasses may mix heads: refused)."""
+def attention_modules(model: nn.Module, sparse_ok: bool = False) -> list[nn.Module]:
+    """The attention module of every block; only plain mha/gqa/mqa (subclasses may mix heads: refused).
+    ``sparse_ok``: also the fixed sparse patterns (``layers/attention/sparse.py``: the same per-head weights, the
+    pattern only hides keys), for weight-only analyses; not for a conversion that would drop the pattern."""
+    from modformer.layers.attention.sparse import SparseAttention
+
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no .blocks; interp expects a modformer decoder")
     mods = []
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
-        if type(attn) not in _linear_head_classes():
+        if type(attn) not in _linear_head_classes() and not (sparse_ok and isinstance(attn, SparseAttention)):
             raise ValueError(f"blocks.{i}.attn ({type(attn).__name__}) has no per-head W_Q/W_K/W_V/W_O; "
                              "weight extraction supports mha/gqa/mqa attention")
         mods.append(attn)
@@ -170,8 +174,9 @@ def _fold_reader(W: Tensor, b: Tensor, w: Tensor, nb: Tensor, center: bool) -> t
 
 def extract_weights(model: nn.Module, fold_ln: bool = True, center_writing: bool = False,
                     center_unembed: bool = False) -> ModelWeights:
-    """Per-head weights of every layer (float32, detached; the model is not modified)."""
-    attns = attention_modules(model)
+    """Per-head weights of every layer (float32, detached; the model is not modified). Sparse-pattern attention
+    (sliding window, sinks, ...) has the same per-head matrices; its pattern is not part of them."""
+    attns = attention_modules(model, sparse_ok=True)
     parts = [split_heads(a) for a in attns]
     counts = [p[0].shape[0] for p in parts]
     H = max(counts)
