@@ -122,7 +122,8 @@ def test_generation_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
                             "--decoders", "graph", "graph16", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "generation.json").read_text())
     head = result["headline"]
-    for key in ("tokens_per_s_batch1", "speedup_vs_hf_static", "kernels_per_token", "greedy_match"):
+    for key in ("tokens_per_s_batch1", "speedup_vs_hf_static", "kernels_per_token", "kernel_us_per_token",
+                "greedy_match"):
         assert key in head
     assert head["greedy_match"] == 1.0 and head["kernels_per_token"] is None and head["goal_met"] is None
     assert head["tokens_per_s_batch1"] > 0 and head["speedup_vs_hf_static"] > 0

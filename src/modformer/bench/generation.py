@@ -11,9 +11,12 @@ and with ``--hf-dynamic`` its dynamic cache. Fast paths are timed ``--repeats`` 
 call (compile, capture); the median is reported.
 
 Kernels per token: the CUDA kernels one decode step launches (= one graph replay per token), counted with
-torch.profiler (``GraphDecoder.kernels_per_step``). Greedy agreement: in fp32 the compiled decoder's 1024 tokens
-must equal the uncached path's exactly (``greedy_match``), on the benchmark's weights and on a copy with wider
-weights (N(0, ``--diverse-std``)), since GPT-2-init random weights mostly repeat one token. In bf16 any two kernel
+torch.profiler (``GraphDecoder.profile_step``), with their device µs per token (against the wall µs per token:
+GPU-bound or launch-bound) and the top kernels by device time.
+
+Greedy agreement: in fp32 the compiled decoder's 1024 tokens must equal the uncached path's exactly
+(``greedy_match``), on the benchmark's weights and on a copy with wider weights (N(0, ``--diverse-std``)),
+since GPT-2-init random weights mostly repeat one token. In bf16 any two kernel
 orders round differently, so the agreement with the bf16 uncached path is reported with, at the first divergence,
 the fp32 logit gap between the two tokens against the bf16-vs-fp32 logit error there (a near tie when the gap is
 within twice the error). ``--preset tiny --new-tokens 24`` runs end to end on a CPU in seconds (no compile there:
@@ -72,10 +75,11 @@ def decoder_kw(name: str, gpu: bool) -> dict[str, Any]:
     return kw
 
 
-def kernels_per_token(model: torch.nn.Module) -> float | None:
-    """CUDA kernels of one decode step of the model's current graph decoder (None off GPU / without one)."""
+def step_profile(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Kernels, device µs and top kernels of one decode step of the model's current graph decoder (None off GPU
+    or without one)."""
     decoder = getattr(model, "_decoder", None)      # the GraphDecoder the last compiled generate() used
-    return decoder.kernels_per_step() if decoder is not None else None
+    return decoder.profile_step() if decoder is not None else None
 
 
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
@@ -210,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                     out, secs = timed(fn, device, args.repeats if fast else 1, warmup=fast)
                 outputs[(name, b)] = out[:, args.prompt_len:]
                 row.update(seconds=secs, tokens_per_s=b * new / secs)
-                if name.startswith("modformer static"):
-                    row["kernels_per_token"] = kernels_per_token(model)
+                prof = step_profile(model) if name.startswith("modformer static") else None
+                if prof is not None:      # device µs vs wall µs per token: GPU-bound or launch-bound
+                    row.update(kernels_per_token=prof["kernels"], kernel_us_per_token=prof["device_us"],
+                               wall_us_per_token=1e6 * secs / new, top_kernels=prof["top"])
             except Exception as e:  # noqa: BLE001  (a peer's failure is a result, not a crash)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             rows.append(row)
-            print_table([row])
+            print_table([{k: v for k, v in row.items() if k != "top_kernels"}])
         ref = outputs.get((NO_CACHE, b))               # agreement with the uncached path, same dtype
         for row in rows:
             out = outputs.get((row["variant"], b))
@@ -240,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_hf_static": best / hf_static if best and hf_static else None,
         "hf_static_tokens_per_s_batch1": hf_static,
         "kernels_per_token": at1(best_name, "kernels_per_token") if best_name else None,
+        "kernel_us_per_token": at1(best_name, "kernel_us_per_token") if best_name else None,
         "greedy_match": min(matches) if matches else None,
         "agreement_vs_no_cache_batch1": at1(best_name, "agreement_vs_no_cache") if best_name else None,
         "cache_speedup": best / nocache if best and nocache else None,
@@ -250,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                        "compiled": gpu, "decoders": {k: DECODERS[k][1] for k in args.decoders},
                        "transformers": _transformers_version() if hf is not None else None},
              "fp32_check": fp32, "bf16_divergence": bf16_div}
-    print_table(rows, ["variant", "batch", "new_tokens", "tokens_per_s", "kernels_per_token",
-                       "agreement_vs_no_cache", "error"])
+    print_table(rows, ["variant", "batch", "new_tokens", "tokens_per_s", "kernels_per_token", "kernel_us_per_token",
+                       "wall_us_per_token", "agreement_vs_no_cache", "error"])
+    for name, calls, share in (at1(best_name, "top_kernels") or []) if best_name else []:
+        print(f"  {share:6.1%}  {calls:5.1f}/token  {name}")
     print(f"headline: {headline}")
     print(f"wrote {write_result('generation', headline, rows, device, args.out, extra=extra)}")
     return 0

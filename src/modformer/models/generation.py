@@ -295,10 +295,17 @@ class GraphDecoder:
         return out
 
     def kernels_per_step(self, steps: int = 8) -> float | None:
-        """CUDA kernels one decode step launches (what one graph replay per token runs), counted with
-        torch.profiler over ``steps`` direct, uncaptured steps of the compiled forward; None off CUDA. Call
-        after ``run`` (the decoder must be warm); ``pos`` is put back so the steps stay inside the buffers,
-        and the tokens they write are overwritten by the next run."""
+        """CUDA kernels one decode step launches (what one graph replay per token runs); None off CUDA.
+        See ``profile_step``."""
+        prof = self.profile_step(steps)
+        return prof["kernels"] if prof is not None else None
+
+    def profile_step(self, steps: int = 8, top: int = 8) -> dict | None:
+        """One decode step's CUDA kernels, profiled with torch.profiler over ``steps`` direct, uncaptured steps
+        of the compiled forward (greedy): ``kernels`` per step, their summed ``device_us`` per step, and the
+        ``top`` kernels as ``[name, calls per step, share of device time]``; None off CUDA. Call after ``run``
+        (the decoder must be warm); ``pos`` is put back, and the slots the steps write are overwritten by the
+        next run."""
         if self.device.type != "cuda":
             return None
         from torch.profiler import ProfilerActivity, profile
@@ -315,7 +322,10 @@ class GraphDecoder:
         # kernel rows carry device time of their own; CPU-side ops (aten::mm, cudaLaunchKernel) carry none
         kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0
                    and not e.key.startswith(("Memcpy", "Memset"))]
-        return sum(e.count for e in kernels) / steps
+        total = sum(e.self_device_time_total for e in kernels)
+        ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+        return {"kernels": sum(e.count for e in kernels) / steps, "device_us": total / steps,
+                "top": [[e.key[:100], e.count / steps, e.self_device_time_total / max(total, 1e-9)] for e in ranked]}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0, max_len: int | None = None,
