@@ -290,7 +290,7 @@ def option_cases(env: Env) -> list[tuple[list[str], str]]:
         (["eval", r, "--stride", "0"], "--stride"), (["eval", r, "--device", "bogus"], "--device"),
         (["eval", r, "--device", "cuda"], "CUDA is not available"), (["eval", r, "--device", "cuda:7"], "--device"),
         (["eval", r, "--device", "mps"], "MPS"), (["eval", r, "--split", "nope"], "split"),
-        (["eval", str(env.root / "nothere")], "not a run folder"), (["eval", str(env.cfg)], "not a run folder"),
+        (["eval", str(env.root / "nothere")], "does not exist"), (["eval", str(env.cfg)], "not a run folder"),
         (["generate", r, *p, "--top-k", "0"], "--top-k"), (["generate", r, *p, "--top-k", "-3"], "--top-k"),
         (["generate", r, *p, "--top-p", "1.5"], "--top-p"), (["generate", r, *p, "--top-p", "0"], "--top-p"),
         (["generate", r, *p, "--top-p", "-0.5"], "--top-p"), (["generate", r, *p, "--top-p", "nan"], "--top-p"),

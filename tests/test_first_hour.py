@@ -304,3 +304,52 @@ def test_prune_and_lora_fine_tune_into_a_normal_run_folder(modular_run, tmp_path
         assert (out / ("prune.json" if command[0] == "prune" else "adapter_model.safetensors")).is_file()
         assert main(["eval", str(ft), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["split"] == "val"
+
+
+def test_every_model_form_resolves_for_load_and_commands(modular_run, tmp_path, capsys):
+    """One resolver: a run folder, RUN/checkpoints, checkpoints/latest, a checkpoint folder, a saved model, a pruned
+    folder, a LoRA adapter folder (base + adapter merged), its merged folder and an HF folder all load through
+    mf.load; the run-side forms also eval and generate; anything else is one error line, the same for every
+    command."""
+    import shutil
+
+    import torch
+
+    run, _ = modular_run
+    work = tmp_path / "run"
+    shutil.copytree(run, work, ignore=shutil.ignore_patterns(".lock"))
+    step = sorted((work / "checkpoints").glob("step_*"))[-1]
+    want = mf.load(step).state_dict()
+    mf.save(mf.load(work), work / "saved")
+    assert main(["prune", str(work), "--method", "neurons", "--amount", "0.5", "--json"]) == 0
+    assert main(["lora", str(work), "--task", 'data.options.op="-"', "--rank", "1", "--steps", "2", "--merge",
+                 "--json"]) == 0
+    gpt2_like = mf.save(mf.build_model(mf.ModelConfig(vocab_size=8, n_layer=1, d_model=16, n_head=2, max_seq_len=3)),
+                        tmp_path / "gpt2_like")                   # (the grokking recipe has no norms: not GPT-2)
+    assert main(["export", str(gpt2_like), "--hf", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    adapter = work / "adapters" / "default"
+    for form in (work, work / "checkpoints", work / "checkpoints" / "latest", step, work / "saved"):
+        assert all(torch.equal(v, want[k]) for k, v in mf.load(form).state_dict().items()), form
+    merged = mf.load(adapter / "merged").state_dict()
+    for k, v in mf.load(adapter).state_dict().items():        # merged on load vs merged when saved: rounding only
+        torch.testing.assert_close(v, merged[k], rtol=1e-6, atol=1e-6)
+    assert mf.load(work / "pruned_neurons_0.5").num_params() < mf.load(work).num_params()
+    hf = mf.load(tmp_path / "hf")
+    x = torch.tensor([[1, 2, 7]])
+    torch.testing.assert_close(hf(x), mf.load(gpt2_like)(x), rtol=1e-5, atol=1e-5)
+    forms = [work, work / "checkpoints" / "latest", step, work / "saved", work / "pruned_neurons_0.5", adapter,
+             adapter / "merged", adapter / "finetune"]
+    for form in forms:
+        prompt = "3 - 5 =" if adapter in (form, form.parent) else "3 + 5 ="   # the adapter's task: op "-"
+        assert main(["eval", str(form), "--json", "--max-batches", "1"]) == 0, form
+        assert main(["generate", str(form), "--prompt", prompt]) == 0, form
+        assert capsys.readouterr().out.splitlines()[-1].startswith(prompt)
+    errors = []
+    for argv in (["eval", str(tmp_path)], ["generate", str(tmp_path), "--prompt", "1 2 ="],
+                 ["circuits", str(tmp_path)], ["prune", str(tmp_path), "--method", "heads", "--amount", "0.5"]):
+        assert main(argv) == 2, argv
+        errors.append(capsys.readouterr().err.strip())
+    with pytest.raises(FileNotFoundError) as e:
+        mf.load(tmp_path)
+    assert len(set(errors)) == 1 and errors[0] == f"error: {e.value}" and "\n" not in errors[0], errors
