@@ -20,7 +20,7 @@ since GPT-2-init random weights mostly repeat one token. In bf16 any two kernel
 orders round differently, so the agreement with the bf16 uncached path is reported with, at the first divergence,
 the fp32 logit gap between the two tokens against the bf16-vs-fp32 logit error there (a near tie when the gap is
 within twice the error). ``--preset tiny --new-tokens 24`` runs end to end on a CPU in seconds (no compile there:
-the static cache runs eagerly).
+the static cache runs eagerly; ``--compile-cpu`` compiles anyway).
 """
 
 from __future__ import annotations
@@ -67,12 +67,10 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int,
     return out, statistics.median(times)
 
 
-def decoder_kw(name: str, gpu: bool) -> dict[str, Any]:
-    """generate() keywords of decoder ``name``: compiled on GPU; off GPU the static cache runs eagerly."""
-    kw = dict(DECODERS[name][1])
-    if not gpu:
-        kw = dict(static_cache=True)
-    return kw
+def decoder_kw(name: str, compiled: bool) -> dict[str, Any]:
+    """generate() keywords of decoder ``name``; not ``compiled`` (off GPU by default) the static cache runs
+    eagerly."""
+    return dict(DECODERS[name][1]) if compiled else dict(static_cache=True)
 
 
 def step_profile(model: torch.nn.Module) -> dict[str, Any] | None:
@@ -132,14 +130,17 @@ def divergence(model32: torch.nn.Module, model: torch.nn.Module, prompt: torch.T
     return {"column": col, "fp32_logit_gap": gap, "logit_error": err, "near_tie": gap <= 2 * err}
 
 
+Runs = dict[str, tuple[Callable[[], torch.Tensor], int, bool]]
+
+
 def make_runs(model: torch.nn.Module, hf: torch.nn.Module | None, prompt: torch.Tensor, n: int, hn: int,
-              slow_n: int, decoders: list[str], gpu: bool, hf_dynamic: bool) -> dict[str, tuple[Callable, int, bool]]:
+              slow_n: int, decoders: list[str], compiled: bool, hf_dynamic: bool) -> Runs:
     """The decoding variants: name -> (zero-argument callable, new tokens, fast path: warmed up and repeated)."""
-    runs: dict[str, tuple[Callable, int, bool]] = {
+    runs: Runs = {
         NO_CACHE: (lambda: model.generate(prompt, slow_n, temperature=0, use_cache=False), slow_n, False),
         "modformer dynamic cache": (lambda: model.generate(prompt, n, temperature=0), n, False)}
     for key in decoders:
-        kw = decoder_kw(key, gpu)
+        kw = decoder_kw(key, compiled)
         runs[DECODERS[key][0]] = (lambda kw=kw: model.generate(prompt, n, temperature=0, **kw), n, True)
     if hf is not None:
         common = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=hn, min_new_tokens=hn,
@@ -165,6 +166,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--hf-dynamic", action="store_true", help="also time HF's dynamic cache (slow)")
     p.add_argument("--no-fp32-match", action="store_true", help="skip the fp32 greedy identity check")
+    p.add_argument("--compile-cpu", action="store_true",
+                   help="compile the decoders off GPU too (Inductor's C++ code, no CUDA graph; slow to compile)")
     p.add_argument("--diverse-std", type=float_in("> 0"), default=0.05,
                    help="weight std of the fp32 check's second model")
     p.add_argument("--seed", type=int, default=0)
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     gpu = device.type == "cuda"
+    compiled = gpu or args.compile_cpu
     dtype = torch.bfloat16 if gpu else torch.float32
     spec = dict(PRESETS[args.preset]["model"])
     spec["max_seq_len"] = max(spec["max_seq_len"], args.prompt_len + args.new_tokens)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = None
     if not args.no_fp32_match:                  # the first decoder, in fp32, vs the uncached path
         start = time.perf_counter()
-        kw = decoder_kw(args.decoders[0], gpu)
+        kw = decoder_kw(args.decoders[0], compiled)
         one = prompts[args.batch[0]][:1]
         fp32 = {"decoder": args.decoders[0], "float32_matmul_precision": torch.get_float32_matmul_precision(),
                 "benchmark_weights": fp32_greedy_match(model32, one, n, kw),
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batch:
         prompt = prompts[b]
         slow_n = n if b == 1 else min(n, args.no_cache_tokens)
-        runs = make_runs(model, hf, prompt, n, hn, slow_n, args.decoders, gpu, args.hf_dynamic)
+        runs = make_runs(model, hf, prompt, n, hn, slow_n, args.decoders, compiled, args.hf_dynamic)
         for name, (fn, new, fast) in runs.items():
             row: dict[str, Any] = {"variant": name, "batch": b, "new_tokens": new}
             try:
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     extra = {"setup": {"preset": args.preset, "model": spec, "dtype": str(dtype), "prompt_len": args.prompt_len,
                        "new_tokens": n, "hf_new_tokens": hn, "repeats": args.repeats, "seed": args.seed,
-                       "compiled": gpu, "decoders": {k: DECODERS[k][1] for k in args.decoders},
+                       "compiled": compiled, "decoders": {k: DECODERS[k][1] for k in args.decoders},
                        "transformers": _transformers_version() if hf is not None else None},
              "fp32_check": fp32, "bf16_divergence": bf16_div}
     print_table(rows, ["variant", "batch", "new_tokens", "tokens_per_s", "kernels_per_token", "kernel_us_per_token",
