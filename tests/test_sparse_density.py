@@ -1,0 +1,134 @@
+"""Density of sparse attention (exact pair counts, tuning to a density), the gate's block choice, the issue-25
+metrics and the forward+backward timing's plumbing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modformer as mf
+from modformer.bench import fidelity
+from modformer.compress.distill import build_student
+from modformer.layers.attention import density as dn
+from modformer.layers.attention.kernels import AttnSpec, eager_attention
+
+V = 29
+
+
+def _model(attention: str = "mha", options: dict | None = None, t: int = 80) -> torch.nn.Module:
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=1, d_model=16, n_head=2, max_seq_len=t, attn_backend="eager")
+    teacher = mf.build_model(cfg).eval()
+    if attention == "mha":
+        return teacher
+    return build_student(teacher, {"attention": attention, "attention_options": options or {}}).eval()
+
+
+@pytest.mark.parametrize("family", list(dn.FAMILIES))
+def test_pattern_pairs_count_exactly_what_the_module_keeps(family: str) -> None:
+    """The closed forms / distance counts equal the pairs of the module's own dense keep-mask."""
+    t = 77
+    kind, free, defaults = dn.FAMILIES[family]
+    for value in (1, 5, 13, 40, 77, 100):
+        opts = {**defaults(t), free: value}
+        attn = _model(kind, opts, t).blocks[0].attn
+        pos = torch.arange(t)
+        want = int(attn.keep_mask(pos, pos).sum())
+        assert dn.pattern_pairs(kind, opts, t) == want
+
+
+@pytest.mark.parametrize("family", list(dn.FAMILIES))
+@pytest.mark.parametrize("target", [0.05, 0.25, 0.5, 0.75])
+def test_tune_picks_the_closest_density(family: str, target: float) -> None:
+    """The bisection returns the value whose density is closest to the target among every value 1..T."""
+    t = 97
+    kind, free, defaults = dn.FAMILIES[family]
+    opts = dn.tune(family, t, target)
+    err = abs(dn.pattern_density(kind, opts, t) - target)
+    best = min(abs(dn.pattern_density(kind, {**defaults(t), free: v}, t) - target) for v in range(1, t + 1))
+    assert err == pytest.approx(best, abs=1e-12)
+    assert {k: v for k, v in opts.items() if k != free} == defaults(t)
+
+
+def test_tune_rejects_bad_input() -> None:
+    with pytest.raises(mf.ConfigError, match="unknown sparse family"):
+        dn.tune("windw", 64, 0.25)
+    with pytest.raises(mf.ConfigError, match="density"):
+        dn.tune("window", 64, 0.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 9])
+def test_gate_pairs_match_the_gate_keep_mask(top_k: int) -> None:
+    """The closed-form count of the top-k gate equals the pairs of its token-level keep-mask (T not a multiple of
+    the block), for any input."""
+    t, block = 70, 16
+    student = _model("learned_gate", {"block_size": block, "top_k": top_k}, t)
+    student(torch.randint(0, V, (2, t)))
+    attn = student.blocks[0].attn
+    keep = attn.last_keep if attn.last_keep is not None else torch.ones(2, 2, 5, 5, dtype=torch.bool)
+    qb = torch.arange(keep.shape[2])
+    per_head = attn._dense_keep(keep, qb, 0, t, t).sum((-1, -2))
+    assert (per_head == dn.gate_pairs(t, block, top_k)).all()
+    k = dn.gate_top_k(t, block, 0.3)
+    assert dn.gate_density(t, block, k) <= 0.3 < dn.gate_density(t, block, k + 1)
+
+
+def test_gate_top_k_picks_the_highest_mass_blocks() -> None:
+    """Keys of block b all point along the query direction with strength c_b: the dense attention's mass per
+    block is ordered as c_b, and the (identity-initialised) gate keeps exactly the top_k - 1 heaviest past blocks."""
+    t, block, dh, top_k = 64, 8, 8, 3
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=1, d_model=dh, n_head=1, max_seq_len=t)
+    from modformer.layers.attention.gate import LearnedGateAttention
+
+    gate = LearnedGateAttention(cfg, 0, block_size=block, top_k=top_k)
+    u = torch.zeros(dh)
+    u[0] = 1.0
+    strength = torch.tensor([0.3, 2.0, 0.1, 1.5, 0.7, 1.9, 0.2, 1.0])          # per key block
+    k = (strength.repeat_interleave(block)[:, None] * u).view(1, 1, t, dh)
+    q = u.expand(1, 1, t, dh).clone()
+    _, keep, qb, past = gate.gate(q, k, 0, t)
+    _, probs = eager_attention(q, k, k, AttnSpec(causal=True), need_weights=True)
+    mass = probs[0, 0].view(t // block, block, t // block, block).sum((1, 3))   # (query block, key block)
+    for j in range(t // block):
+        heaviest = mass[j, :j].argsort(descending=True)[: top_k - 1]
+        want = torch.zeros(t // block, dtype=torch.bool)
+        want[heaviest] = True
+        want[j] = True
+        assert torch.equal(keep[0, 0, j], want), j
+
+
+def test_attention_metrics_on_hand_computed_cases() -> None:
+    """All-pairs MSE counts a dropped pair with the teacher's probability; kept mass is the teacher's mass there."""
+    teacher = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).view(1, 1, 2, 2)
+    student = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(1, 1, 2, 2)          # drops pair (1, 1)
+    assert fidelity.attn_prob_mse_all(teacher, student) == pytest.approx((0.25 + 0.25) / 3)
+    assert fidelity.kept_mass(teacher, student) == pytest.approx((1.0 + 0.5) / 2)
+    assert fidelity.attn_prob_mse_all(teacher, teacher) == 0.0
+
+
+def test_headline_reports_the_gate_against_the_best_fixed_pattern() -> None:
+    rows = [{"method": "gate", "attention": "learned_gate", "kl": 0.01, "density": 0.2, "attn_mse_all": 1e-5,
+             "grad_cos": 0.9},
+            {"method": "window", "attention": "sliding_window", "kl": 0.04},
+            {"method": "sink", "attention": "sink_window", "kl": 0.02},
+            {"method": "performer", "attention": "performer", "kl": 0.005}]
+    speed = [{"T": 4096, "mask": "learned_gate", "speedup": 2.0, "gate_overhead": 0.3},
+             {"T": 16384, "mask": "learned_gate", "speedup": 5.0, "gate_overhead": 0.1},
+             {"T": 16384, "mask": "sink4_window829", "speedup": 7.0}]
+    memory = [{"model": "student", "method": "gate", "train_reduction_vs_sdpa": 0.05, "peak_mem_reduction": 0.4}]
+    h = fidelity.headline_of(rows, [], memory, speed, seq_len=4096)
+    assert h["method"] == "gate" and h["kl"] == 0.01 and h["kl_ratio_vs_best_fixed"] == pytest.approx(0.5)
+    assert h["best_fixed_method"] == "sink" and h["lowest_kl_method"] == "performer"
+    assert (h["attn_fwd_bwd_speedup_4k"], h["attn_fwd_bwd_speedup_16k"], h["gate_overhead"]) == (2.0, 5.0, 0.1)
+    assert h["peak_mem_reduction_vs_sdpa"] == 0.05 and h["seq_len"] == 4096 and h["attn_mse"] == 1e-5
+
+
+def test_fwd_bwd_speed_runs_on_cpu() -> None:
+    """CPU plumbing of the timing (dense keep-mask reference there): rows per T, densities as tuned."""
+    from modformer.bench.sparse_speed import fwd_bwd_speed
+
+    rows = fwd_bwd_speed([64], [0.3], torch.device("cpu"), heads=1, head_dim=8, block=16, tokens=64, iters=1)
+    gate = rows[1]
+    assert gate["density"] == dn.gate_density(64, 16, gate["top_k"]) <= 0.3
+    fixed = dn.tune("sink", 64, gate["density"])
+    assert [r["mask"] for r in rows] == [f"sink4_window{fixed['window']}", "learned_gate"]
+    assert gate["speedup"] > 0 and gate["gate_overhead"] > 0 and not gate["block_skipping"]
