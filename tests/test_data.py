@@ -371,23 +371,49 @@ def test_missing_files(tmp_path: Path) -> None:
         build("bpe", source=str(tmp_path / "nope.txt"))
 
 
-def test_download_path_without_network(tmp_path: Path, monkeypatch) -> None:
-    """download=True fetches missing files from the canonical URL (urlopen faked: no network in tests)."""
+def test_download_path_without_network(tmp_path: Path, monkeypatch, capsys) -> None:
+    """download=True fetches missing files from the canonical URL (urlopen faked: no network in tests), shows
+    progress, checks the published SHA-256 before writing, and verifies local files of that name when read."""
+    import hashlib
     import io
     import urllib.request
 
+    from modformer.data import files
+
+    payload = b"To be, or not to be: that is the question.\n" * 50
     fetched = []
 
     def fake_urlopen(url: str, timeout: float = 0) -> io.BytesIO:
         fetched.append(url)
-        return io.BytesIO(b"To be, or not to be: that is the question.\n" * 50)
+        return io.BytesIO(payload)
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    ds = build("shakespeare_char", seq_len=8, root=str(tmp_path / "data"), download=True,
-               cache_dir=str(tmp_path / "cache"))
-    assert fetched == ["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"]
-    assert (tmp_path / "data" / "tinyshakespeare" / "input.txt").is_file()
+    kw = dict(seq_len=8, root=str(tmp_path / "data"), download=True, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(files.DataChecksumError, match="is not the published 86c4e6aa9db7c042") as e:
+        build("shakespeare_char", **kw)                 # the real digest: the fake payload is refused
+    assert "\n" not in str(e.value) and not (tmp_path / "data" / "tinyshakespeare" / "input.txt").exists()
+    monkeypatch.setitem(files.SHA256, "tinyshakespeare", {"input.txt": hashlib.sha256(payload).hexdigest()})
+    ds = build("shakespeare_char", **kw)
+    assert fetched == ["https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"] * 2
+    assert (tmp_path / "data" / "tinyshakespeare" / "input.txt").read_bytes() == payload
     assert ds.decode(ds.encode("not to be")) == "not to be"
+    assert "download tinyshakespeare/input.txt" in capsys.readouterr().err       # progress (plain lines here)
+    (tmp_path / "data" / "tinyshakespeare" / "input.txt").write_bytes(payload + b"!")   # damaged afterwards
+    with pytest.raises(files.DataChecksumError, match="data.options.verify=false"):
+        build("shakespeare_char", **kw)
+    assert build("shakespeare_char", **{**kw, "verify": False}).vocab_size == ds.vocab_size + 1
+
+
+@needs_shared
+def test_shipped_corpora_match_their_published_sha256() -> None:
+    """The digests in files.SHA256 are the ones shared/data/README.md publishes, and the shipped files match."""
+    from modformer.data import files
+
+    readme = (SHARED / "README.md").read_text(encoding="utf-8")
+    for folder, names in files.SHA256.items():
+        for name, digest in names.items():
+            assert f"{folder}/{name}" in readme and digest in readme
+            files.verify_file(SHARED / folder / name, folder)
 
 
 @pytest.mark.parametrize("corpus", ["wikitext2", "shakespeare_char", "bpe"])

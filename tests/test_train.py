@@ -173,7 +173,8 @@ def test_cli_train_eval_generate_list(tmp_path):
     corpus = tmp_path / "data" / "tinyshakespeare" / "input.txt"      # self-contained: no shared data needed
     corpus.parent.mkdir(parents=True)
     corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 40)
-    cfg.data = DataConfig(name="shakespeare_char", seq_len=8, root=str(tmp_path / "data"))
+    cfg.data = DataConfig(name="shakespeare_char", seq_len=8, root=str(tmp_path / "data"),
+                          options={"verify": False})                   # not the published file: skip its sha256
     cfg.train.sample_tokens = 5
     cfg.train.optimizer_options = {}
     path = tmp_path / "c.yaml"

@@ -53,9 +53,9 @@ class WikiText2(StreamDataset):
     """
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, cache_dir: str | None = None,
-                 download: bool = False, repeat_fraction: float = 0.0,
+                 download: bool = False, verify: bool = True, repeat_fraction: float = 0.0,
                  repeat_span: str = "half") -> None:
-        paths = files.corpus_files(root, "wikitext-2", ["train.txt", "valid.txt", "test.txt"], download)
+        paths = files.corpus_files(root, "wikitext-2", ["train.txt", "valid.txt", "test.txt"], download, verify)
         splits = ["train", "val", "test"]
         folder = files.cache_dir(cache_dir) / f"wikitext2-{files.file_digest(*paths, 'word-v1')}"
         vocab_path = folder / "vocab.json"
@@ -104,11 +104,12 @@ class ShakespeareChar(StreamDataset):
     chosen (see ``StreamDataset``)."""
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, train_fraction: float = 0.9,
-                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0,
+                 cache_dir: str | None = None, download: bool = False, verify: bool = True,
+                 repeat_fraction: float = 0.0,
                  repeat_span: str = "half") -> None:
         if not 0.0 < train_fraction < 1.0:
             raise ConfigError(f"data.options.train_fraction must be in (0, 1), got {train_fraction}")
-        (path,) = files.corpus_files(root, "tinyshakespeare", ["input.txt"], download)
+        (path,) = files.corpus_files(root, "tinyshakespeare", ["input.txt"], download, verify)
         text = _read(path)
         self.chars = sorted(set(text))
         self._stoi = {c: i for i, c in enumerate(self.chars)}
@@ -164,18 +165,19 @@ class BPECorpus(StreamDataset):
 
     def __init__(self, seq_len: int = 256, root: Path | None = None, *, source: str = "wikitext2",
                  vocab_size: int = 8192, min_frequency: int = 2, train_fraction: float = 0.9,
-                 cache_dir: str | None = None, download: bool = False, repeat_fraction: float = 0.0,
+                 cache_dir: str | None = None, download: bool = False, verify: bool = True,
+                 repeat_fraction: float = 0.0,
                  repeat_span: str = "half") -> None:
         if not isinstance(vocab_size, int) or vocab_size < 257:
             raise ConfigError(f"data.options.vocab_size must be an integer >= 257, got {vocab_size!r}")
         if not 0.0 < train_fraction < 1.0:
             raise ConfigError(f"data.options.train_fraction must be in (0, 1), got {train_fraction}")
         if source == "wikitext2":
-            paths = files.corpus_files(root, "wikitext-2", ["train.txt", "valid.txt", "test.txt"], download)
+            paths = files.corpus_files(root, "wikitext-2", ["train.txt", "valid.txt", "test.txt"], download, verify)
             splits = ["train", "val", "test"]
         else:
             if source == "shakespeare":
-                paths = files.corpus_files(root, "tinyshakespeare", ["input.txt"], download)
+                paths = files.corpus_files(root, "tinyshakespeare", ["input.txt"], download, verify)
             else:
                 paths = [Path(source).expanduser()]
                 if not paths[0].is_file():
