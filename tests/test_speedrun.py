@@ -165,6 +165,15 @@ def test_value_embeddings_layout_and_math():
     assert all(b.attn.value_mix.grad.abs().sum() > 0 for b in fresh.blocks if b.attn.value_mix is not None)
 
 
+def test_value_embed_layout_off_and_out_of_range():
+    """No tables: no layer mixes one, including layer indices past n_layer (hourglass numbers its blocks on)."""
+    assert [tiny().value_embed_table(i) for i in range(8)] == [None] * 8
+    assert [tiny(value_embeds=1).value_embed_table(i) for i in range(6)] == [0, None, None, 0, None, None]
+    hourglass = mf.build_model(tiny(model="hourglass", n_layer=2, position="sinusoidal", norm="layernorm")).eval()
+    assert all(getattr(m, "value_mix", None) is None for m in hourglass.modules())
+    hourglass(torch.randint(0, V, (1, 8)))
+
+
 def mf_context(model, idx):
     from modformer.layers.context import Context
 

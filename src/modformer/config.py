@@ -119,6 +119,8 @@ class ModelConfig:
         """Which value-embedding table layer ``i`` mixes into its values (modded-nanogpt's layout: table t
         serves layer t and layer ``n_layer - K + t``), or None."""
         k = self.value_embeds
+        if k <= 0 or not 0 <= i < self.n_layer:
+            return None
         if i < k:
             return i
         if i >= self.n_layer - k:
