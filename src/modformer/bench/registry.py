@@ -57,6 +57,11 @@ ENTRIES = _entries(
     ("variants-summary", "studies.variants_summary", "the variants' one table and plot from the two results above"),
     ("hourglass", "studies.hourglass", "hourglass vs GPT at equal parameters, T=2048: time and FLOPs to a loss"),
     ("stability", "studies.stability", "2017 vs modern transformer: speed, and trainable depth from a sweep"),
+    ("recipe-stability", "studies.recipe_stability", "2017 vs modern recipe over >= 20 seeds x depths: non-finite "
+                                                     "share, gradient-norm variance, steps to a loss"),
+    ("positions", "studies.positions", "position encodings trained at T, evaluated at T, 2T, 4T (extrapolation)"),
+    ("grad-checkpointing", "studies.grad_checkpointing", "peak memory and step time with / without gradient "
+                                                         "checkpointing (GPT-2-124M, 24 layers)"),
     ("archsearch", "studies.archsearch", "summary of an architecture-search sweep (cheapest trial to the target)"),
     ("prune", "studies.prune", "pruning the grokked model: one-shot curves, iterative magnitude, structured"),
     ("prune-l0", "studies.prune_l0", "L0 / hard-concrete head gates on the grokked model"),
