@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="top-k sizes to keep / remove")
     p.add_argument("--parts", nargs="+", default=["grokking", "induction"], choices=["grokking", "induction"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: fastest for these tiny models)")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="short and long probe: half-length of the repeated random tokens (the copy distance)")
     p.add_argument("--threshold", type=float, default=0.4, help="score that names a head")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: fastest for these tiny models)")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     students = [(s, parse_student(s)) for s in args.students]
     t0 = time.time()
     teacher, data, info = induction_model(args.run, args.teacher_steps, args.seed)
