@@ -5,7 +5,8 @@ GPT-2-124M-shaped model (12 x 768) and a 24-layer one (24 x 1024, GPT-2-medium s
 GPU, batch x T tokens. Memory: ``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients,
 Adam state and activations: what decides whether a step fits), and the part above the memory held at the start
 of a step (activations and gradients: what checkpointing changes). On CPU the second figure comes from
-``torch.profiler``'s allocation events (the running sum's peak over one step, as ``train.profile_memory``).
+``torch.profiler``'s allocation events (the running sum's peak over one step, as ``train.profile_memory``),
+and the total adds the weights and Adam state held between steps.
 Time: median step over ``--steps`` timed steps after warm-up. The loss of the first step is compared between
 the two settings (checkpointing recomputes, it must not change the numbers).
 
@@ -74,6 +75,9 @@ def measure(name: str, ckpt: bool, args: argparse.Namespace, device: torch.devic
             step()
         start = 0
         row["peak_above_start_mib"] = cpu_peak_bytes(prof) / 2**20
+        held = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+        row["peak_mib"] = (held + cpu_peak_bytes(prof)) / 2**20     # weights + Adam state + the step's peak
     times = []
     for _ in range(args.steps):
         sync(device)
