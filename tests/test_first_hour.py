@@ -353,3 +353,31 @@ def test_every_model_form_resolves_for_load_and_commands(modular_run, tmp_path, 
     with pytest.raises(FileNotFoundError) as e:
         mf.load(tmp_path)
     assert len(set(errors)) == 1 and errors[0] == f"error: {e.value}" and "\n" not in errors[0], errors
+
+
+def test_bench_prints_a_banner_case_lines_and_a_closing_summary(tmp_path, capsys):
+    """`modformer bench NAME`: the start-up facts, one line per measured case with ETA (no terminal), then the
+    headline of each result file written as a table and the wall time."""
+    out = tmp_path / "bench"
+    assert main(["bench", "attention", "--seq", "32", "64", "--head-dim", "8", "--tokens", "64", "--width", "16",
+                 "--iters", "1", "--rounds", "1", "--device", "cpu", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("modformer bench attention\n") and f"results   {out}/" in captured.err
+    cases = [ln for ln in captured.err.splitlines() if ln.startswith("bench attention case")]
+    assert [ln.split()[3] for ln in cases] == ["0/2", "1/2", "2/2"] and "ETA" in cases[1]
+    headline = json.loads((out / "attention.json").read_text())["headline"]
+    summary = captured.out[captured.out.index(f"bench attention: {out / 'attention.json'}"):]
+    assert all(k in summary for k in headline) and "bench attention: done in" in summary
+    assert main(["bench", "attention", "--help"]) == 0 and "modformer bench" not in capsys.readouterr().err
+
+
+def test_sweep_leaderboard_ranks_measured_trials_first():
+    from modformer.sweep.results import leaderboard
+
+    rows = [{"trial": "t0", "train.lr": 0.1, "status": "ok", "steps": 4, "final_val_loss": 2.0},
+            {"trial": "t1", "train.lr": 0.2, "status": "failed", "steps": 4, "final_val_loss": 0.5},
+            {"trial": "t2", "train.lr": 0.3, "status": "ok", "steps": 4, "final_val_loss": 1.0}]
+    table = leaderboard(rows, "final_val_loss", "min")
+    assert [r["trial"] for r in table] == ["t2", "t0", "t1"] and table[2]["final_val_loss"] is None
+    assert [r["trial"] for r in leaderboard(rows, "final_val_loss", "max", top=1)] == ["t0"]
+    assert list(table[0])[:3] == ["rank", "trial", "train.lr"]

@@ -187,7 +187,7 @@ def test_pareto_front() -> None:
 
 
 # ---- one real, tiny end-to-end sweep (subprocess trials) --------------------------------
-def test_real_tiny_sweep_cli(base: Path, tmp_path: Path) -> None:
+def test_real_tiny_sweep_cli(base: Path, tmp_path: Path, capsys) -> None:
     from modformer.cli import main
 
     sweep_file = tmp_path / "s.yaml"
@@ -199,6 +199,12 @@ def test_real_tiny_sweep_cli(base: Path, tmp_path: Path) -> None:
     rows = read_table(tmp_path / "out" / "results.jsonl")
     assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["steps"] == 4 for r in rows)
     assert rows[1]["params"] > rows[0]["params"] and rows[0]["flops"] > 0
+    out = capsys.readouterr().out           # progress: banner, a line per trial start and end (with ETA), table
+    assert "[real] 2 trials" in out and "start t0000@4 (model.d_model=8)" in out and "2/2 runs done" in out
+    table = out[out.index("rank  trial"):].splitlines()
+    best = min(rows, key=lambda r: r["final_val_loss"])["trial"]
+    assert table[0].split() == ["rank", "trial", "model.d_model", "status", "steps", "final_val_loss", "seconds"]
+    assert table[1].split()[:2] == ["1", best] and len(table) == 3
     # resuming a finished sweep runs nothing more
     assert main(["sweep", str(sweep_file), "--resume"]) == 0
     assert load_sweep(sweep_file, ["num_samples=3", "halving.min_steps=2"]).halving.min_steps == 2

@@ -176,16 +176,54 @@ def cmd_circuits(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from modformer.bench.registry import run
+    import time
 
-    return run(args.name, args.args)
+    from modformer.bench import common
+    from modformer.bench.registry import entry, run
+
+    if args.name == "list" or {"-h", "--help"} & set(args.args):
+        try:
+            return run(args.name, args.args)
+        except SystemExit as e:                  # the benchmark's own argparse (--help: 0)
+            return 0 if e.code is None else int(e.code)
+    what = entry(args.name)                      # an unknown name fails here, before the banner
+    out = next((a.split("=", 1)[1] for a in args.args if a.startswith("--out=")), None) or next(
+        (b for a, b in zip(args.args, args.args[1:]) if a == "--out"), common.DEFAULT_OUT)
+    from modformer.train.logging import ProgressDisplay
+
+    ProgressDisplay(1, 0, True, label="bench").banner(f"modformer bench {args.name}", {
+        "measures": what.summary, "options": " ".join(args.args) or "(defaults)", "results": f"{out}/"})
+    t0, before = time.perf_counter(), len(common.WRITTEN)
+    rc = run(args.name, args.args)
+    from modformer.console import print_summary
+    from modformer.train.logging import duration
+
+    written = common.WRITTEN[before:]
+    for path in written:
+        try:
+            headline = json.loads(path.read_text(encoding="utf-8")).get("headline") or {}
+        except (OSError, ValueError):
+            headline = {}
+        print_summary(f"bench {args.name}: {path}", values=headline if isinstance(headline, dict) else
+                      {"headline": headline})
+    print(f"bench {args.name}: {'done' if rc == 0 else f'exit status {rc}'} in {duration(time.perf_counter() - t0)}"
+          f"{'' if written else '; no result file written'}")
+    return rc
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from modformer.sweep import Sweep, load_sweep
 
     spec = load_sweep(args.sweep, args.overrides)
-    Sweep(spec, workers=args.workers, resume=args.resume).run()
+    rows = Sweep(spec, workers=args.workers, resume=args.resume).run()
+    from modformer.bench.common import print_table
+    from modformer.sweep.results import leaderboard
+
+    table = leaderboard(rows, spec.metric, spec.mode)
+    if table:
+        print(f"{spec.name}: {len(rows)} trials, best {min(10, len(rows))} by {spec.metric} ({spec.mode}); "
+              f"all rows in {spec.folder / 'results.csv'}")
+        print_table(table)
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modformer.bench.common import DEFAULT_OUT, kernel_breakdown, print_table, time_fn, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, kernel_breakdown, print_table, time_fn, write_result
 from modformer.layers.attention.kernels import AttnSpec, attend
 
 
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
-    for dh in args.head_dim:
-        for t in args.seq:
-            rows += bench_one(t, dh, device, dtype, args.tokens, args.width, args.iters, args.rounds)
-            print_table(rows[-3:])
+    shapes = [(dh, t) for dh in args.head_dim for t in args.seq]
+    for dh, t in cases(shapes, "attention", lambda s: f"next: head_dim {s[0]}, T {s[1]}"):
+        rows += bench_one(t, dh, device, dtype, args.tokens, args.width, args.iters, args.rounds)
+        print_table(rows[-3:])
     for r in rows:     # ratio of each implementation's time to raw SDPA's at the same shape
         ref = next(x for x in rows if x["impl"] == "raw_sdpa" and x["T"] == r["T"] and x["head_dim"] == r["head_dim"])
         for key in ("fwd_ms", "fwd_bwd_ms", "fwd_kernel_ms"):

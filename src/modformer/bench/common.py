@@ -123,6 +123,25 @@ def matmul_ceiling(device: torch.device, n: int = 8192, dtype: torch.dtype = tor
     return 2 * n ** 3 / t
 
 
+WRITTEN: list[Path] = []   # result files written by this process, in order (the CLI's closing summary reads them)
+
+
+def cases(items: list[Any], label: str, describe: Callable[[Any], str] = str) -> Any:
+    """Yield ``items`` with progress: a bar on a terminal, else one ``bench LABEL case i/N  ITEM  ETA`` line per
+    item on stderr (the measurement loop of a benchmark or the trials of a study)."""
+    from modformer.train.logging import ProgressDisplay
+
+    items = list(items)
+    progress = ProgressDisplay(max(len(items), 1), 0, True, label=f"bench {label}", unit="case", plain_every_s=0.0)
+    try:
+        for i, item in enumerate(items):
+            progress.update(i, describe(item))
+            yield item
+        progress.update(len(items), "done")
+    finally:
+        progress.close()
+
+
 RESULT_KEYS = ("benchmark", "command", "device", "torch", "git_commit", "date", "headline", "rows")
 
 
@@ -140,6 +159,7 @@ def write_result(name: str, headline: dict[str, Any], rows: list[dict[str, Any]]
               "headline": headline, "rows": rows, **(extra or {})}
     path = Path(out_dir) / (filename or f"{name}.json")
     atomic_write_text(path, json.dumps(result, indent=2))
+    WRITTEN.append(path)
     return path
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
 
 
 def peak_gib(model: torch.nn.Module, t: int, train: bool, device: torch.device, vocab: int) -> float | str:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
     vocab = 50304
-    for backend in args.backends:
+    for backend in cases(args.backends, "memory", lambda b: f"next: {b} backend"):
         if backend == "flex" and device.type != "cuda":
             continue
         cfg = mf.ModelConfig(vocab_size=vocab, n_layer=args.layers, d_model=args.width, n_head=args.width // 64,

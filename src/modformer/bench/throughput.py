@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, H100_BF16_PEAK, matmul_ceiling, print_table, time_fn, write_result
+from modformer.bench.common import (
+    DEFAULT_OUT,
+    H100_BF16_PEAK,
+    cases,
+    matmul_ceiling,
+    print_table,
+    time_fn,
+    write_result,
+)
 from modformer.bench.fp8_gap import fp8_loss_gap
 from modformer.bench.nanogpt_peer import build_peer_model, checkout, load_model_module
 from modformer.train.fp8 import convert_to_float8, fp8_supported
@@ -163,7 +171,7 @@ def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok
               if not only or any(o.lower() in v["name"].lower() for o in only)]
     if not chosen:
         raise SystemExit(f"--variant {only}: matches none of this device's variants")
-    for var in chosen:
+    for var in cases(chosen, "throughput", lambda v: f"next: {v['name']}"):
         name = var["name"]
         torch.manual_seed(0)
         if var["kind"] == "nanogpt":

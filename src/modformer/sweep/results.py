@@ -35,6 +35,17 @@ def metric_value(record: dict[str, Any] | None, metric: str) -> float | None:
     return float(v)
 
 
+def leaderboard(rows: list[dict[str, Any]], metric: str, mode: str, top: int = 10) -> list[dict[str, Any]]:
+    """The closing table of a sweep: the ``top`` trials by ``metric`` (best first; failed / unmeasured last),
+    each with its parameters, status, steps, metric and seconds."""
+    sign = 1 if mode == "min" else -1
+    ranked = sorted(rows, key=lambda r: (metric_value(r, metric) is None, sign * (metric_value(r, metric) or 0.0)))
+    params = [k for k in (ranked[0] if ranked else {}) if "." in k]          # the swept keys (train.lr, ...)
+    return [{"rank": i + 1, "trial": r.get("trial"), **{k: r.get(k) for k in params}, "status": r.get("status"),
+             "steps": r.get("steps"), metric: metric_value(r, metric), "seconds": r.get("trial_seconds")}
+            for i, r in enumerate(ranked[:top])]
+
+
 def run_costs(run_dir: Path, steps: int) -> dict[str, float]:
     """Tokens per step and FLOPs per token of a run, from its saved config (model built on 'meta')."""
     import torch

@@ -316,6 +316,9 @@ class Sweep:
                     if slot not in running and pending:
                         job = pending.pop(0)
                         env, extra = self.slots[slot]
+                        shown = ", ".join(f"{k}={format_value(v)}" for k, v in job.trial.params.items())
+                        self.log(f"[{self.spec.name}] start {job.trial.id}@{job.steps} ({shown})"
+                                 f"{' resuming' if job.resume else ''}")
                         running[slot] = (job, self.runner.start(job, env, extra), time.perf_counter())
                 for slot, (job, handle, t_start) in list(running.items()):
                     rc = handle.poll()
