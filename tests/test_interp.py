@@ -348,7 +348,7 @@ def test_monitors_during_training_and_circuits_cli(tmp_path, capsys):
     assert main(["circuits", str(tmp_path / "c"), "--html", str(html)]) == 0
     out = tmp_path / "c" / "circuits"
     for name in ("head_scores.json", "head_scores.md", "plots/ov_eigenvalues.png", "plots/head_scores.png",
-                 "plots/composition.png", "plots/fourier.png"):
+                 "plots/composition.png", "plots/fourier.png", "plots/patterns.png"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "head_scores.json").read_text())
     assert len(summary["heads"]) == 4 and {"induction", "prev_token", "copying"} <= set(summary["heads"][0])

@@ -3,7 +3,8 @@
 ``analyze(model, out_dir, data=None)`` writes into ``out_dir``:
   circuits.html            self-contained attention viewer of a sample text + the head table
   head_scores.json / .md   per-head detectors, composition scores, skip-trigrams (+ Fourier for modular +/-)
-  plots/ov_eigenvalues.png, plots/composition.png (>= 2 layers), plots/head_scores.png, plots/fourier.png
+  plots/ov_eigenvalues.png, plots/composition.png (>= 2 layers), plots/head_scores.png, plots/fourier.png,
+  plots/patterns.png (the best previous-token, induction and positional heads on a repeated random sequence)
 and returns the JSON summary.
 """
 
@@ -108,6 +109,7 @@ def analyze(model: nn.Module, out_dir: str | Path, data: Any = None, html: str |
         summary["fourier"] = f = fourier.fourier_report(model, p, mask, sign=sign)
         files.append(viz.plot_fourier({"embedding": f["embedding_norms"], "logits": f["logit_norms"]},
                                       plots / "fourier.png", f["key_frequencies"]))
+    files.append(probe_patterns(model, table, plots / "patterns.png"))
     idx, toks = sample_tokens(model, data, text)
     cache = heads.attention_patterns(model, idx.to(model.tok_emb.weight.device))
     pats = heads.stack_patterns(cache, cfg.n_layer)[:, 0].cpu()                 # (L, H, T, T)
@@ -121,6 +123,29 @@ def analyze(model: nn.Module, out_dir: str | Path, data: Any = None, html: str |
     atomic_write_text(out / "head_scores.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "head_scores.md", markdown(summary, title))
     return summary
+
+
+@torch.no_grad()
+def probe_patterns(model: nn.Module, table: list[dict], path: Path, length: int = 24) -> Path:
+    """``plots/patterns.png``: on one sequence of ``length`` random tokens repeated, the patterns of the best
+    previous-token head and the best induction head (the stripe one after the earlier copy) and, when they differ
+    from both, the most positional head."""
+    max_len = getattr(model.position, "max_len", None) or 2 * length
+    length = min(length, max_len // 2)
+    idx = heads.repeated_random_tokens(model.cfg.vocab_size, length, 1, seed=0)
+    pats = heads.stack_patterns(heads.attention_patterns(model, idx.to(model.tok_emb.weight.device)),
+                                model.cfg.n_layer)[:, 0].cpu()
+    chosen: dict[str, Any] = {}
+    for key, label in (("prev_token", "previous-token"), ("induction", "induction"), ("positional", "positional")):
+        rows = [r for r in table if r.get(key) == r.get(key)]                   # skip NaN
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r[key])
+        name = best["name"]
+        if name not in chosen:
+            chosen[name] = (f"{name} {label} {best[key]:.2f}", pats[best["layer"], best["head"]])
+    return viz.plot_patterns(dict(chosen.values()), path, boundary=length,
+                             title=f"{length} random tokens, repeated (line: start of the repeat)")
 
 
 def markdown(summary: dict[str, Any], title: str = "circuits") -> str:

@@ -238,6 +238,26 @@ def plot_eigenvalues(eigs: Tensor, path: str | Path, scores: Tensor | None = Non
     return _save(fig, path)
 
 
+def plot_patterns(patterns: dict[str, Tensor], path: str | Path, boundary: int | None = None,
+                  title: str = "attention patterns") -> Path:
+    """Heatmaps of ``{label: (T, T) attention}`` side by side (destination rows, source columns); ``boundary``:
+    draw lines where a repeated probe's second copy starts."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(patterns), figsize=(3.3 * len(patterns), 3.4), squeeze=False)
+    for ax, (label, a) in zip(axes[0], patterns.items()):
+        ax.imshow(a.float().cpu().numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if boundary:
+            for f in (ax.axhline, ax.axvline):
+                f(boundary - 0.5, color="#c05621", lw=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("source position", fontsize=8)
+        ax.set_ylabel("destination position", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_composition(scores: dict[str, Tensor], path: str | Path, title: str = "composition scores") -> Path:
     """One heatmap per mode: rows = writing head (earlier layer), columns = reading head."""
     plt = _plt()

@@ -3,9 +3,11 @@
 Per-head scores only: the copying score of each 1-layer head (sum(lambda) / sum|lambda| of its OV eigenvalues), the
 2-layer model's previous-token (layer 0) and prefix-matching (layer 1) scores, where the best induction head's
 attention goes, and its score by probe length. Figures that need the weights (the OV eigenvalues themselves,
-attention patterns) come from ``modformer circuits RUN_DIR`` on a trained run.
+attention patterns) come from ``modformer circuits RUN_DIR`` on a trained run (``plots/``); ``--runs RUNS`` copies
+them from the ``--runs-dir`` of the circuits run that wrote the result (``circuits_1l_ov_eigenvalues.png``,
+``circuits_2l_ov_eigenvalues.png``, ``circuits_2l_patterns.png``).
 
-    modformer bench circuits-figures benchmarks/results/circuits.json --out docs/studies/figures
+    modformer bench circuits-figures benchmarks/results/circuits.json --out docs/studies/figures [--runs RUNS]
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench circuits-figures", description=__doc__.splitlines()[0])
     p.add_argument("result", help="a circuits result JSON (benchmarks/results/circuits.json)")
     p.add_argument("--out", default="runs/bench/figures", help="folder for the PNGs")
+    p.add_argument("--runs", default=None,
+                   help="the --runs-dir of the `modformer bench circuits` call that wrote RESULT: also copy its "
+                        "models' OV-eigenvalue and attention-pattern plots (drawn from the trained weights)")
     args = p.parse_args(argv)
     import matplotlib
 
@@ -81,5 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     threshold = result.get("settings", {}).get("copy_threshold", 0.5)
     files = [copying_figure(rows["attn_only_1l"], out / "circuits_1l_copying.png", threshold),
              induction_figure(rows["attn_only_2l"], out / "circuits_2l_induction.png")]
+    if args.runs:
+        import shutil
+
+        for model, plot in (("1l", "ov_eigenvalues"), ("2l", "ov_eigenvalues"), ("2l", "patterns")):
+            src = Path(args.runs) / f"attn_only_{model}" / "circuits" / "plots" / f"{plot}.png"
+            if not src.is_file():
+                raise SystemExit(f"{src} is missing: --runs must be the --runs-dir of a finished circuits run")
+            files.append(Path(shutil.copyfile(src, out / f"circuits_{model}_{plot}.png")))
     print("\n".join(map(str, files)))
     return 0
