@@ -31,6 +31,11 @@ from modformer.data import build_dataset
 from modformer.train.trainer import Trainer
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
+# Unit-amplitude sinusoids drown token embeddings of std 0.02 (the model stalls at the unigram loss; stability.md):
+# Vaswani et al.'s sqrt(d) embedding scale with embeddings initialised at std d^-1/2, as the 2017 recipe does.
+def position_extras(position: str, width: int) -> dict[str, object]:
+    """Model fields an encoding needs beside its name (only sinusoidal: the 2017 embedding scale and init)."""
+    return {"scale_embeddings": True, "embed_init_std": width ** -0.5} if position == "sinusoidal" else {}
 
 
 def train_one(position: str, seed: int, args: argparse.Namespace, runs: Path) -> Trainer:
@@ -40,7 +45,7 @@ def train_one(position: str, seed: int, args: argparse.Namespace, runs: Path) ->
         name=f"{position}_s{seed}", out_dir=str(runs),
         model=ModelConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads, position=position,
                           max_seq_len=t if position == "learned" else max(args.factors) * t, dropout=args.dropout,
-                          norm="rmsnorm", ffn="swiglu", bias=False),
+                          norm="rmsnorm", ffn="swiglu", bias=False, **position_extras(position, args.width)),
         data=DataConfig(name="shakespeare_char", seq_len=t),
         train=TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10,
                           warmup_steps=args.steps // 10, eval_every=args.steps, eval_batches=args.eval_batches,
