@@ -114,7 +114,11 @@ def test_sparse_student_has_the_teachers_weight_circuits() -> None:
     x = torch.randint(37, (1, 16))
     with torch.no_grad():
         assert not torch.allclose(teacher(x), student(x))      # the pattern is not part of the weights
+    from modformer.interp.terms import path_terms
     from modformer.interp.weights import attention_modules
+
+    terms, logits = path_terms(student, x)               # frozen (masked) patterns: the paths still sum exactly
+    assert torch.allclose(sum(terms.values()), logits, atol=1e-9)
 
     with pytest.raises(ValueError, match="per-head"):     # what the TransformerLens conversion uses: refused, as
         attention_modules(student)                       # a conversion would drop the pattern

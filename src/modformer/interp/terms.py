@@ -55,7 +55,8 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError("term importance does not support DenseFormer averaging")
     if cfg.unet_skips or cfg.value_embeds or cfg.logit_softcap:
         raise ValueError("term importance does not support model.unet_skips, value_embeds or logit_softcap")
-    attention_modules(model)                     # mha / gqa / mqa only (per-head value and output weights)
+    attention_modules(model, sparse_ok=True)     # mha / gqa / mqa and fixed sparse patterns (per-head V and O;
+                                                 # the patterns are read from the run, so a mask is included)
 
 
 def _frozen_norm(norm: nn.Module, x_full: Tensor) -> tuple[Any, Tensor]:

@@ -7,7 +7,8 @@ configs/induction_2l.yaml). Each student is the teacher with its attention repla
 teacher's repeated-span data). For teacher and students: task accuracy and KL to the teacher, previous-token and
 induction (prefix-matching) scores, the K-composition of the best pair and the patching recovery of the named heads
 (``interp.studies.measure``), at a short probe (copy distance below every window) and a long one (above the small
-windows). Writes OUT/circuits_sparse.json.
+windows); term importance (``interp.terms``: the loss with the direct, one-head, two-head (virtual head) or bias
+paths removed, patterns frozen; the top head paths). Writes OUT/circuits_sparse.json.
 
     modformer bench circuits-sparse                    # CPU, ~4 min on 2 shared cores
     modformer bench circuits-sparse --teacher-steps 300 --steps 20 --students sliding_window:8   # smoke test
@@ -27,6 +28,7 @@ from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 from modformer.bench.fidelity import compare_models
 from modformer.compress.distill import DistillConfig, Distiller
 from modformer.interp.studies import measure
+from modformer.interp.terms import term_importance
 from modformer.interp.toy_induction import induction_model
 
 KINDS = {"sliding_window": ("window",), "sink_window": ("sinks", "window")}
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("prev_token_score", "induction_score", "prev_token_heads", "induction_heads", "best_pair",
                       "k_composition_minus_baseline", "patching_recovery_named_heads"):
                 row[f"{tag}_{k}"] = m[k]
+        x, y = val[0]
+        terms = term_importance(model, x[:16], y[:16], top=3)
+        row["terms_loss"] = round(terms["loss"], 4)
+        row["terms_delta_loss"] = {c: round(v["delta_loss"], 4) for c, v in terms["classes"].items()}
+        row["terms_top_paths"] = [{"path": t["path"], "delta_loss": round(t["delta_loss"], 4)}
+                                  for t in terms["top_paths"]]
         rows.append(row)
     print_table([{k: r[k] for k in ("model", "acc", "kl_to_teacher", "short_prev_token_score",
                                     "short_induction_score", "long_induction_score",
