@@ -381,3 +381,42 @@ def test_sweep_leaderboard_ranks_measured_trials_first():
     assert [r["trial"] for r in table] == ["t2", "t0", "t1"] and table[2]["final_val_loss"] is None
     assert [r["trial"] for r in leaderboard(rows, "final_val_loss", "max", top=1)] == ["t0"]
     assert list(table[0])[:3] == ["rank", "trial", "train.lr"]
+
+
+def test_hard_dependencies_are_what_import_and_train_need():
+    """pyproject: transformers and tensorboard are extras (hf, tensorboard), not hard dependencies; `make test`'s
+    install line (.[dev,peft,interp]) still brings both (dev and peft pull them)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    hard = {d.split(">")[0].split("=")[0].split("<")[0] for d in project["dependencies"]}
+    assert hard == {"torch", "numpy", "safetensors", "pyyaml", "tokenizers", "rich", "matplotlib"}
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("transformers") for d in extras["hf"])
+    assert any(d.startswith("tensorboard") for d in extras["tensorboard"])
+    assert "modformer[hf,tensorboard]" in extras["dev"] and "modformer[hf]" in extras["peft"]
+    assert "-e \".[dev,peft,interp]\"" in (ROOT / "Makefile").read_text()
+
+
+def test_missing_optional_packages_are_one_line_or_a_note(modular_run, tmp_path, monkeypatch, capsys):
+    """Without transformers / peft / tensorboard: train still runs (one note, metrics.jsonl only), and a command
+    that needs a missing package fails in one line naming the extra to install."""
+    import sys as _sys
+
+    import modformer.train.logging as tlog
+
+    for name in ("transformers", "peft", "tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(_sys.modules, name, None)          # import raises ModuleNotFoundError
+    monkeypatch.setattr(tlog, "_TB_NOTE_SHOWN", False)
+    cfg = ROOT / "configs" / "grokking.yaml"
+    assert main(["train", str(cfg), f"out_dir={tmp_path}", "name=notb", "data.options.p=7", "model.d_model=16",
+                 "model.n_head=2", "model.d_ff=32", "train.steps=2", "train.eval_every=2", "train.threads=1",
+                 "train.tensorboard=true", "train.early_stop_metric=null"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: tensorboard is not installed") == 1 and "modformer[tensorboard]" in err
+    assert (tmp_path / "notb" / "metrics.jsonl").is_file() and not (tmp_path / "notb" / "tb").exists()
+    run, _ = modular_run
+    for argv, extra in ((["export", str(run), "--hf", str(tmp_path / "hf")], "hf"),
+                        (["lora", str(run), "--steps", "1"], "peft"),
+                        (["eval", "someorg/somemodel"], "hf")):
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and f"pip install 'modformer[{extra}]'" in lines[0]

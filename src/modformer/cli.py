@@ -406,6 +406,18 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
     return p
 
 
+EXTRAS = {"transformers": "hf", "peft": "peft", "tensorboard": "tensorboard", "transformer_lens": "interp"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """``needs transformers, which is not installed: pip install 'modformer[hf]'`` for an optional package (None for
+    any other missing module: a real bug, shown as such)."""
+    root = (e.name or "").split(".")[0]
+    if root not in EXTRAS:
+        return None
+    return f"needs {root}, which is not installed: pip install 'modformer[{EXTRAS[root]}]'"
+
+
 def _command(argv: list[str]) -> str | None:
     """The sub-command named in ``argv`` (its first word that is not an option), if any."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -434,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:            # the OS refused (permissions, a file where a folder should be): its own words
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:   # an optional package this command needs (pyproject's extras)
+        line = missing_extra(e)
+        if line is None:
+            raise
+        print(f"error: {args.command}: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         from modformer.runs import interrupted_message  # names the newest verified checkpoint, or says none

@@ -103,6 +103,11 @@ def resolve_model(path: str | Path, device: str | torch.device = "cpu", finite: 
     from modformer.models.hf.data import is_hub_name
 
     if is_hub_name(path):                          # an HF hub id (offline and uncached: one error line)
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:      # most likely a mistyped relative path
+            raise FileNotFoundError(f"{path} does not exist (as an HF hub name it would need transformers: "
+                                    "pip install 'modformer[hf]')")
         from modformer.models.hf import load_pretrained
 
         return load_pretrained(str(path)).to(device), path

@@ -112,6 +112,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
+    import peft  # noqa: F401  (the optional package this command needs: missing, it fails here in one line)
+
     from modformer.compress import lora
     from modformer.compress.finetune import finetune_run
     from modformer.config import apply_overrides

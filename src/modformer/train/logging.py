@@ -22,6 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+_TB_NOTE_SHOWN = False
+
 
 class MetricsLogger:
     """Appends ``{"step", "split", "loss", ..., "wall_s"}`` rows to metrics.jsonl (+ TensorBoard).
@@ -42,7 +44,12 @@ class MetricsLogger:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:   # tensorboard not installed: JSONL only
+            except ImportError:   # tensorboard not installed (an extra): JSONL only, said once per process
+                global _TB_NOTE_SHOWN
+                if not _TB_NOTE_SHOWN:
+                    _TB_NOTE_SHOWN = True
+                    print("note: tensorboard is not installed, so metrics go to metrics.jsonl only "
+                          "(pip install 'modformer[tensorboard]', or train.tensorboard=false)", file=sys.stderr)
                 return
             _quiet_tensorboard_thread()
             self._tb(lambda: setattr(self, "writer", SummaryWriter(str(self.tb_dir))))
