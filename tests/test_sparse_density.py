@@ -132,3 +132,27 @@ def test_fwd_bwd_speed_runs_on_cpu() -> None:
     fixed = dn.tune("sink", 64, gate["density"])
     assert [r["mask"] for r in rows] == [f"sink4_window{fixed['window']}", "learned_gate"]
     assert gate["speedup"] > 0 and gate["gate_overhead"] > 0 and not gate["block_skipping"]
+
+
+def test_student_spec_matches_every_family_to_the_gate_density() -> None:
+    """--density D: the gate keeps the most blocks within D, each fixed family is tuned to the gate's exact density,
+    a method's own key=value wins, other kinds' options are not inherited, performer is left alone."""
+    from modformer.bench.studies.sparse_density import spec_density, student_spec
+
+    t, block = 512, 32
+    base = {"attention": "learned_gate", "attn_backend": "flex",
+            "attention_options": {"block_size": block, "top_k": 2, "gate_loss": 1.0}}
+    gate = student_spec("gate", {}, base, t, 0.25, block)
+    want = dn.gate_density(t, block, gate["attention_options"]["top_k"])
+    assert want <= 0.25 < dn.gate_density(t, block, gate["attention_options"]["top_k"] + 1)
+    assert spec_density(gate, t) == want and gate["attn_backend"] == "flex"
+    for fam in dn.FAMILIES:
+        spec = student_spec(fam, {}, base, t, 0.25, block)
+        assert "top_k" not in spec["attention_options"] and spec["attention_options"]["block_size"] == block
+        assert spec["attention_options"] == {**dn.tune(fam, t, want), "block_size": block}
+    strided = student_spec("strided", {"stride": 7}, base, t, 0.25, block)
+    assert strided["attention_options"]["stride"] == 7
+    assert strided["attention_options"]["window"] == dn.tune("strided", t, want, stride=7)["window"]
+    assert student_spec("window", {"window": 5}, base, t, None, block)["attention_options"] == {
+        "block_size": block, "window": 5}
+    assert student_spec("performer", {}, base, t, 0.25, block)["attention_options"] == {}

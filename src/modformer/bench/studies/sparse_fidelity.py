@@ -1,7 +1,16 @@
-"""Issue 7 end to end: teacher -> distil each sparse attention -> fidelity suite -> table + JSON.
+"""Issues 7 and 25 end to end: teacher -> distil each sparse attention -> fidelity suite -> table + JSON.
 
     modformer bench sparse-fidelity --quick                 # CPU, tiny model, Tiny Shakespeare, minutes
     modformer bench sparse-fidelity --out runs/sparse_fidelity   # GPU: WikiText-2, T=1024, timing 512..16k
+    modformer bench sparse-fidelity --teacher-config configs/sparse_teacher_4k.yaml \
+        --student-config configs/sparse_gate_4k.yaml --density 0.25 --methods gate window sink block_local \
+        strided dilated --curve 0.05 0.1 0.25 0.5 0.75 --speed-seq 4096 16384 --seq   # issue 25: T=4096
+
+Issue 25 options: ``--teacher-config`` (the teacher's training config), ``--student-config`` (one distillation
+config for every method, its attention kind swapped per method), ``--density D`` (the gate keeps the most blocks
+within D; every fixed family is tuned to the gate's exact density: ``studies/sparse_density.py``), ``--curve``
+(next-token KL vs density per family, plot ``OUT/sparse_density.png``), ``--speed-seq`` / ``--speed-density``
+(attention forward+backward with the gate's cost vs dense SDPA: ``bench/sparse_speed.py``).
 
 Steps: (1) train the GPT-2-architecture teacher with the ordinary trainer (configs/sparse_teacher.yaml, or
 the quick tiny config) and save it in HF format (``OUT/teacher_hf``), unless ``--teacher PATH`` is given;
@@ -29,10 +38,11 @@ import torch
 
 from modformer.bench import fidelity
 from modformer.bench.common import CONFIGS, print_table, write_result
+from modformer.bench.studies import sparse_density as sd
 from modformer.compress.distill import Distiller, build_student, load_distill_config, load_teacher
 from modformer.config import DataConfig, load_config
 
-METHODS = ("window", "sink", "gate", "performer")
+METHODS = tuple(sd.KIND)      # window, sink, block_local, strided, dilated, gate, performer
 QUICK_TEACHER = [
     "name=teacher", "model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.max_seq_len=256",
     "model.dropout=0.0", "data.name=shakespeare_char", "data.seq_len=256", "train.steps=400",
@@ -44,9 +54,13 @@ QUICK_STUDENT = {   # T=256, blocks of 16: ~75-80% of the causal pairs dropped
     "sink": {"attention_options": {"sinks": 4, "window": 28, "block_size": 16}},
     "gate": {"attention_options": {"block_size": 16, "top_k": 3, "select": "topk", "grad": "none", "gate_loss": 1.0}},
     "performer": {"attention_options": {"n_features": 64, "chunk": 32}},
+    "block_local": {"attention_options": {"block": 64, "block_size": 16}},
+    "strided": {"attention_options": {"window": 24, "stride": 16, "block_size": 16}},
+    "dilated": {"attention_options": {"window": 32, "dilation": 2, "block_size": 16}},
 }
+QUICK_GATE_BLOCK = 16
 COLUMNS = ["method", "stage", "kl", "top1_agree", "ppl", "teacher_ppl", "ppl_retention", "acc", "attn_mse",
-           "grad_cos", "density", "train_s"]
+           "attn_mse_all", "kept_mass", "grad_cos", "density", "train_s"]
 
 
 def log(msg: str) -> None:
@@ -62,7 +76,7 @@ def train_teacher(args: argparse.Namespace, out: Path) -> Path:
     over = [f"out_dir={out}"] + (QUICK_TEACHER if args.quick else ["name=teacher"])
     if args.teacher_steps:
         over.append(f"train.steps={args.teacher_steps}")
-    cfg = load_config(CONFIGS / "sparse_teacher.yaml", over)
+    cfg = load_config(args.teacher_config, over)
     if args.quick:
         cfg.train.threads = 2
     summary = Trainer(cfg, overwrite=True).fit()
@@ -74,7 +88,7 @@ def train_teacher(args: argparse.Namespace, out: Path) -> Path:
 
 
 def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, batch: int,
-                device: torch.device) -> list[dict[str, Any]]:
+                device: torch.device, method: str = "") -> list[dict[str, Any]]:
     """Peak CUDA memory of inference and of a training step: student vs dense eager / SDPA teacher."""
     x, y = data.get_batch("train", batch, torch.Generator().manual_seed(0))
     x, y = x.to(device), y.to(device)
@@ -97,10 +111,13 @@ def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, b
         step()                                   # compile / warm up outside the measurement
         rows.append({"model": name, "train_peak_mb": fidelity.peak_memory(step, device) / 2 ** 20,
                      "infer_peak_mb": fidelity.peak_memory(infer, device) / 2 ** 20})
-    ref = rows[0]
+    ref, sdpa = rows[0], rows[1]
     for r in rows:
+        r["method"] = method
         r["train_reduction_vs_eager"] = 1 - r["train_peak_mb"] / ref["train_peak_mb"]
         r["infer_reduction_vs_eager"] = 1 - r["infer_peak_mb"] / ref["infer_peak_mb"]
+        r["train_reduction_vs_sdpa"] = 1 - r["train_peak_mb"] / sdpa["train_peak_mb"]
+        r["infer_reduction_vs_sdpa"] = 1 - r["infer_peak_mb"] / sdpa["infer_peak_mb"]
     rows[-1]["peak_mem_reduction"] = rows[-1]["train_reduction_vs_eager"]
     return rows
 
@@ -131,18 +148,15 @@ def run_method(spec: str, args: argparse.Namespace, teacher_dir: Path, out: Path
         over.append(f"steps={args.distill_steps}")
     if args.quick:
         over += ["batch_size=8", "lr=1e-3", "eval_every=100", "eval_batches=4", "log_every=25"]
-    cfg = load_distill_config(CONFIGS / f"sparse_{method}.yaml", over + args.set)
-    if args.quick:
-        cfg = dataclasses.replace(cfg, data=DataConfig(name="shakespeare_char", seq_len=256),
-                                  student={"attention": cfg.student["attention"], **QUICK_STUDENT[method]})
-    if options:
-        attn_opts = {**cfg.student.get("attention_options", {}), **options}
-        cfg = dataclasses.replace(cfg, student={**cfg.student, "attention_options": attn_opts})
+    cfg = base_config(method, args, over)
+    spec_fields = sd.student_spec(method, options, cfg.student, cfg.data.seq_len, args.density, args.gate_block)
+    cfg = dataclasses.replace(cfg, student=spec_fields)
     teacher, _ = load_teacher(teacher_dir, device)
     dist = Distiller(cfg, teacher=teacher)
     block = int(cfg.student.get("attention_options", {}).get("block_size", 64))
     rec: dict[str, Any] = {"method": spec, "attention": cfg.student["attention"],
-                           "options": cfg.student.get("attention_options", {})}
+                           "options": cfg.student.get("attention_options", {}), "seq_len": cfg.data.seq_len,
+                           "density_exact": sd.spec_density(cfg.student, cfg.data.seq_len)}
     bs, nb = cfg.eval_batch_size or cfg.batch_size, cfg.eval_batches
     log(f"{spec}: fidelity without fine-tuning")
     with dist._autocast():         # bf16 on CUDA: the same compiled flex kernels as distillation
@@ -158,10 +172,54 @@ def run_method(spec: str, args: argparse.Namespace, teacher_dir: Path, out: Path
     rec["generations"] = fidelity.generations(dist.teacher, dist.student, data, prompts, 20 if args.quick else 40)
     if device.type == "cuda":
         try:
-            rec["memory"] = memory_rows(dist.teacher, dist.student, data, cfg.batch_size, device)
+            rec["memory"] = memory_rows(dist.teacher, dist.student, data, cfg.batch_size, device, spec)
         except Exception as e:  # noqa: BLE001
             rec["memory_error"] = f"{type(e).__name__}: {e}"[:300]
     return rec
+
+
+def base_config(method: str, args: argparse.Namespace, over: list[str]) -> Any:
+    """The distillation config a method starts from (``--student-config`` or configs/sparse_<method>.yaml; quick:
+    Tiny Shakespeare, T=256, the quick student), before ``student_spec``."""
+    path = args.student_config or CONFIGS / f"{sd.CONFIG_OF[method]}.yaml"
+    cfg = load_distill_config(path, over + args.set)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, data=DataConfig(name="shakespeare_char", seq_len=256),
+                                  student={"attention": sd.KIND[method], **QUICK_STUDENT[method]})
+    if cfg.data is None:
+        raise SystemExit(f"{path}: set data (the study needs its seq_len)")
+    return cfg
+
+
+def gate_block(args: argparse.Namespace) -> int:
+    """Block size of the gate every fixed family's density is matched to (the gate config's)."""
+    if args.quick:
+        return QUICK_GATE_BLOCK
+    path = args.student_config or CONFIGS / "sparse_gate.yaml"
+    student = load_distill_config(path).student
+    if student.get("attention") != "learned_gate":
+        student = load_distill_config(CONFIGS / "sparse_gate.yaml").student
+    return int(student.get("attention_options", {}).get("block_size", 64))
+
+
+def run_curve(args: argparse.Namespace, teacher_dir: Path, out: Path, device: torch.device) -> list[dict[str, Any]]:
+    """KL vs density per family (``--curve``), with the gate config's data and batch; plot next to the JSON."""
+    from modformer.data import build_dataset
+
+    methods = [parse_method(m) for m in args.methods]
+    over = [f"teacher={teacher_dir}", f"out_dir={out}", f"device={device.type}"]
+    if args.quick:
+        over += ["batch_size=8", "lr=1e-3", "eval_batches=4", "log_every=25"]
+    cfg = base_config("gate", args, over)
+    teacher, _ = load_teacher(teacher_dir, device)
+    rows = sd.density_curve(cfg, methods, args.curve, teacher, build_dataset(cfg.data), out, args.curve_steps,
+                         args.gate_block)
+    title = f"T={cfg.data.seq_len}, " + (f"{args.curve_steps} distillation steps" if args.curve_steps
+                                         else "no fine-tuning (gate: identity init)")
+    path = sd.plot_curve(rows, out / "sparse_density.png", title)
+    if path:
+        log(f"curve plot: {path}")
+    return rows
 
 
 def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,13 +240,15 @@ def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_all(records: list[dict[str, Any]], timing: list[dict[str, Any]], args: argparse.Namespace, out: Path,
-              device: torch.device, teacher: dict[str, Any]) -> None:
+              device: torch.device, teacher: dict[str, Any], speed: list[dict[str, Any]] | None = None,
+              curve: list[dict[str, Any]] | None = None) -> None:
     rows = flat_rows(records)
     after = [r for r in rows if r.get("stage") == "after"]
     memory = [m for r in records for m in r.get("memory", []) if m["model"] == "student"]
-    headline = fidelity.headline_of(after, timing, memory)
+    seq_len = next((r["seq_len"] for r in records if "seq_len" in r), None)
+    headline = fidelity.headline_of(after, timing, memory, speed, seq_len)
     extra = {"mode": "quick (CPU)" if args.quick else "full", "teacher": teacher, "methods": records,
-             "attention_timing": timing}
+             "attention_timing": timing, "attention_fwd_bwd": speed or [], "density_curve": curve or []}
     write_result("sparse_fidelity", headline, rows, device, out, extra)
     if args.results:
         write_result("sparse_fidelity", headline, rows, device, args.results, extra)
@@ -199,6 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CPU: tiny teacher on Tiny Shakespeare, T=256")
     p.add_argument("--out", default=None, help="run folder (default runs/sparse_fidelity[_quick])")
     p.add_argument("--teacher", default=None, help="existing teacher (run dir / saved model / HF dir): skip training")
+    p.add_argument("--teacher-config", default=str(CONFIGS / "sparse_teacher.yaml"),
+                   help="the teacher's training config (issue 25: configs/sparse_teacher_4k.yaml)")
+    p.add_argument("--student-config", default=None,
+                   help="one distillation config for every method (attention swapped per method); default "
+                        "configs/sparse_<method>.yaml")
+    p.add_argument("--density", type=float, default=None,
+                   help="kept share of causal pairs: the gate's top_k is the largest within it and every fixed "
+                        "family is tuned to the gate's exact density")
+    p.add_argument("--curve", type=float, nargs="*", default=[], metavar="D",
+                   help="KL vs density per method at these densities (plot OUT/sparse_density.png)")
+    p.add_argument("--curve-steps", type=int, default=0, help="distillation steps per curve point (0: as built)")
+    p.add_argument("--speed-seq", type=int, nargs="*", default=[],
+                   help="attention forward+backward timing, gate included, vs dense SDPA at these lengths")
+    p.add_argument("--speed-density", type=float, nargs="*", default=None,
+                   help="density per --speed-seq length (default 0.25 up to T=4096, 0.1 above)")
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD[:KEY=VALUE,...]",
@@ -215,6 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for spec in args.methods:
         parse_method(spec)                      # a typo fails before the teacher is trained
+    for path in (args.teacher_config, args.student_config):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"no such config: {path}")
+    if args.density is not None and not 0 < args.density <= 1:
+        raise SystemExit(f"--density must be in (0, 1], got {args.density}")
+    if any(not 0 < d <= 1 for d in args.curve + (args.speed_density or [])):
+        raise SystemExit("--curve / --speed-density values must be in (0, 1]")
+    speed_density = args.speed_density or [0.25 if t <= 4096 else 0.1 for t in args.speed_seq]
+    if len(speed_density) != len(args.speed_seq):
+        raise SystemExit("--speed-density needs one value per --speed-seq length")
+    args.gate_block = gate_block(args)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     if args.quick:
         torch.set_num_threads(2)
@@ -240,6 +326,18 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             timing = [{"error": f"{type(e).__name__}: {e}"[:500]}]
         write_all(records, timing, args, out, device, {})
+    speed: list[dict[str, Any]] = []
+    if args.speed_seq:
+        log("=== attention forward+backward, gate included, vs dense SDPA ===")
+        small = {} if device.type == "cuda" else {"heads": 2, "head_dim": 16, "block": 16, "tokens": 1024, "iters": 2}
+        try:
+            from modformer.bench.sparse_speed import fwd_bwd_speed
+
+            speed = fwd_bwd_speed(args.speed_seq, speed_density, device, **small)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            speed = [{"error": f"{type(e).__name__}: {e}"[:500]}]
+        write_all(records, timing, args, out, device, {}, speed)
     teacher_dir = Path(args.teacher) if args.teacher else train_teacher(args, out)
     teacher_info = {"path": str(teacher_dir)}
     summary = out / "teacher_summary.json"
@@ -257,12 +355,26 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - one failing method must not end the run
             traceback.print_exc()
             records.append({"method": method, "error": f"{type(e).__name__}: {e}"[:500]})
-        write_all(records, timing, args, out, device, teacher_info)
+        write_all(records, timing, args, out, device, teacher_info, speed)
         log(f"wrote {out / 'sparse_fidelity.json'} ({time.perf_counter() - t_start:.0f}s so far)")
+    curve: list[dict[str, Any]] = []
+    if args.curve:
+        log(f"=== KL vs density at {args.curve} ===")
+        try:
+            curve = run_curve(args, teacher_dir, out, device)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            curve = [{"error": f"{type(e).__name__}: {e}"[:500]}]
+        write_all(records, timing, args, out, device, teacher_info, speed, curve)
     rows = flat_rows(records)
     print_table(rows, COLUMNS)
     if timing:
         print_table(timing, ["T", "mask", "block_density", "dense_sdpa_ms", "flex_ms", "speedup"])
+    if speed:
+        print_table(speed, ["T", "mask", "density", "dense_sdpa_ms", "sparse_ms", "gate_ms", "speedup",
+                            "gate_overhead"])
+    if curve:
+        print_table(curve, ["family", "target", "density", "kl", "top1_agree", "ppl_retention"])
     log(f"done in {time.perf_counter() - t_start:.0f}s; results: {out / 'sparse_fidelity.json'}")
     return 0
 
