@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the demo needs only the hard dependencies (no extras): a lighter first install
+CORE_STAMP := $(VENV)/.installed-core
 
 .PHONY: test demo lint setup clean
 setup: $(STAMP)
@@ -13,12 +15,18 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,peft,interp]"
-	touch $(STAMP)
+	touch $(STAMP) $(CORE_STAMP)
+
+$(CORE_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $(CORE_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
 
-demo: $(STAMP)
+demo: $(CORE_STAMP)
 	$(VENV)/bin/modformer train configs/grokking.yaml
 
 lint: $(STAMP)
