@@ -11,9 +11,9 @@
   zeros** (no sparse storage: PyTorch's dense kernels are faster than its sparse ones at these
   sparsities, and every other part of modformer expects dense weights).
 * ``polynomial_sparsity`` / ``GradualPruning``: Zhu & Gupta (2017) cubic schedule as a Trainer
-  callback. ``iterative_magnitude_pruning``: prune a fixed fraction per round, rewind survivors to
-  saved weights (lottery ticket, Frankle & Carbin 2019; rewinding to an early step, Frankle et al.
-  2020), retrain.
+  callback (from a run config or the CLI: ``train.prune``, ``modformer.train.pruning``).
+  ``iterative_magnitude_pruning``: prune a fixed fraction per round, rewind survivors to saved weights
+  (lottery ticket, Frankle & Carbin 2019; rewinding to an early step, Frankle et al. 2020), retrain.
 """
 
 from __future__ import annotations
