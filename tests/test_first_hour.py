@@ -420,3 +420,25 @@ def test_missing_optional_packages_are_one_line_or_a_note(modular_run, tmp_path,
         assert main(argv) == 2, argv
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and f"pip install 'modformer[{extra}]'" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["attention", "memory", "throughput", "generation"])
+def test_core_benchmarks_explain_every_option(name, monkeypatch):
+    """`modformer bench NAME --help` of the library-vs-peer benchmarks has text for every option (the parser each
+    module builds is captured at parse time)."""
+    import importlib
+
+    from modformer.bench.registry import entry
+
+    seen = []
+
+    def capture(self, args=None, namespace=None):
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(entry(name).module_path).main([])
+    missing = [a.option_strings for a in seen[0]._actions
+               if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert not missing, missing

@@ -71,13 +71,15 @@ def bench_one(t: int, dh: int, device: torch.device, dtype: torch.dtype, total_t
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench attention", description=__doc__.splitlines()[0])
-    p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
+                   help="sequence lengths T")
+    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dimensions")
     p.add_argument("--tokens", type=int, default=16384, help="B*T per call")
     p.add_argument("--width", type=int, default=2048, help="H*Dh")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=20, help="timed calls per shape and round")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds in rotated order; best median kept")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda | cpu (default: cuda when available)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

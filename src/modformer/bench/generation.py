@@ -153,25 +153,26 @@ def make_runs(model: torch.nn.Module, hf: torch.nn.Module | None, prompt: torch.
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="modformer bench generation", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS), help="model size")
     p.add_argument("--batch", type=int_in(">= 1"), nargs="+", default=[1], help="batch sizes (headline: 1)")
-    p.add_argument("--new-tokens", type=int_in(">= 2"), default=1024)
-    p.add_argument("--prompt-len", type=int_in(">= 1"), default=16)
+    p.add_argument("--new-tokens", type=int_in(">= 2"), default=1024, help="tokens each fast path decodes")
+    p.add_argument("--prompt-len", type=int_in(">= 1"), default=16, help="prompt tokens")
     p.add_argument("--decoders", nargs="+", choices=list(DECODERS), default=["graph", "graph16"],
                    help="compiled-decoder settings to time (see the module doc)")
     p.add_argument("--repeats", type=int_in(">= 1"), default=3, help="timed calls of each fast path (median)")
     p.add_argument("--no-cache-tokens", type=int_in(">= 1"), default=128,
                    help="tokens generated without cache for batch > 1 (the slow path); batch 1 does all")
     p.add_argument("--hf-new-tokens", type=int_in(">= 1"), default=256, help="HF decodes fewer tokens")
-    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip HF generate")
     p.add_argument("--hf-dynamic", action="store_true", help="also time HF's dynamic cache (slow)")
     p.add_argument("--no-fp32-match", action="store_true", help="skip the fp32 greedy identity check")
     p.add_argument("--compile-cpu", action="store_true",
                    help="compile the decoders off GPU too (Inductor's C++ code, no CUDA graph; slow to compile)")
     p.add_argument("--diverse-std", type=float_in("> 0"), default=0.05,
                    help="weight std of the fp32 check's second model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="weights and prompt seed")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda | cpu (default: cuda when available)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     return p.parse_args(argv)
 

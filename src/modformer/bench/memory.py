@@ -40,11 +40,13 @@ def peak_gib(model: torch.nn.Module, t: int, train: bool, device: torch.device, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench memory", description=__doc__.splitlines()[0])
-    p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--backends", nargs="+", default=["eager", "sdpa", "flex"])
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--width", type=int, default=768)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
+                   help="sequence lengths T (batch 1)")
+    p.add_argument("--backends", nargs="+", default=["eager", "sdpa", "flex"], help="attention backends (flex: GPU)")
+    p.add_argument("--layers", type=int, default=12, help="model depth")
+    p.add_argument("--width", type=int, default=768, help="d_model (heads of 64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda | cpu (default: cuda when available)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

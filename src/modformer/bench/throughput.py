@@ -204,9 +204,9 @@ def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench throughput", description=__doc__.splitlines()[0])
     p.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable (default: both real ones)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--no-hf", action="store_true")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF GPT2LMHeadModel peer")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--profile-dir", help="write each variant's top GPU kernels (torch.profiler) here")
     p.add_argument("--variant", action="append", metavar="TEXT",
                    help="time only the variants whose name contains TEXT (repeatable, case-insensitive)")
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="recipe of the FP8 loss-gap runs (GPT-2 124M on WikiText-2)")
     p.add_argument("--fp8-loss-set", action="append", default=[], metavar="key=value",
                    help="override for both loss-gap runs (repeatable), e.g. train.batch_size=8")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda | cpu (default: cuda when available)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
