@@ -128,16 +128,18 @@ def analyze(model: nn.Module, out_dir: str | Path, data: Any = None, html: str |
 @torch.no_grad()
 def probe_patterns(model: nn.Module, table: list[dict], path: Path, length: int = 24) -> Path:
     """``plots/patterns.png``: on one sequence of ``length`` random tokens repeated, the patterns of the best
-    previous-token head and the best induction head (the stripe one after the earlier copy) and, when they differ
-    from both, the most positional head."""
+    previous-token head (below the last layer), the best induction head (layer >= 1: the stripe one after the
+    earlier copy) and, when it is neither, the most positional head."""
     max_len = getattr(model.position, "max_len", None) or 2 * length
     length = min(length, max_len // 2)
     idx = heads.repeated_random_tokens(model.cfg.vocab_size, length, 1, seed=0)
     pats = heads.stack_patterns(heads.attention_patterns(model, idx.to(model.tok_emb.weight.device)),
                                 model.cfg.n_layer)[:, 0].cpu()
     chosen: dict[str, Any] = {}
+    L = model.cfg.n_layer
+    where = {"prev_token": lambda i: i < max(L - 1, 1), "induction": lambda i: i >= 1, "positional": lambda i: True}
     for key, label in (("prev_token", "previous-token"), ("induction", "induction"), ("positional", "positional")):
-        rows = [r for r in table if r.get(key) == r.get(key)]                   # skip NaN
+        rows = [r for r in table if r.get(key) == r.get(key) and where[key](r["layer"])]   # skip NaN
         if not rows:
             continue
         best = max(rows, key=lambda r: r[key])
