@@ -239,6 +239,19 @@ def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def previous(out: Path) -> dict[str, Any]:
+    """What an earlier call left in OUT/sparse_fidelity.json, failed or skipped parts left out (``--resume``)."""
+    path = out / "sparse_fidelity.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    keep = {"methods": [r for r in data.get("methods", []) if "error" not in r]}
+    for key in ("attention_timing", "attention_fwd_bwd", "density_curve"):
+        rows = data.get(key) or []
+        keep[key] = rows if rows and not any("error" in r for r in rows) else []
+    return keep
+
+
 def write_all(records: list[dict[str, Any]], timing: list[dict[str, Any]], args: argparse.Namespace, out: Path,
               device: torch.device, teacher: dict[str, Any], speed: list[dict[str, Any]] | None = None,
               curve: list[dict[str, Any]] | None = None) -> None:
@@ -285,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override of every distillation config, e.g. lr=5e-5 or schedule=cosine")
     p.add_argument("--results", default=None, help="also write sparse_fidelity.json here (e.g. benchmarks/results)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep what OUT/sparse_fidelity.json holds (timings, methods, curve) and OUT/teacher_hf; "
+                        "run only the rest (a study split over calls with a time limit: run the command again)")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip methods not started after this many seconds (0 = no limit; GPU default 450)")
     args = p.parse_args(argv)
@@ -316,18 +332,23 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     log(f"device {device}, torch {torch.__version__}, out {out}")
-    records: list[dict[str, Any]] = []
-    timing: list[dict[str, Any]] = []
-    if device.type == "cuda" and args.seq:   # first: it needs no teacher and gives attn_speedup_16k
+    prev = previous(out) if args.resume else {}
+    records: list[dict[str, Any]] = prev.get("methods", [])
+    timing: list[dict[str, Any]] = prev.get("attention_timing", [])
+    speed: list[dict[str, Any]] = prev.get("attention_fwd_bwd", [])
+    curve: list[dict[str, Any]] = prev.get("density_curve", [])
+    if prev:
+        log(f"resume: {len(records)} methods, {len(timing)} timing rows, {len(prev.get('attention_fwd_bwd', []))} "
+            f"fwd+bwd rows, {len(prev.get('density_curve', []))} curve points kept from {out}")
+    if device.type == "cuda" and args.seq and not timing:   # first: it needs no teacher and gives attn_speedup_16k
         log("=== attention forward timing (dense flash SDPA vs flex block-sparse, ~90% of causal blocks skipped) ===")
         try:
             timing = fidelity.attention_speed(args.seq, device, student_windows=tuple(args.timing_windows))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             timing = [{"error": f"{type(e).__name__}: {e}"[:500]}]
-        write_all(records, timing, args, out, device, {})
-    speed: list[dict[str, Any]] = []
-    if args.speed_seq:
+        write_all(records, timing, args, out, device, {}, speed, curve)
+    if args.speed_seq and not speed:
         log("=== attention forward+backward, gate included, vs dense SDPA ===")
         small = {} if device.type == "cuda" else {"heads": 2, "head_dim": 16, "block": 16, "tokens": 1024, "iters": 2}
         try:
@@ -337,14 +358,22 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             speed = [{"error": f"{type(e).__name__}: {e}"[:500]}]
-        write_all(records, timing, args, out, device, {}, speed)
-    teacher_dir = Path(args.teacher) if args.teacher else train_teacher(args, out)
+        write_all(records, timing, args, out, device, {}, speed, curve)
+    if args.teacher:
+        teacher_dir = Path(args.teacher)
+    elif args.resume and (out / "teacher_hf").is_dir():
+        teacher_dir = out / "teacher_hf"
+        log(f"resume: teacher {teacher_dir}")
+    else:
+        teacher_dir = train_teacher(args, out)
     teacher_info = {"path": str(teacher_dir)}
     summary = out / "teacher_summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())
         teacher_info.update({k: s.get(k) for k in ("final_val_ppl", "final_val_acc", "wall_s", "params", "steps")})
     for method in args.methods:
+        if any(r["method"] == method for r in records):
+            continue                                  # --resume: measured in an earlier call
         log(f"=== {method} ===")
         if args.budget_s and time.perf_counter() - t_start > args.budget_s:
             log(f"{method}: skipped, past the --budget-s {args.budget_s:.0f}s")
@@ -355,10 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - one failing method must not end the run
             traceback.print_exc()
             records.append({"method": method, "error": f"{type(e).__name__}: {e}"[:500]})
-        write_all(records, timing, args, out, device, teacher_info, speed)
+        write_all(records, timing, args, out, device, teacher_info, speed, curve)
         log(f"wrote {out / 'sparse_fidelity.json'} ({time.perf_counter() - t_start:.0f}s so far)")
-    curve: list[dict[str, Any]] = []
-    if args.curve:
+    if args.curve and not curve and args.budget_s and time.perf_counter() - t_start > args.budget_s:
+        log(f"curve: skipped, past the --budget-s {args.budget_s:.0f}s (run again with --resume)")
+    elif args.curve and not curve:
         log(f"=== KL vs density at {args.curve} ===")
         try:
             curve = run_curve(args, teacher_dir, out, device)
