@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickletools
+import sys
 import textwrap
 from pathlib import Path
 
@@ -113,7 +114,9 @@ FAKE_MODEL = textwrap.dedent("""\
 
 def test_throughput_peer_rows_and_no_cpu_speedups(tmp_path, monkeypatch):
     (tmp_path / "model.py").write_text(FAKE_MODEL)
-    assert load_model_module(tmp_path).GPTConfig().n_embd == 768
+    module = load_model_module(tmp_path)
+    assert module.GPTConfig().n_embd == 768
+    assert sys.modules[module.__name__] is module       # torch.compile imports a traced function's module by name
     with pytest.raises(SystemExit, match="no model.py"):
         load_model_module(tmp_path / "missing")
     monkeypatch.chdir(tmp_path)

@@ -43,6 +43,7 @@ def load_model_module(path: str | Path) -> ModuleType:
     file = checkout(path, "model.py") / "model.py"
     spec = importlib.util.spec_from_file_location("nanogpt_peer_model", file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module            # torch.compile looks the module up by name when it traces it
     spec.loader.exec_module(module)
     return module
 
