@@ -118,6 +118,11 @@ def test_circuits_study_through_the_registry_writes_a_schema_result_and_its_figu
     assert main(["bench", "circuits-figures", str(out), "--out", str(tmp_path / "fig")]) == 0
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["circuits_1l_copying.png",
                                                                      "circuits_2l_induction.png"]
+    assert main(["bench", "circuits-figures", str(out), "--out", str(tmp_path / "fig"), "--runs",
+                 str(tmp_path / "runs")]) == 0                  # + the plots drawn from the weights (issue 27)
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == [
+        "circuits_1l_copying.png", "circuits_1l_ov_eigenvalues.png", "circuits_2l_induction.png",
+        "circuits_2l_ov_eigenvalues.png", "circuits_2l_patterns.png"]
 
 
 def test_variants_study_writes_rows_for_the_chosen_variants(tmp_path):
