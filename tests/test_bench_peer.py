@@ -142,8 +142,9 @@ def test_fp8_loss_gap_runs_both_precisions_on_the_same_batches(monkeypatch, tmp_
     config = str(Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char.yaml")
     gap, rows = fp8_loss_gap(config, 4, ["model.n_layer=1", "model.d_model=32", "model.n_head=2",
                                          "train.batch_size=8", "data.seq_len=32", "train.compile=false"], "cpu",
-                             log_every=1)
-    assert [r["variant"] for r in rows] == ["loss curve bf16", "loss curve fp8"]
+                             log_every=1, precisions=("fp8", "fp8_rowwise"))
+    assert [r["variant"] for r in rows] == ["loss curve bf16", "loss curve fp8", "loss curve fp8_rowwise"]
+    assert gap == rows[1]["relative_gap"] and rows[2]["relative_gap"] is not None
     assert [c["step"] for c in rows[1]["curve"]] == [1, 2, 3, 4]
     # step 1's loss is measured before any update: same weights and batch, so the runs differ only by FP8 matmuls
     # in the MLP (the 65-way head stays bf16); a few percent at most at this size

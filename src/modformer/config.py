@@ -253,7 +253,8 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     precision: str = "auto"            # auto (as dtype) | bf16 (= dtype bfloat16) | fp8 (bf16 autocast + FP8
-                                       # matmuls in the linear layers, train/fp8.py; CUDA capability >= 8.9)
+                                       # matmuls in the linear layers, train/fp8.py; CUDA capability >= 8.9:
+                                       # tensorwise scales, e5m2 gradients) | fp8_rowwise (row scales, e4m3)
     loss_chunk_size: int = 0           # rows per chunk of the training cross-entropy (train/loss.py);
                                        # 0 = automatic (about 64M logits a chunk)
     compile: bool = False
@@ -286,8 +287,9 @@ class TrainConfig:
         "ema_decay": ["[0, 1)", "0 disables, typical 0.999"], "ema_start": ">= 0", "eval_every": ">= 1",
         "eval_batches": [">= 0", "0 = the full split"], "eval_batch_size": ">= 1", "eval_stride": ">= 0",
         "log_every": ">= 1", "checkpoint_every": [">= 0", "0 = only at the end"], "early_stop_mode": ("max", "min"),
-        "device": DEVICE, "dtype": ("auto", "float32", "bfloat16", "float16"), "precision": ("auto", "bf16", "fp8"),
-        "loss_chunk_size": [">= 0", "0 = automatic"], "distributed": ("ddp", "fsdp"),
+        "device": DEVICE, "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "precision": ("auto", "bf16", "fp8", "fp8_rowwise"), "loss_chunk_size": [">= 0", "0 = automatic"],
+        "distributed": ("ddp", "fsdp"),
         "grad_reduce_dtype": ("float32", "bfloat16"), "seed": ">= 0", "threads": ">= 1", "sample_tokens": ">= 0",
         "keep_checkpoints": ">= 1"}
 

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train --fp8-loss-config this many steps in bf16 and in fp8; report fp8_loss_gap (0 = skip)")
     p.add_argument("--fp8-loss-config", default="configs/ddp_gpt2_wikitext2.yaml",
                    help="recipe of the FP8 loss-gap runs (GPT-2 124M on WikiText-2)")
+    p.add_argument("--fp8-loss-precision", nargs="+", default=["fp8"], choices=["fp8", "fp8_rowwise"],
+                   help="FP8 precisions trained beside bf16; the first gives fp8_loss_gap")
     p.add_argument("--fp8-loss-set", action="append", default=[], metavar="key=value",
                    help="override for both loss-gap runs (repeatable), e.g. train.batch_size=8")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -260,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.fp8_loss_steps and not fp8_supported(device)[0]:
         print(f"fp8_loss_gap skipped: {fp8_supported(device)[1]} has no FP8 matmuls (needs compute capability >= 8.9)")
     elif args.fp8_loss_steps:
-        gap, curves = fp8_loss_gap(args.fp8_loss_config, args.fp8_loss_steps, args.fp8_loss_set, args.device)
+        gap, curves = fp8_loss_gap(args.fp8_loss_config, args.fp8_loss_steps, args.fp8_loss_set, args.device,
+                                   precisions=tuple(args.fp8_loss_precision))
         headline["fp8_loss_gap"] = gap
+        headline["fp8_loss_gaps"] = {r["variant"].removeprefix("loss curve "): r["relative_gap"] for r in curves[1:]}
         rows += curves
         print_table(curves, ["variant", "steps", "first_loss", "loss_last_100", "relative_gap"])
         path = write_result("throughput", headline, rows, device, args.out)

@@ -137,11 +137,11 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
     return False, device.type
 
 
-def check_fp8(device: torch.device) -> None:
+def check_fp8(device: torch.device, precision: str = "fp8") -> None:
     """ConfigError naming ``train.precision`` unless ``device`` runs FP8 matmuls."""
     from modformer.config import ConfigError
 
     ok, what = fp8_supported(device)
     if not ok:
-        raise ConfigError(f"train.precision=fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or "
+        raise ConfigError(f"train.precision={precision} needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or "
                           f"newer); this run's device is {what}; use train.precision=bf16")

@@ -145,8 +145,8 @@ class Trainer:
         self.dtype = resolve_dtype(t.dtype, self.device)
         if t.precision != "auto":                 # bf16 | fp8: bf16 autocast (fp8 adds FP8 linear layers)
             self.dtype = torch.bfloat16
-        if t.precision == "fp8":
-            check_fp8(self.device)
+        if t.precision.startswith("fp8"):
+            check_fp8(self.device, t.precision)
         self.profiler = StepProfiler(t.profile_steps, cfg.run_dir / "profile", self.world.rank, self.device,
                                      memory=t.profile_memory, total_steps=t.steps)
         self.callbacks = callbacks or []
@@ -158,8 +158,8 @@ class Trainer:
         self._fill_model_config(check_model=model is None)
         torch.manual_seed(t.seed)
         self.raw_model = build_model(cfg.model).to(self.device) if model is None else model.to(self.device)
-        if t.precision == "fp8":
-            convert_to_float8(self.raw_model)
+        if t.precision.startswith("fp8"):
+            convert_to_float8(self.raw_model, "rowwise" if t.precision == "fp8_rowwise" else "tensorwise")
         if t.init_from and not resume:
             self._init_weights_from(Path(t.init_from))
         self.ema = build_ema(self.raw_model, t, self.sharded)
