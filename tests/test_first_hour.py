@@ -445,16 +445,16 @@ def test_core_benchmarks_explain_every_option(name, monkeypatch):
 
 
 def test_fine_tuning_drops_the_run_only_settings():
-    """A run's schedule, warmup, EMA, early stop, compile, gradual pruning and init_from do not carry into
+    """A run's schedule, warmup, EMA, early stop, compile, fp8, gradual pruning and init_from do not carry into
     fine-tuning; its optimizer settings do."""
     from modformer.compress.finetune import finetune_train_config
     from modformer.config import TrainConfig
 
     run = TrainConfig(steps=5000, lr=1e-3, schedule="cosine", warmup_steps=100, ema_decay=0.99, compile=True,
                       early_stop_metric="val/acc", early_stop_target=0.99, prune={"final": 0.5}, init_from="x",
-                      weight_decay=0.3, eval_every=500, log_every=50)
+                      weight_decay=0.3, eval_every=500, log_every=50, precision="fp8")
     ft = finetune_train_config(run, 20, lr=3e-4)
     assert (ft.steps, ft.lr, ft.schedule, ft.warmup_steps, ft.ema_decay, ft.compile, ft.prune, ft.init_from,
-            ft.early_stop_metric, ft.eval_every, ft.log_every, ft.weight_decay) == \
-        (20, 3e-4, "constant", 0, 0.0, False, {}, None, None, 20, 20, 0.3)
+            ft.early_stop_metric, ft.eval_every, ft.log_every, ft.weight_decay, ft.precision) == \
+        (20, 3e-4, "constant", 0, 0.0, False, {}, None, None, 20, 20, 0.3, "auto")
     ft.validate()

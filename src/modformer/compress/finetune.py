@@ -26,11 +26,12 @@ from modformer.data import Dataset
 def finetune_train_config(train_cfg: TrainConfig, steps: int, lr: float | None = None,
                           batch_size: int | None = None, device: str | None = None) -> TrainConfig:
     """The run's train settings for ``steps`` of fine-tuning: constant ``lr`` (default the run's), no warmup,
-    EMA, early stop, compile, gradual pruning (``train.prune``) or initial weights; one checkpoint at the end."""
+    EMA, early stop, compile, fp8, gradual pruning (``train.prune``) or initial weights; one checkpoint at the end."""
     return dataclasses.replace(
         train_cfg, steps=steps, lr=lr if lr is not None else train_cfg.lr, min_lr=0.0, schedule="constant",
         warmup_steps=0, ema_decay=0.0, ema_start=0, early_stop_metric=None, early_stop_target=None,
         checkpoint_every=0, compile=False, init_from=None, profile_steps=None, profile_memory=False, prune={},
+        precision="auto",                       # (fp8 swaps layers of a model built from the config)
         batch_size=batch_size if batch_size is not None else train_cfg.batch_size,
         eval_every=min(train_cfg.eval_every, steps), log_every=min(train_cfg.log_every, steps),
         device=device or train_cfg.device)
