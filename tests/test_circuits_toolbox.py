@@ -149,3 +149,15 @@ def _run_benches(tmp_path) -> None:  # noqa: ANN001
     comps = r["induction"]["components"]
     assert comps and {c["name"].split(".")[1] for c in comps} <= {"qk", "ov"}
     assert r["headline"]["induction"]["n_components"] == len(comps)
+
+
+def test_circuits_command_on_a_saved_model_without_its_run(tmp_path) -> None:
+    """`modformer circuits FOLDER` on an mf.save folder (no run, no dataset): the report with random repeated
+    tokens as the sample, including the pattern plot."""
+    import modformer as mf
+    from modformer.cli import main
+
+    mf.save(randomized(max_seq_len=16), tmp_path / "m")
+    assert main(["circuits", str(tmp_path / "m"), "--out", str(tmp_path / "c")]) == 0
+    for name in ("head_scores.json", "circuits.html", "plots/patterns.png", "plots/ov_eigenvalues.png"):
+        assert (tmp_path / "c" / name).stat().st_size > 0, name

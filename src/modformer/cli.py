@@ -153,11 +153,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_circuits(args: argparse.Namespace) -> int:
+    from modformer.console import note
     from modformer.interp.report import analyze
-    from modformer.runs import run_dataset, run_model
+    from modformer.runs import load_any, run_dataset, run_dir_of, run_model
+    from modformer.saving import CONFIG_NAME
 
-    model = run_model(args.run_dir, _device(args.device))
-    data = run_dataset(args.run_dir)
+    if run_dir_of(args.run_dir) is None and (Path(args.run_dir) / CONFIG_NAME).is_file():
+        model, data = load_any(args.run_dir, _device(args.device)), None     # a saved model on its own (mf.save)
+        note("circuits", "a saved model without its run folder: no dataset, the sample is random tokens repeated")
+    else:
+        model = run_model(args.run_dir, _device(args.device))
+        data = run_dataset(args.run_dir)
     out = Path(args.out) if args.out else Path(args.run_dir) / "circuits"
     extra = []
     if args.adapter:                # a LoRA adapter: per-head QK/OV deltas, then the circuits of the merged model
@@ -165,8 +171,6 @@ def cmd_circuits(args: argparse.Namespace) -> int:
 
         model, deltas = merge_adapter_for_analysis(model, args.adapter, out)
         extra.append(str(deltas))
-    from modformer.console import note
-
     note("circuits", f"{args.run_dir}: weights, head detectors, attention page -> {out}")
     summary = analyze(model, out, data, html=args.html, text=args.text, title=f"circuits: {Path(args.run_dir).name}")
     files = summary["files"] + extra
