@@ -37,3 +37,21 @@ def test_bench_startup_reports_every_phase(tmp_path):
     assert rows["  Trainer(): optimizer (build_optimizer)"] > 0 and rows["  Trainer(): dataset (build_dataset)"] > 0
     assert rows["  Trainer(): metrics logger (tensorboard)"] is not None        # the logger is built either way
     assert head["process_wall_s"] >= head["trainer_init_s"] + head["first_step_s"]
+
+
+def test_compiled_runs_use_a_persistent_inductor_cache_unless_one_is_set(tmp_path, monkeypatch):
+    from modformer.config import load_config
+    from modformer.train.compile_cache import use_persistent_cache
+    from modformer.train.trainer import Trainer
+
+    monkeypatch.setenv("MODFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cfg = load_config(ROOT / "configs" / "grokking.yaml", ["model.n_layer=1", "model.d_model=32", "model.d_ff=64",
+                                                           "train.compile=true", "train.tensorboard=false",
+                                                           "train.progress=false", f"out_dir={tmp_path}"])
+    Trainer(cfg).lock.release()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))      # a benchmark's empty cache is kept
+    assert use_persistent_cache() == tmp_path / "cold"

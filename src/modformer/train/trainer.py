@@ -25,6 +25,7 @@ from modformer.config import ConfigError, ModelConfig, RunConfig, TrainConfig, f
 from modformer.data import Dataset, build_dataset
 from modformer.saving import build_model, unwrap
 from modformer.train import checkpoint as ckpt
+from modformer.train.compile_cache import use_persistent_cache
 from modformer.train.distributed import World, all_reduce_sum, barrier, init_world, shutdown, wrap_model
 from modformer.train.ema import build_ema, update_ema
 from modformer.train.fp8 import check_fp8, convert_to_float8
@@ -130,6 +131,8 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.t_start = time.perf_counter()
+        if t.compile:                   # before anything imports Inductor (it fixes its cache folder on first use)
+            use_persistent_cache()      # kernels survive /tmp cleaning, unless TORCHINDUCTOR_CACHE_DIR is set
         self.world = init_world("cuda" if t.device.startswith("cuda") or (
             t.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(t.device, self.world)
