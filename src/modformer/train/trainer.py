@@ -167,6 +167,9 @@ class Trainer:
             self._init_weights_from(Path(t.init_from))
         self.ema = build_ema(self.raw_model, t, self.sharded)
         compile_args = compile_kwargs(t)              # checked even when compile is off: a typo fails early
+        if self.sharded and t.precision.startswith("fp8"):
+            raise ConfigError(f"train.precision={t.precision} quantises whole weight matrices; use "
+                              "train.distributed=ddp, not fsdp")
         if self.sharded and t.optimizer == "muon":
             raise ConfigError("train.optimizer=muon needs whole weight matrices; use train.distributed=ddp, not fsdp")
         if t.compile and self.sharded:   # FSDP2: compile each block (its hooks stay outside the graphs)
