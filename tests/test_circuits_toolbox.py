@@ -147,7 +147,7 @@ def _run_benches(tmp_path) -> None:  # noqa: ANN001
                                "--induction-lora-steps", "3", "--ks", "1", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "circuits_lora.json").read_text())
     comps = r["induction"]["components"]
-    assert comps and {c["name"].split(".")[1] for c in comps} <= {"qk", "ov"}
+    assert comps and {c["name"].split(".")[1] for c in comps} <= {"qk", "ov", "wpe"}
     assert r["headline"]["induction"]["n_components"] == len(comps)
 
 

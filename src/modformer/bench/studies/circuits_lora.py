@@ -9,7 +9,9 @@ Two adapters, each on a model with a known circuit:
   ``--induction-run`` such as configs/induction_2l.yaml) gets an adapter on qkv and out for a *skip copy*: on a
   repeated span predict the token two after the earlier copy of the current token, not the next one. The expected
   circuit: the layer-0 previous-token head attends two back instead of one (its QK), so the induction head's keys
-  match one token later.
+  match one token later. The adapter also gets the learned position table (``wpe``, PEFT's Embedding LoRA) when the
+  model has one: on the toy model (shortformer positions) an adapter on qkv and out alone stayed at 0.07-0.08
+  accuracy after 1,000 steps (lr 5e-3 and 2e-2), with ``wpe`` it reached 0.51 in 200 steps.
 
 For each: accuracy of the new behaviour (and the old) with the base, the adapter, the adapter's components ranked by
 weight-delta size (``interp.adapter_circuits``: per head QK and OV, per MLP), each removed alone, only the top k kept
@@ -104,14 +106,15 @@ def induction_part(args: argparse.Namespace) -> dict[str, Any]:
     skip = RepeatedSpans(data.vocab_size, data.seq_len, data.min_span, data.max_span, shift=2, seed=args.seed)
     val_skip = list(skip.iter_eval("val", 64, 4))
     val_next = list(data.iter_eval("val", 64, 4))
-    tuned, seconds = train_adapter(base, skip, ("qkv", "out"), args.rank, args.induction_lora_steps,
+    targets = ("qkv", "out", "wpe") if getattr(base.position, "wpe", None) is not None else ("qkv", "out")
+    tuned, seconds = train_adapter(base, skip, targets, args.rank, args.induction_lora_steps,
                                    args.induction_lora_lr,
                                    64, TrainConfig(lr=args.induction_lora_lr, batch_size=64, weight_decay=0.0))
     study = ablation_study(base, tuned, lambda m: accuracy(m, val_skip), ks=tuple(args.ks))
     probe = min(16, data.seq_len // 2)
     s = heads.head_scores(base, length=probe)
     return {"task": "skip copy: on a repeated span predict the token two after the earlier copy", "model": info,
-            "targets": ["qkv", "out"], "rank": args.rank, "steps": args.induction_lora_steps,
+            "targets": list(targets), "rank": args.rank, "steps": args.induction_lora_steps,
             "adapter_seconds": round(seconds, 1),
             "base_heads": {"prev_token_L0": [round(float(v), 4) for v in s["prev_token"][0]],
                            "induction_L1": [round(float(v), 4) for v in s["induction"][1]]},

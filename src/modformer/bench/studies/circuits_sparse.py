@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 "students": {r["model"]: {"acc": r["acc"], "induction_short": r["short_induction_score"],
                                           "induction_long": r["long_induction_score"],
                                           "prev_token": r["short_prev_token_score"],
-                                          "keeps_teacher_pair": r["short_best_pair"] == t["short_best_pair"]}
+                                          "keeps_prev_token_head": set(t["short_prev_token_heads"]) <= set(
+                                              r["short_prev_token_heads"]),
+                                          "induction_heads_short": r["short_induction_heads"],
+                                          "patching_recovery_short": r["short_patching_recovery_named_heads"]}
                              for r in rows[1:]}}
     extra = {"teacher": info, "seconds": round(time.time() - t0, 1), "distill_steps": args.steps, "lr": args.lr,
              "threshold": args.threshold}
