@@ -11,9 +11,9 @@ components' deltas, so the study can
 - keep only the top k and measure the new behaviour (does the small circuit explain it?),
 - remove each component, or the top k, from the full adapter (is the behaviour lost?).
 
-The sizes agree with ``interp.deltas.head_deltas`` in ranking heads that only one side (QK or OV) moves; the
-bilinear-form norms there are the better size for a head (they see ``W_Q dW_K^T`` products), these are exact
-weight slices that can be switched on and off.
+``interp.deltas.head_deltas`` measures a head's change on its bilinear forms (``W_Q W_K^T``, ``W_V W_O``); the
+components here are the exact weight slices behind them, which can be switched on and off (tested: keeping one
+head's QK part moves only that head's ``W_Q W_K^T``).
 """
 
 from __future__ import annotations
