@@ -298,6 +298,8 @@ def test_speedrun_study_plan_and_headline():
     assert [r["name"] for r in runs] == ["baseline_s0", "baseline_s1", "baseline_s2", "recipe_s0", "recipe_s1",
                                          "recipe_s2", "no_unet_s0", "recipe_lr0.003_s0"]
     assert runs[6]["overrides"] == ["model.unet_skips=false"] and runs[7]["overrides"][0] == "train.lr=0.003"
+    alone = speedrun.plan(["ablations"], [4, 5], [], ["no_unet"])     # the recipe's same-seed run comes along
+    assert [r["name"] for r in alone] == ["recipe_s4", "no_unet_s4"]
 
     def row(name, group, seed, tokens, lr=5e-3):
         return {"name": name, "group": group, "seed": seed, "tokens_to_target": tokens, "lr": lr,

@@ -11,12 +11,15 @@ every run here, the baseline included). Parts (``--parts``):
   ``--seeds[0]``: which components carry the gain;
 - ``lrs``: the recipe at each Muon/AdamW learning rate of ``--lrs``, seed ``--seeds[0]``.
 
+Ablations and learning rates are compared with the recipe's run of the same seed, which the call adds when
+``recipe`` is not among the parts.
+
 Headline: the median tokens (and min-max over seeds) of baseline and recipe, their ratio, the best learning rate
 and each ablation's tokens relative to the recipe's same-seed run. Tokens, not seconds, are the question here
 (``modformer bench time-to-loss`` times the same configs from process start), so runs share the torch.compile
 cache unless ``--cold-cache``.
 
-    modformer bench speedrun --out benchmarks/results                       # everything (~9 GPU min on one H200)
+    modformer bench speedrun --out benchmarks/results                       # everything (~12 GPU min on one H200)
     modformer bench speedrun --parts baseline recipe --seeds 0              # a quick pair (~1.5 min)
     modformer bench speedrun --parts baseline recipe ablations --ablations no_unet --seeds 0 --target 3.3 \\
         --set train.device=cpu --set train.compile=false --set model.n_layer=4 --set model.d_model=64 \\
@@ -59,9 +62,9 @@ def plan(parts: list[str], seeds: list[int], lrs: list[float], ablations: list[s
     if "baseline" in parts:
         runs += [{"name": f"baseline_s{s}", "group": "baseline", "seed": s, "config": BASELINE, "overrides": []}
                  for s in seeds]
-    if "recipe" in parts:
-        runs += [{"name": f"recipe_s{s}", "group": "recipe", "seed": s, "config": RECIPE, "overrides": []}
-                 for s in seeds]
+    recipe_seeds = seeds if "recipe" in parts else [first] if {"ablations", "lrs"} & set(parts) else []
+    runs += [{"name": f"recipe_s{s}", "group": "recipe", "seed": s, "config": RECIPE, "overrides": []}
+             for s in recipe_seeds]              # ablations and learning rates compare with the recipe's same seed
     if "ablations" in parts:
         runs += [{"name": f"{a}_s{first}", "group": a, "seed": first, "config": RECIPE, "overrides": ABLATIONS[a]}
                  for a in ablations]
