@@ -300,6 +300,9 @@ def test_speedrun_study_plan_and_headline():
     assert runs[6]["overrides"] == ["model.unet_skips=false"] and runs[7]["overrides"][0] == "train.lr=0.003"
     alone = speedrun.plan(["ablations"], [4, 5], [], ["no_unet"])     # the recipe's same-seed run comes along
     assert [r["name"] for r in alone] == ["recipe_s4", "no_unet_s4"]
+    extra = speedrun.plan([], [0, 1], [], [], [["base_qk", "configs/x.yaml", "model.qk_norm=true"]])
+    assert [(r["name"], r["group"], r["overrides"]) for r in extra] == [
+        ("base_qk_s0", "base_qk", ["model.qk_norm=true"]), ("base_qk_s1", "base_qk", ["model.qk_norm=true"])]
 
     def row(name, group, seed, tokens, lr=5e-3):
         return {"name": name, "group": group, "seed": seed, "tokens_to_target": tokens, "lr": lr,
@@ -315,5 +318,7 @@ def test_speedrun_study_plan_and_headline():
     assert h["recipe"]["tokens_median"] == 525 * 16384 and h["recipe"]["tokens_min"] == 500 * 16384
     assert h["token_ratio_baseline_over_recipe"] == 800 / 525
     assert h["best_lr"] == 3e-3 and h["ablations"]["no_unet"]["ratio_to_recipe"] == 600 / 500
+    h = speedrun.headline(rows + [row("base_qk_s0", "base_qk", 0, 600 * 16384)], 1.47)
+    assert h["runs"] == {"base_qk": speedrun.group_stats(rows + [row("x", "base_qk", 0, 600 * 16384)], "base_qk")}
     two_missed = rows[:1] + [row("b1", "baseline", 1, None), row("b2", "baseline", 2, None)]
     assert speedrun.group_stats(two_missed, "baseline")["tokens_median"] is None

@@ -55,8 +55,10 @@ ABLATIONS = {
 }
 
 
-def plan(parts: list[str], seeds: list[int], lrs: list[float], ablations: list[str]) -> list[dict]:
-    """The runs of a call, in order: ``{"name", "group", "seed", "config", "overrides"}``."""
+def plan(parts: list[str], seeds: list[int], lrs: list[float], ablations: list[str],
+         extra: list[list[str]] | None = None) -> list[dict]:
+    """The runs of a call, in order: ``{"name", "group", "seed", "config", "overrides"}``; ``extra`` holds
+    ``[NAME, CONFIG, key=value, ...]`` runs made for every seed after the parts."""
     runs = []
     first = seeds[0]
     if "baseline" in parts:
@@ -71,6 +73,9 @@ def plan(parts: list[str], seeds: list[int], lrs: list[float], ablations: list[s
     if "lrs" in parts:
         runs += [{"name": f"recipe_lr{lr:g}_s{first}", "group": f"lr{lr:g}", "seed": first, "config": RECIPE,
                   "overrides": [f"train.lr={lr}", f"train.min_lr={min(lr, 1e-4)}"]} for lr in lrs]
+    for name, config, *overrides in extra or []:
+        runs += [{"name": f"{name}_s{s}", "group": name, "seed": s, "config": config, "overrides": overrides}
+                 for s in seeds]
     return runs
 
 
@@ -128,17 +133,23 @@ def headline(rows: list[dict], target: float) -> dict:
                                      if r["tokens_to_target"] and same else None}
     if ablations:
         out["ablations"] = ablations
+    extra = sorted({r["group"] for r in rows} - {"baseline", "recipe", *ABLATIONS} - {r["group"] for r in lr_rows})
+    extra = [g for g in extra if not g.startswith("lr")]
+    if extra:                                               # --run groups: median and spread over their seeds
+        out["runs"] = {g: group_stats(rows, g) for g in extra}
     return out
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modformer bench speedrun", description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", default=["baseline", "recipe", "ablations", "lrs"],
+    p.add_argument("--parts", nargs="*", default=["baseline", "recipe", "ablations", "lrs"],
                    choices=["baseline", "recipe", "ablations", "lrs"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="baseline and recipe seeds")
     p.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 8e-3],
                    help="extra learning rates of the recipe (its own 5e-3 is the recipe run)")
     p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--run", nargs="+", action="append", default=[], metavar="NAME CONFIG [key=value]",
+                   help="an extra run for every seed (repeatable), e.g. --run base_qk configs/... model.qk_norm=true")
     p.add_argument("--target", type=float, default=1.47, help="target val loss")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="override for every run (e.g. a CPU toy: train.device=cpu train.compile=false ...)")
@@ -158,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = ["train.early_stop_metric=val/loss", "train.early_stop_mode=min", f"train.early_stop_target={args.target}"]
     device_arg = next((s.split("=", 1)[1] for s in args.set if s.startswith("train.device=")), "auto")
     measured = torch.device(device_arg if device_arg != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    runs = plan(args.parts, args.seeds, args.lrs, args.ablations)
+    for spec in args.run:
+        if len(spec) < 2 or not Path(spec[1]).is_file() or spec[0] in ("baseline", "recipe", *ABLATIONS):
+            raise SystemExit(f"--run needs a new NAME and an existing CONFIG [key=value ...], got {spec}")
+    runs = plan(args.parts, args.seeds, args.lrs, args.ablations, args.run)
     rows: list[dict] = []
     path = None
     for i, spec in enumerate(runs, 1):                  # one at a time: each run has the device to itself
