@@ -2,9 +2,10 @@
 to a fixed loss (seed 003's "NaN frequency 5% -> <0.1%", "gradient variance High -> Low", "100k -> 70k steps").
 
 Recipes (model fields from ``studies.stability.RECIPES``): **2017** = post-LayerNorm, sinusoidal positions,
-ReLU MLP, biases, sqrt(d)-scaled embeddings, *no warmup*; **modern** = pre-RMSNorm, RoPE, SwiGLU, no biases,
-warmup over the first 10% of steps. Both: Tiny Shakespeare characters, AdamW, cosine schedule, gradient clip 1
-(``--grad-clip 0`` removes it: clipping is itself a stabiliser), the same width, heads and learning rate(s).
+ReLU MLP, biases, sqrt(d)-scaled embeddings initialised at std d^-1/2, *no warmup*; **modern** = pre-RMSNorm,
+RoPE, SwiGLU, no biases, warmup over the first 10% of steps. Both: Tiny Shakespeare characters, AdamW, cosine
+schedule, gradient clip 1 (``--grad-clip 0`` removes it: clipping is itself a stabiliser), the same width, heads
+and learning rate(s).
 For every recipe x depth x learning rate x seed one short run; per cell:
 
 * ``nonfinite_share``: runs whose training or validation loss became NaN/inf (the trainer stops them);
@@ -46,13 +47,19 @@ def cv(values: list[float]) -> float | None:
     return statistics.pstdev(values) / statistics.fmean(values)
 
 
+def extras(recipe: str, width: int) -> dict[str, float]:
+    """The 2017 recipe's embedding init, std d^-1/2 (with its sqrt(d) scale: unit-size token embeddings beside the
+    unit sinusoids, as configs/sweeps/stability.yaml); at std 0.02 the sinusoids drown them and it stalls."""
+    return {"embed_init_std": width ** -0.5} if recipe == "y2017" else {}
+
+
 def run_one(recipe: str, depth: int, lr: float, seed: int, args: argparse.Namespace, runs: Path) -> dict[str, Any]:
     """One short run; its non-finite flag, gradient-norm statistics and steps to the target loss."""
     name = f"{recipe}_d{depth}_lr{lr:g}_s{seed}"
     cfg = RunConfig(
         name=name, out_dir=str(runs),
         model=ModelConfig(n_layer=depth, d_model=args.width, n_head=args.heads, max_seq_len=args.seq_len,
-                          dropout=0.0, **RECIPES[recipe]),
+                          dropout=0.0, **RECIPES[recipe], **extras(recipe, args.width)),
         data=DataConfig(name="shakespeare_char", seq_len=args.seq_len),
         train=TrainConfig(steps=args.steps, batch_size=args.batch, lr=lr, warmup_steps=0 if recipe == "y2017"
                           else max(args.steps // 10, 1), grad_clip=args.grad_clip, eval_every=args.eval_every,
