@@ -5,7 +5,8 @@
 the distillation config's ``student`` fields: the base config's options when it is of the same attention kind, the
 density-tuned option with ``--density`` (the gate keeps the most blocks within the density; every fixed family is
 tuned to the gate's exact density, so all students keep the same share of pairs), then the method's own
-``key=value`` overrides. ``density_curve`` measures next-token KL to the teacher per family at each density (the
+``key=value`` overrides. ``density_curve`` measures next-token KL to the teacher per family at each density (fixed
+families tuned to the density itself, the gate at the most blocks within it; the
 students as built, the gate at its identity initialisation, or after ``steps`` distillation steps each);
 the students run the dense keep-mask kernel (``attn_backend: sdpa``: the same attention as the flex BlockMask,
 without a kernel compile per mask). ``plot_curve`` draws KL against density, one line per family.
@@ -32,8 +33,9 @@ def target_density(seq_len: int, block: int, density: float) -> tuple[int, float
 
 
 def student_spec(method: str, overrides: dict[str, Any], base: dict[str, Any], seq_len: int,
-                 density: float | None, gate_block: int) -> dict[str, Any]:
-    """The ``student`` fields of one method (see the module doc); ``base`` is the config's ``student``."""
+                 density: float | None, gate_block: int, match_gate: bool = True) -> dict[str, Any]:
+    """The ``student`` fields of one method (see the module doc); ``base`` is the config's ``student``.
+    ``match_gate=False`` tunes a fixed family to ``density`` itself (the curve's points) instead of the gate's."""
     kind = KIND[method]
     base_opts = dict(base.get("attention_options", {}))
     if base.get("attention") == kind:
@@ -44,7 +46,7 @@ def student_spec(method: str, overrides: dict[str, Any], base: dict[str, Any], s
         opts["top_k"] = target_density(seq_len, opts.get("block_size", gate_block), density)[0]
         opts.setdefault("select", "topk")
     elif density is not None and method in dn.FAMILIES:
-        target = target_density(seq_len, gate_block, density)[1]
+        target = target_density(seq_len, gate_block, density)[1] if match_gate else density
         fixed = {k: v for k, v in overrides.items() if k != "block_size"}
         base_fixed = opts if base.get("attention") == kind else {}
         tuned = dn.tune(method, seq_len, target, **{**{k: v for k, v in base_fixed.items() if k != "block_size"},
@@ -77,7 +79,7 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
             continue
         seen = set()
         for d in densities:
-            spec = student_spec(method, overrides, cfg.student, seq_len, d, gate_block)
+            spec = student_spec(method, overrides, cfg.student, seq_len, d, gate_block, match_gate=False)
             spec["attn_backend"] = "sdpa"
             key = repr(sorted(spec["attention_options"].items()))
             if key in seen:                 # e.g. the gate's top_k is the same at two low densities
