@@ -81,7 +81,7 @@ def test_ablation_study_reports_base_full_and_top_k() -> None:
     r = ac.ablation_study(base, tuned, metric, ks=(1, 8, 99))
     assert r["full"] == 1.0 and r["base"] < 1.0 and r["n_components"] == 8      # 4 heads x (qk, ov) of layer 0
     assert [c["rel"] for c in r["components"]] == sorted((c["rel"] for c in r["components"]), reverse=True)
-    assert [t["k"] for t in r["top_k"]] == [1, 8]
+    assert [t["k"] for t in r["top_k"]] == [1, 8] and all("alone" in c for c in r["components"])
     assert r["top_k"][-1]["only_top_k"] == 1.0 and r["top_k"][-1]["recovered"] == 1.0
     assert r["minimal_k"] in (1, 8)
 

@@ -9,7 +9,7 @@ components' deltas, so the study can
 
 - rank components by relative size ``||dW_c||_F / ||W_c||_F`` (the circuit "extracted from the adapter alone"),
 - keep only the top k and measure the new behaviour (does the small circuit explain it?),
-- remove each component, or the top k, from the full adapter (is the behaviour lost?).
+- remove each component, or the top k, from the full adapter (is the behaviour lost?), or keep each one alone.
 
 ``interp.deltas.head_deltas`` measures a head's change on its bilinear forms (``W_Q W_K^T``, ``W_V W_O``); the
 components here are the exact weight slices behind them, which can be switched on and off (tested: keeping one
@@ -107,9 +107,9 @@ def with_components(base: nn.Module, deltas: dict[str, Tensor], comps: dict[str,
 def ablation_study(base: nn.Module, tuned: nn.Module, metric: Callable[[nn.Module], float],
                    ks: tuple[int, ...] = (1, 2, 3, 4, 6, 8), recover: float = 0.9) -> dict[str, Any]:
     """Rank the adapter's components by relative size and measure ``metric`` (the new behaviour, higher = better)
-    with: the base, the full adapter, each component removed, only the top k kept, the top k removed.
+    with: the base, the full adapter, each component removed, each alone, only the top k kept, the top k removed.
 
-    Returns ``{"components": [{name, rel, abs, without}], "top_k": [{k, kept, only_top_k, without_top_k}],
+    Returns ``{"components": [{name, rel, abs, without, alone}], "top_k": [{k, kept, only_top_k, without_top_k}],
     "base", "full", "minimal_k"}``; ``minimal_k``: the smallest k whose top components alone recover
     ``recover`` of the adapter's gain ``full - base`` (None when no k in ``ks`` does)."""
     deltas = weight_delta(base, tuned)
@@ -120,8 +120,9 @@ def ablation_study(base: nn.Module, tuned: nn.Module, metric: Callable[[nn.Modul
     rows = []
     for c in order:
         without = metric(with_components(base, deltas, comps, [o for o in order if o != c]))
+        alone = metric(with_components(base, deltas, comps, [c]))
         rows.append({"name": c, "rel": round(sizes[c]["rel"], 5), "abs": round(sizes[c]["abs"], 5),
-                     "without": round(without, 4)})
+                     "without": round(without, 4), "alone": round(alone, 4)})
     top, minimal = [], None
     gain = m_full - m_base
     for k in ks:
