@@ -101,12 +101,15 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
     return rows
 
 
-def plot_curve(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
-    """KL vs density (log-log), one line per family; None when there is nothing to draw."""
+def plot_curve(rows: list[dict[str, Any]], path: Path, title: str = "",
+               distilled: list[dict[str, Any]] | None = None) -> Path | None:
+    """KL vs density (log-log), one line per family, and each distilled student (``family``, ``density``, ``kl``)
+    as a star in its family's colour; None when there is nothing to draw."""
     pts = [r for r in rows if r.get("density") and r.get("kl")]
     if not pts:
         return None
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -114,9 +117,17 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
     for fam in dict.fromkeys(r["family"] for r in pts):
         xs = sorted((r["density"], r["kl"]) for r in pts if r["family"] == fam)
-        ax.plot([x for x, _ in xs], [y for _, y in xs], marker="o", ms=3, label=fam)
+        line, = ax.plot([x for x, _ in xs], [y for _, y in xs], marker="o", ms=3, label=fam)
+        for d in distilled or []:
+            if d.get("family") == fam and d.get("density") and d.get("kl"):
+                ax.plot([d["density"]], [d["kl"]], marker="*", ms=9, color=line.get_color(), ls="none")
+    if distilled:
+        ax.plot([], [], marker="*", ms=9, color="gray", ls="none", label="distilled")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ticks = [x for x in (0.05, 0.1, 0.25, 0.5, 0.75) if min(r["density"] for r in pts) * 0.8 <= x]
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("kept share of causal pairs")
     ax.set_ylabel("next-token KL to the teacher (nats)")
     ax.set_title(title, fontsize=9)

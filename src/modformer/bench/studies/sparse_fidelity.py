@@ -214,12 +214,24 @@ def run_curve(args: argparse.Namespace, teacher_dir: Path, out: Path, device: to
     teacher, _ = load_teacher(teacher_dir, device)
     rows = sd.density_curve(cfg, methods, args.curve, teacher, build_dataset(cfg.data), out, args.curve_steps,
                          args.gate_block)
-    title = f"T={cfg.data.seq_len}, " + (f"{args.curve_steps} distillation steps" if args.curve_steps
-                                         else "no fine-tuning (gate: identity init)")
-    path = sd.plot_curve(rows, out / "sparse_density.png", title)
+    title = f"T={cfg.data.seq_len}; lines: " + (f"{args.curve_steps} distillation steps" if args.curve_steps
+                                                else "no fine-tuning (gate: identity init)")
+    title += f"\nstars: the students distilled {args.distill_steps or 'config'} steps"
+    path = sd.plot_curve(rows, out / "sparse_density.png", title, distilled_points(prev_records(out)))
     if path:
         log(f"curve plot: {path}")
     return rows
+
+
+def prev_records(out: Path) -> list[dict[str, Any]]:
+    """The methods OUT/sparse_fidelity.json holds so far (the curve runs after them)."""
+    return previous(out).get("methods", [])
+
+
+def distilled_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(family, density, KL after distillation) of each measured student, for the curve plot."""
+    return [{"family": r["method"].partition(":")[0], "density": r.get("density_exact"), "kl": r["after"]["kl"]}
+            for r in records if "after" in r]
 
 
 def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
