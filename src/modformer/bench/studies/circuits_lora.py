@@ -11,14 +11,14 @@ Two adapters, each on a model with a known circuit:
   circuit: the layer-0 previous-token head attends two back instead of one (its QK), so the induction head's keys
   match one token later. The adapter also gets the learned position table (``wpe``, PEFT's Embedding LoRA) when the
   model has one: on the toy model (shortformer positions) an adapter on qkv and out alone stayed at 0.07-0.08
-  accuracy after 1,000 steps (lr 5e-3 and 2e-2), with ``wpe`` it reached 0.51 in 200 steps.
+  accuracy after 600-800 steps (rank 4 and 8, lr 5e-3 and 2e-2), with ``wpe`` it reached 0.51 in 200 steps.
 
 For each: accuracy of the new behaviour (and the old) with the base, the adapter, the adapter's components ranked by
 weight-delta size (``interp.adapter_circuits``: per head QK and OV, per MLP), each removed alone, only the top k kept
 and the top k removed; per-head bilinear deltas (``interp.deltas``); for the induction model the layer-0 heads'
 attention to one and two tokens back before and after. Writes OUT/circuits_lora.json.
 
-    modformer bench circuits-lora                      # CPU, ~5 min on 2 shared cores
+    modformer bench circuits-lora                      # CPU, 5-25 min on 2 shared cores (by load)
     modformer bench circuits-lora --grok-steps 200 --induction-steps 300 --lora-steps 50 \
         --induction-lora-steps 20                     # smoke test
 """

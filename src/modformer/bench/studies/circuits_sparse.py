@@ -10,7 +10,7 @@ induction (prefix-matching) scores, the K-composition of the best pair and the p
 windows); term importance (``interp.terms``: the loss with the direct, one-head, two-head (virtual head) or bias
 paths removed, patterns frozen; the top head paths). Writes OUT/circuits_sparse.json.
 
-    modformer bench circuits-sparse                    # CPU, ~4 min on 2 shared cores
+    modformer bench circuits-sparse                    # CPU, 8-13 min on 2 shared cores (by load)
     modformer bench circuits-sparse --teacher-steps 300 --steps 20 --students sliding_window:8   # smoke test
 """
 
