@@ -64,7 +64,7 @@ class TrainProcess:
             self.lines.append((t, line.rstrip()))
             self._log.write(f"[{t:8.2f}s] {line}")
             self._log.flush()
-            if self.t_target is None and line.startswith("early stop:"):
+            if self.t_target is None and "early stop:" in line:
                 self.t_target = t
 
     def wait(self) -> None:
