@@ -16,8 +16,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMPOSE = {"compose_calm.yaml": calm, "compose_calm_base.yaml": calm, "compose_calm_vocab.yaml": calm,
            "compose_cbtm.yaml": cbtm,
            "compose_cbtm_taskmix.yaml": cbtm, "compose_gates.yaml": gates_run}
-DISTILL = {"sparse_gate.yaml", "sparse_gate_4k.yaml", "sparse_performer.yaml", "sparse_sink.yaml", "sparse_sink512.yaml",
-           "sparse_window.yaml"}
+DISTILL = {"sparse_gate.yaml", "sparse_gate_4k.yaml", "sparse_performer.yaml", "sparse_sink.yaml",
+           "sparse_sink512.yaml", "sparse_window.yaml"}
 
 
 def _all() -> list[Path]:

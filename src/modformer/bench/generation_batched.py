@@ -30,6 +30,7 @@ import torch
 
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
+from modformer.bench.generation import diverse_copy
 from modformer.bench.throughput import gpt2_config
 from modformer.cli_args import device as device_arg
 from modformer.cli_args import float_in, int_in
@@ -156,17 +157,6 @@ def bf16_logit_error(model32: torch.nn.Module, model_lo: torch.nn.Module, idx: t
         hi = model32(idx, attention_mask=mask, last_only=True)[:, -1].float()
         lo = model_lo(idx, attention_mask=mask, last_only=True)[:, -1].float()
     return float((hi - lo).abs().max())
-
-
-def diverse_copy(model: torch.nn.Module, std: float, seed: int) -> torch.nn.Module:
-    """A copy whose weight matrices are redrawn from N(0, std): wide enough that greedy text varies."""
-    other = copy.deepcopy(model)
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in other.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * std)
-    return other
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

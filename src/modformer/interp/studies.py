@@ -81,18 +81,25 @@ def train_induction_model(steps: int = 600, d_model: int = 64, n_head: int = 4,
     cfg = ModelConfig(vocab_size=n_symbols, n_layer=2, d_model=d_model, n_head=n_head, max_seq_len=data.seq_len,
                       attn_only=True, position=position, norm="layernorm")
     model = build_model(cfg)
+    losses = fit_plain(model, lambda g: data.batch("train", batch_size, g), steps, lr, batch_size, seed)
+    return model.eval(), data, losses
+
+
+def fit_plain(model: nn.Module, draw: Any, steps: int, lr: float, batch_size: int, seed: int) -> list[float]:
+    """``steps`` AdamW steps (no weight decay) on batches ``draw(generator)``; the per-step training losses.
+    The toy studies' loop: small, seeded and silent (runs that need a run folder use the Trainer)."""
     opt = build_optimizer(model, TrainConfig(lr=lr, weight_decay=0.0, batch_size=batch_size))
     g = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
     for _ in range(steps):
-        x, y = data.batch("train", batch_size, g)
+        x, y = draw(g)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    return model.eval(), data, losses
+    return losses
 
 
 @torch.no_grad()

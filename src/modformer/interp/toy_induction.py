@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modformer.config import ModelConfig, TrainConfig
+from modformer.config import ModelConfig
 from modformer.data.base import Dataset
 
 
@@ -76,24 +75,14 @@ def train_toy_induction(steps: int = 2500, d_model: int = 64, n_head: int = 4, v
                         seed: int = 0) -> tuple[nn.Module, RepeatedSpans, list[float]]:
     """Train the 2-layer attention-only model on ``RepeatedSpans`` (float32, the current device: CPU); returns
     the model (eval mode), its data and the training losses."""
+    from modformer.interp.studies import fit_plain
     from modformer.saving import build_model
-    from modformer.train.optim import build_optimizer
 
     torch.manual_seed(seed)
     data = RepeatedSpans(vocab_size, seq_len, seed=seed)
     model = build_model(ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=d_model, n_head=n_head,
                                     max_seq_len=seq_len, attn_only=True, position=position, norm="layernorm"))
-    opt = build_optimizer(model, TrainConfig(lr=lr, weight_decay=0.0, batch_size=batch_size))
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        x, y = data.get_batch("train", batch_size, g)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = fit_plain(model, lambda g: data.get_batch("train", batch_size, g), steps, lr, batch_size, seed)
     return model.eval(), data, losses
 
 
