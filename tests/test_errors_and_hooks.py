@@ -46,6 +46,15 @@ def test_input_errors():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 20\)"):
         model(torch.full((1, 3), 20))
+    # off CPU (a meta tensor stands in for a GPU one): an inference call that starts a sequence reads the ids'
+    # range; training steps and cached decode steps do not (no host sync there)
+    from modformer.models.common import wants_value_check
+
+    dev = torch.empty(1, 3, dtype=torch.long, device="meta")
+    assert wants_value_check(dev, training=False, offset=0)
+    assert not wants_value_check(dev, training=True, offset=0)
+    assert not wants_value_check(dev, training=False, offset=5)
+    assert wants_value_check(torch.zeros(1, 3, dtype=torch.long), training=True, offset=5)     # CPU: always
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 10, dtype=torch.long), 10)
     rope = mf.build_model(cfg(position="rope"))     # no table: any length works

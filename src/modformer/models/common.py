@@ -15,10 +15,10 @@ def check_token_input(idx: Tensor, offset: int, cfg: ModelConfig, max_len: int |
     """ValueError for ids that are not a (B, T) integer tensor, that run past ``max_len`` from ``offset``, or
     (``check_values``: the caller decides, since reading the values syncs with the device) out of vocabulary.
 
-    Models pass ``check_values`` on CPU only, so the GPU forward gains no host sync. Off CPU, ids reach the
-    forward from the datasets (the trainer checks their vocabulary against model.vocab_size) or from a
-    ``generate`` prompt (``generation.check_prompt`` reads its range once per call); any other out-of-range
-    id stops at the CUDA embedding kernel's own bounds assert (device-side, no sync), not silently."""
+    Models decide with ``wants_value_check``: always on CPU; off CPU once per inference call that starts a
+    sequence (eval mode, no cache history), so a user's ``model(ids)`` gets this error on the GPU too, while
+    training steps and cached decode steps gain no host sync (their ids come from the datasets, whose
+    vocabulary the trainer checks, or are sampled from the model's own logits)."""
     if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
         got = f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
         raise ValueError(f"idx must be an integer tensor of shape (B, T); got {got}")
@@ -29,6 +29,13 @@ def check_token_input(idx: Tensor, offset: int, cfg: ModelConfig, max_len: int |
     if check_values and idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
         raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); "
                          f"got min {int(idx.min())}, max {int(idx.max())}")
+
+
+def wants_value_check(idx: Tensor, training: bool, offset: int) -> bool:
+    """Whether a forward reads ``idx``'s range (see ``check_token_input``); never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return idx.device.type == "cpu" or (not training and offset == 0)
 
 
 def token_embeddings(emb: nn.Embedding, idx: Tensor, scale: float, noise: float, training: bool) -> Tensor:

@@ -39,6 +39,7 @@ from modformer.models.common import (
     check_token_input,
     init_linear_and_embeddings,
     token_embeddings,
+    wants_value_check,
 )
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
@@ -132,7 +133,8 @@ class GPT(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def _check_input(self, idx: Tensor, offset: int) -> None:
-        check_token_input(idx, offset, self.cfg, self.position.max_len, check_values=idx.device.type == "cpu")
+        check_token_input(idx, offset, self.cfg, self.position.max_len,
+                          check_values=wants_value_check(idx, self.training, offset))
 
     def embed(self, idx: Tensor, ctx: Context) -> Tensor:
         x = self.hook_embed(token_embeddings(self.tok_emb, idx, self.embed_scale, self.cfg.embed_noise, self.training))

@@ -76,6 +76,7 @@ from modformer.models.common import (
     check_token_input,
     init_linear_and_embeddings,
     token_embeddings,
+    wants_value_check,
 )
 from modformer.models.generation import GenerationMixin
 from modformer.registry import ConfigError
@@ -386,9 +387,8 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def _check_input(self, idx: Tensor, offset: int = 0) -> None:
-        # value check on CPU only (a host sync elsewhere), and not while torch.compile traces (a graph break)
         check_token_input(idx, offset, self.cfg, self.position.max_len,
-                          check_values=idx.device.type == "cpu" and not torch.compiler.is_compiling())
+                          check_values=wants_value_check(idx, self.training, offset))
 
     @classmethod
     def _add_pos(cls, x: Tensor, position: nn.Module, offset: int = 0) -> Tensor:
