@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from modformer.bench.common import DEFAULT_OUT, cases, kernel_breakdown, print_table, time_fn, write_result
+from modformer.cli import HelpFormatter
 from modformer.layers.attention.kernels import AttnSpec, attend
 
 
@@ -70,7 +71,11 @@ def bench_one(t: int, dh: int, device: torch.device, dtype: torch.dtype, total_t
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench attention", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench attention", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench attention\n"
+                                        "  modformer bench attention --seq 512 2048 8192 16384 --head-dim 64"))
     p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
                    help="sequence lengths T")
     p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dimensions")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modformer.bench.common import DEFAULT_OUT, kernel_time, print_table, time_fn, write_result
+from modformer.cli import HelpFormatter
 
 
 # ---- metric functions ----------------------------------------------------------------------
@@ -298,13 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     from modformer.data import build_dataset
     from modformer.runs import run_config, run_model
 
-    p = argparse.ArgumentParser(prog="modformer bench fidelity", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench fidelity", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench fidelity --teacher runs/teacher_hf --student runs/sparse_w"))
     p.add_argument("--teacher", required=True, help="run dir, saved model, or HF folder / hub name (any family)")
     p.add_argument("--student", nargs="+", required=True, help="modformer distill run folders")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per evaluation batch")
+    p.add_argument("--eval-batches", type=int, default=8, help="evaluation batches")
     p.add_argument("--seq", type=int, nargs="*", default=[], help="attention timing lengths (CUDA only)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -36,6 +36,7 @@ import torch
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
 from modformer.bench.throughput import PRESETS, gpt2_config
+from modformer.cli import HelpFormatter
 from modformer.cli_args import device as device_arg
 from modformer.cli_args import float_in, int_in
 
@@ -152,7 +153,11 @@ def make_runs(model: torch.nn.Module, hf: torch.nn.Module | None, prompt: torch.
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="modformer bench generation", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench generation", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench generation\n"
+                                        "  modformer bench generation --batch 1 --decoders graph autotune --no-hf"))
     p.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS), help="model size")
     p.add_argument("--batch", type=int_in(">= 1"), nargs="+", default=[1], help="batch sizes (headline: 1)")
     p.add_argument("--new-tokens", type=int_in(">= 2"), default=1024, help="tokens each fast path decodes")

@@ -32,6 +32,7 @@ import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
 from modformer.bench.generation import diverse_copy
 from modformer.bench.throughput import gpt2_config
+from modformer.cli import HelpFormatter
 from modformer.cli_args import device as device_arg
 from modformer.cli_args import float_in, int_in
 from modformer.models.generation import left_pad
@@ -160,7 +161,9 @@ def bf16_logit_error(model32: torch.nn.Module, model_lo: torch.nn.Module, idx: t
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="modformer bench generation-batched", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench generation-batched", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench generation-batched --out benchmarks/results")
     p.add_argument("--tiny", action="store_true", help="small model, 4 prompts, 8 new tokens (CPU, seconds)")
     p.add_argument("--prompts", type=int_in(">= 1"), help="number of prompts (default: 64; tiny 4)")
     p.add_argument("--min-len", type=int_in(">= 1"), help="shortest prompt (default: 16; tiny 4)")
@@ -170,8 +173,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp32-rows", type=int_in(">= 1"), default=4, help="rows checked for exact identity in fp32")
     p.add_argument("--diverse-std", type=float_in("> 0"), default=0.05,
                    help="weight std of the fp32 identity check's second model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model and prompts")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device: cpu, cuda, cuda:N")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     preset = PRESETS["tiny" if args.tiny else "gpt2-124m"]

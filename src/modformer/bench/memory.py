@@ -15,6 +15,7 @@ import torch
 
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
+from modformer.cli import HelpFormatter
 
 
 def peak_gib(model: torch.nn.Module, t: int, train: bool, device: torch.device, vocab: int) -> float | str:
@@ -39,7 +40,11 @@ def peak_gib(model: torch.nn.Module, t: int, train: bool, device: torch.device, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench memory", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench memory", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench memory\n"
+                                        "  modformer bench memory --out benchmarks/results"))
     p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
                    help="sequence lengths T (batch 1)")
     p.add_argument("--backends", nargs="+", default=["eager", "sdpa", "flex"], help="attention backends (flex: GPU)")

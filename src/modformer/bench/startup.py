@@ -23,6 +23,7 @@ import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 from modformer.bench.process import child_env
+from modformer.cli import HelpFormatter
 
 CHILD = r"""
 import json, sys, time
@@ -88,7 +89,10 @@ def part_seconds(parts: dict[str, float], suffix: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench startup", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench startup", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench startup --config configs/shakespeare_char_muon.yaml"))
     p.add_argument("--config", default="configs/shakespeare_char_muon.yaml", help="run config to start")
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="config override (repeatable)")
     p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches (default: an empty one)")

@@ -44,6 +44,7 @@ from modformer.bench.common import (
 )
 from modformer.bench.fp8_gap import fp8_loss_gap
 from modformer.bench.nanogpt_peer import build_peer_model, checkout, load_model_module
+from modformer.cli import HelpFormatter
 from modformer.train.fp8 import convert_to_float8, fp8_supported
 from modformer.train.loss import chunked_cross_entropy
 
@@ -202,7 +203,11 @@ def run(preset: str, steps: int, device: torch.device, with_hf: bool, compile_ok
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench throughput", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench throughput", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench throughput --preset tiny\n"
+                                        "  modformer bench throughput --preset gpt2-124m --steps 20"))
     p.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable (default: both real ones)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     p.add_argument("--no-hf", action="store_true", help="skip the HF GPT2LMHeadModel peer")
