@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modformer.cli import HelpFormatter
 from modformer.config import ModelConfig, TrainConfig
 from modformer.data.tasks import InductionTask
 from modformer.interp import composition, heads, patching
@@ -241,13 +242,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 
-    p = argparse.ArgumentParser(prog="modformer bench circuits-pruning", description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--importance", default="ablation", choices=["ablation", "gradient"])
+    p = argparse.ArgumentParser(prog="modformer bench circuits-pruning", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench circuits-pruning --run runs/induction_2l")
+    p.add_argument("--steps", type=int, default=600, help="training steps of the toy induction model (without --run)")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--importance", default="ablation", choices=["ablation", "gradient"],
+                   help="head importance: ablation (loss change) or gradient")
     p.add_argument("--run", default=None, help="study this 2-layer run instead of training one")
-    p.add_argument("--probe-length", type=int, default=7)
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--probe-length", type=int, default=7, help="half-length of the repeated random-token probe")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     result = pruning_circuits_study(steps=args.steps, seed=args.seed, importance=args.importance, run_dir=args.run,
                                     probe_length=args.probe_length)

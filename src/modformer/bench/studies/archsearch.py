@@ -12,15 +12,20 @@ import argparse
 from pathlib import Path
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.sweep.results import read_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench archsearch", description=__doc__.splitlines()[0])
-    p.add_argument("name")
-    p.add_argument("sweep_dirs", nargs="+")
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--note", default="one seed per configuration; CPU seconds measured on a shared 2-core machine")
+    p = argparse.ArgumentParser(prog="modformer bench archsearch", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench archsearch my_search runs/sweeps/archsearch"))
+    p.add_argument("name", help="result name (NAME.json)")
+    p.add_argument("sweep_dirs", nargs="+", help="folders of the sweep's trials")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
+    p.add_argument("--note", default="one seed per configuration; CPU seconds measured on a shared 2-core machine",
+                   help="note stored in the result")
     args = p.parse_args(argv)
     import yaml
 

@@ -7,6 +7,7 @@ on GPU 0. Both are then evaluated, so the table shows the mixture perplexity nex
 parallel run must not change what is learned). The parallel run goes first, so any warm-up it leaves on the
 host (CUDA, page cache) favours the sequential run: the speed-up is, if anything, understated.
 
+Examples:
     modformer bench cbtm-parallel                                   # every visible GPU
     modformer bench cbtm-parallel --tiny --out /tmp/cbtm_par.json   # CPU smoke test (2 processes)
 """
@@ -22,6 +23,7 @@ import torch
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
 from modformer.bench.studies.compose import H100
+from modformer.cli import HelpFormatter
 from modformer.compose import cbtm
 from modformer.compose.spec import load_spec
 
@@ -42,10 +44,10 @@ def train_and_eval(name: str, overrides: list[str], workers: int, one_gpu_each: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="modformer bench cbtm-parallel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny experts, 2 processes")
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=f"{DEFAULT_OUT}/cbtm_parallel.json")
+    ap.add_argument("--runs-dir", default=None, help="folder for the training runs (default: a temporary folder)")
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/cbtm_parallel.json", help="result JSON file")
     ap.add_argument("overrides", nargs="*", help="extra c-BTM spec overrides, e.g. experts.steps=300")
     args = ap.parse_args(argv)
     runs = args.runs_dir or tempfile.mkdtemp(prefix="cbtm_par_")

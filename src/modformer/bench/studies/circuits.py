@@ -31,6 +31,7 @@ import torch
 
 from modformer import interp
 from modformer.bench.common import DEFAULT_OUT, device_name, write_result
+from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.interp import heads
 from modformer.interp.report import analyze
@@ -76,35 +77,40 @@ def notes(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="modformer bench circuits", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps-1l", type=int, default=400)
-    ap.add_argument("--steps-2l", type=int, default=600)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--n-head", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap = argparse.ArgumentParser(prog="modformer bench circuits", description=__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog=("examples:\n"
+                                         "  modformer bench circuits\n"
+                                         "  modformer bench circuits --device cuda"))
+    ap.add_argument("--steps-1l", type=int, default=400, help="training steps of the 1-layer model")
+    ap.add_argument("--steps-2l", type=int, default=600, help="training steps of the 2-layer model")
+    ap.add_argument("--d-model", type=int, default=128, help="model width")
+    ap.add_argument("--n-head", type=int, default=8, help="attention heads")
+    ap.add_argument("--seq-len", type=int, default=128, help="context length")
+    ap.add_argument("--batch", type=int, default=16, help="batch size")
+    ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--wd", type=float, default=0.01, help="weight decay")
-    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=20, help="warmup steps")
     ap.add_argument("--position", default="learned", help="learned | shortformer | rope | sinusoidal | alibi | none")
     ap.add_argument("--pos-init-std", type=float, default=None,
                     help="re-initialise the position table with this std (default: the position's own init)")
-    ap.add_argument("--norm", default="layernorm")
+    ap.add_argument("--norm", default="layernorm", help="normalisation layer: layernorm, rmsnorm, none")
     ap.add_argument("--tie", action="store_true", help="tie the embedding and unembedding")
     ap.add_argument("--repeat-fraction", type=float, default=0.0,
                     help="share of training windows holding one span of the text twice (bpe data)")
     ap.add_argument("--repeat-span", default="half", choices=["half", "random"],
                     help="half: the window is one span twice; random: a random span copied to a random later place")
-    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout")
     ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation and batch order)")
-    ap.add_argument("--copy-threshold", type=float, default=0.5)
+    ap.add_argument("--copy-threshold", type=float, default=0.5,
+                    help="copying score above which a 1-layer head counts as a copying head")
     ap.add_argument("--probe-pool", type=int, default=1000,
                     help="also probe induction with repeated tokens drawn from the N most frequent training tokens")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=f"{DEFAULT_OUT}/circuits.json")
+    ap.add_argument("--device", default="cpu", help="device: cpu, cuda, cuda:N")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--runs-dir", default=None, help="folder for the training runs (default: a temporary folder)")
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/circuits.json", help="result JSON file")
     args = ap.parse_args(argv)
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="circuits_runs_"))
     rows = []

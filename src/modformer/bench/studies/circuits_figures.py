@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from modformer.cli import HelpFormatter
+
 
 def _bars(ax: Any, values: list[float], label: str, threshold: float | None = None) -> None:
     ax.bar(range(len(values)), values, color=["tab:blue" if v > (threshold or 0.5) else "tab:gray" for v in values])
@@ -69,7 +71,9 @@ def induction_figure(row: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench circuits-figures", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench circuits-figures", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench circuits-figures")
     p.add_argument("result", help="a circuits result JSON (benchmarks/results/circuits.json)")
     p.add_argument("--out", default="runs/bench/figures", help="folder for the PNGs")
     p.add_argument("--runs", default=None,

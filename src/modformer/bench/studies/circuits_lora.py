@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.compress import evaluate, finetune, lora
 from modformer.config import DataConfig, TrainConfig
 from modformer.interp import heads
@@ -132,23 +133,26 @@ def summary_rows(name: str, part: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench circuits-lora", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench circuits-lora", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench circuits-lora --parts grokking")
     p.add_argument("--grok-run", default=None, help="a trained grokking run (default: train configs/grokking.yaml)")
     p.add_argument("--grok-steps", type=int, default=1000, help="training steps of the grokking model made here")
     p.add_argument("--induction-run", default=None,
                    help="a trained 2-layer induction run or saved model folder (default: train the toy model)")
     p.add_argument("--save-induction", default=None, help="save the toy induction model here (mf.save folder)")
     p.add_argument("--induction-steps", type=int, default=2500, help="training steps of the toy induction model")
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--lora-steps", type=int, default=1000, help="adapter steps on the grokking model")
     p.add_argument("--induction-lora-steps", type=int, default=600, help="adapter steps on the induction model")
     p.add_argument("--lora-lr", type=float, default=1e-2, help="adapter lr on the grokking model")
     p.add_argument("--induction-lora-lr", type=float, default=5e-3, help="adapter lr on the induction model")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="top-k sizes to keep / remove")
-    p.add_argument("--parts", nargs="+", default=["grokking", "induction"], choices=["grokking", "induction"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", nargs="+", default=["grokking", "induction"], choices=["grokking", "induction"],
+                   help="which models to adapt")
+    p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: fastest for these tiny models)")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

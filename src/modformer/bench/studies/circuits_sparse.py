@@ -26,6 +26,7 @@ import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 from modformer.bench.fidelity import compare_models
+from modformer.cli import HelpFormatter
 from modformer.compress.distill import DistillConfig, Distiller
 from modformer.interp.studies import measure
 from modformer.interp.terms import term_importance
@@ -54,7 +55,9 @@ def distill_student(teacher: torch.nn.Module, data: Any, spec: str, steps: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench circuits-sparse", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench circuits-sparse", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench circuits-sparse --students sliding_window:8")
     p.add_argument("--run", default=None,
                    help="a 2-layer induction run or saved model folder as teacher (default: train the toy model)")
     p.add_argument("--teacher-steps", type=int, default=2500, help="training steps of the toy teacher")
@@ -62,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
                                                       "sink_window:4:8"],
                    help="sliding_window:W or sink_window:S:W")
     p.add_argument("--steps", type=int, default=300, help="distillation steps per student")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
     p.add_argument("--probes", type=int, nargs=2, default=[6, 20],
                    help="short and long probe: half-length of the repeated random tokens (the copy distance)")
     p.add_argument("--threshold", type=float, default=0.4, help="score that names a head")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: fastest for these tiny models)")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     students = [(s, parse_student(s)) for s in args.students]

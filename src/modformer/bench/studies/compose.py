@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.compose import calm, cbtm, gates_run
 from modformer.compose.spec import load_spec
 
@@ -80,14 +81,19 @@ def bench_cbtm(args: argparse.Namespace) -> tuple[dict, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench compose", description=__doc__.splitlines()[0])
-    p.add_argument("method", choices=["cbtm", "gates", "calm"])
+    p = argparse.ArgumentParser(prog="modformer bench compose", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench compose cbtm\n"
+                                        "  modformer bench compose calm --config configs/compose_calm_base.yaml"))
+    p.add_argument("method", choices=["cbtm", "gates", "calm"], help="cbtm, gates (PHATGOOSE) or calm")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. experts.steps=100")
     p.add_argument("--config", default=None, help="YAML instead of configs/compose_METHOD.yaml, e.g. "
                    "configs/compose_calm_base.yaml")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "h100"])
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "h100"],
+                   help="cpu: toy scale; h100: the GPU-sized overrides")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     p.add_argument("--runs", default="runs/compose_bench", help="run folders (models, partial JSON)")
     p.add_argument("--result-name", default=None, help="result file name (default: METHOD)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")

@@ -10,6 +10,7 @@ splits ``train.batch_size`` over processes x micro-steps, so both see the same e
 Every launched process gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 (NVLink multicast off, as the device README requires).
 
+Examples:
     modformer bench ddp-scaling --nproc 1 2 4                  # GPUs; configs/ddp_gpt2_wikitext2.yaml
     modformer bench ddp-scaling --tiny --nproc 1 2 --out /tmp/ddp.json   # CPU smoke test (gloo)
     modformer bench ddp-scaling --nproc 2 --strategies fsdp --set train.profile_steps=[60,62] --runs-dir R
@@ -31,6 +32,7 @@ import torch
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
 from modformer.bench.process import SRC
+from modformer.cli import HelpFormatter
 from modformer.train.logging import read_metrics, steady_tokens_per_s
 
 STRATEGIES = {   # name -> trainer overrides
@@ -71,16 +73,18 @@ def max_rel_diff(a: list, b: list) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="modformer bench ddp-scaling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(CONFIGS / "ddp_gpt2_wikitext2.yaml"))
-    ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+                                formatter_class=HelpFormatter)
+    ap.add_argument("--config", default=str(CONFIGS / "ddp_gpt2_wikitext2.yaml"), help="training config of every run")
+    ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2],
+                    help="process counts to run (GPUs; CPU processes with --tiny)")
     ap.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], choices=list(STRATEGIES),
                     help="ddp / fsdp: fp32 gradient average; *_bf16: averaged in bf16 (half the traffic)")
-    ap.add_argument("--per-process-batch", type=int, default=12)
+    ap.add_argument("--per-process-batch", type=int, default=12,
+                    help="batch size per process (the single-GPU reference accumulates N of them)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, gloo, a few steps")
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=f"{DEFAULT_OUT}/ddp_scaling.json")
+    ap.add_argument("--runs-dir", default=None, help="folder for the training runs (default: a temporary folder)")
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/ddp_scaling.json", help="result JSON file")
     args = ap.parse_args(argv)
     args.runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="ddp_runs_")
     common = (TINY if args.tiny else []) + args.set

@@ -10,6 +10,7 @@ and the total adds the weights and Adam state held between steps.
 Time: median step over ``--steps`` timed steps after warm-up. The loss of the first step is compared between
 the two settings (checkpointing recomputes, it must not change the numbers).
 
+Examples:
     modformer bench grad-checkpointing                          # GPU: both models, batch 8 x 1024
     modformer bench grad-checkpointing --tiny --out runs/bench  # CPU: two small models, batch 4 x 128
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
+from modformer.cli import HelpFormatter
 
 MODELS = {"gpt2-124m": (12, 768, 12), "24-layer": (24, 1024, 16), "tiny-4l": (4, 128, 4), "tiny-8l": (8, 128, 4)}
 
@@ -96,15 +98,16 @@ def measure(name: str, ckpt: bool, args: argparse.Namespace, device: torch.devic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench grad-checkpointing", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--models", nargs="+", default=["gpt2-124m", "24-layer"], choices=list(MODELS))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--warmup", type=int, default=3)
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--models", nargs="+", default=["gpt2-124m", "24-layer"], choices=list(MODELS),
+                   help="model shapes measured")
+    p.add_argument("--batch", type=int, default=8, help="batch size")
+    p.add_argument("--seq-len", type=int, default=1024, help="context length")
+    p.add_argument("--vocab", type=int, default=50304, help="vocabulary size")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--tiny", action="store_true", help="CPU scale: tiny-4l and tiny-8l, batch 4 x 128, vocab 512")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     if "--tiny" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(models=["tiny-4l", "tiny-8l"], batch=4, seq_len=128, vocab=512, warmup=2, steps=5)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
 from modformer.bench.process import SRC
+from modformer.cli import HelpFormatter
 
 BASELINE = ["train.batch_size=0", "train.lr=1e-3", "train.betas=[0.9,0.98]", "train.weight_decay=1.0",
             "train.decay_embeddings=false", "train.label_smoothing=0", "model.init=gpt2",
@@ -47,10 +48,14 @@ def run(name: str, overrides: list[str], out_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench grokking", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--baseline-steps", type=int, default=500)
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p = argparse.ArgumentParser(prog="modformer bench grokking", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench grokking\n"
+                                        "  modformer bench grokking --out benchmarks/results"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each recipe")
+    p.add_argument("--baseline-steps", type=int, default=500, help="training steps of the baseline")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,19 +25,22 @@ from pathlib import Path
 import torch
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, write_result
+from modformer.cli import HelpFormatter
 from modformer.config import load_config
 from modformer.interp import fourier
 from modformer.train.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="modformer bench grokking-fourier", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(CONFIGS / "grokking.yaml"))
+    ap = argparse.ArgumentParser(prog="modformer bench grokking-fourier", description=__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog="examples:\n  modformer bench grokking-fourier --steps 300 --threads 1")
+    ap.add_argument("--config", default=str(CONFIGS / "grokking.yaml"), help="training config of the grokking model")
     ap.add_argument("--steps", type=int, default=400, help="train this long (no early stop), snapshots every eval")
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=f"{DEFAULT_OUT}/grokking_fourier.json")
+    ap.add_argument("--eval-every", type=int, default=10, help="steps between Fourier / restricted-loss measurements")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--runs-dir", default=None, help="folder for the training runs (default: a temporary folder)")
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/grokking_fourier.json", help="result JSON file")
     args = ap.parse_args(argv)
 
     overrides = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "train.early_stop_metric=null",

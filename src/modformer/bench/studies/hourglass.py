@@ -25,6 +25,7 @@ a time limit leaves what it finished; ``--budget-s`` skips runs that would not f
 the estimate); ``--reuse RESULT`` continues an earlier result (its runs are not rerun, e.g. to add an lr to the
 sweep or variants in a second call on a machine with a per-command time limit).
 
+Examples:
     modformer bench hourglass --budget-s 560 --profile --out benchmarks/results    # the canonical result (H200)
     modformer bench hourglass --tiny --out /tmp/hg.json                          # CPU smoke test, not a measurement
 """
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.config import load_config
 from modformer.saving import unwrap
 from modformer.train.logging import read_metrics, steady_tokens_per_s, warmup_seconds
@@ -220,8 +222,8 @@ def profile(config: Path, overrides: list[str], runs_dir: Path, gpt_config: Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench hourglass", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default="shakespeare", choices=sorted(CORPORA))
+                                formatter_class=HelpFormatter)
+    p.add_argument("--corpus", default="shakespeare", choices=sorted(CORPORA), help="training text")
     p.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3", help="peak learning rates swept for both models")
     p.add_argument("--seeds", type=int, default=3, help="seeds at each model's best lr (seed 0 = the sweep run)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the configs')")
@@ -233,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", default=None, metavar="RESULT",
                    help="an earlier result of this study: its runs (same corpus, names) count as done, not rerun")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 6 steps, T=64")
-    p.add_argument("--out", default=f"{DEFAULT_OUT}/hourglass.json")
-    p.add_argument("--runs-dir", default=None)
+    p.add_argument("--out", default=f"{DEFAULT_OUT}/hourglass.json", help="result JSON file")
+    p.add_argument("--runs-dir", default=None, help="folder for the training runs (default: a temporary folder)")
     args = p.parse_args(argv)
     try:
         lrs = [float(x) for x in args.lrs.split(",")]

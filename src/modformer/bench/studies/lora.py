@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.compress import count_params, evaluate, finetune, lora
 from modformer.config import DataConfig
 from modformer.data import build_dataset
@@ -51,18 +52,22 @@ def train_curve(model: torch.nn.Module, data: object, tcfg: object, steps: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench lora", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench lora", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench lora --run runs/grokking --configs r3_qkv"))
     p.add_argument("--run", default=None, help="a trained grokking run (default: train one, as modformer bench prune)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--steps", type=int, default=500, help="fine-tuning steps of every run")
+    p.add_argument("--every", type=int, default=100, help="steps between evaluations")
     p.add_argument("--lr", type=float, default=3e-3, help="full fine-tuning lr")
-    p.add_argument("--lora-lr", type=float, default=1e-2)
-    p.add_argument("--lora-wd", type=float, default=0.0)
+    p.add_argument("--lora-lr", type=float, default=1e-2, help="adapter learning rate")
+    p.add_argument("--lora-wd", type=float, default=0.0, help="adapter weight decay")
     p.add_argument("--alpha-scale", type=float, default=2.0, help="LoRA alpha = this * rank")
     p.add_argument("--name", default="lora", help="OUT/NAME.json")
     p.add_argument("--configs", nargs="+", default=["r1_qkv_out_up_down", "r2_qkv_out", "r3_qkv",
-                                                     "r4_qkv_out_up_down"], choices=list(CONFIGS))
-    p.add_argument("--out", default=DEFAULT_OUT)
+                                                     "r4_qkv_out_up_down"], choices=list(CONFIGS),
+                   help="LoRA configurations (rank and target modules)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     import dataclasses

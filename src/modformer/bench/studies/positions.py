@@ -9,6 +9,7 @@ window (sliding it would re-read at most T characters, which is not extrapolatio
 as ``null`` with the reason. Per encoding: median and spread (min, max) over seeds, and a plot of loss vs
 window length.
 
+Examples:
     modformer bench positions                              # GPU: T=256, 4 x 256, 2000 steps, 3 seeds
     modformer bench positions --tiny --out runs/bench      # CPU: T=64, 2 x 64, 300 steps (a few minutes)
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.data import build_dataset
 from modformer.train.trainer import Trainer
@@ -125,22 +127,23 @@ def plot(summary: list[dict[str, Any]], path: Path, t: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench positions", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS)
-    p.add_argument("--seeds", type=int, default=3)
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
+                   help="position encodings compared")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per encoding")
     p.add_argument("--seq-len", type=int, default=256, help="training context T")
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4], help="evaluation windows, multiples of T")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--layers", type=int, default=4, help="layers")
+    p.add_argument("--width", type=int, default=256, help="model width")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--batch", type=int, default=64, help="batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches of the in-training eval")
     p.add_argument("--eval-tokens", type=int, default=65536, help="validation characters read per window length")
     p.add_argument("--tiny", action="store_true", help="CPU scale: T=64, 2 x 64, 300 steps, batch 32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the result)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")

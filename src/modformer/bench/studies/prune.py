@@ -25,6 +25,7 @@ import torch
 
 import modformer as mf
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, time_fn, write_result
+from modformer.cli import HelpFormatter
 from modformer.compress import (
     count_params,
     evaluate,
@@ -58,20 +59,25 @@ def latency(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench prune", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench prune", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench prune   # trains the grokked model first\n"
+                                        "  modformer bench prune --run runs/grokking --out benchmarks/results"))
     p.add_argument("--run", default=None, help="a trained grokking run (default: train one)")
-    p.add_argument("--train-steps", type=int, default=1000)
-    p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--imp-rounds", type=int, default=8)
-    p.add_argument("--imp-steps", type=int, default=200)
+    p.add_argument("--train-steps", type=int, default=1000, help="training steps of the grokked model (without --run)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="final weight sparsity of iterative magnitude pruning")
+    p.add_argument("--imp-rounds", type=int, default=8, help="pruning rounds")
+    p.add_argument("--imp-steps", type=int, default=200, help="fine-tuning steps after each round")
     p.add_argument("--imp-final-steps", type=int, default=300, help="recovery fine-tune after the last round")
-    p.add_argument("--imp-final-lr", type=float, default=1e-3)
-    p.add_argument("--neurons", type=float, default=0.8)
-    p.add_argument("--heads", type=float, default=0.25)
-    p.add_argument("--ft-steps", type=int, default=200)
-    p.add_argument("--ft-lr", type=float, default=3e-3)
-    p.add_argument("--latency-batch", type=int, default=4096)
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--imp-final-lr", type=float, default=1e-3, help="learning rate of the final fine-tune")
+    p.add_argument("--neurons", type=float, default=0.8, help="share of FFN neurons removed (structured)")
+    p.add_argument("--heads", type=float, default=0.25, help="share of attention heads removed (structured)")
+    p.add_argument("--ft-steps", type=int, default=200,
+                   help="fine-tuning steps after the neuron stage (half of them after the head stage)")
+    p.add_argument("--ft-lr", type=float, default=3e-3, help="fine-tuning learning rate")
+    p.add_argument("--latency-batch", type=int, default=4096, help="batch size of the latency measurement")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.runs import run_config, run_dataset, run_model

@@ -19,25 +19,28 @@ import time
 import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.compress import count_params, evaluate, finetune, masked, prune_structured
 from modformer.compress.finetune import batches
 from modformer.compress.l0 import prune_closed_heads, train_head_gates
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench prune-l0", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench prune-l0", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench prune-l0 --run runs/grokking --joint")
     p.add_argument("--run", required=True, help="the grokked run (modformer bench prune trains one)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.2, 1.0, 2.0, 5.0])
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.2, 1.0, 2.0, 5.0], help="L0 penalty weights swept")
     p.add_argument("--rank-lambda", type=float, default=1.0, help="lambda of the gates used as a ranking")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=300, help="gate training steps")
+    p.add_argument("--lr", type=float, default=0.05, help="gate learning rate")
     p.add_argument("--joint", action="store_true", help="train the model with the gates")
     p.add_argument("--model-lr", type=float, default=1e-3, help="--joint: Adam lr of the model")
     p.add_argument("--no-ranking", action="store_true", help="skip the fixed-fraction ranking comparison")
     p.add_argument("--name", default="prune_l0", help="OUT/NAME.json")
-    p.add_argument("--ft-steps", type=int, default=100)
-    p.add_argument("--ft-lr", type=float, default=3e-3)
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--ft-steps", type=int, default=100, help="fine-tuning steps after closing gates")
+    p.add_argument("--ft-lr", type=float, default=3e-3, help="fine-tuning learning rate")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.runs import run_config, run_dataset, run_model

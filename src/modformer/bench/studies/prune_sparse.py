@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.compress import evaluate, magnitude_prune, make_permanent, polynomial_sparsity, sparsity_of
 from modformer.compress.unstructured import rewind
 from modformer.train.optim import build_optimizer
@@ -51,22 +52,26 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: object
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench prune-sparse", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench prune-sparse", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench prune-sparse --run runs/grokking --prune-steps 2500"))
     p.add_argument("--run", required=True, help="the grokked run (modformer bench prune trains one)")
-    p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--scope", default="global", choices=["global", "layer"])
-    p.add_argument("--prune-steps", type=int, default=2000)
-    p.add_argument("--every", type=int, default=20)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--recover-steps", type=int, default=1500)
+    p.add_argument("--sparsity", type=float, default=0.9, help="final weight sparsity")
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="magnitude ranking: global or per layer")
+    p.add_argument("--prune-steps", type=int, default=2000, help="steps of the gradual (polynomial) sparsity schedule")
+    p.add_argument("--every", type=int, default=20, help="steps between pruning events")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate while pruning")
+    p.add_argument("--recover-steps", type=int, default=1500, help="training steps after the final sparsity")
     p.add_argument("--recover-lr", type=float, default=None, help="peak lr of the recovery (default --lr)")
     p.add_argument("--recover-smoothing", type=float, default=None,
                    help="label smoothing while recovering (default: the run's)")
     p.add_argument("--rewind", action="store_true", help="reset survivors to the grokked weights before recovery")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="prune_sparse")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--eval-every", type=int, default=250, help="steps between evaluations")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--name", default="prune_sparse", help="result file name, without .json")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.runs import run_config, run_dataset, run_model

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.cli import HelpFormatter
 from modformer.compress import count_params, evaluate, magnitude_prune, prune_structured
 from modformer.compress.finetune import batches
 from modformer.compress.l0 import prune_closed_heads, train_head_gates
@@ -32,12 +33,14 @@ SMALL = ["model.n_layer=2", "model.n_head=4", "model.d_model=128", "model.max_se
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench prune-wikitext2", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench prune-wikitext2", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench prune-wikitext2 --steps 400 --eval-batches 30")
     p.add_argument("--run", default=None, help="a trained run (default: train one)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=600, help="training steps of the small model")
     p.add_argument("--eval-batches", type=int, default=40, help="validation windows of 16 x 64 words")
-    p.add_argument("--l0-lambda", type=float, default=0.1)
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--l0-lambda", type=float, default=0.1, help="L0 penalty of the head gates")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from modformer.config import load_config

@@ -16,6 +16,7 @@ For every recipe x depth x learning rate x seed one short run; per cell:
 * ``steps_to_target``: the first evaluation step whose validation loss is <= ``--target`` (median over the seeds
   that got there; ``reached`` counts them).
 
+Examples:
     modformer bench recipe-stability                         # GPU: depths 6 12 24, 20 seeds, lr 1e-3 and 3e-3
     modformer bench recipe-stability --tiny --out runs/bench # CPU: depths 2 4, 20 seeds, 40 steps
 """
@@ -34,6 +35,7 @@ import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 from modformer.bench.studies.stability import RECIPES
+from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.interp.gradflow import GradFlowMonitor
 from modformer.train.logging import read_metrics
@@ -112,23 +114,23 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench recipe-stability", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
-    p.add_argument("--seeds", type=int, default=20)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-batches", type=int, default=4)
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="recipes compared")
+    p.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24], help="layer counts")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="peak learning rates")
+    p.add_argument("--seeds", type=int, default=20, help="seeds per recipe x depth x lr")
+    p.add_argument("--width", type=int, default=256, help="model width")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--seq-len", type=int, default=128, help="context length")
+    p.add_argument("--batch", type=int, default=32, help="batch size")
+    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between val evaluations")
+    p.add_argument("--eval-batches", type=int, default=4, help="val batches per evaluation")
     p.add_argument("--log-every", type=int, default=5, help="training-loss check and gradient-norm record interval")
     p.add_argument("--target", type=float, default=2.2, help="validation loss (nats/char) for steps_to_target")
     p.add_argument("--tiny", action="store_true", help="CPU scale: depths 2 4, width 32, 40 steps, target 3.0")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     if "--tiny" in (sys.argv[1:] if argv is None else argv):

@@ -27,6 +27,7 @@ import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 from modformer.bench.process import child_env
+from modformer.cli import HelpFormatter
 
 TIMING_KEYS = ("wall_s", "tokens_per_s")
 
@@ -109,7 +110,9 @@ def kill_trial(config: Path, name: str, delay: float, reference: tuple[str, list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench reliability", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="modformer bench reliability", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench reliability --trials 15 --out benchmarks/results")
     p.add_argument("--trials", type=int, default=30, help="kill trials per checkpoint interval (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random kill delays")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")

@@ -3,7 +3,7 @@
     modformer bench sparse-fidelity --quick                 # CPU, tiny model, Tiny Shakespeare, minutes
     modformer bench sparse-fidelity --out runs/sparse_fidelity   # GPU: WikiText-2, T=1024, timing 512..16k
     modformer bench sparse-fidelity --teacher-config configs/sparse_teacher_4k.yaml \
-        --student-config configs/sparse_gate_4k.yaml --density 0.25 --methods gate window sink block_local \
+        --student-config configs/sparse_gate_4k.yaml --density 0.25 --methods gate sink block_local \
         strided dilated --curve 0.05 0.1 0.25 0.5 0.75 --speed-seq 4096 16384 --seq   # issue 25: T=4096
 
 Issue 25 options: ``--teacher-config`` (the teacher's training config), ``--student-config`` (one distillation
@@ -39,6 +39,7 @@ import torch
 from modformer.bench import fidelity
 from modformer.bench.common import CONFIGS, print_table, write_result
 from modformer.bench.studies import sparse_density as sd
+from modformer.cli import HelpFormatter
 from modformer.compress.distill import Distiller, build_student, load_distill_config, load_teacher
 from modformer.config import DataConfig, load_config
 
@@ -280,7 +281,10 @@ def write_all(records: list[dict[str, Any]], timing: list[dict[str, Any]], args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench sparse-fidelity", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench sparse-fidelity", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog=("examples:\n"
+                                        "  modformer bench sparse-fidelity --quick --density 0.25 --methods gate"))
     p.add_argument("--quick", action="store_true", help="CPU: tiny teacher on Tiny Shakespeare, T=256")
     p.add_argument("--out", default=None, help="run folder (default runs/sparse_fidelity[_quick])")
     p.add_argument("--teacher", default=None, help="existing teacher (run dir / saved model / HF dir): skip training")
@@ -299,12 +303,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="attention forward+backward timing, gate included, vs dense SDPA at these lengths")
     p.add_argument("--speed-density", type=float, nargs="*", default=None,
                    help="density per --speed-seq length (default 0.25 up to T=4096, 0.1 above)")
-    p.add_argument("--teacher-steps", type=int, default=None)
-    p.add_argument("--distill-steps", type=int, default=None)
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: the config's)")
+    p.add_argument("--distill-steps", type=int, default=None,
+                   help="distillation steps per student (default: the config's)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD[:KEY=VALUE,...]",
                    help=f"{', '.join(METHODS)}; options override the config's attention_options (a sparsity "
                         "sweep), e.g. gate:top_k=3 window:window=512")
-    p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384],
+                   help="sequence lengths of the attention timing (GPU only)")
     p.add_argument("--timing-windows", type=int, nargs="*", default=[508],
                    help="also time the mask of a 4-sink + W-token window student at every --seq")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

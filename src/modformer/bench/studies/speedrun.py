@@ -38,6 +38,7 @@ import torch
 
 from modformer.bench.common import DEFAULT_OUT, print_table, write_result
 from modformer.bench.process import TrainProcess, child_env
+from modformer.cli import HelpFormatter
 
 BASELINE = "configs/shakespeare_char_muon.yaml"
 RECIPE = "configs/shakespeare_char_speedrun.yaml"
@@ -141,13 +142,17 @@ def headline(rows: list[dict], target: float) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modformer bench speedrun", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench speedrun", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench speedrun --parts baseline recipe --seeds 0 1 2")
     p.add_argument("--parts", nargs="*", default=["baseline", "recipe", "ablations", "lrs"],
-                   choices=["baseline", "recipe", "ablations", "lrs"])
+                   choices=["baseline", "recipe", "ablations", "lrs"],
+                   help="groups of runs: baseline, recipe, ablations (one component off each), lrs")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="baseline and recipe seeds")
     p.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 8e-3],
                    help="extra learning rates of the recipe (its own 5e-3 is the recipe run)")
-    p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
+                   help="recipe components to switch off, one run each")
     p.add_argument("--run", nargs="+", action="append", default=[], metavar="NAME CONFIG [key=value]",
                    help="an extra run for every seed (repeatable), e.g. --run base_qk configs/... model.qk_norm=true")
     p.add_argument("--target", type=float, default=1.47, help="target val loss")
@@ -155,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
                    help="override for every run (e.g. a CPU toy: train.device=cpu train.compile=false ...)")
     p.add_argument("--cold-cache", action="store_true", help="an empty torch.compile cache per run")
     p.add_argument("--max-seconds", type=float, default=300.0, help="kill a run after this many seconds")
-    p.add_argument("--runs-dir", default="runs/bench/speedrun")
+    p.add_argument("--runs-dir", default="runs/bench/speedrun", help="folder for the training runs")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     p.add_argument("--results-name", default="speedrun", help="result file name, without .json")
     return p

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, print_table, sync, time_fn, write_result
+from modformer.cli import HelpFormatter
 from modformer.config import ModelConfig
 
 RECIPES = {   # the two columns of the seed's comparison; keys match configs/sweeps/stability.yaml
@@ -148,28 +149,36 @@ def depth(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="modformer bench stability", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="modformer bench stability", description=__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog=("examples:\n"
+                                         "  modformer bench stability speed --device cuda\n"
+                                         "  modformer bench stability depth runs/sweeps/stability_lr1e-3"))
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("speed", help="forward/backward and generation timings of the two recipes")
-    sp.add_argument("--n-layer", type=int, default=12)
-    sp.add_argument("--d-model", type=int, default=768)
-    sp.add_argument("--n-head", type=int, default=12)
-    sp.add_argument("--vocab", type=int, default=33278)
-    sp.add_argument("--batch", type=int, default=16)
-    sp.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
-    sp.add_argument("--prompt-len", type=int, default=16)
-    sp.add_argument("--new-tokens", type=int, default=100)
-    sp.add_argument("--iters", type=int, default=20)
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--name", default="stability_speed")
+    sp = sub.add_parser("speed", help="forward/backward and generation timings of the two recipes",
+                        formatter_class=HelpFormatter,
+                        epilog="examples:\n  modformer bench stability speed --device cuda --seq-lens 128 512")
+    sp.add_argument("--n-layer", type=int, default=12, help="layers")
+    sp.add_argument("--d-model", type=int, default=768, help="model width")
+    sp.add_argument("--n-head", type=int, default=12, help="attention heads")
+    sp.add_argument("--vocab", type=int, default=33278, help="vocabulary size")
+    sp.add_argument("--batch", type=int, default=16, help="batch size")
+    sp.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512], help="sequence lengths timed")
+    sp.add_argument("--prompt-len", type=int, default=16, help="prompt tokens for the generation timing")
+    sp.add_argument("--new-tokens", type=int, default=100, help="generated tokens")
+    sp.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
+    sp.add_argument("--device", default="auto", help="device: auto (cuda if available), cpu, cuda, cuda:N")
+    sp.add_argument("--name", default="stability_speed", help="result file name, without .json")
     sp.set_defaults(func=speed)
-    dp = sub.add_parser("depth", help="summarise the depth x stabiliser sweep")
+    dp = sub.add_parser("depth", help="summarise the depth x stabiliser sweep", formatter_class=HelpFormatter,
+                        epilog="examples:\n  modformer bench stability depth runs/sweeps/stability_lr1e-3")
     dp.add_argument("sweep_dirs", nargs="+", help="sweep folders (e.g. the 1e-3 and 3e-4 learning-rate sweeps)")
-    dp.add_argument("--stall-loss", type=float, default=6.0)
-    dp.add_argument("--name", default="stability")
+    dp.add_argument("--stall-loss", type=float, default=6.0,
+                    help="final loss above which a finite run counts as stalled")
+    dp.add_argument("--name", default="stability", help="result file name, without .json")
     dp.set_defaults(func=depth)
     for p in (sp, dp):
-        p.add_argument("--out", default=DEFAULT_OUT)
+        p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -29,6 +29,7 @@ import torch
 
 import modformer as mf
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, device_name, write_result
+from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from modformer.train.logging import read_metrics
 from modformer.train.trainer import Trainer
@@ -147,26 +148,28 @@ def train(name: str, cfg: ModelConfig, args: argparse.Namespace, runs_dir: Path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="modformer bench variants", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="modformer bench variants", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog="examples:\n  modformer bench variants --steps 600 --eval-every 10 --threads 1")
     ap.add_argument("--recipe", choices=["default", "grokking"], default="default",
                     help="grokking: configs/grokking.yaml's model and optimiser (fast on CPU)")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--p", type=int, default=113)
-    ap.add_argument("--train-fraction", type=float, default=0.3)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--wd", type=float, default=1.0)
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--target", type=float, default=0.99)
-    ap.add_argument("--no-early-stop", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=3000, help="training steps per variant")
+    ap.add_argument("--p", type=int, default=113, help="modulus of the addition task")
+    ap.add_argument("--train-fraction", type=float, default=0.3, help="share of all pairs used for training")
+    ap.add_argument("--d-model", type=int, default=128, help="model width")
+    ap.add_argument("--n-layer", type=int, default=2, help="layers")
+    ap.add_argument("--n-head", type=int, default=4, help="attention heads")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--wd", type=float, default=1.0, help="weight decay")
+    ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
+    ap.add_argument("--target", type=float, default=0.99, help="val accuracy that counts as solved (and stops a run)")
+    ap.add_argument("--no-early-stop", action="store_true", help="train every variant for all --steps")
+    ap.add_argument("--seed", type=int, default=0, help="seed")
+    ap.add_argument("--device", default="auto", help="device: auto (cuda if available), cpu, cuda, cuda:N")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--out", default=f"{DEFAULT_OUT}/variants.json")
+    ap.add_argument("--runs-dir", default=None, help="folder for the training runs (default: a temporary folder)")
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/variants.json", help="result JSON file")
     args = ap.parse_args(argv)
     args.eval_every = min(args.eval_every, args.steps)
     names = args.only.split(",") if args.only else list(VARIANTS)

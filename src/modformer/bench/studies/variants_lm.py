@@ -50,6 +50,7 @@ from modformer.bench.common import (
     write_result,
 )
 from modformer.bench.studies.variants import VARIANTS, count, kv_bytes_per_token, match_params
+from modformer.cli import HelpFormatter
 from modformer.config import ModelConfig, load_config
 from modformer.train.logging import read_metrics, steady_tokens_per_s
 from modformer.train.trainer import Trainer
@@ -235,25 +236,27 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="modformer bench variants-lm", description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--dropout", type=float, default=0.2)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap = argparse.ArgumentParser(prog="modformer bench variants-lm", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog="examples:\n  modformer bench variants-lm --device cuda --steps 1500")
+    ap.add_argument("--steps", type=int, default=2000, help="training steps per variant")
+    ap.add_argument("--batch", type=int, default=32, help="batch size")
+    ap.add_argument("--seq-len", type=int, default=256, help="context length")
+    ap.add_argument("--n-layer", type=int, default=4, help="layers")
+    ap.add_argument("--d-model", type=int, default=256, help="model width")
+    ap.add_argument("--n-head", type=int, default=4, help="attention heads")
+    ap.add_argument("--dropout", type=float, default=0.2, help="dropout")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--eval-batches", type=int, default=0, help="0 = the whole validation split")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="device: auto (cuda if available), cpu, cuda, cuda:N")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (separate processes)")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
-    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--runs-dir", default=None, help="folder for the training runs (default: a temporary folder)")
     ap.add_argument("--speed-only", action="store_true", help="add tokens/s measured alone to an existing --out")
-    ap.add_argument("--speed-steps", type=int, default=50)
+    ap.add_argument("--speed-steps", type=int, default=50, help="timed training steps per variant for tokens/s")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)   # child process: write one row here
-    ap.add_argument("--out", default=f"{DEFAULT_OUT}/variants_wikitext2.json")
+    ap.add_argument("--out", default=f"{DEFAULT_OUT}/variants_wikitext2.json", help="result JSON file")
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else list(ALL)
     unknown = [n for n in names if n not in ALL]

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from modformer.bench.common import DEFAULT_OUT, RESULTS, write_result
+from modformer.cli import HelpFormatter
 
 
 def merge(modular: dict, lm: dict) -> list[dict]:
@@ -83,10 +84,14 @@ def plot(rows: list[dict], budget: int, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="modformer bench variants-summary", description=__doc__.splitlines()[0])
-    ap.add_argument("--modular", default=str(RESULTS / "variants.json"))
-    ap.add_argument("--wikitext2", default=str(RESULTS / "variants_wikitext2.json"))
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap = argparse.ArgumentParser(prog="modformer bench variants-summary", description=__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter,
+                                 epilog="examples:\n  modformer bench variants-summary --out benchmarks/results")
+    ap.add_argument("--modular", default=str(RESULTS / "variants.json"),
+                    help="the variants (modular addition) result JSON")
+    ap.add_argument("--wikitext2", default=str(RESULTS / "variants_wikitext2.json"),
+                    help="the variants-lm (WikiText-2) result JSON")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = ap.parse_args(argv)
     modular, lm = json.loads(Path(args.modular).read_text()), json.loads(Path(args.wikitext2).read_text())
     rows = merge(modular, lm)

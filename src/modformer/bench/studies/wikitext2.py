@@ -24,6 +24,7 @@ import torch
 
 from modformer.bench.common import DEFAULT_OUT, device_name, print_table, write_result
 from modformer.bench.process import TrainProcess, child_env
+from modformer.cli import HelpFormatter
 
 T_SCRIPT = time.perf_counter()
 
@@ -148,17 +149,19 @@ def wikitext2(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="modformer bench wikitext2", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modformer bench wikitext2", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench wikitext2 --device cuda")
     p.add_argument("--run", nargs="+", action="append", metavar="NAME CONFIG [key=value]",
                    help="a run: name, config file and overrides (repeatable; replaces the defaults)")
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="override for every run")
     p.add_argument("--headline", default="recipe", help="run whose figures make the headline "
                    "(default 'recipe', else the best valid ppl)")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="device: cpu, cuda, cuda:N")
     p.add_argument("--parallel", action="store_true", help="train all runs at once (a sweep)")
     p.add_argument("--minutes", type=float, default=None,
                    help="size train.steps (after a probe) so the runs end this long after start")
-    p.add_argument("--probe-steps", type=int, default=200)
+    p.add_argument("--probe-steps", type=int, default=200, help="training steps of the short probe runs")
     p.add_argument("--reserve-seconds", type=float, default=90,
                    help="with --minutes: time kept for compilation, evaluations and the test split")
     p.add_argument("--no-test", action="store_true", help="skip the test-split evaluation")
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
     p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")
     p.add_argument("--deadline", type=float, default=None, help="start no run after this many seconds")
-    p.add_argument("--runs-dir", default="runs/bench")
+    p.add_argument("--runs-dir", default="runs/bench", help="folder for the training runs")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     p.add_argument("--results-name", default=None, help="file name (default wikitext2.json)")
     args = p.parse_args(argv)
