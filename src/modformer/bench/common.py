@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import statistics
@@ -143,6 +144,15 @@ def cases(items: list[Any], label: str, describe: Callable[[Any], str] = str) ->
 
 
 RESULT_KEYS = ("benchmark", "command", "device", "torch", "git_commit", "date", "headline", "rows")
+
+
+def parse_with_preset(p: argparse.ArgumentParser, argv: list[str] | None, flag: str,
+                      **defaults: Any) -> argparse.Namespace:
+    """``p.parse_args(argv)``, with ``defaults`` in force when ``flag`` is given (a scale preset such as ``--tiny``:
+    it changes the defaults only, so options given explicitly still win)."""
+    if flag in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**defaults)
+    return p.parse_args(argv)
 
 
 def write_result(name: str, headline: dict[str, Any], rows: list[dict[str, Any]], device: torch.device | str,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
+from modformer.bench.common import DEFAULT_OUT, parse_with_preset, print_table, sync, write_result
 from modformer.cli import HelpFormatter
 
 MODELS = {"gpt2-124m": (12, 768, 12), "24-layer": (24, 1024, 16), "tiny-4l": (4, 128, 4), "tiny-8l": (8, 128, 4)}
@@ -109,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU scale: tiny-4l and tiny-8l, batch 4 x 128, vocab 512")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
-    if "--tiny" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(models=["tiny-4l", "tiny-8l"], batch=4, seq_len=128, vocab=512, warmup=2, steps=5)
-    args = p.parse_args(argv)
+    args = parse_with_preset(p, argv, "--tiny", models=["tiny-4l", "tiny-8l"], batch=4, seq_len=128, vocab=512,
+                             warmup=2, steps=5)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
     device = torch.device(args.device)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, parse_with_preset, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.data import build_dataset
@@ -147,10 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the result)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
-    if "--tiny" in (sys.argv[1:] if argv is None else argv):   # CPU-scale defaults; explicit options still win
-        p.set_defaults(seq_len=64, layers=2, width=64, heads=4, steps=300, batch=32, eval_batches=5,
-                       eval_tokens=16384)
-    args = p.parse_args(argv)
+    args = parse_with_preset(p, argv, "--tiny", seq_len=64, layers=2, width=64, heads=4, steps=300, batch=32,
+                             eval_batches=5, eval_tokens=16384)
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

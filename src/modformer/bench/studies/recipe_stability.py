@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, parse_with_preset, print_table, write_result
 from modformer.bench.studies.stability import RECIPES
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -133,10 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
-    if "--tiny" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(depths=[2, 4], lrs=[3e-3], width=32, heads=2, seq_len=32, batch=16, steps=40, eval_every=10,
-                       eval_batches=2, log_every=5, target=3.0)
-    args = p.parse_args(argv)
+    args = parse_with_preset(p, argv, "--tiny", depths=[2, 4], lrs=[3e-3], width=32, heads=2, seq_len=32, batch=16,
+                             steps=40, eval_every=10, eval_batches=2, log_every=5, target=3.0)
     device = torch.device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
