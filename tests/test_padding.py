@@ -310,9 +310,8 @@ def test_calm_padding_invariance(side):
 def test_data_pack_document_ids_and_trainer(tmp_path):
     """data.pack: wikitext2 batches carry document_ids (one document per line, opened by its <eos>) and the
     trainer passes them to the model; a corpus without a separator is refused with one line."""
-    from modformer.config import DataConfig, RunConfig, TrainConfig
+    from modformer.config import DataConfig
     from modformer.data import build_dataset
-    from modformer.train.trainer import Trainer
 
     data = DataConfig(name="wikitext2", seq_len=24, pack=True, options={"cache_dir": str(tmp_path / "cache")})
     ds = build_dataset(data)
@@ -322,16 +321,24 @@ def test_data_pack_document_ids_and_trainer(tmp_path):
     with pytest.raises(ConfigError, match="data.pack needs a corpus"):
         build_dataset(DataConfig(name="shakespeare_char", seq_len=8, pack=True,
                                  options={"cache_dir": str(tmp_path / "cache")}))
+    assert _forwards_with(tmp_path, data, "document_ids") >= 2   # the training step and the evaluation batch
+
+
+def _forwards_with(tmp_path, data, key: str) -> int:
+    """Train one step (and evaluate once) on ``data`` with a tiny RoPE GPT; how many forwards got ``key``
+    (a NaN probe may run plain)."""
+    from modformer.config import RunConfig, TrainConfig
+    from modformer.train.trainer import Trainer
+
     seen = []
-    cfg = RunConfig(name="pack", out_dir=str(tmp_path), data=data,
+    cfg = RunConfig(name="fw", out_dir=str(tmp_path), data=data,
                     model=mf.ModelConfig(n_layer=1, d_model=16, n_head=2, max_seq_len=24, position="rope"),
                     train=TrainConfig(steps=1, batch_size=4, eval_every=1, eval_batches=1, progress=False,
                                       tensorboard=False, device="cpu", sample_tokens=0))
     trainer = Trainer(cfg)
-    trainer.raw_model.register_forward_pre_hook(lambda m, a, kw: seen.append("document_ids" in kw),
-                                                with_kwargs=True)
+    trainer.raw_model.register_forward_pre_hook(lambda m, a, kw: seen.append(key in kw), with_kwargs=True)
     trainer.fit()
-    assert sum(seen) >= 2          # the training step and the evaluation batch (a NaN probe may run plain)
+    return sum(seen)
 
 
 def test_cli_generate_batches_prompts(tmp_path, capsys):
@@ -414,9 +421,8 @@ def test_pad_documents_loss_equals_each_document_alone():
 
 
 def test_pad_documents_errors_and_trainer(tmp_path):
-    from modformer.config import DataConfig, RunConfig, TrainConfig
+    from modformer.config import DataConfig
     from modformer.data import build_dataset
-    from modformer.train.trainer import Trainer
 
     cache = {"cache_dir": str(tmp_path / "cache")}
     with pytest.raises(ConfigError, match="data.pad_documents needs a corpus"):
@@ -426,14 +432,5 @@ def test_pad_documents_errors_and_trainer(tmp_path):
     ds, _ = _doc_stream()
     with pytest.raises(ConfigError, match="eval_stride=0"):
         next(ds.iter_eval("val", 2, stride=2))
-    seen = []
-    cfg = RunConfig(name="padded", out_dir=str(tmp_path),
-                    data=DataConfig(name="wikitext2", seq_len=24, pad_documents=True, options=cache),
-                    model=mf.ModelConfig(n_layer=1, d_model=16, n_head=2, max_seq_len=24, position="rope"),
-                    train=TrainConfig(steps=1, batch_size=4, eval_every=1, eval_batches=1, progress=False,
-                                      tensorboard=False, device="cpu", sample_tokens=0))
-    trainer = Trainer(cfg)
-    trainer.raw_model.register_forward_pre_hook(lambda m, a, kw: seen.append("attention_mask" in kw),
-                                                with_kwargs=True)
-    trainer.fit()
-    assert sum(seen) >= 2
+    data = DataConfig(name="wikitext2", seq_len=24, pad_documents=True, options=cache)
+    assert _forwards_with(tmp_path, data, "attention_mask") >= 2
