@@ -226,15 +226,14 @@ class Trainer:
 
     def _fill_model_config(self, check_model: bool = True) -> None:
         m, d = self.cfg.model, self.data
-        if not check_model:        # a given model is what it is
-            pass
-        elif m.vocab_size == 0:
-            m.vocab_size = d.vocab_size
-        elif m.vocab_size < d.vocab_size:
-            raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the dataset's vocabulary "
-                              f"({d.vocab_size}); set model.vocab_size=0 to take it from the data")
-        if check_model and m.position == "learned" and d.seq_len > m.max_seq_len:
-            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if check_model:            # a given model (fine-tuning) is what it is
+            if m.vocab_size == 0:
+                m.vocab_size = d.vocab_size
+            elif m.vocab_size < d.vocab_size:
+                raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the dataset's vocabulary "
+                                  f"({d.vocab_size}); set model.vocab_size=0 to take it from the data")
+            if m.position == "learned" and d.seq_len > m.max_seq_len:
+                raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if self.cfg.train.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.cfg.train.steps}")
         b, parts = self.cfg.train.batch_size, self.world.size * self.cfg.train.grad_accum
