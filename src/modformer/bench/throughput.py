@@ -16,8 +16,9 @@ training loss over the last 100 steps (``fp8_loss_gap``; the goal is <= 1%), wit
 No speed-up is claimed on a CPU (the ratios in the headline are null there: timings on a shared CPU are noise).
 MFU = flops_per_token (PaLM formula) x tokens/s / 989 TF (H100 SXM dense bf16).
 
-    modformer bench throughput --preset gpt2-124m --peer-nanogpt ../nanoGPT --fp8-loss-steps 500 \
-        --out benchmarks/results
+    modformer bench throughput --preset gpt2-124m --peer-nanogpt ../nanoGPT --out benchmarks/results
+    modformer bench throughput --preset gpt2-124m --peer-nanogpt ../nanoGPT --variant nanogpt \
+        --fp8-loss-steps 500 --results-name fp8_loss_gap --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda | cpu (default: cuda when available)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
+    p.add_argument("--results-name", default="throughput",
+                   help="result file name without .json (e.g. fp8_loss_gap for a loss-gap-only run)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -260,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_vs_nanogpt": ratio(ours, peer), "speedup_vs_nanogpt_bf16": ratio(ours_bf16, peer),
                 "speedup_vs_hf": ratio(ours, hf),
                 "mfu": ours.get("mfu"), "matmul_ceiling_tflops": ceiling / 1e12,
-                "mfu_of_measured_ceiling": ours.get("tokens_per_s", 0.0) * mf.build_model(gpt2_config(
-                    PRESETS[first]["model"])).flops_per_token(PRESETS[first]["seq"]) / ceiling}
+                "mfu_of_measured_ceiling": ours["tokens_per_s"] * mf.build_model(gpt2_config(
+                    PRESETS[first]["model"])).flops_per_token(PRESETS[first]["seq"]) / ceiling if ours else None}
     headline["fp8_loss_gap"] = None
-    path = write_result("throughput", headline, rows, device, args.out)   # kept if the loss-gap runs fail
+    filename = f"{args.results_name}.json"
+    path = write_result("throughput", headline, rows, device, args.out, filename=filename)  # kept if the gap fails
     if args.fp8_loss_steps and not fp8_supported(device)[0]:
         print(f"fp8_loss_gap skipped: {fp8_supported(device)[1]} has no FP8 matmuls (needs compute capability >= 8.9)")
     elif args.fp8_loss_steps:
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         headline["fp8_loss_gaps"] = {r["variant"].removeprefix("loss curve "): r["relative_gap"] for r in curves[1:]}
         rows += curves
         print_table(curves, ["variant", "steps", "first_loss", "loss_last_100", "relative_gap"])
-        path = write_result("throughput", headline, rows, device, args.out)
+        path = write_result("throughput", headline, rows, device, args.out, filename=filename)
     print(f"headline: {headline}")
     print(f"wrote {path}")
     return 0
