@@ -42,6 +42,17 @@ def test_tiny_preset_runs_through_the_registry_and_matches_hf_in_fp32(tmp_path, 
     assert result["fp32_check"]["diverse_weights"]["distinct_tokens_per_row"] > 1   # not a repeated token
 
 
+def test_fp32_run_times_the_wide_weight_model_and_writes_its_own_file(tmp_path):
+    """--dtype fp32: the timed variants decode the N(0, std) copy (not one repeated token) and every row equals HF's."""
+    assert registry.run("generation-batched", ["--tiny", "--dtype", "fp32", "--device", "cpu", "--repeats", "1",
+                                               "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "generation-batched.json").exists()
+    result = json.loads((tmp_path / "generation-batched-fp32.json").read_text())
+    assert result["setup"]["dtype"] == "torch.float32" and result["headline"]["identical_rows"] == 1.0
+    ours = next(r for r in result["rows"] if r["variant"] == gb.OURS)
+    assert ours["tokens"] > 0 and ours["identical_rows_vs_hf"] == 1.0
+
+
 def test_bad_lengths_are_refused_before_any_model_is_built(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "generation-batched", "--tiny", "--min-len", "9", "--max-len", "5"])

@@ -14,7 +14,9 @@ implementations, so a near-tie can flip a token: each bf16 divergence is located
 between the two chosen tokens there is compared with the measured bf16 logit error. Exact identity is
 checked in fp32 on a few rows (ours growing + static cache vs HF), on the benchmark's weights and on a
 copy with wider weights (N(0, ``--diverse-std``)): GPT-2-init random weights mostly repeat one token, which
-would hide a wrong position or mask. ``--tiny`` (small model, 4 prompts, 8 new tokens) runs on CPU in seconds.
+would hide a wrong position or mask. ``--dtype fp32`` times every variant in fp32 (full-precision matmuls), where
+greedy tokens must equal HF's on every row: the issue's "≥2× HF with identical greedy tokens" in one run.
+``--tiny`` (small model, 4 prompts, 8 new tokens) runs on CPU in seconds.
 """
 
 from __future__ import annotations
@@ -173,6 +175,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp32-rows", type=int_in(">= 1"), default=4, help="rows checked for exact identity in fp32")
     p.add_argument("--diverse-std", type=float_in("> 0"), default=0.05,
                    help="weight std of the fp32 identity check's second model")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="decoding precision of the timed variants (auto: bf16 on GPU, fp32 on CPU); an fp32 run "
+                        "times every row's exact identity with HF and writes generation-batched-fp32.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and prompts")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device: cpu, cuda, cuda:N")
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and gpu) else torch.float32
     vocab, n = args.model["vocab_size"], args.new_tokens
     eos = vocab - 1                                               # GPT-2's <|endoftext|> = 50256, also the pad
     prompts = make_prompts(args.prompts, args.min_len, args.max_len, vocab, eos, args.seed)
@@ -209,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     fp32_diverse = fp32_identity(diverse_copy(model32, args.diverse_std, args.seed), checked, n, eos, device)
     print(f"fp32 identity ({time.perf_counter() - start:.1f} s): {fp32}; diverse weights: {fp32_diverse}")
 
-    model = copy.deepcopy(model32).to(dtype)
+    # fp32 timing uses the wider weights, so that identical rows are not identical repeats of one token
+    model = copy.deepcopy(model32).to(dtype) if dtype != torch.float32 else \
+        diverse_copy(model32, args.diverse_std, args.seed)
     hf = mf.hf.to_hf(model).eval()
     rows: list[dict[str, Any]] = []
     outputs: dict[str, torch.Tensor] = {}
@@ -235,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gaps, err = [], None
     if OURS in outputs and ref is not None:
-        gaps = divergence_gaps(model32, prompts, outputs[OURS], ref, eos, device)
-        err = bf16_logit_error(model32, model, idx, mask)
+        exact = model if dtype == torch.float32 else model32          # the timed weights, in fp32
+        gaps = divergence_gaps(exact, prompts, outputs[OURS], ref, eos, device)
+        err = bf16_logit_error(exact, model, idx, mask)
 
     def rate(variant: str) -> float | None:
         return next((r.get("tokens_per_s") for r in rows if r["variant"] == variant), None)
@@ -266,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, ["variant", "compiled", "tokens", "seconds", "tokens_per_s", "warmup_s", "identical_rows_vs_hf",
                        "error"])
     print(f"headline: {headline}")
-    print(f"wrote {write_result('generation-batched', headline, rows, device, args.out, extra=extra)}")
+    name = "generation-batched" + ("-fp32" if args.dtype == "fp32" else "")
+    path = write_result("generation-batched", headline, rows, device, args.out, extra=extra, filename=f"{name}.json")
+    print(f"wrote {path}")
     return 0
 
 
