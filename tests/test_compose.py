@@ -134,6 +134,24 @@ def test_expert_modes_match_peft_and_routing_respects_top_k():
     assert torch.equal(m.scores(a)[:, :5], m.scores(b)[:, :5])
 
 
+def test_routed_model_with_left_padding_equals_each_row_alone():
+    """model(idx, attention_mask=...) of a gated model: padding stays out of the prefix mean, so a left-padded
+    row's logits (real positions) equal the row's own (fp32, 1e-5: a few ulps of the tiny model's sums)."""
+    from modformer.models.generation import left_pad
+
+    base = tiny_gpt().eval()
+    model = G.attach_experts(base, [d for _, d in _lora_experts(base)], top_k=2).eval()
+    rows = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7, 1], [8, 2, 8, 1, 8]]
+    idx, mask = left_pad(rows, pad_id=0)
+    for granularity in ("token", "prefix"):
+        G.set_mode(model, "route", granularity=granularity)
+        with torch.no_grad():
+            batched = model(idx, attention_mask=mask)
+            for i, row in enumerate(rows):
+                alone = model(torch.tensor([row]))
+                assert torch.allclose(batched[i, -len(row):], alone[0], atol=1e-5), (granularity, i)
+
+
 def test_phatgoose_gate_and_route_match_the_paper():
     """Muqeeth et al. 2024: training  W u + sigmoid(v_j . u) B_j A_j u  (expert j frozen); inference:
     standardise u and every v_j, s_j = u_hat . v_hat_j / sqrt(d), softmax over the top-2 s_j."""

@@ -12,7 +12,8 @@ replaces each target Linear of a copy of the base by an ``ExpertLinear`` holding
   scores s_j = x_hat . g_hat_j / sqrt(d), softmax over the top-k scores (k=2 default):
   base(x) + sum_j w_j delta_j(x). ``granularity="prefix"`` scores each token by the causal running
   mean of the standardised activations instead (a variant: early layers see the task tag, not only
-  the current token). ``train_gates(..., joint=True)`` trains all gates together in this mode, on
+  the current token; padding named by the model call's ``attention_mask`` is left out of the mean).
+  ``train_gates(..., joint=True)`` trains all gates together in this mode, on
   the union of the experts' data (the gates then "know the others exist").
 """
 
@@ -61,6 +62,7 @@ class ExpertLinear(nn.Module):
         self.mode, self.expert = "route", 0
         self.record = False
         self.last_top: Tensor | None = None     # (..., k) chosen experts of the last routed call (when record)
+        self.token_valid: Tensor | None = None  # (B, T) attention_mask of the model's current call (prefix mode)
 
     def delta(self, x: Tensor, j: int) -> Tensor:
         """delta_j(x) (..., out)."""
@@ -70,8 +72,13 @@ class ExpertLinear(nn.Module):
         """Routing scores (..., E) of activations x (..., T, in)."""
         xs = standardize(x.float())
         if self.granularity == "prefix":
-            steps = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=xs.dtype)[:, None]
-            xs = xs.cumsum(-2) / steps
+            valid = self.token_valid
+            if valid is not None and x.dim() == 3 and valid.shape == x.shape[:2]:   # padding stays out of the mean
+                v = valid.to(xs.dtype)[..., None]
+                xs = (xs * v).cumsum(-2) / v.cumsum(-2).clamp_min(1)
+            else:
+                steps = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=xs.dtype)[:, None]
+                xs = xs.cumsum(-2) / steps
         g = standardize(torch.stack(list(self.gates)))                           # (E, in)
         return xs @ g.T / math.sqrt(x.shape[-1])
 
@@ -145,7 +152,16 @@ def attach_experts(base: nn.Module, experts: Sequence[dict[str, Delta]], top_k: 
     for path in sorted(paths):
         lin = model.get_submodule(path)
         model.set_submodule(path, ExpertLinear(lin, [e[path] for e in experts], top_k, granularity, temperature))
+    model.register_forward_pre_hook(_share_attention_mask, with_kwargs=True)
     return model
+
+
+def _share_attention_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Give every ExpertLinear the call's ``attention_mask`` (or None): prefix routing then averages over the
+    real tokens only, so a left-padded row routes as it would alone."""
+    mask = kwargs.get("attention_mask")
+    for m in expert_linears(model).values():
+        m.token_valid = mask
 
 
 def set_mode(model: nn.Module, mode: str, expert: int = 0, **settings: Any) -> None:
