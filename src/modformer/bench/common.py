@@ -133,6 +133,8 @@ def cases(items: list[Any], label: str, describe: Callable[[Any], str] = str) ->
     from modformer.train.logging import ProgressDisplay
 
     items = list(items)
+    if not items:                   # nothing to measure: no bar, no "0/1 done" line
+        return
     progress = ProgressDisplay(max(len(items), 1), 0, True, label=f"bench {label}", unit="case", plain_every_s=0.0)
     try:
         for i, item in enumerate(items):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modformer.bench.common import DEFAULT_OUT, kernel_time, print_table, time_fn, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, kernel_time, print_table, time_fn, write_result
 from modformer.cli import HelpFormatter
 
 
@@ -251,7 +251,7 @@ def attention_speed(seqs: list[int], device: torch.device, heads: int = 16, head
     from modformer.layers.attention.kernels import AttnSpec, attend
 
     rows = []
-    for t in seqs:
+    for t in cases(seqs, "sparse-attention", lambda t: f"next: T {t}"):
         b = max(1, tokens // t)
         qkv = [torch.randn(b, heads, t, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3)]
         with torch.no_grad():
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, _ = load_teacher(args.teacher, device)
     teacher.eval()
     rows = []
-    for run in args.student:
+    for run in cases(args.student, "fidelity", lambda r: f"next: {r}"):
         student = run_model(run, device).eval()
         data = build_dataset(run_config(run).data)
         row = {"student": run, "attention": student.cfg.attention, **suite(teacher, student, data, args.batch_size,

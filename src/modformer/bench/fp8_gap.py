@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from modformer.bench.common import cases
 from modformer.config import load_config
 from modformer.train.logging import read_metrics
 
@@ -46,7 +47,7 @@ def fp8_loss_gap(config: str, steps: int, sets: list[str], device: str, log_ever
     logged curve); each FP8 row carries its own ``relative_gap``."""
     with tempfile.TemporaryDirectory(prefix="fp8-gap-") as tmp:
         rows = [summarise(f"loss curve {p}", train_losses(config, steps, p, sets, device, Path(tmp), log_every), steps)
-                for p in ("bf16", *precisions)]
+                for p in cases(["bf16", *precisions], "fp8-gap", lambda p: f"next: {p} run")]
     ref = rows[0]["loss_last_100"]
     rows[0]["relative_gap"] = 0.0
     for r in rows[1:]:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, sync, write_result
 from modformer.bench.throughput import PRESETS, gpt2_config
 from modformer.cli import HelpFormatter
 from modformer.cli_args import device as device_arg
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = prompts[b]
         slow_n = n if b == 1 else min(n, args.no_cache_tokens)
         runs = make_runs(model, hf, prompt, n, hn, slow_n, args.decoders, compiled, args.hf_dynamic)
-        for name, (fn, new, fast) in runs.items():
+        for name, (fn, new, fast) in cases(list(runs.items()), "generation",
+                                           lambda r, b=b: f"next: {r[0]}, batch {b}"):
             row: dict[str, Any] = {"variant": name, "batch": b, "new_tokens": new}
             try:
                 with torch.no_grad():

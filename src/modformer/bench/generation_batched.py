@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, print_table, sync, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, sync, write_result
 from modformer.bench.generation import diverse_copy
 from modformer.bench.throughput import gpt2_config
 from modformer.cli import HelpFormatter
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     hf = mf.hf.to_hf(model).eval()
     rows: list[dict[str, Any]] = []
     outputs: dict[str, torch.Tensor] = {}
-    for name, fn in variants(model, hf, idx, mask, n, eos, compile_ours=gpu).items():
+    for name, fn in cases(list(variants(model, hf, idx, mask, n, eos, compile_ours=gpu).items()),
+                          "generation-batched", lambda v: f"next: {v[0]}"):
         row: dict[str, Any] = {"variant": name}
         try:
             with torch.no_grad():

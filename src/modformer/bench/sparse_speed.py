@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modformer.bench.common import kernel_time, time_fn
+from modformer.bench.common import cases, kernel_time, time_fn
 from modformer.config import ModelConfig
 from modformer.layers.attention.density import gate_density, gate_top_k, pattern_density, tune
 from modformer.layers.attention.gate import LearnedGateAttention, block_mask_from_blocks
@@ -51,7 +51,8 @@ def fwd_bwd_speed(seqs: list[int], densities: list[float], device: torch.device,
     """Two rows per T (sink + window, learned gate): dense SDPA vs block-sparse flex forward + backward at
     ``densities[i]`` for ``seqs[i]`` (see the module doc)."""
     rows: list[dict[str, Any]] = []
-    for t, dens in zip(seqs, densities):
+    for t, dens in cases(list(zip(seqs, densities)), "sparse-speed",
+                         lambda s: f"next: T {s[0]}, density {s[1]:g}"):
         for row in _rows_at(t, dens, device, heads, head_dim, block, tokens, iters):
             print(f"  fwd+bwd T={t} {row['mask']}: {row}", flush=True)
             rows.append(row)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
 from modformer.bench.nanogpt_peer import checkout, run_peer_time_to_loss
 from modformer.bench.process import TrainProcess, child_env
 from modformer.cli import HelpFormatter
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer_nanogpt:
         checkout(args.peer_nanogpt, "train.py")            # a wrong path fails before any run
     rows: list[dict] = []
-    for spec in args.run or DEFAULT_RUNS:                  # one at a time: each run has the device to itself
+    # one at a time: each run has the device to itself
+    for spec in cases(args.run or DEFAULT_RUNS, "time-to-loss", lambda s: f"next: {s[0]}"):
         if len(spec) < 2:
             raise SystemExit(f"--run needs NAME CONFIG [key=value ...], got {spec}")
         name, config, *overrides = spec

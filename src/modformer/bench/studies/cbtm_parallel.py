@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, print_table, write_result
 from modformer.bench.studies.compose import H100
 from modformer.cli import HelpFormatter
 from modformer.compose import cbtm
@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs_dir or tempfile.mkdtemp(prefix="cbtm_par_")
     n_gpu = 0 if args.tiny else torch.cuda.device_count()
     over = [f"out_dir={runs}", "dense.train=false"] + (TINY if args.tiny else H100["cbtm"]) + args.overrides
-    parallel = train_and_eval("parallel", over, max(n_gpu, 2), one_gpu_each=True)
-    sequential = train_and_eval("sequential", over, 1, one_gpu_each=False)
+    arms = [("parallel", max(n_gpu, 2), True), ("sequential", 1, False)]
+    parallel, sequential = [train_and_eval(name, over, workers, one_gpu_each=each)
+                            for name, workers, each in cases(arms, "cbtm-parallel", lambda a: f"next: {a[0]}")]
     rows = [parallel, sequential]
     headline = {"experts": parallel["experts"], "gpus": n_gpu, "parallel_wall_s": parallel["train_wall_s"],
                 "sequential_wall_s": sequential["train_wall_s"],

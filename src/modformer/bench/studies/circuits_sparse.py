@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
 from modformer.bench.fidelity import compare_models
 from modformer.cli import HelpFormatter
 from modformer.compress.distill import DistillConfig, Distiller
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [[f"L{i}H{h}" for h in range(H)] for i in range(2)]
     models: list[tuple[str, torch.nn.Module, dict[str, Any]]] = [("teacher (dense)", teacher, {})]
     with tempfile.TemporaryDirectory() as tmp:
-        for spec, _ in students:
+        for spec, _ in cases(students, "circuits-sparse distil", lambda s: f"next: {s[0]}"):
             student, dist = distill_student(teacher, data, spec, args.steps, args.lr, tmp, args.seed)
             models.append((spec, student, dist))
             print(f"[circuits-sparse] {spec}: kl {dist['before_kl']:.4g} -> {dist['final_kl']:.4g} "
                   f"({dist['seconds']} s)", flush=True)
     rows = []
-    for spec, model, dist in models:
+    for spec, model, dist in cases(models, "circuits-sparse measure", lambda m: f"next: {m[0]}"):
         fid = compare_models(teacher, model, val)
         row: dict[str, Any] = {"model": spec, "acc": round(fid["acc"], 4), "kl_to_teacher": round(fid["kl"], 5),
                                "top1_agree": round(fid["top1_agree"], 4), **dist}

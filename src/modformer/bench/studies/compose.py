@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.compose import calm, cbtm, gates_run
 from modformer.compose.spec import load_spec
@@ -63,7 +63,8 @@ def bench_calm(args: argparse.Namespace) -> tuple[dict, list]:
 def bench_cbtm(args: argparse.Namespace) -> tuple[dict, list]:
     headline: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    for name, prefix in (("cbtm_taskmix", "taskmix_"), ("cbtm", "")):
+    for name, prefix in cases([("cbtm_taskmix", "taskmix_"), ("cbtm", "")], "compose cbtm",
+                              lambda c: f"next: {c[0]}"):
         spec = spec_for(name, args, cbtm)
         t0 = time.perf_counter()
         res = cbtm.run(spec)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, print_table, write_result
 from modformer.bench.process import SRC
 from modformer.cli import HelpFormatter
 from modformer.train.logging import read_metrics, steady_tokens_per_s
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args.runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="ddp_runs_")
     common = (TINY if args.tiny else []) + args.set
     rows, refs = [], {}
-    for n in args.nproc:
+    for n in cases(args.nproc, "ddp-scaling", lambda n: f"next: {n} process{'es' if n > 1 else ''}"):
         if n > 1:   # one process, N micro-steps: the same global batch as N processes
             refs[n] = launch(f"single_accum{n}", 1, common + [f"train.batch_size={args.per_process_batch * n}",
                                                              f"train.grad_accum={n}"], args)

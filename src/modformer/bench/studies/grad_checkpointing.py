@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import time
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, parse_with_preset, print_table, sync, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, parse_with_preset, print_table, sync, write_result
 from modformer.cli import HelpFormatter
 
 MODELS = {"gpt2-124m": (12, 768, 12), "24-layer": (24, 1024, 16), "tiny-4l": (4, 128, 4), "tiny-8l": (8, 128, 4)}
@@ -114,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--warmup and --steps must be >= 1")
     device = torch.device(args.device)
     rows = []
-    for name in args.models:
-        for ckpt in (False, True):
-            rows.append(measure(name, ckpt, args, device))       # its model and optimizer are freed on return
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            print_table(rows[-1:])
+    for name, ckpt in cases(list(itertools.product(args.models, (False, True))), "grad-checkpointing",
+                            lambda c: f"next: {c[0]}, checkpointing {'on' if c[1] else 'off'}"):
+        rows.append(measure(name, ckpt, args, device))       # its model and optimizer are freed on return
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print_table(rows[-1:])
     headline: dict[str, Any] = {"batch": args.batch, "seq_len": args.seq_len, "seed_claim_memory_reduction": 0.30}
     for name in args.models:
         off, on = (next(r for r in rows if r["model"] == name and r["grad_checkpointing"] is c) for c in (False, True))

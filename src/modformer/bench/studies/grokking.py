@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, print_table, write_result
 from modformer.bench.process import SRC
 from modformer.cli import HelpFormatter
 
@@ -59,12 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            rows.append(run(f"recipe_seed{seed}", [f"train.seed={seed}", f"data.options.seed={seed}"], tmp))
+        jobs = [(f"recipe_seed{seed}", [f"train.seed={seed}", f"data.options.seed={seed}"]) for seed in args.seeds]
+        jobs.append(("baseline_seed0", BASELINE + [f"train.steps={args.baseline_steps}", "train.eval_every=50"]))
+        for name, overrides in cases(jobs, "grokking", lambda j: f"next: {j[0]}"):
+            rows.append(run(name, overrides, tmp))
             print_table([{k: v for k, v in rows[-1].items() if k != "curve"}])
-        rows.append(run("baseline_seed0", BASELINE + [f"train.steps={args.baseline_steps}",
-                                                      "train.eval_every=50"], tmp))
-        print_table([{k: v for k, v in rows[-1].items() if k != "curve"}])
     import matplotlib
 
     matplotlib.use("Agg")

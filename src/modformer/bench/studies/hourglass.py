@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.config import load_config
 from modformer.saving import unwrap
@@ -314,16 +315,16 @@ def main(argv: list[str] | None = None) -> int:
         return write_result("hourglass", head, rows, device, out_dir=out.parent, filename=out.name,
                             extra={**extra, "pairs": pairs, "skipped": skipped})
 
-    for arm in MODELS:
-        for lr in lrs:
-            train(arm, "sweep", lr, 0)
-    for seed in range(1, args.seeds):
-        for arm in MODELS:
-            lr = best_lr(rows, arm)
-            if lr is not None:
-                train(arm, "seed", lr, seed)
+    for arm, lr in cases(list(itertools.product(MODELS, lrs)), "hourglass sweep",
+                         lambda c: f"next: {c[0]} lr {c[1]:g}"):
+        train(arm, "sweep", lr, 0)
+    for seed, arm in cases(list(itertools.product(range(1, args.seeds), MODELS)), "hourglass seeds",
+                           lambda c: f"next: {c[1]} seed {c[0]}"):
+        lr = best_lr(rows, arm)
+        if lr is not None:
+            train(arm, "seed", lr, seed)
     hg_lr = best_lr(rows, "hourglass")
-    for name in variants:
+    for name in cases(variants, "hourglass variants", lambda v: f"next: {v}"):
         if hg_lr is not None:
             opts = {**copy.deepcopy(base["hourglass"].model.model_options), **ABLATIONS[name]}
             train("hourglass", "variant", hg_lr, 0, opts, label=name)

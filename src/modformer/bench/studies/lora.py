@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.compress import count_params, evaluate, finetune, lora
 from modformer.config import DataConfig
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{k: v for k, v in rows[-1].items() if k != "curve"}])
     lora_cfg = dataclasses.replace(rc.train, weight_decay=args.lora_wd)
     adapters = {}
-    for name in args.configs:
+    for name in cases(args.configs, "lora", lambda n: f"next: LoRA {n}"):
         r, targets = CONFIGS[name]
         t0 = time.perf_counter()
         pm = lora.add_lora(copy.deepcopy(base), r=r, alpha=args.alpha_scale * r, targets=targets,

@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modformer.bench.common import DEFAULT_OUT, parse_with_preset, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, parse_with_preset, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.data import build_dataset
@@ -152,21 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs_dir or tmp)
-        for pos in args.positions:
-            for seed in range(args.seeds):
-                trainer = train_one(pos, seed, args, runs)
-                model = trainer.raw_model
-                for f in args.factors:
-                    length = f * args.seq_len
-                    row: dict[str, Any] = {"position": pos, "seed": seed, "factor": f, "window": length}
-                    if pos == "learned" and length > args.seq_len:
-                        row.update(loss=None, loss_beyond=None, tokens=0,
-                                   note=f"cannot: the learned table holds {args.seq_len} positions")
-                    else:
-                        row.update(eval_length(model, length, args.seq_len, args, device))
-                    rows.append(row)
-                    print_table(rows[-1:])
-                del trainer, model
+        for pos, seed in cases(list(itertools.product(args.positions, range(args.seeds))), "positions",
+                               lambda c: f"next: {c[0]} seed {c[1]}"):
+            trainer = train_one(pos, seed, args, runs)
+            model = trainer.raw_model
+            for f in args.factors:
+                length = f * args.seq_len
+                row: dict[str, Any] = {"position": pos, "seed": seed, "factor": f, "window": length}
+                if pos == "learned" and length > args.seq_len:
+                    row.update(loss=None, loss_beyond=None, tokens=0,
+                               note=f"cannot: the learned table holds {args.seq_len} positions")
+                else:
+                    row.update(eval_length(model, length, args.seq_len, args, device))
+                rows.append(row)
+                print_table(rows[-1:])
+            del trainer, model
     summary = summarise(rows, args.factors)
     print_table(summary, ["position", "factor", "seeds", "loss_median", "loss_min", "loss_max",
                           "loss_beyond_median"])

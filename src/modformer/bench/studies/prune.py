@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import modformer as mf
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, time_fn, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, print_table, time_fn, write_result
 from modformer.cli import HelpFormatter
 from modformer.compress import (
     count_params,
@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     t0 = time.perf_counter()
-    for s in (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+    for s in cases([0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "prune magnitude", lambda s: f"next: sparsity {s:g}"):
         m = copy.deepcopy(model)
         row("magnitude_oneshot", magnitude_prune(m, s), m)
-    for method, imp in (("heads", "gradient"), ("heads", "ablation"), ("neurons", "gradient"), ("layers", "gradient")):
+    one_shot = [("heads", "gradient"), ("heads", "ablation"), ("neurons", "gradient"), ("layers", "gradient")]
+    for method, imp in cases(one_shot, "prune structured", lambda m: f"next: {m[0]} by {m[1]}"):
         for a in ((0.125, 0.25, 0.375, 0.5, 0.75) if method == "heads" else (0.5,) if method == "layers"
                   else (0.25, 0.5, 0.7, 0.8, 0.9)):
             m, info = prune_structured(model, method, a, score, imp)

@@ -13,12 +13,13 @@ ablation rankings. Writes OUT/prune_l0.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.compress import count_params, evaluate, finetune, masked, prune_structured
 from modformer.compress.finetune import batches
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     n0, base = count_params(model), evaluate(model, data)
     score = batches(data, "train", 512, 8)
     rows: list[dict] = []
-    for lam in args.lambdas:
+    for lam in cases(args.lambdas, "prune-l0", lambda lam: f"next: lambda {lam:g}"):
         t0 = time.perf_counter()
         m = run_model(args.run).eval()
         gates, log = train_head_gates(m, score, steps=args.steps, lam=lam, lr=args.lr, joint=args.joint,
@@ -70,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": time.perf_counter() - t0})
         print_table([{k: v for k, v in rows[-1].items() if k not in ("log", "gates")}])
     model = run_model(args.run).eval()
-    for imp in () if args.no_ranking else ("l0", "gradient", "ablation"):
-        for a in (0.125, 0.25, 0.375, 0.5):
-            opts = {"steps": args.steps, "lam": args.rank_lambda, "lr": args.lr} if imp == "l0" else None
-            m, info = prune_structured(run_model(args.run).eval() if imp == "l0" else model, "heads", a, score, imp,
-                                       opts)
-            rows.append({"method": f"heads_{imp}_oneshot", "fraction_removed": a, **evaluate(m, data),
-                         "removed": info["removed"]})
-            print_table([{k: v for k, v in rows[-1].items() if k != "removed"}])
+    ranking = itertools.product(() if args.no_ranking else ("l0", "gradient", "ablation"), (0.125, 0.25, 0.375, 0.5))
+    for imp, a in cases(list(ranking), "prune-l0 ranking", lambda c: f"next: {c[0]} ranking, {c[1]:g} of heads"):
+        opts = {"steps": args.steps, "lam": args.rank_lambda, "lr": args.lr} if imp == "l0" else None
+        m, info = prune_structured(run_model(args.run).eval() if imp == "l0" else model, "heads", a, score, imp,
+                                   opts)
+        rows.append({"method": f"heads_{imp}_oneshot", "fraction_removed": a, **evaluate(m, data),
+                     "removed": info["removed"]})
+        print_table([{k: v for k, v in rows[-1].items() if k != "removed"}])
     best = [r for r in rows if r["method"] == "l0_closed"]
     headline = {"base_acc": base["acc"],
                 "max_gated_vs_pruned_acc_diff": max(abs(r["gated_acc"] - r["pruned_acc"]) for r in best),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.compress import count_params, evaluate, magnitude_prune, prune_structured
 from modformer.compress.finetune import batches
@@ -72,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                      "param_reduction": 1 - count_params(m) / n0, **extra})
         print_table([rows[-1]])
 
-    for s in (0.2, 0.4, 0.5, 0.6, 0.8):
+    for s in cases([0.2, 0.4, 0.5, 0.6, 0.8], "prune-wikitext2 magnitude", lambda s: f"next: sparsity {s:g}"):
         m = copy.deepcopy(model)
         row("magnitude_oneshot", magnitude_prune(m, s), m)
-    for method, imp, amounts in (("heads", "gradient", (0.25, 0.5, 0.75)), ("heads", "ablation", (0.25, 0.5, 0.75)),
-                                 ("neurons", "gradient", (0.25, 0.5, 0.75, 0.9)), ("layers", "gradient", (0.5,))):
+    one_shot = [("heads", "gradient", (0.25, 0.5, 0.75)), ("heads", "ablation", (0.25, 0.5, 0.75)),
+                ("neurons", "gradient", (0.25, 0.5, 0.75, 0.9)), ("layers", "gradient", (0.5,))]
+    for method, imp, amounts in cases(one_shot, "prune-wikitext2 structured", lambda m: f"next: {m[0]} by {m[1]}"):
         for a in amounts:
             m, _ = prune_structured(model, method, a, score, imp)
             row(f"{method}_{imp}_oneshot", a, m)

@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import tempfile
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, parse_with_preset, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, parse_with_preset, print_table, write_result
 from modformer.bench.studies.stability import RECIPES
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -140,15 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(args.runs_dir or tmp)
         runs.mkdir(parents=True, exist_ok=True)
         total = len(args.recipes) * len(args.depths) * len(args.lrs) * args.seeds
-        for recipe in args.recipes:
-            for depth in args.depths:
-                for lr in args.lrs:
-                    for seed in range(args.seeds):
-                        rows.append(run_one(recipe, depth, lr, seed, args, runs))
-                        r = rows[-1]
-                        print(f"[{len(rows)}/{total}] {recipe} depth {depth} lr {lr:g} seed {seed}: "
-                              f"{'NON-FINITE at step ' + str(r['nonfinite_step']) if r['nonfinite'] else 'finite'}"
-                              f", steps to {args.target}: {r['steps_to_target']}", flush=True)
+        grid = list(itertools.product(args.recipes, args.depths, args.lrs, range(args.seeds)))
+        for recipe, depth, lr, seed in cases(grid, "recipe-stability",
+                                             lambda c: f"next: {c[0]} depth {c[1]} lr {c[2]:g} seed {c[3]}"):
+            rows.append(run_one(recipe, depth, lr, seed, args, runs))
+            r = rows[-1]
+            print(f"[{len(rows)}/{total}] {recipe} depth {depth} lr {lr:g} seed {seed}: "
+                  f"{'NON-FINITE at step ' + str(r['nonfinite_step']) if r['nonfinite'] else 'finite'}"
+                  f", steps to {args.target}: {r['steps_to_target']}", flush=True)
     summary = summarise(rows)
     print_table(summary)
     headline: dict[str, Any] = {"target_loss": args.target, "seeds": args.seeds, "steps": args.steps}

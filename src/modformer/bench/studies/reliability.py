@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
 from modformer.bench.process import child_env
 from modformer.cli import HelpFormatter
 
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"reference run failed: {ref.stderr[-500:]}")
             reference = final_state(Path(tmp) / f"reference_{every}")
             print(f"checkpoint_every={every}: reference run {wall:.1f}s; {args.trials} kill trials", flush=True)
-            for i in range(args.trials):
+            for i in cases(range(args.trials), f"reliability checkpoint_every={every}",
+                           lambda i: f"next: kill trial {i + 1}"):
                 row = kill_trial(config, f"kill{every}_{i}", rng.uniform(0.3 * wall, wall), reference)
                 rows.append({"checkpoint_every": every, **row})
                 print(f"  trial {i + 1}/{args.trials}: kill at {row['delay_s']}s -> "

@@ -70,11 +70,12 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
                   data: Any, out: Path, steps: int = 0, gate_block: int = 128) -> list[dict[str, Any]]:
     """KL etc. of every (family, density) student; ``cfg`` is the base DistillConfig (data, batch, lr, trainable)."""
     from modformer.bench import fidelity
+    from modformer.bench.common import cases
     from modformer.compress.distill import Distiller
 
     seq_len = cfg.data.seq_len
     rows: list[dict[str, Any]] = []
-    for method, overrides in methods:
+    for method, overrides in cases(methods, "sparse-density", lambda m: f"next: {m[0]} curve"):
         if method == "performer":
             continue
         seen = set()

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from modformer.bench import fidelity
-from modformer.bench.common import CONFIGS, print_table, write_result
+from modformer.bench.common import CONFIGS, cases, print_table, write_result
 from modformer.bench.studies import sparse_density as sd
 from modformer.cli import HelpFormatter
 from modformer.compress.distill import Distiller, build_student, load_distill_config, load_teacher
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.is_file():
         s = json.loads(summary.read_text())
         teacher_info.update({k: s.get(k) for k in ("final_val_ppl", "final_val_acc", "wall_s", "params", "steps")})
-    for method in args.methods:
+    for method in cases(args.methods, "sparse-fidelity", lambda m: f"next: {m}"):
         if any(r["method"] == method for r in records):
             continue                                  # --resume: measured in an earlier call
         log(f"=== {method} ===")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, write_result
 from modformer.bench.process import TrainProcess, child_env
 from modformer.cli import HelpFormatter
 
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = plan(args.parts, args.seeds, args.lrs, args.ablations, args.run)
     rows: list[dict] = []
     path = None
-    for i, spec in enumerate(runs, 1):                  # one at a time: each run has the device to itself
+    # one at a time: each run has the device to itself
+    for i, spec in enumerate(cases(runs, "speedrun", lambda s: f"next: {s['name']}"), 1):
         print(f"[{i}/{len(runs)}] {spec['name']}: {spec['config']} {' '.join(spec['overrides'])}", flush=True)
         overrides = [*EVAL, *stop, f"train.seed={spec['seed']}", *args.set, *spec["overrides"]]
         run = TrainProcess(spec["name"], spec["config"], overrides, Path(args.runs_dir),

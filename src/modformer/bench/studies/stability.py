@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, print_table, sync, time_fn, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, sync, time_fn, write_result
 from modformer.cli import HelpFormatter
 from modformer.config import ModelConfig
 
@@ -89,7 +89,7 @@ def measure(recipe: str, args: argparse.Namespace, device: torch.device) -> dict
 def speed(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for recipe in RECIPES:
+    for recipe in cases(list(RECIPES), "stability speed", lambda r: f"next: {r} recipe"):
         rows.append(measure(recipe, args, device))
         sync(device)
     old, new = rows

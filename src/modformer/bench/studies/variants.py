@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import modformer as mf
-from modformer.bench.common import CONFIGS, DEFAULT_OUT, device_name, write_result
+from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, device_name, write_result
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from modformer.train.logging import read_metrics
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     base = base_model(args)
     target = count(base)
     rows = []
-    for name in names:
+    for name in cases(names, "variants", lambda n: f"next: {n}"):
         cfg, d_ff = (base, None) if name == "mha" else match_params(base, VARIANTS[name], target)
         row = {"variant": name, "attention": cfg.attention, "ffn": cfg.ffn,
                "options": {k: v for k, v in VARIANTS[name].items() if k not in ("attention", "ffn")},

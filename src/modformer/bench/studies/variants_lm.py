@@ -43,6 +43,7 @@ import modformer as mf
 from modformer.bench.common import (
     CONFIGS,
     DEFAULT_OUT,
+    cases,
     command_line,
     counted_train_flops_per_token,
     print_table,
@@ -266,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_only:
         result = json.loads(Path(args.out).read_text())
         vocab = corpus_vocab(args)
-        for r in result["rows"]:
-            if r["variant"] in names:
-                r["tokens_per_s_alone"] = speed_alone(r["variant"], args, vocab)
-                print(f"{r['variant']}: {r['tokens_per_s_alone']:.0f} tokens/s alone", flush=True)
+        chosen = [r for r in result["rows"] if r["variant"] in names]
+        for r in cases(chosen, "variants-lm speed", lambda r: f"next: {r['variant']}"):
+            r["tokens_per_s_alone"] = speed_alone(r["variant"], args, vocab)
+            print(f"{r['variant']}: {r['tokens_per_s_alone']:.0f} tokens/s alone", flush=True)
         result["speed_command"] = command_line()
         atomic_write_text(args.out, json.dumps(result, indent=2))
         return 0
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_parallel(names, args)
     else:
         rows = []
-        for name in names:
+        for name in cases(names, "variants-lm", lambda n: f"next: {n}"):
             rows.append(train_one(name, args))
             print(f"{name}: val loss {rows[-1]['final_val_loss']:.4f}", flush=True)
             write(args, rows)

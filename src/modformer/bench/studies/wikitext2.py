@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, device_name, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, device_name, print_table, write_result
 from modformer.bench.process import TrainProcess, child_env
 from modformer.cli import HelpFormatter
 
@@ -97,7 +97,7 @@ def wikitext2(args: argparse.Namespace) -> None:
         for run in runs:
             run.wait()
     else:
-        for run in runs:
+        for run in cases(runs, "wikitext2", lambda r: f"next: {r.name}"):
             if over_deadline(args):
                 print(f"skipped {run.name}: past --deadline")
                 continue
