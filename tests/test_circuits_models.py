@@ -150,3 +150,146 @@ def test_pruning_study_on_a_saved_run(tmp_path):
     base, half = result["rows"]
     assert result["train"]["run_dir"] == str(tmp_path / "ind") and len(half["removed"]) == 4
     assert base["loss"] > 0 and half["loss_ratio"] == pytest.approx(half["loss"] / base["loss"], rel=1e-3)
+
+
+# ---- the hourglass: circuits on its attention layers over tokens (views.py) ----------------------------------
+
+def _hourglass(options: dict | None = None, **kw) -> torch.nn.Module:
+    import modformer as mf
+
+    base = dict(vocab_size=32, n_layer=2, d_model=32, n_head=2, max_seq_len=32, model="hourglass",
+                model_options=options or {})
+    base.update(kw)
+    torch.manual_seed(0)
+    model = mf.build_model(mf.ModelConfig(**base)).eval()
+    with torch.no_grad():                       # far from initialisation: every head and path carries signal
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if ".ln" in name and name.endswith("weight") else 0.0, 0.3)
+    return model
+
+
+def test_hourglass_previous_token_head_scores_one_at_its_real_layer():
+    """Decoder head 0 is wired (positional QK) to attend to the previous token; everything else attends uniformly
+    or is silenced. Only that head, reported at the decoder's path, may score ~1."""
+    import modformer as mf
+
+    D, Dh = 64, 32
+    model = mf.build_model(mf.ModelConfig(
+        vocab_size=32, n_layer=1, d_model=D, n_head=2, max_seq_len=32, model="hourglass", attn_only=True,
+        position="learned", model_options={"schedule": "global", "group_len": 4})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if name.endswith("ln1.weight") or name == "ln_f.weight" else 0.0)
+        model.tok_emb.weight[:, 32:] = 0.1 * torch.eye(32)                    # tokens: dims 32..63, small
+        model.position.wpe.weight[:, :32] = torch.eye(32)                     # position t: dim t
+        qkv = model.decoders[0].blocks[0].attn.qkv.weight                     # rows [q h0, q h1, k h0, k h1, v ...]
+        a = 2.0
+        qkv[:31, 1:32] = a * torch.eye(31)          # head 0: q_j = a x[j + 1], so q(t) points at position t - 1
+        qkv[2 * Dh:2 * Dh + 32, :32] = a * torch.eye(32)                     # head 0: k_j = a x[j]
+        model.lm_head.weight.normal_(0.0, 0.1)
+    view = interp.circuit_view(model)
+    assert view.layer_names == ["encoders.0.blocks.0", "decoders.0.blocks.0"]
+    s = interp.head_scores(model, length=16, batch=4)
+    assert s["prev_token"].shape == (2, 2)
+    assert s["prev_token"][1, 0] > 0.95, s["prev_token"]
+    assert (s["prev_token"][0] < 0.3).all() and s["prev_token"][1, 1] < 0.3       # uniform heads
+    rows = {r["name"]: r for r in interp.head_table(s, modules=view.layer_names)}
+    assert rows["L1H0"]["module"] == "decoders.0.blocks.0" and rows["L0H0"]["module"] == "encoders.0.blocks.0"
+    # the view's pattern is the real module's hook, not another layer's
+    idx = torch.randint(0, 32, (2, 20))
+    _, real = model.run_with_cache(idx, names_filter="decoders.0.blocks.0.attn.hook_pattern")
+    torch.testing.assert_close(interp.heads.attention_patterns(model, idx)["blocks.1.attn.hook_pattern"],
+                               real["decoders.0.blocks.0.attn.hook_pattern"])
+
+
+def test_hourglass_token_level_patterns_are_causal_and_local_ones_block_diagonal():
+    g, T = 4, 10                                    # T not a multiple of g: the last window is padded, then cropped
+    model = _hourglass({"schedule": "alternate", "encoder_layers": [2, 0], "decoder_layers": [1], "group_len": g})
+    view = interp.circuit_view(model)
+    assert [(t.module, t.attention) for t in view.layers] == [
+        ("encoders.0.blocks.0", "local"), ("encoders.0.blocks.1", "global"), ("decoders.0.blocks.0", "local")]
+    idx = torch.randint(0, 32, (3, T))
+    cache = interp.heads.attention_patterns(model, idx)
+    pats = interp.heads.stack_patterns(cache, 3)                              # (L, B, H, T, T)
+    assert pats.shape == (3, 3, 2, T, T)
+    assert not pats.triu(1).any()                                            # causal: nothing above the diagonal
+    torch.testing.assert_close(pats.sum(-1), torch.ones(3, 3, 2, T))
+    assert (pats[1].tril(-g) > 0).any()                                      # the global layer looks back further
+    window = torch.arange(T) // g
+    outside = window[:, None] != window[None, :]
+    for i in (0, 2):
+        assert not pats[i][..., outside].any()                               # local: within the token's window
+    _, raw = model.run_with_cache(idx, names_filter="encoders.0.blocks.0.attn.hook_pattern")
+    raw = raw["encoders.0.blocks.0.attn.hook_pattern"].view(3, 3, 2, g, g)    # (B, windows, H, g, g)
+    for k in range(3):
+        w = min(g, T - k * g)
+        torch.testing.assert_close(pats[0, :, :, k * g:k * g + w, k * g:k * g + w], raw[:, k, :, :w, :w])
+
+
+def test_analyze_on_an_hourglass_scores_token_layers_and_notes_the_rest(tmp_path):
+    model = _hourglass({"encoder_layers": [1, 0], "decoder_layers": [1]}, attn_only=True)
+    summary = interp.analyze(model, tmp_path)
+    text = (tmp_path / "head_scores.json").read_text()
+    data = json.loads(text)
+    assert "NaN" not in text and data["model"]["kind"] == "hourglass"
+    assert [r["module"] for r in data["model"]["layers"]] == ["encoders.0.blocks.0", "decoders.0.blocks.0"]
+    assert {r["module"] for r in summary["heads"]} == {"encoders.0.blocks.0", "decoders.0.blocks.0"}
+    assert len(summary["heads"]) == 4 and {"prev_token", "induction", "copying", "copying_rank"} <= set(
+        summary["heads"][0])
+    notes = " ".join(data["notes"])
+    assert "latent_blocks.0" in notes and "latent_blocks.1" in notes and "not a product of weight" in notes
+    assert {r["module"] for r in data["skipped"]} == {"latent_blocks.0", "latent_blocks.1", "shorten.0"}
+    assert len(data["composition"]["q"]) == 2                                # encoder -> decoder through the skip
+    md = (tmp_path / "head_scores.md").read_text()
+    assert "decoders.0.blocks.0" in md and "## Skipped modules" in md and "## Notes" in md
+    for name in ("circuits.html", "plots/head_scores.png", "plots/patterns.png", "plots/ov_eigenvalues.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+    # without skips no W_E -> W_U reading holds: pattern scores only, and the note says why
+    summary = interp.analyze(_hourglass({"skip": False}), tmp_path / "noskip")
+    text = (tmp_path / "noskip" / "head_scores.json").read_text()
+    assert "NaN" not in text and "copying" not in summary["heads"][0]
+    assert any("weight-based circuits skipped" in n and "skip: false" in n for n in summary["notes"])
+    assert summary["heads"][0]["copying_rank"] is None and summary["heads"][-1]["copying_rank"] is not None
+    with pytest.raises(ValueError, match="skip: false"):
+        interp.extract_weights(_hourglass({"skip": False}))
+
+
+def test_circuits_refuses_unreadable_model_kinds_in_one_line(tmp_path, capsys):
+    import modformer as mf
+    from modformer.cli import main
+
+    no_tokens = _hourglass({"encoder_layers": [0, 1], "decoder_layers": [0]})
+    with pytest.raises(ValueError, match="'hourglass'") as e:
+        interp.analyze(no_tokens, tmp_path / "a")
+    assert "\n" not in str(e.value) and "attention variant" not in str(e.value)
+    with pytest.raises(ValueError, match="model kind 'Linear'"):
+        interp.head_scores(torch.nn.Linear(2, 2))
+    mf.save(no_tokens, tmp_path / "saved")
+    capsys.readouterr()
+    assert main(["circuits", str(tmp_path / "saved"), "--out", str(tmp_path / "c")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[circuits]")]
+    assert len(err) == 1 and err[0].startswith("error:") and "'hourglass'" in err[0], err
+
+
+def test_circuits_cli_on_an_hourglass_run(tmp_path, capsys):
+    from modformer.cli import main
+    from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from modformer.train.trainer import Trainer
+
+    cfg = RunConfig(name="hg", out_dir=str(tmp_path),
+                    model=ModelConfig(model="hourglass", n_layer=1, d_model=16, n_head=2, max_seq_len=8,
+                                      model_options={"group_len": 2, "schedule": "global"}),
+                    data=DataConfig(name="modular", options={"p": 13, "train_fraction": 0.5}),
+                    train=TrainConfig(steps=2, batch_size=16, eval_every=2, eval_batches=1, progress=False,
+                                      tensorboard=False, device="cpu", sample_tokens=0))
+    Trainer(cfg).fit()
+    run = tmp_path / "hg"
+    capsys.readouterr()
+    assert main(["circuits", str(run)]) == 0
+    assert str(run / "circuits" / "head_scores.json") in capsys.readouterr().out
+    data = json.loads((run / "circuits" / "head_scores.json").read_text())
+    assert data["model"]["kind"] == "hourglass" and len(data["heads"]) == 4
+    assert [r["module"] for r in data["model"]["layers"]] == ["encoders.0.blocks.0", "decoders.0.blocks.0"]
+    assert any("latent_blocks.0" in n for n in data["notes"]) and "fourier" in data
+    assert (run / "circuits" / "circuits.html").stat().st_size > 0

@@ -6,6 +6,7 @@
     interp.all_composition_scores(w, baseline=True)   # {"q"|"k"|"v": (L, H, L, H)}
     interp.head_scores(model)                         # prev-token / duplicate / induction / copying / ...
     interp.analyze(model, "out/", data)               # HTML + plots + head table (the `circuits` command)
+    interp.circuit_view(model)                        # how a model kind is read (hourglass: token-level layers)
     interp.activation_patching(model, corrupted, clean, metric, site="z")   # causal: (L, H) patched metric
     interp.term_importance(model, idx)                # direct / one-head / two-head path ablation (attn-only)
 
@@ -55,10 +56,12 @@ from modformer.interp.patching import activation_patching, attribution_patching,
 from modformer.interp.report import analyze
 from modformer.interp.skip_trigrams import SkipTrigram, skip_trigrams
 from modformer.interp.terms import dump_circuits, path_terms, term_importance
+from modformer.interp.views import TokenLayersView, circuit_view
 from modformer.interp.weights import ModelWeights, attention_forward, extract_weights, normalize
 
 __all__ = [
-    "AttentionStatsMonitor", "FactoredMatrix", "GradFlowMonitor", "ModelWeights", "SkipTrigram",
+    "AttentionStatsMonitor", "FactoredMatrix", "GradFlowMonitor", "ModelWeights", "SkipTrigram", "TokenLayersView",
+    "circuit_view",
     "activation_patching", "adapter_head_deltas", "attribution_patching", "composition_eigenvalues",
     "dump_circuits", "head_deltas", "path_patching", "path_terms", "term_importance",
     "all_composition_scores", "analyze", "attention_distance", "band_mass", "attention_entropy", "attention_forward",

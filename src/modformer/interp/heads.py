@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from modformer.interp.circuits import copying_scores
+from modformer.interp.views import circuit_view
 from modformer.interp.weights import ModelWeights, extract_weights
 
 
@@ -49,7 +50,10 @@ def frequent_tokens(tokens: Tensor, n: int, vocab_size: int) -> Tensor:
 
 @torch.no_grad()
 def attention_patterns(model: nn.Module, idx: Tensor, extra: tuple[str, ...] = ()) -> dict[str, Tensor]:
-    """Run once and cache every ``hook_pattern`` ``(B, H, T, T)`` (plus hook names ending in ``extra``)."""
+    """Run once and cache every ``hook_pattern`` ``(B, H, T, T)`` (plus hook names ending in ``extra``), named
+    ``blocks.{i}.attn.hook_pattern`` for the layers ``circuit_view(model)`` reads (views.py: for the hourglass,
+    its token-level layers)."""
+    model = circuit_view(model)
     suffixes = ("attn.hook_pattern", *extra)
     _, cache = model.run_with_cache(idx, names_filter=lambda n: n.endswith(suffixes))
     return cache
@@ -68,6 +72,7 @@ def stack_patterns(cache: dict[str, Tensor], n_layer: int) -> Tensor:
 
 def present_heads(model: nn.Module) -> Tensor:
     """``(L, H_max)`` bool: which heads each layer has (structured pruning leaves per-layer head counts)."""
+    model = circuit_view(model)
     counts = [int(b.attn.n_head) for b in model.blocks]
     return torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
 
@@ -143,10 +148,12 @@ def copying_rank_scores(model: nn.Module, idx: Tensor, min_attention: float = 0.
 
     Averaged over destinations where the head puts at least ``min_attention`` on one position (all
     destinations if there are none), so that "the attended token" is well defined. Needs only
-    ``hook_pattern`` and ``hook_result`` (any attention variant that has them).
+    ``hook_pattern`` and ``hook_result`` (any attention variant that has them). Layers without a direct path to
+    the logits (``direct_to_logits`` of a view, e.g. an hourglass without skips) get NaN.
     """
+    model = circuit_view(model)
     L = len(model.blocks)
-    last = f"blocks.{L - 1}.hook_resid_post"
+    last = getattr(model, "final_resid_hook", f"blocks.{L - 1}.hook_resid_post")
     names = {f"blocks.{i}.attn.{h}" for i in range(L) for h in ("hook_pattern", "hook_result")} | {last}
     _, cache = model.run_with_cache(idx, names_filter=lambda n: n in names)
     resid = cache[last].float()
@@ -181,6 +188,9 @@ def copying_rank_scores(model: nn.Module, idx: Tensor, min_attention: float = 0.
             pct = (less + 0.5 * ties) / max(V - 1, 1)                     # (B, T-1) mid-rank percentile
             sharp = top[:, h] >= min_attention
             out[i, h] = pct[sharp].mean() if sharp.any() else pct.mean()
+    for i, direct in enumerate(getattr(model, "direct_to_logits", [True] * L)):
+        if not direct:
+            out[i] = float("nan")
     return out
 
 
@@ -188,7 +198,9 @@ def copying_rank_scores(model: nn.Module, idx: Tensor, min_attention: float = 0.
 def head_scores(model: nn.Module, length: int | None = None, batch: int = 16, seed: int = 0,
                 w: ModelWeights | None = None, token_pool: Tensor | None = None) -> dict[str, Tensor]:
     """Every detector's ``(L, H)`` scores on repeated random tokens (``length`` fits the position table;
-    ``token_pool``: draw the repeated tokens from these ids only, see ``repeated_random_tokens``)."""
+    ``token_pool``: draw the repeated tokens from these ids only, see ``repeated_random_tokens``). Layer ``i`` is
+    ``circuit_view(model).blocks[i]``: for the hourglass its token-level layers (``layer_names`` has their paths)."""
+    model = circuit_view(model)
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -227,11 +239,17 @@ def head_scores(model: nn.Module, length: int | None = None, batch: int = 16, se
     return {k: v.float().cpu().masked_fill(absent, float("nan")) for k, v in scores.items()}
 
 
-def head_table(scores: dict[str, Tensor]) -> list[dict]:
+def head_table(scores: dict[str, Tensor], modules: list[str] | None = None) -> list[dict]:
     """One row per head: ``{"layer", "head", "name", <score>: float, ...}``; heads whose scores are all NaN
-    (absent in a pruned layer) have no row."""
+    (absent in a pruned layer) have no row; a single score that does not apply to a present head (NaN) is None,
+    so the rows stay strict JSON. ``modules``: each layer's module path, added as ``"module"``."""
     L, H = next(iter(scores.values())).shape
-    return [{"layer": i, "head": h, "name": f"L{i}H{h}", **{k: round(float(v[i, h]), 4) for k, v in scores.items()}}
+    where = (lambda i: {"module": modules[i]}) if modules else (lambda i: {})
+
+    def value(x: Tensor) -> float | None:
+        return None if bool(x.isnan()) else round(float(x), 4)
+
+    return [{"layer": i, "head": h, "name": f"L{i}H{h}", **where(i), **{k: value(v[i, h]) for k, v in scores.items()}}
             for i in range(L) for h in range(H) if not all(bool(v[i, h].isnan()) for v in scores.values())]
 
 
@@ -242,5 +260,6 @@ def table_markdown(rows: list[dict]) -> str:
     keys = [k for k in rows[0] if k not in ("layer", "head")]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+        lines.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else "n/a" if r[k] is None
+                                       else str(r[k]) for k in keys) + " |")
     return "\n".join(lines) + "\n"

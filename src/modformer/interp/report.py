@@ -5,7 +5,9 @@
   head_scores.json / .md   per-head detectors, composition scores, skip-trigrams (+ Fourier for modular +/-)
   plots/ov_eigenvalues.png, plots/composition.png (>= 2 layers), plots/head_scores.png, plots/fourier.png,
   plots/patterns.png (the best previous-token, induction and positional heads on a repeated random sequence)
-and returns the JSON summary.
+and returns the JSON summary. Model kinds are read through ``views.circuit_view``: for an ``hourglass`` the
+analyses cover its attention layers over tokens and the report's ``notes`` / ``skipped`` say what else is left out
+and why (``views.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from modformer.interp import circuits, composition, fourier, heads, viz
 from modformer.interp.skip_trigrams import skip_trigrams
+from modformer.interp.views import circuit_view, model_kind
 from modformer.interp.weights import ModelWeights, extract_weights
 from modformer.utils import atomic_write_text
 
@@ -83,24 +86,34 @@ def analyze(model: nn.Module, out_dir: str | Path, data: Any = None, html: str |
     """Run every analysis on ``model`` and write the files listed in the module docstring.
 
     Attention variants without fused per-head weights (mla, moa, ...) get the pattern-based analyses only.
+    Model kinds are read through ``views.circuit_view``: a ``gpt`` as it is; an ``hourglass`` by its token-level
+    layers (the JSON's ``model.layers`` maps each table layer to its module path, ``skipped`` lists the rest and
+    why, ``notes`` says which analyses apply); a kind it cannot read raises a one-line ValueError naming it.
     """
     out = Path(out_dir)
     plots = out / "plots"
-    model.eval()
-    cfg = model.cfg
+    view = circuit_view(model)
+    view.eval()
+    cfg = view.cfg
+    notes = list(getattr(view, "notes", []))
     try:
-        w: ModelWeights | None = extract_weights(model, fold_ln=True)
+        w: ModelWeights | None = extract_weights(view, fold_ln=True)
     except ValueError as e:
-        w, notes = None, [f"weight-based circuits skipped: {e}"]
+        w = None
+        if not getattr(view, "weights_refused", None):          # a view that refuses says so in its notes
+            notes.append(f"weight-based circuits skipped: {e}")
     else:
-        notes = w.notes
-    scores = heads.head_scores(model, w=w)
-    summary: dict[str, Any] = {"model": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
-                                         "d_head": cfg.head_dim, "vocab_size": cfg.vocab_size,
-                                         "head_counts": [int(b.attn.n_head) for b in model.blocks]}, "notes": notes}
+        notes += w.notes
+    scores = heads.head_scores(view, w=w)
+    summary: dict[str, Any] = {"model": {"kind": model_kind(model), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                                         "d_model": cfg.d_model, "d_head": cfg.head_dim, "vocab_size": cfg.vocab_size,
+                                         "head_counts": [int(b.attn.n_head) for b in view.blocks]}, "notes": notes}
+    if view is not model:
+        summary["model"]["layers"] = view.describe()
+        summary["skipped"] = view.skipped
     files = _weight_analyses(w, scores, summary, plots, data.decode if data is not None else None,
                              n_trigrams) if w is not None else []
-    table = heads.head_table(scores)
+    table = heads.head_table(scores, modules=getattr(view, "layer_names", None))
     summary["heads"] = table
     files.append(viz.plot_head_scores(scores, plots / "head_scores.png"))
     mod = _modular_info(data) if data is not None else None
@@ -109,14 +122,15 @@ def analyze(model: nn.Module, out_dir: str | Path, data: Any = None, html: str |
         summary["fourier"] = f = fourier.fourier_report(model, p, mask, sign=sign)
         files.append(viz.plot_fourier({"embedding": f["embedding_norms"], "logits": f["logit_norms"]},
                                       plots / "fourier.png", f["key_frequencies"]))
-    files.append(probe_patterns(model, table, plots / "patterns.png"))
-    idx, toks = sample_tokens(model, data, text)
-    cache = heads.attention_patterns(model, idx.to(model.tok_emb.weight.device))
+    files.append(probe_patterns(view, table, plots / "patterns.png"))
+    idx, toks = sample_tokens(view, data, text)
+    cache = heads.attention_patterns(view, idx.to(view.tok_emb.weight.device))
     pats = heads.stack_patterns(cache, cfg.n_layer)[:, 0].cpu()                 # (L, H, T, T)
     best = max(table, key=lambda r: r["induction"])
     html_path = Path(html) if html else out / "circuits.html"
+    layers = f"{cfg.n_layer} token-level layers" if view is not model else f"{cfg.n_layer} layers"
     files.append(viz.attention_html(toks, pats, html_path, title=title, table=table,
-                                    subtitle=f"{cfg.n_layer} layers x {cfg.n_head} heads; scores on repeated "
+                                    subtitle=f"{layers} x {cfg.n_head} heads; scores on repeated "
                                              "random tokens; copying = OV eigenvalue score",
                                     init_head=(best["layer"], best["head"])))
     summary["files"] = [str(f) for f in files] + [str(out / "head_scores.json"), str(out / "head_scores.md")]
@@ -130,6 +144,7 @@ def probe_patterns(model: nn.Module, table: list[dict], path: Path, length: int 
     """``plots/patterns.png``: on one sequence of ``length`` random tokens repeated, the patterns of the best
     previous-token head (below the last layer), the best induction head (layer >= 1: the stripe one after the
     earlier copy) and, when it is neither, the most positional head."""
+    model = circuit_view(model)
     max_len = getattr(model.position, "max_len", None) or 2 * length
     length = min(length, max_len // 2)
     idx = heads.repeated_random_tokens(model.cfg.vocab_size, length, 1, seed=0)
@@ -151,7 +166,14 @@ def probe_patterns(model: nn.Module, table: list[dict], path: Path, length: int 
 
 
 def markdown(summary: dict[str, Any], title: str = "circuits") -> str:
-    lines = [f"# {title}\n", "## Heads\n", heads.table_markdown(summary["heads"])]
+    lines = [f"# {title}\n"]
+    if summary.get("model", {}).get("layers"):
+        lines += [f"## Layers read ({summary['model']['kind']})\n", "| layer | module | stage | attention |",
+                  "|---|---|---|---|"]
+        lines += [f"| L{r['layer']} | {r['module']} | {r['stage']} | {r['attention']} |"
+                  for r in summary["model"]["layers"]]
+        lines.append("")
+    lines += ["## Heads\n", heads.table_markdown(summary["heads"])]
     if summary.get("top_compositions"):
         lines += [f"\n## Strongest compositions (minus random baseline {summary['composition_baseline']:.3f})\n",
                   "| mode | writer | reader | score |", "|---|---|---|---|"]
@@ -168,4 +190,6 @@ def markdown(summary: dict[str, Any], title: str = "circuits") -> str:
                   f"- loss {f['loss']:.4f}, restricted {f['restricted_loss']:.4f}, excluded {f['excluded_loss']:.4f}"]
     if summary.get("notes"):
         lines += ["\n## Notes\n"] + [f"- {n}" for n in summary["notes"]]
+    if summary.get("skipped"):
+        lines += ["\n## Skipped modules\n"] + [f"- {r['module']}: {r['reason']}" for r in summary["skipped"]]
     return "\n".join(lines) + "\n"

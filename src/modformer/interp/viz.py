@@ -139,7 +139,8 @@ function buildTable() {
     const tr = body.insertRow();
     tr.dataset.l = r.layer;
     tr.dataset.h = r.head;
-    tr.innerHTML = keys.map((k) => `<td>${typeof r[k] === 'number' ? r[k].toFixed(3) : r[k]}</td>`).join('');
+    const cell = (v) => (typeof v === 'number' ? v.toFixed(3) : v === null ? 'n/a' : v);
+    tr.innerHTML = keys.map((k) => `<td>${cell(r[k])}</td>`).join('');
     tr.onclick = () => select(r.layer, r.head);
   });
 }

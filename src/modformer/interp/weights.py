@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from modformer.interp.views import circuit_view, model_kind
+
 
 @dataclass
 class ModelWeights:
@@ -109,14 +111,15 @@ def attention_modules(model: nn.Module, sparse_ok: bool = False) -> list[nn.Modu
     pattern only hides keys), for weight-only analyses; not for a conversion that would drop the pattern."""
     from modformer.layers.attention.sparse import SparseAttention
 
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no .blocks; interp expects a modformer decoder")
+    if getattr(model, "blocks", None) is None:       # an hourglass: pass circuit_view(model) (views.py)
+        raise ValueError(f"model kind {model_kind(model)!r} ({type(model).__name__}) has no .blocks; this analysis "
+                         "reads decoders with .blocks")
+    names = getattr(model, "layer_names", None) or [f"blocks.{i}" for i in range(len(model.blocks))]
     mods = []
-    for i, block in enumerate(blocks):
+    for name, block in zip(names, model.blocks):
         attn = getattr(block, "attn", None)
         if type(attn) not in _linear_head_classes() and not (sparse_ok and isinstance(attn, SparseAttention)):
-            raise ValueError(f"blocks.{i}.attn ({type(attn).__name__}) has no per-head W_Q/W_K/W_V/W_O; "
+            raise ValueError(f"{name}.attn ({type(attn).__name__}) has no per-head W_Q/W_K/W_V/W_O; "
                              "weight extraction supports mha/gqa/mqa attention")
         mods.append(attn)
     return mods
@@ -175,7 +178,11 @@ def _fold_reader(W: Tensor, b: Tensor, w: Tensor, nb: Tensor, center: bool) -> t
 def extract_weights(model: nn.Module, fold_ln: bool = True, center_writing: bool = False,
                     center_unembed: bool = False) -> ModelWeights:
     """Per-head weights of every layer (float32, detached; the model is not modified). Sparse-pattern attention
-    (sliding window, sinks, ...) has the same per-head matrices; its pattern is not part of them."""
+    (sliding window, sinks, ...) has the same per-head matrices; its pattern is not part of them. For the hourglass,
+    the token-level layers in forward order (``views.py`` says when that reading holds; otherwise ValueError)."""
+    model = circuit_view(model)
+    if getattr(model, "weights_refused", None):
+        raise ValueError(model.weights_refused)
     attns = attention_modules(model, sparse_ok=True)
     parts = [split_heads(a) for a in attns]
     counts = [p[0].shape[0] for p in parts]
