@@ -71,6 +71,8 @@ ENTRIES = _entries(
     ("sparse-fidelity", "studies.sparse_fidelity", "teacher -> distil each sparse attention -> the fidelity suite"),
     ("compose", "studies.compose", "composition of experts: c-BTM, PHATGOOSE gates, CALM (METHOD argument)"),
     ("cbtm-parallel", "studies.cbtm_parallel", "c-BTM experts trained one per GPU at once vs one after another"),
+    ("routing-budget", "studies.routing_budget", "top-p / threshold routing (varying number of experts) vs fixed "
+                                                 "top-k at equal compute: c-BTM and PHATGOOSE"),
     ("reliability", "studies.reliability", "train SIGKILLed at random moments, then resumed: data lost, bit-exactness"),
 )
 

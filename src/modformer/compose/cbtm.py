@@ -13,7 +13,9 @@
 4. ``eval``: perplexity of the mixture ``p(x_t | x_<t) = sum_j w_j p_j(x_t | x_<t)`` with
    ``w = softmax(-||e - c_j||^2 / T)`` (top-k optional), ``e`` the embedding of the ``eval.context``
    tokens before each evaluation window (uniform weights for the first window), against the dense
-   model, the uniform ensemble and each expert alone; writes ``cbtm.json``.
+   model, the uniform ensemble and each expert alone; writes ``cbtm.json``. ``eval.top_p`` and
+   ``eval.threshold`` (lists, default none) add mixtures whose number of experts varies per window
+   (``compose/routing.py``); every mixture row reports ``experts_used``, its mean number of experts.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from modformer.compose.cluster import Clusterer
-from modformer.compose.routing import mixture_weights
+from modformer.compose.routing import check_threshold, check_top_k, check_top_p, experts_used, mixture_weights
 from modformer.compose.spec import resolve_device
 from modformer.utils import atomic_write_text
 
@@ -43,9 +45,21 @@ DEFAULTS: dict[str, Any] = {
     "cluster": {"k": 4, "dim": 64, "doc_len": 1024, "max_features": 8192, "iters": 50, "seed": 0},
     "experts": {"steps": 200, "workers": 1, "one_gpu_each": True},
     "dense": {"train": True, "steps": None},           # None: k * experts.steps (same total tokens)
-    "eval": {"temperature": 0.1, "top_k": [2, 1, None], "context": 256, "max_tokens": 50000,
-             "batch_size": 32, "split": "val"},
+    "eval": {"temperature": 0.1, "top_k": [2, 1, None], "top_p": [], "threshold": [], "context": 256,
+             "max_tokens": 50000, "batch_size": 32, "split": "val"},
 }
+
+
+def check_eval(spec: dict[str, Any]) -> None:
+    """ValueError (one line, naming the key) unless ``eval.top_k`` / ``top_p`` / ``threshold`` are lists of
+    valid settings (top_k: integers >= 1 or null; top_p: numbers in (0, 1]; threshold: numbers in [0, 1])."""
+    e = spec["eval"]
+    for key, check in (("top_k", check_top_k), ("top_p", check_top_p), ("threshold", check_threshold)):
+        values = e.get(key, [])
+        if not isinstance(values, list):
+            raise ValueError(f"eval.{key} must be a list (e.g. [0.9]), got {values!r}")
+        for v in values:
+            check(v, f"eval.{key}")
 
 
 def _run_config(spec: dict[str, Any]) -> Any:
@@ -175,10 +189,11 @@ def eval_windows(data: Any, split: str, batch_size: int, max_tokens: int) -> tup
 
 
 def context_weights(cl: Clusterer, stream: np.ndarray, starts: list[int], context: int, temperature: float,
-                    top_k: int | None) -> torch.Tensor:
-    """(N, K) expert weights of each window from the ``context`` tokens before it (uniform with none)."""
+                    top_k: int | None, top_p: float | None = None, threshold: float | None = None) -> torch.Tensor:
+    """(N, K) expert weights of each window from the ``context`` tokens before it (uniform with none); top-k,
+    or top-p / threshold routing (``mixture_weights``)."""
     docs = [stream[max(0, s - context):s] for s in starts]
-    w = mixture_weights(cl.embed(docs), cl.centres, temperature, top_k)
+    w = mixture_weights(cl.embed(docs), cl.centres, temperature, top_k, top_p=top_p, threshold=threshold)
     empty = torch.tensor([len(d) == 0 for d in docs])
     w[empty] = 1.0 / cl.k
     return w
@@ -213,9 +228,14 @@ def eval_stage(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         rows.append({"method": method, "nll": nll, "ppl": math.exp(nll), "tokens": n_tok, **kw})
 
     stream = data.stream(e["split"])
-    for k in e["top_k"]:
-        w = context_weights(cl, stream, starts, int(e["context"]), float(e["temperature"]), k)
-        row(f"c-BTM top-{k or cl.k}", mixture_nll(logps, w, mask), top_k=k or cl.k)
+    tokens = mask.sum(-1)                                                 # (N,) each window's share of the mean
+    settings = [(f"c-BTM top-{k or cl.k}", {"top_k": k}, {"top_k": k or cl.k}) for k in e["top_k"]]
+    settings += [(f"c-BTM top-p {p}", {"top_k": None, "top_p": p}, {"top_p": p}) for p in e.get("top_p", [])]
+    settings += [(f"c-BTM threshold {t}", {"top_k": None, "threshold": t}, {"threshold": t})
+                 for t in e.get("threshold", [])]
+    for method, routing, info in settings:
+        w = context_weights(cl, stream, starts, int(e["context"]), float(e["temperature"]), **routing)
+        row(method, mixture_nll(logps, w, mask), **info, experts_used=experts_used(w, tokens))
     row("uniform ensemble", mixture_nll(logps, torch.full((mask.shape[0], cl.k), 1.0 / cl.k), mask))
     for i in range(cl.k):
         row(f"expert{i} alone", float(-(logps[i] * mask).sum() / mask.sum()))
@@ -233,6 +253,7 @@ def mixture_ppl(spec: dict[str, Any], rows: list[dict[str, Any]]) -> float:
 
 def run(spec: dict[str, Any], stages: tuple[str, ...] = ("cluster", "plan", "train", "eval")) -> dict[str, Any]:
     """All stages of ``modformer compose cbtm``; returns (and writes) ``cbtm.json``'s content."""
+    check_eval(spec)
     out = Path(spec["out_dir"]) / spec["name"]
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"spec": spec}

@@ -10,7 +10,10 @@ replaces each target Linear of a copy of the base by an ``ExpertLinear`` holding
   expert j's own data (``train_gates(..., joint=False)``: each gate knows nothing of the others);
 - ``route``: PHATGOOSE inference: standardise the activation and each gate (zero mean, unit variance),
   scores s_j = x_hat . g_hat_j / sqrt(d), softmax over the top-k scores (k=2 default):
-  base(x) + sum_j w_j delta_j(x). ``granularity="prefix"`` scores each token by the causal running
+  base(x) + sum_j w_j delta_j(x). ``routing`` picks how many experts a token gets: ``top_k`` (the paper's
+  fixed k), ``top_p`` (the fewest experts whose softmax probability reaches ``top_p``) or ``threshold`` (every
+  expert of probability >= ``threshold``): the last two vary the number per token (``compose/routing.py``).
+  ``granularity="prefix"`` scores each token by the causal running
   mean of the standardised activations instead (a variant: early layers see the task tag, not only
   the current token; padding named by the model call's ``attention_mask`` is left out of the mean).
   ``train_gates(..., joint=True)`` trains all gates together in this mode, on
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modformer.compose.routing import standardize, topk_softmax
+from modformer.compose.routing import ROUTINGS, check_threshold, check_top_p, route_softmax, standardize, topk_softmax
 
 Delta = dict[str, Tensor]      # {"down": (r, in), "up": (out, r)[, "bias": (out,)]}
 
@@ -37,7 +40,8 @@ class ExpertLinear(nn.Module):
     """A frozen base Linear plus E frozen low-rank expert deltas and E trainable gate vectors."""
 
     def __init__(self, base: nn.Linear, deltas: Sequence[Delta], top_k: int = 2, granularity: str = "token",
-                 temperature: float = 1.0, gate_init_std: float = 0.01) -> None:
+                 temperature: float = 1.0, gate_init_std: float = 0.01, routing: str = "top_k",
+                 top_p: float | None = None, threshold: float | None = None) -> None:
         super().__init__()
         if granularity not in ("token", "prefix"):
             raise ValueError(f"granularity must be 'token' or 'prefix', got {granularity!r}")
@@ -59,10 +63,33 @@ class ExpertLinear(nn.Module):
         self.gates = nn.ParameterList(nn.Parameter(torch.randn(base.in_features) * gate_init_std)
                                       for _ in deltas)
         self.n_experts, self.top_k, self.granularity, self.temperature = len(deltas), top_k, granularity, temperature
+        self.routing, self.top_p, self.threshold = routing, top_p, threshold
+        self.check_routing()
         self.mode, self.expert = "route", 0
         self.record = False
         self.last_top: Tensor | None = None     # (..., k) chosen experts of the last routed call (when record)
+        self.last_weights: Tensor | None = None  # (..., E) routing weights of the last routed call (when record)
         self.token_valid: Tensor | None = None  # (B, T) attention_mask of the model's current call (prefix mode)
+
+    def check_routing(self) -> None:
+        """ValueError (one line, naming the setting) unless ``routing`` and its parameter are valid."""
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if self.routing == "top_p":
+            if self.top_p is None:
+                raise ValueError("routing 'top_p' needs top_p (a number in (0, 1])")
+            check_top_p(self.top_p, "top_p")
+        if self.routing == "threshold":
+            if self.threshold is None:
+                raise ValueError("routing 'threshold' needs threshold (a number in [0, 1])")
+            check_threshold(self.threshold, "threshold")
+
+    def weights(self, s: Tensor) -> Tensor:
+        """Routing weights (..., E) of scores s by the module's ``routing``."""
+        if self.routing == "top_k":
+            return topk_softmax(s / self.temperature, self.top_k)
+        self.check_routing()
+        return route_softmax(s / self.temperature, self.routing, top_p=self.top_p, threshold=self.threshold)
 
     def delta(self, x: Tensor, j: int) -> Tensor:
         """delta_j(x) (..., out)."""
@@ -92,9 +119,11 @@ class ExpertLinear(nn.Module):
             gate = torch.sigmoid(x.float() @ self.gates[self.expert])[..., None]
             return out + (gate * self.delta(x, self.expert)).to(out.dtype)
         s = self.scores(x)                                                        # (..., E)
-        w = topk_softmax(s / self.temperature, self.top_k)                        # (..., E)
+        w = self.weights(s)                                                       # (..., E)
         if self.record:
-            self.last_top = s.topk(min(self.top_k, self.n_experts), -1).indices.detach()
+            k = min(self.top_k, self.n_experts) if self.routing == "top_k" else self.n_experts
+            self.last_top = s.topk(k, -1).indices.detach()
+            self.last_weights = w.detach()
         h = torch.einsum("...i,eri->...er", x.float(), self.down)                 # (..., E, r)
         o = torch.einsum("...er,eor->...eo", h, self.up) + self.bias              # (..., E, out)
         return out + (w[..., None] * o).sum(-2).to(out.dtype)
@@ -135,10 +164,11 @@ def full_deltas(base: nn.Module, expert: nn.Module, targets: Sequence[str]) -> d
 
 
 def attach_experts(base: nn.Module, experts: Sequence[dict[str, Delta]], top_k: int = 2,
-                   granularity: str = "token", temperature: float = 1.0, seed: int = 0) -> nn.Module:
+                   granularity: str = "token", temperature: float = 1.0, seed: int = 0, routing: str = "top_k",
+                   top_p: float | None = None, threshold: float | None = None) -> nn.Module:
     """A copy of ``base`` whose target Linears (those every expert changes) are ``ExpertLinear``s.
 
-    Everything but the gates is frozen.
+    Everything but the gates is frozen. ``routing`` / ``top_p`` / ``threshold``: see ``ExpertLinear``.
     """
     model = copy.deepcopy(base)
     for p in model.parameters():
@@ -151,7 +181,8 @@ def attach_experts(base: nn.Module, experts: Sequence[dict[str, Delta]], top_k: 
     torch.manual_seed(seed)
     for path in sorted(paths):
         lin = model.get_submodule(path)
-        model.set_submodule(path, ExpertLinear(lin, [e[path] for e in experts], top_k, granularity, temperature))
+        model.set_submodule(path, ExpertLinear(lin, [e[path] for e in experts], top_k, granularity, temperature,
+                                               routing=routing, top_p=top_p, threshold=threshold))
     model.register_forward_pre_hook(_share_attention_mask, with_kwargs=True)
     return model
 
@@ -165,13 +196,16 @@ def _share_attention_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def set_mode(model: nn.Module, mode: str, expert: int = 0, **settings: Any) -> None:
-    """Set every ExpertLinear's mode (base | expert | gated | route), expert index and e.g. top_k."""
+    """Set every ExpertLinear's mode (base | expert | gated | route), expert index and e.g. top_k, or
+    ``routing="top_p", top_p=0.9`` (checked: a bad routing setting raises ValueError)."""
     if mode not in ("base", "expert", "gated", "route"):
         raise ValueError(f"unknown mode {mode!r}")
     for m in expert_linears(model).values():
         m.mode, m.expert = mode, expert
         for key, value in settings.items():
             setattr(m, key, value)
+        if {"routing", "top_p", "threshold"} & set(settings):
+            m.check_routing()
 
 
 def gate_parameters(model: nn.Module, expert: int | None = None) -> list[nn.Parameter]:
@@ -187,7 +221,8 @@ def train_gates(model: nn.Module, datasets: Sequence[Any], train_cfg: Any, steps
     Independent (default): for each expert j, ``steps`` steps of gate j alone in ``gated`` mode on
     ``datasets[j]``. Joint: ``len(datasets) * steps`` steps of all gates together in ``route`` mode on
     ``mixture`` (the union of the experts' data), routing over at least the top 2 while training: a
-    softmax over one score is 1 and would give the gates no gradient. Returns the losses.
+    softmax over one score is 1 and would give the gates no gradient (top-k routing while training, whatever
+    the modules' ``routing``; it is restored afterwards). Returns the losses.
     """
     from modformer.compress.finetune import finetune
 
@@ -198,15 +233,15 @@ def train_gates(model: nn.Module, datasets: Sequence[Any], train_cfg: Any, steps
     if joint:
         for p in gate_parameters(model):
             p.requires_grad_(True)
-        top_k = {m: m.top_k for m in expert_linears(model).values()}
+        top_k = {m: (m.top_k, m.routing) for m in expert_linears(model).values()}
         set_mode(model, "route")
-        for m, k in top_k.items():
-            m.top_k = max(k, 2)
+        for m, (k, _) in top_k.items():
+            m.top_k, m.routing = max(k, 2), "top_k"
         try:
             losses += finetune(model, mixture, cfg, steps * len(datasets), lr=lr, seed=seed)
-        finally:                                   # the inference top-k survives a failed training run
-            for m, k in top_k.items():
-                m.top_k = k
+        finally:                                   # the inference routing survives a failed training run
+            for m, (k, routing) in top_k.items():
+                m.top_k, m.routing = k, routing
     else:
         for j, data in enumerate(datasets):
             for p in gate_parameters(model):
@@ -223,7 +258,8 @@ def train_gates(model: nn.Module, datasets: Sequence[Any], train_cfg: Any, steps
 
 @torch.no_grad()
 def routing_accuracy(model: nn.Module, x: Tensor, expert_of_row: Tensor) -> dict[str, float]:
-    """Share of (token, module) routing decisions whose top-1 (and top-k) holds the row's true expert.
+    """Share of (token, module) routing decisions whose top-1 (and top-k: the experts used) holds the row's true
+    expert, and ``experts_used``: the mean number of experts per (token, module) (top-p / threshold vary it).
 
     ``x`` (B, T) inputs of known origin, ``expert_of_row`` (B,) their expert index.
     """
@@ -233,14 +269,20 @@ def routing_accuracy(model: nn.Module, x: Tensor, expert_of_row: Tensor) -> dict
     try:
         model.eval()
         model(x)
-        top1, topk = [], []
+        top1, topk, used = [], [], []
         for m in mods.values():
-            if m.last_top is None:
+            if m.last_top is None or m.last_weights is None:
                 raise ValueError("routing_accuracy needs the model in route mode")
             want = expert_of_row.to(m.last_top.device)[:, None]
             top1.append((m.last_top[..., 0] == want).float().mean())
-            topk.append((m.last_top == want[..., None]).any(-1).float().mean())
+            if m.routing == "top_k":
+                topk.append((m.last_top == want[..., None]).any(-1).float().mean())
+            else:                                  # the experts with a nonzero weight
+                w = m.last_weights.gather(-1, want[..., None].expand(*m.last_weights.shape[:-1], 1))
+                topk.append((w[..., 0] != 0).float().mean())
+            used.append((m.last_weights != 0).sum(-1).double().mean())
     finally:
         for m in mods.values():
-            m.record, m.last_top = False, None
-    return {"routing_top1": float(torch.stack(top1).mean()), "routing_topk": float(torch.stack(topk).mean())}
+            m.record, m.last_top, m.last_weights = False, None, None
+    return {"routing_top1": float(torch.stack(top1).mean()), "routing_topk": float(torch.stack(topk).mean()),
+            "experts_used": float(torch.stack(used).mean())}
