@@ -46,6 +46,8 @@ ENTRIES = _entries(
     ("ddp-scaling", "studies.ddp_scaling", "torchrun DDP / FSDP2 on 1..N GPUs: tokens/s and loss-curve identity"),
     # studies: research questions (docs/studies/)
     ("grokking", "studies.grokking", "modular addition: steps and seconds to 99% val accuracy, recipe vs baseline"),
+    ("algo-scaling", "studies.algo_scaling", "scaling laws on modular addition and sorting: loss vs parameters, "
+                                             "steps to generalise vs data, fits with bootstrap intervals"),
     ("grokking-fourier", "studies.grokking_fourier", "grokking mechanism: key frequencies, restricted/excluded loss"),
     ("circuits", "studies.circuits", "copying heads (1 layer) and induction heads (2 layers) on WikiText-2 BPE"),
     ("circuits-figures", "studies.circuits_figures", "the circuits pages' per-head figures from a circuits result"),
