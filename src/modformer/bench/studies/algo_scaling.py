@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p", dest="modulus", type=int, default=113, help="modular: the modulus")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                    help="modular: shares of all p^2 pairs used for training")
-    p.add_argument("--mod-widths", type=int, nargs="+", default=[48, 64, 96, 128], help="modular: model widths")
-    p.add_argument("--mod-steps", type=int, default=500, help="modular: step budget per run")
+    p.add_argument("--mod-widths", type=int, nargs="+", default=[32, 48, 64, 128], help="modular: model widths")
+    p.add_argument("--mod-steps", type=int, default=400, help="modular: step budget per run")
     p.add_argument("--mod-loss-step", type=int, default=300,
                    help="modular: the step whose val loss is fitted against parameters")
     p.add_argument("--eval-every", type=int, default=10, help="modular: steps between evaluations")
@@ -290,20 +290,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sort-train", type=int, nargs="+", default=[100, 200, 400, 800],
                    help="sort: training sequences (the data axis)")
     p.add_argument("--sort-val", type=int, default=500, help="sort: validation sequences")
-    p.add_argument("--sort-widths", type=int, nargs="+", default=[16, 32, 48, 64], help="sort: model widths")
-    p.add_argument("--sort-steps", type=int, default=400, help="sort: step budget per run")
-    p.add_argument("--sort-loss-step", type=int, default=200,
+    p.add_argument("--sort-widths", type=int, nargs="+", default=[16, 24, 32, 48], help="sort: model widths")
+    p.add_argument("--sort-steps", type=int, default=320, help="sort: step budget per run")
+    p.add_argument("--sort-loss-step", type=int, default=160,
                    help="sort: the step whose val loss is fitted against parameters")
     p.add_argument("--sort-eval-every", type=int, default=20, help="sort: steps between evaluations")
     p.add_argument("--sort-batch", type=int, default=128, help="sort: batch size")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap refits per fit (runs resampled)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: deterministic runs)")
     p.add_argument("--tiny", action="store_true",
-                   help="seconds-long smoke test: p=23, widths 8 16 24, 20 steps, sort of 4 digits; not a measurement")
+                   help="seconds-long smoke test: p=23, widths 8 16 24, two data settings, 20 steps, sort of 4 digits; "
+                        "not a measurement")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
-    args = parse_with_preset(p, argv, "--tiny", modulus=23, fractions=[0.5, 0.7, 0.9], mod_widths=[8, 16, 24],
-                             mod_steps=20, mod_loss_step=10, eval_every=5, sort_length=4, sort_train=[20, 40, 80],
+    args = parse_with_preset(p, argv, "--tiny", modulus=23, fractions=[0.5, 0.9], mod_widths=[8, 16, 24],
+                             mod_steps=20, mod_loss_step=10, eval_every=5, sort_length=4, sort_train=[20, 80],
                              sort_val=40, sort_widths=[8, 16, 24], sort_steps=20, sort_loss_step=10,
                              sort_eval_every=5, sort_batch=32, head_dim=8, bootstrap=50)
     for task, steps, loss_step, every in (("mod", args.mod_steps, args.mod_loss_step, args.eval_every),
