@@ -29,9 +29,9 @@ exponent at the fitter's search bound (the data do not determine it), or a 95% i
 Writes OUT/algo_scaling.json and OUT/algo_scaling.png (both relations with their fits).
 
 Examples:
-    modformer bench algo-scaling --out benchmarks/results     # the committed CPU run (about 20 minutes, 1 thread)
+    modformer bench algo-scaling --out benchmarks/results     # the committed CPU run (about 15 minutes, 1 thread)
     modformer bench algo-scaling --tiny --out /tmp/as         # seconds: a smoke test, not a measurement
-    modformer bench algo-scaling --tasks sort --sort-train 200 400 800 --seeds 0 1 2
+    modformer bench algo-scaling --tasks sort --sort-train 400 800 1600 --sort-seeds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -273,26 +273,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="modformer bench algo-scaling", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (data split and initialisation)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="modular: seeds (data split and init)")
+    p.add_argument("--sort-seeds", type=int, nargs="+", default=[0, 1, 2], help="sort: seeds (data and init)")
     p.add_argument("--layers", type=int, default=2, help="layers of every model (the depth is fixed)")
     p.add_argument("--head-dim", type=int, default=32, help="attention head size: heads = max(1, width // this)")
     p.add_argument("--target", type=float, default=0.99, help="validation accuracy that counts as generalised")
     p.add_argument("--p", dest="modulus", type=int, default=113, help="modular: the modulus")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.7],
                    help="modular: shares of all p^2 pairs used for training")
-    p.add_argument("--mod-widths", type=int, nargs="+", default=[32, 48, 64, 128], help="modular: model widths")
+    p.add_argument("--mod-widths", type=int, nargs="+", default=[32, 64, 96, 128], help="modular: model widths")
     p.add_argument("--mod-steps", type=int, default=400, help="modular: step budget per run")
     p.add_argument("--mod-loss-step", type=int, default=300,
                    help="modular: the step whose val loss is fitted against parameters")
     p.add_argument("--eval-every", type=int, default=10, help="modular: steps between evaluations")
     p.add_argument("--sort-length", type=int, default=10, help="sort: digits per sequence")
     p.add_argument("--sort-symbols", type=int, default=10, help="sort: distinct digits")
-    p.add_argument("--sort-train", type=int, nargs="+", default=[100, 200, 400, 800],
+    p.add_argument("--sort-train", type=int, nargs="+", default=[200, 400, 800, 1600],
                    help="sort: training sequences (the data axis)")
     p.add_argument("--sort-val", type=int, default=500, help="sort: validation sequences")
     p.add_argument("--sort-widths", type=int, nargs="+", default=[16, 24, 32, 48], help="sort: model widths")
-    p.add_argument("--sort-steps", type=int, default=320, help="sort: step budget per run")
-    p.add_argument("--sort-loss-step", type=int, default=160,
+    p.add_argument("--sort-steps", type=int, default=400, help="sort: step budget per run")
+    p.add_argument("--sort-loss-step", type=int, default=200,
                    help="sort: the step whose val loss is fitted against parameters")
     p.add_argument("--sort-eval-every", type=int, default=20, help="sort: steps between evaluations")
     p.add_argument("--sort-batch", type=int, default=128, help="sort: batch size")
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_preset(p, argv, "--tiny", modulus=23, fractions=[0.5, 0.9], mod_widths=[8, 16, 24],
                              mod_steps=20, mod_loss_step=10, eval_every=5, sort_length=4, sort_train=[20, 80],
                              sort_val=40, sort_widths=[8, 16, 24], sort_steps=20, sort_loss_step=10,
-                             sort_eval_every=5, sort_batch=32, head_dim=8, bootstrap=50)
+                             sort_eval_every=5, sort_batch=32, head_dim=8, bootstrap=50, sort_seeds=[0, 1])
     for task, steps, loss_step, every in (("mod", args.mod_steps, args.mod_loss_step, args.eval_every),
                                           ("sort", args.sort_steps, args.sort_loss_step, args.sort_eval_every)):
         if not (0 < loss_step <= steps) or loss_step % every or steps % every:
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if "modular" in args.tasks:
         grid += [("modular", w, f, s) for f, w, s in itertools.product(args.fractions, args.mod_widths, args.seeds)]
     if "sort" in args.tasks:
-        grid += [("sort", w, n, s) for n, w, s in itertools.product(args.sort_train, args.sort_widths, args.seeds)]
+        grid += [("sort", w, n, s) for n, w, s in itertools.product(args.sort_train, args.sort_widths, args.sort_seeds)]
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     fits = {task: task_fits([r for r in rows if r["task"] == task], args.bootstrap, 0) for task in args.tasks}
     print_table(rows, ["task", "width", "params", "data", "seed", "steps_to_generalise", "loss_at_step",
                        "final_val_acc", "steps_run", "wall_s"])
-    headline: dict[str, Any] = {"target_val_acc": args.target, "seeds": len(args.seeds), "train_seconds": train_s}
+    headline: dict[str, Any] = {"target_val_acc": args.target, "modular_seeds": len(args.seeds),
+                                "sort_seeds": len(args.sort_seeds), "train_seconds": train_s}
     for task in args.tasks:
         headline.update(headline_for(task, rows, fits[task]))
     for k, v in headline.items():
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scale = "tiny smoke test (not a measurement)" if args.tiny else f"CPU, {args.threads} thread(s), small scale"
     png = plot(rows, fits, args.tasks, out / "algo_scaling.png", f"algo-scaling: {scale}; target val acc "
-               f"{args.target}; seeds {args.seeds}")
+               f"{args.target}; seeds: modular {args.seeds}, sort {args.sort_seeds}")
     config = {k: getattr(args, k) for k in vars(args) if k not in ("out", "runs_dir")}
     extra = {"fits": fits, "config": config, "plot": png.name,
              "note": (scale + ". loss_at_step: val loss at the fixed --*-loss-step; steps_to_generalise: first "
