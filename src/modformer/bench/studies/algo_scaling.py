@@ -12,20 +12,22 @@ amounts of training data x seeds:
 
 Per run: non-embedding parameters, **steps to generalise** (the first evaluation whose validation accuracy, token
 level on the answer tokens, is >= ``--target``; None = not within the step budget), the **validation loss at a
-fixed step** (``--*-loss-step``: every run reaches it, so the sizes are compared at equal steps), the last
-validation loss / accuracy, steps run and wall seconds. A run stops early once it has generalised *and* passed
-its loss step (a trainer callback), else at its step budget.
+fixed step** (``--*-loss-step``: every run reaches it, so the sizes are compared at equal steps) and the lowest
+validation loss of the evaluations up to that step (the default loss fitted: a single evaluation can sit on a
+loss spike), the last validation loss / accuracy, steps run and wall seconds. A run stops early once it has
+generalised *and* passed its loss step (a trainer callback), else at its step budget.
 
 Fits (``modformer.sweep.scaling.fit_power``, the fitter behind ``modformer scaling``, with its row bootstrap: the
 runs are resampled, 95% percentile intervals):
 
-* (a) loss at the fixed step vs parameters N: ``L = E + A N^-alpha``, one fit per data setting; the headline is
+* (a) loss by the fixed step vs parameters N: ``L = E + A N^-alpha``, one fit per data setting; the headline is
   the largest data setting;
 * (b) steps to generalise vs training data x (fraction or sequences): ``S = A x^-beta``, over the runs that
   generalised, one fit per width; the headline is the largest width.
 
 A fit is flagged not meaningful when it has < 3 distinct x values or < 5 points (then not fitted at all), an
-exponent at the fitter's search bound (the data do not determine it), or a 95% interval wider than 10x.
+exponent or its 95% interval at the fitter's search bound (the data do not determine it), or a 95% interval
+wider than 10x. Steps to generalise are censored at the budget: runs that did not get there are left out of (b).
 Writes OUT/algo_scaling.json and OUT/algo_scaling.png (both relations with their fits).
 
 Examples:
@@ -79,9 +81,13 @@ def fit_relation(x: Any, y: Any, irreducible: bool, bootstrap: int = 500, seed: 
     lo, hi = fit.interval("alpha")
     out.update(fitted=True, E=fit.params["E"], A=fit.params["A"], alpha=fit.params["alpha"], ci95=[lo, hi],
                bootstrap=bootstrap, form="E + A x^-alpha" if irreducible else "A x^-alpha")
-    reasons = fit.warnings(BOUNDS)
-    if reasons:
-        pass
+    reasons = []
+    if abs(fit.params["alpha"] - BOUNDS[0]) < 1e-6:
+        reasons.append(f"the exponent is at the lower search bound {BOUNDS[0]}: no decrease with x resolved "
+                       "(flat, or rising)")
+    elif abs(fit.params["alpha"] - BOUNDS[1]) < 1e-6:
+        reasons.append(f"the exponent is at the upper search bound {BOUNDS[1]}: steeper than any power law in "
+                       "range (a step)")
     elif lo <= BOUNDS[0] + 1e-6 or hi >= BOUNDS[1] - 1e-6:
         reasons.append(f"the 95% interval [{lo:.3g}, {hi:.3g}] reaches the search bound {BOUNDS}")
     elif hi / max(lo, 1e-12) > MAX_CI_RATIO:
@@ -95,15 +101,16 @@ def predict(fit: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return fit["E"] + fit["A"] * np.asarray(x, dtype=float) ** -fit["alpha"]
 
 
-def task_fits(rows: list[dict[str, Any]], bootstrap: int, seed: int) -> dict[str, Any]:
-    """(a) loss at the fixed step vs parameters, one fit per data setting; (b) steps to generalise vs data over
-    the generalised runs, one fit per width."""
+def task_fits(rows: list[dict[str, Any]], bootstrap: int, seed: int, loss_key: str = "best_loss_to_step"
+              ) -> dict[str, Any]:
+    """(a) ``loss_key`` (the loss measured at the fixed step) vs parameters, one fit per data setting; (b) steps to
+    generalise vs data over the generalised runs, one fit per width."""
     datas = sorted({r["data"] for r in rows})
     widths = sorted({r["width"] for r in rows})
     loss = {}
     for d in datas:
-        cell = [r for r in rows if r["data"] == d and r["loss_at_step"] is not None]
-        loss[str(d)] = fit_relation([r["params"] for r in cell], [r["loss_at_step"] for r in cell], True,
+        cell = [r for r in rows if r["data"] == d and r[loss_key] is not None]
+        loss[str(d)] = fit_relation([r["params"] for r in cell], [r[loss_key] for r in cell], True,
                                     bootstrap, seed)
     steps = {}
     for w in widths:
@@ -188,15 +195,18 @@ def train_one(task: str, width: int, data: float, seed: int, args: argparse.Name
     vals = [r for r in read_metrics(runs / cfg.name / "metrics.jsonl") if r["split"] == "val"]
     at = [r for r in vals if r["step"] == loss_step]
     ok = at and math.isfinite(at[0]["loss"])
+    upto = [r["loss"] for r in vals if r["step"] <= loss_step and math.isfinite(r["loss"])]
     row.update(steps_to_generalise=stop.step, generalised=stop.step is not None, loss_step=loss_step,
                loss_at_step=at[0]["loss"] if ok else None, acc_at_step=at[0]["acc"] if ok else None,
+               best_loss_to_step=min(upto) if ok and upto else None,
                final_val_loss=vals[-1]["loss"] if vals else None, final_val_acc=vals[-1]["acc"] if vals else None,
                steps_run=trainer.step, wall_s=time.perf_counter() - t0)
     return row
 
 
 # ---- plot ----------------------------------------------------------------------------------------------------
-def plot(rows: list[dict[str, Any]], fits: dict[str, Any], tasks: list[str], path: Path, label: str) -> Path:
+def plot(rows: list[dict[str, Any]], fits: dict[str, Any], tasks: list[str], path: Path, label: str,
+         loss_key: str = "best_loss_to_step") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,8 +220,8 @@ def plot(rows: list[dict[str, Any]], fits: dict[str, Any], tasks: list[str], pat
         xname = "train fraction of all pairs" if task == "modular" else "training sequences"
         ax = axes[i][0]
         for j, d in enumerate(sorted({r["data"] for r in mine})):
-            cell = [r for r in mine if r["data"] == d and r["loss_at_step"] is not None]
-            ax.scatter([r["params"] for r in cell], [r["loss_at_step"] for r in cell], color=f"C{j}", s=18,
+            cell = [r for r in mine if r["data"] == d and r[loss_key] is not None]
+            ax.scatter([r["params"] for r in cell], [r[loss_key] for r in cell], color=f"C{j}", s=18,
                        label=f"{xname.split()[0]} {d:g}")
             f = fits[task]["loss_vs_params"].get(str(d), {})
             if f.get("fitted") and cell:
@@ -220,7 +230,9 @@ def plot(rows: list[dict[str, Any]], fits: dict[str, Any], tasks: list[str], pat
                         label=f"α={f['alpha']:.2g} [{f['ci95'][0]:.2g}, {f['ci95'][1]:.2g}]")
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters N")
-        ax.set_ylabel(f"val loss at step {mine[0]['loss_step'] if mine else '?'}")
+        step = mine[0]["loss_step"] if mine else "?"
+        ax.set_ylabel(f"best val loss up to step {step}" if loss_key == "best_loss_to_step" else
+                      f"val loss at step {step}")
         ax.set_title(f"{task}: loss vs parameters (L = E + A N^-α)", fontsize=9)
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
@@ -279,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=32, help="attention head size: heads = max(1, width // this)")
     p.add_argument("--target", type=float, default=0.99, help="validation accuracy that counts as generalised")
     p.add_argument("--p", dest="modulus", type=int, default=113, help="modular: the modulus")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.7],
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.3, 0.4, 0.5, 0.7],
                    help="modular: shares of all p^2 pairs used for training")
     p.add_argument("--mod-widths", type=int, nargs="+", default=[32, 64, 96, 128], help="modular: model widths")
-    p.add_argument("--mod-steps", type=int, default=400, help="modular: step budget per run")
+    p.add_argument("--mod-steps", type=int, default=600, help="modular: step budget per run")
     p.add_argument("--mod-loss-step", type=int, default=300,
                    help="modular: the step whose val loss is fitted against parameters")
     p.add_argument("--eval-every", type=int, default=10, help="modular: steps between evaluations")
@@ -297,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="sort: the step whose val loss is fitted against parameters")
     p.add_argument("--sort-eval-every", type=int, default=20, help="sort: steps between evaluations")
     p.add_argument("--sort-batch", type=int, default=128, help="sort: batch size")
+    p.add_argument("--loss-measure", choices=["best", "at_step"], default="best",
+                   help="loss fitted against parameters: best = the lowest val loss of the evaluations up to the "
+                        "loss step (robust to loss spikes); at_step = the val loss at that step")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap refits per fit (runs resampled)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: deterministic runs)")
     p.add_argument("--tiny", action="store_true",
@@ -331,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"steps to {args.target} {r['steps_to_generalise']}, loss@{r['loss_step']} "
                   f"{r['loss_at_step']}, {r['wall_s']:.1f}s", flush=True)
     train_s = time.perf_counter() - t_start
-    fits = {task: task_fits([r for r in rows if r["task"] == task], args.bootstrap, 0) for task in args.tasks}
-    print_table(rows, ["task", "width", "params", "data", "seed", "steps_to_generalise", "loss_at_step",
+    loss_key = "best_loss_to_step" if args.loss_measure == "best" else "loss_at_step"
+    fits = {task: task_fits([r for r in rows if r["task"] == task], args.bootstrap, 0, loss_key)
+            for task in args.tasks}
+    print_table(rows, ["task", "width", "params", "data", "seed", "steps_to_generalise", "best_loss_to_step",
+                       "loss_at_step",
                        "final_val_acc", "steps_run", "wall_s"])
     headline: dict[str, Any] = {"target_val_acc": args.target, "modular_seeds": len(args.seeds),
                                 "sort_seeds": len(args.sort_seeds), "train_seconds": train_s}
@@ -344,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scale = "tiny smoke test (not a measurement)" if args.tiny else f"CPU, {args.threads} thread(s), small scale"
     png = plot(rows, fits, args.tasks, out / "algo_scaling.png", f"algo-scaling: {scale}; target val acc "
-               f"{args.target}; seeds: modular {args.seeds}, sort {args.sort_seeds}")
+               f"{args.target}; seeds: modular {args.seeds}, sort {args.sort_seeds}", loss_key)
     config = {k: getattr(args, k) for k in vars(args) if k not in ("out", "runs_dir")}
     extra = {"fits": fits, "config": config, "plot": png.name,
-             "note": (scale + ". loss_at_step: val loss at the fixed --*-loss-step; steps_to_generalise: first "
+             "note": (scale + ". loss_at_step: val loss at the fixed --*-loss-step; best_loss_to_step: the lowest "
+                      f"val loss of the evaluations up to it (fitted: {loss_key}); steps_to_generalise: first "
                       "evaluation with val acc >= target (None = not within the budget). Fits: "
                       "modformer.sweep.scaling.fit_power, row bootstrap over runs, 95% percentile intervals.")}
     path = write_result("algo_scaling", headline, rows, torch.device("cpu"), out, extra=extra)
