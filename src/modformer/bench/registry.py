@@ -49,6 +49,8 @@ ENTRIES = _entries(
     ("algo-scaling", "studies.algo_scaling", "scaling laws on modular addition and sorting: loss vs parameters, "
                                              "steps to generalise vs data, fits with bootstrap intervals"),
     ("grokking-fourier", "studies.grokking_fourier", "grokking mechanism: key frequencies, restricted/excluded loss"),
+    ("modularity", "studies.modularity", "modularity proxies per attention variant on modular addition: heads "
+                                         "needed under ablation, Fourier sparsity, OV rank"),
     ("circuits", "studies.circuits", "copying heads (1 layer) and induction heads (2 layers) on WikiText-2 BPE"),
     ("circuits-figures", "studies.circuits_figures", "the circuits pages' per-head figures from a circuits result"),
     ("circuits-pruning", "modformer.interp.studies", "what head pruning leaves of an induction circuit (CPU, tiny)"),
