@@ -85,6 +85,9 @@ def test_effective_rank_and_summary():
     m = head["most_modular"]["heads_needed"]
     assert m["variant"] == "a" and m["median"] == 1.5 and m["resolved"]
     assert not head["most_modular"]["restricted_loss"]["resolved"]     # all equal: a tie, not a ranking
+    # strict: a best median outside the other's range is not enough when the ranges overlap
+    rows[1]["heads_needed"] = 5                                        # a: {1, 5}, median 3; b: {5, 6}
+    assert not summarise(rows, ["a", "b"])["most_modular"]["heads_needed"]["resolved"]
 
 
 def test_effective_heads_counts_where_the_damage_is():

@@ -20,7 +20,7 @@ the target is reported as such and left out of the proxies. On each generalising
    for others (mla's values come out of a shared latent).
 
 Headline: median and range (min, max) over seeds per variant and proxy, and the "most modular" variant per
-proxy, flagged when the best median lies within another variant's seed range (then the ranking is not resolved).
+proxy, resolved only when the best variant's seed range [min, max] overlaps no other variant's range.
 
     modformer bench modularity --out benchmarks/results      # -> OUT/modularity.json
     modformer bench modularity --tiny --out /tmp/mod          # smoke test (seconds)
@@ -241,12 +241,12 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
         sign = 1 if lower else -1
         best = min(have, key=lambda v: sign * have[v]["median"])
         b = have[best]["median"]
-        # resolved only if the best median lies outside every other variant's seed range
-        overlap = [v for v, s in have.items() if v != best and s["min"] <= b <= s["max"]]
-        ties = [v for v, s in have.items() if v != best and s["median"] == b]
+        # resolved only if the best variant's seed range overlaps no other variant's range (strict: a median
+        # outside the others' ranges is not enough when the best's own seeds reach into them)
+        lo, hi = have[best]["min"], have[best]["max"]
+        overlap = [v for v, s in have.items() if v != best and s["min"] <= hi and lo <= s["max"]]
         most[key] = {"variant": best, "median": b, "lower_is_more_modular": lower,
-                     "within_seed_spread_of": sorted(set(overlap + ties)),
-                     "resolved": not overlap and not ties and len(have) > 1}
+                     "within_seed_spread_of": sorted(overlap), "resolved": not overlap and len(have) > 1}
     winners = {m["variant"] for m in most.values()}
     return {"per_variant": per, "most_modular": most, "proxies_agree": len(winners) == 1,
             "resolved_proxies": sorted(k for k, m in most.items() if m["resolved"])}
