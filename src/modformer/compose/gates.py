@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modformer.compose.routing import ROUTINGS, check_threshold, check_top_p, route_softmax, standardize, topk_softmax
+from modformer.compose.routing import ROUTINGS, check_threshold, check_top_p, route_softmax, standardize
 
 Delta = dict[str, Tensor]      # {"down": (r, in), "up": (out, r)[, "bias": (out,)]}
 
@@ -86,10 +86,7 @@ class ExpertLinear(nn.Module):
 
     def weights(self, s: Tensor) -> Tensor:
         """Routing weights (..., E) of scores s by the module's ``routing``."""
-        if self.routing == "top_k":
-            return topk_softmax(s / self.temperature, self.top_k)
-        self.check_routing()
-        return route_softmax(s / self.temperature, self.routing, top_p=self.top_p, threshold=self.threshold)
+        return route_softmax(s / self.temperature, self.routing, self.top_k, self.top_p, self.threshold)
 
     def delta(self, x: Tensor, j: int) -> Tensor:
         """delta_j(x) (..., out)."""

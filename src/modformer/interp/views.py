@@ -50,6 +50,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from modformer.layers.hooks import names_predicate
+
 # hooks outside any block that the view passes through under their own names
 PASSTHROUGH = ("hook_embed", "hook_upsampled_0", "hook_resid_final")
 _HEAD_TIME = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")      # (B, H, T, Dh): time is dim 2
@@ -96,17 +98,6 @@ class _ConfigView:
         if name.startswith("_"):
             raise AttributeError(name)
         return self._over[name] if name in self._over else getattr(self._cfg, name)
-
-
-def _predicate(names_filter: Callable[[str], bool] | list[str] | str | None) -> Callable[[str], bool]:
-    if names_filter is None:
-        return lambda n: True
-    if isinstance(names_filter, str):
-        return lambda n: n == names_filter
-    if isinstance(names_filter, (list, tuple, set)):
-        wanted = set(names_filter)
-        return lambda n: n in wanted
-    return names_filter
 
 
 def unfold_windows(x: Tensor, suffix: str, batch: int, length: int) -> Tensor:
@@ -235,7 +226,7 @@ class TokenLayersView:
     def run_with_cache(self, idx: Tensor, names_filter: Callable[[str], bool] | list[str] | str | None = None,
                        detach: bool = True, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """The model's ``run_with_cache`` with the token-level blocks' hooks named ``blocks.{i}.*``."""
-        keep = _predicate(names_filter)
+        keep = names_predicate(names_filter)
         wanted: dict[str, tuple[str, TokenLayer | None, str]] = {}
         points = self.model.hook_points()
         for i, t in enumerate(self.layers):

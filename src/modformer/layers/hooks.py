@@ -43,6 +43,20 @@ def name_hook_points(model: nn.Module) -> None:
             mod.name = name
 
 
+
+def names_predicate(names_filter: Callable[[str], bool] | list[str] | tuple[str, ...] | set[str] | str | None
+                    ) -> Callable[[str], bool]:
+    """A hook-name filter as a predicate: None = every hook, a name, a collection of names, or a predicate."""
+    if names_filter is None:
+        return lambda n: True
+    if isinstance(names_filter, str):
+        return lambda n: n == names_filter
+    if isinstance(names_filter, (list, tuple, set)):
+        wanted = set(names_filter)
+        return lambda n: n in wanted
+    return names_filter
+
+
 class HookedMixin:
     """Adds ``hook_points``, ``hooks(...)`` and ``run_with_cache`` to an nn.Module model."""
 
@@ -77,15 +91,7 @@ class HookedMixin:
         Caching ``*.hook_pattern`` switches those attention calls to the eager kernel, which
         materialises probabilities; everything else keeps the fast path.
         """
-        if names_filter is None:
-            keep: Callable[[str], bool] = lambda n: True  # noqa: E731
-        elif isinstance(names_filter, str):
-            keep = lambda n: n == names_filter  # noqa: E731
-        elif isinstance(names_filter, list):
-            wanted = set(names_filter)
-            keep = lambda n: n in wanted  # noqa: E731
-        else:
-            keep = names_filter
+        keep = names_predicate(names_filter)
         cache: dict[str, Tensor] = {}
 
         def save(x: Tensor, hook: HookPoint) -> None:

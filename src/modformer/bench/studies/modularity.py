@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from modformer.bench.common import CONFIGS, DEFAULT_OUT, cases, parse_with_preset, print_table, write_result
 from modformer.cli import HelpFormatter
+from modformer.compress.importance import head_counts
 from modformer.config import load_config
 from modformer.interp import fourier
 
@@ -93,10 +94,6 @@ def effective_heads(base: float, single: Sequence[float]) -> float:
     q = d / d.sum()
     q = q[q > 0]
     return float(torch.exp(-(q * q.log()).sum()))
-
-
-def head_counts(model: nn.Module) -> list[int]:
-    return [b.attn.n_head for b in model.blocks]
 
 
 @torch.no_grad()
