@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from modformer.bench import registry
-from modformer.bench.common import DEFAULT_OUT, RESULT_KEYS, write_result
+from modformer.bench.common import DEFAULT_OUT, RESULT_KEYS, map_cases, write_result
 from modformer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +133,13 @@ def test_variants_study_writes_rows_for_the_chosen_variants(tmp_path):
     result = json.loads(out.read_text())
     assert all(k in result for k in RESULT_KEYS) and result["settings"]["steps"] == 2
     assert [r["variant"] for r in result["rows"]] == ["mha", "moe"] and out.with_suffix(".png").is_file()
+
+
+def test_map_cases_in_processes_keeps_order_and_raises(capsys):
+    import math
+
+    items = [5, 3, 7, 1]
+    assert map_cases(math.factorial, items, "t", jobs=2) == map_cases(math.factorial, items, "t") == [120, 6, 5040, 1]
+    with pytest.raises(ValueError, match="math domain error"):
+        map_cases(math.sqrt, [4.0, -1.0, 9.0], "t", jobs=2)
+    capsys.readouterr()

@@ -145,6 +145,39 @@ def cases(items: list[Any], label: str, describe: Callable[[Any], str] = str) ->
         progress.close()
 
 
+def map_cases(fn: Callable[[Any], Any], items: list[Any], label: str, jobs: int = 1,
+              describe: Callable[[Any], str] = str) -> list[Any]:
+    """``[fn(item) for item in items]`` with progress (as ``cases``). ``jobs`` > 1 runs that many items at once,
+    each in its own spawned process (small models leave a GPU idle between kernel launches, so sharing one
+    raises a study's throughput; per-run timings are then measured under sharing). ``fn`` and the items must be
+    picklable (a module-level function or a ``functools.partial`` of one); results keep the order of ``items``,
+    and the first failure is raised once the running items have finished."""
+    items = list(items)
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(item) for item in cases(items, label, describe)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from modformer.train.logging import ProgressDisplay
+
+    results: list[Any] = [None] * len(items)
+    progress = ProgressDisplay(len(items), 0, True, label=f"bench {label}", unit="case", plain_every_s=0.0)
+    try:
+        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+            for done, future in enumerate(as_completed(futures), 1):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)     # drop the queued items, keep the error
+                    raise
+                progress.update(done, f"finished: {describe(items[i])}")
+    finally:
+        progress.close()
+    return results
+
+
 RESULT_KEYS = ("benchmark", "command", "device", "torch", "git_commit", "date", "headline", "rows")
 
 

@@ -10,13 +10,14 @@ as ``null`` with the reason. Per encoding: median and spread (min, max) over see
 window length.
 
 Examples:
-    modformer bench positions                              # GPU: T=256, 4 x 256, 2000 steps, 3 seeds
+    modformer bench positions --jobs 5                     # GPU: T=256, 4 x 256, 2000 steps, 3 seeds
     modformer bench positions --tiny --out runs/bench      # CPU: T=64, 2 x 64, 300 steps (a few minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import tempfile
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modformer.bench.common import DEFAULT_OUT, cases, parse_with_preset, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, map_cases, parse_with_preset, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.data import build_dataset
@@ -81,6 +82,25 @@ def eval_length(model: torch.nn.Module, length: int, trained_len: int, args: arg
         n_beyond += int(far.sum())
     return {"loss": total / max(n_total, 1), "loss_beyond": beyond / n_beyond if n_beyond else None,
             "tokens": n_total}
+
+
+def measure(cell: tuple[str, int], args: argparse.Namespace, runs: Path) -> list[dict[str, Any]]:
+    """Train one (encoding, seed) cell, then its loss at every evaluation window: one row per window."""
+    pos, seed = cell
+    device = torch.device(args.device)
+    model = train_one(pos, seed, args, runs).raw_model
+    rows = []
+    for f in args.factors:
+        length = f * args.seq_len
+        row: dict[str, Any] = {"position": pos, "seed": seed, "factor": f, "window": length}
+        if pos == "learned" and length > args.seq_len:
+            row.update(loss=None, loss_beyond=None, tokens=0,
+                       note=f"cannot: the learned table holds {args.seq_len} positions")
+        else:
+            row.update(eval_length(model, length, args.seq_len, args, device))
+        rows.append(row)
+    print_table(rows)
+    return rows
 
 
 def summarise(rows: list[dict[str, Any]], factors: list[int]) -> list[dict[str, Any]]:
@@ -144,30 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=65536, help="validation characters read per window length")
     p.add_argument("--tiny", action="store_true", help="CPU scale: T=64, 2 x 64, 300 steps, batch 32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
+    p.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the result)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = parse_with_preset(p, argv, "--tiny", seq_len=64, layers=2, width=64, heads=4, steps=300, batch=32,
                              eval_batches=5, eval_tokens=16384)
     device = torch.device(args.device)
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs_dir or tmp)
-        for pos, seed in cases(list(itertools.product(args.positions, range(args.seeds))), "positions",
-                               lambda c: f"next: {c[0]} seed {c[1]}"):
-            trainer = train_one(pos, seed, args, runs)
-            model = trainer.raw_model
-            for f in args.factors:
-                length = f * args.seq_len
-                row: dict[str, Any] = {"position": pos, "seed": seed, "factor": f, "window": length}
-                if pos == "learned" and length > args.seq_len:
-                    row.update(loss=None, loss_beyond=None, tokens=0,
-                               note=f"cannot: the learned table holds {args.seq_len} positions")
-                else:
-                    row.update(eval_length(model, length, args.seq_len, args, device))
-                rows.append(row)
-                print_table(rows[-1:])
-            del trainer, model
+        cells = list(itertools.product(args.positions, range(args.seeds)))
+        done = map_cases(functools.partial(measure, args=args, runs=runs), cells, "positions", args.jobs,
+                         lambda c: f"{c[0]} seed {c[1]}")
+    rows = [row for cell in done for row in cell]
     summary = summarise(rows, args.factors)
     print_table(summary, ["position", "factor", "seeds", "loss_median", "loss_min", "loss_max",
                           "loss_beyond_median"])

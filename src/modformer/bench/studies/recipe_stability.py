@@ -17,13 +17,14 @@ For every recipe x depth x learning rate x seed one short run; per cell:
   that got there; ``reached`` counts them).
 
 Examples:
-    modformer bench recipe-stability                         # GPU: depths 6 12 24, 20 seeds, lr 1e-3 and 3e-3
+    modformer bench recipe-stability --jobs 8                # GPU: depths 6 12 24, 20 seeds, lr 1e-3 and 3e-3
     modformer bench recipe-stability --tiny --out runs/bench # CPU: depths 2 4, 20 seeds, 40 steps
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import statistics
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, cases, parse_with_preset, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, map_cases, parse_with_preset, print_table, write_result
 from modformer.bench.studies.stability import RECIPES
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -53,6 +54,16 @@ def extras(recipe: str, width: int) -> dict[str, float]:
     """The 2017 recipe's embedding init, std d^-1/2 (with its sqrt(d) scale: unit-size token embeddings beside the
     unit sinusoids, as configs/sweeps/stability.yaml); at std 0.02 the sinusoids drown them and it stalls."""
     return {"embed_init_std": width ** -0.5} if recipe == "y2017" else {}
+
+
+def run_cell(cell: tuple[str, int, float, int], args: argparse.Namespace, runs: Path) -> dict[str, Any]:
+    """``run_one`` of one (recipe, depth, lr, seed) cell, with its one-line outcome (a ``map_cases`` task)."""
+    recipe, depth, lr, seed = cell
+    r = run_one(recipe, depth, lr, seed, args, runs)
+    print(f"{recipe} depth {depth} lr {lr:g} seed {seed}: "
+          f"{'NON-FINITE at step ' + str(r['nonfinite_step']) if r['nonfinite'] else 'finite'}"
+          f", steps to {args.target}: {r['steps_to_target']}", flush=True)
+    return r
 
 
 def run_one(recipe: str, depth: int, lr: float, seed: int, args: argparse.Namespace, runs: Path) -> dict[str, Any]:
@@ -131,24 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=2.2, help="validation loss (nats/char) for steps_to_target")
     p.add_argument("--tiny", action="store_true", help="CPU scale: depths 2 4, width 32, 40 steps, target 3.0")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = parse_with_preset(p, argv, "--tiny", depths=[2, 4], lrs=[3e-3], width=32, heads=2, seq_len=32, batch=16,
                              steps=40, eval_every=10, eval_batches=2, log_every=5, target=3.0)
     device = torch.device(args.device)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs_dir or tmp)
         runs.mkdir(parents=True, exist_ok=True)
-        total = len(args.recipes) * len(args.depths) * len(args.lrs) * args.seeds
         grid = list(itertools.product(args.recipes, args.depths, args.lrs, range(args.seeds)))
-        for recipe, depth, lr, seed in cases(grid, "recipe-stability",
-                                             lambda c: f"next: {c[0]} depth {c[1]} lr {c[2]:g} seed {c[3]}"):
-            rows.append(run_one(recipe, depth, lr, seed, args, runs))
-            r = rows[-1]
-            print(f"[{len(rows)}/{total}] {recipe} depth {depth} lr {lr:g} seed {seed}: "
-                  f"{'NON-FINITE at step ' + str(r['nonfinite_step']) if r['nonfinite'] else 'finite'}"
-                  f", steps to {args.target}: {r['steps_to_target']}", flush=True)
+        rows = map_cases(functools.partial(run_cell, args=args, runs=runs), grid, "recipe-stability", args.jobs,
+                         lambda c: f"{c[0]} depth {c[1]} lr {c[2]:g} seed {c[3]}")
     summary = summarise(rows)
     print_table(summary)
     headline: dict[str, Any] = {"target_loss": args.target, "seeds": args.seeds, "steps": args.steps}
