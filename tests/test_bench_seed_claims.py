@@ -1,5 +1,5 @@
 """Issue 29's study entries at toy scale through ``modformer bench``: positions, grad-checkpointing,
-recipe-stability (schema, the cells each must fill or leave empty, and their own sanity checks)."""
+recipe-stability, multichannel (schema, the cells each must fill or leave empty, and their own sanity checks)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,31 @@ def test_recipe_stability_counts_non_finite_runs_and_steps_to_target(tmp_path, c
     assert all(r["nonfinite"] and r["nonfinite_step"] >= 1 for r in data["rows"])
 
 
-@pytest.mark.parametrize("name", ["positions", "grad-checkpointing", "recipe-stability"])
+def test_multichannel_gains_are_paired_against_mha(tmp_path, capsys):
+    assert main(["bench", "multichannel", "--tiny", "--sizes", "1x32x2", "--seq-lens", "16", "32", "--variants", "mha",
+                 "multichannel_s2", "--steps", "2", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    data = result(tmp_path / "multichannel.json")
+    loss = {(r["seq_len"], r["variant"]): r["final_val_loss"] for r in data["rows"]}
+    for r in data["rows"]:
+        assert r["gain"] == pytest.approx(loss[r["seq_len"], "mha"] - r["final_val_loss"])
+        assert r["batch"] == 64 // r["seq_len"]                     # the same tokens per step at every T
+    mc = [r for r in data["rows"] if r["variant"] == "multichannel_s2"]
+    assert all(abs(r["non_embedding_params"] / data["rows"][0]["non_embedding_params"] - 1) < 0.05 for r in mc)
+    head = data["headline"]
+    assert head["gain_multichannel_s2_1x32x2_T32"] == pytest.approx(mc[1]["gain"])
+    assert head["gain_grows_with_T"] == (mc[1]["gain"] > mc[0]["gain"])
+    assert head["gain_grows_with_size"] is None                      # one size: no claim either way
+    assert (tmp_path / "multichannel.png").stat().st_size > 0
+
+
+def test_multichannel_rejects_a_bad_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "multichannel", "--sizes", "4x250x3", "--tiny"])
+    assert "width divisible by heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["positions", "grad-checkpointing", "recipe-stability", "multichannel"])
 def test_entries_are_listed(name, capsys):
     assert main(["bench", "list"]) == 0
     assert name in capsys.readouterr().out

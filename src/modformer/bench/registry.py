@@ -58,6 +58,8 @@ ENTRIES = _entries(
     ("circuits-sparse", "studies.circuits_sparse", "sparse-attention students vs their teacher's induction circuit"),
     ("variants", "studies.variants", "attention / FFN variants on modular addition at equal parameters"),
     ("variants-lm", "studies.variants_lm", "attention / FFN variants on WikiText-2 at a fixed token budget"),
+    ("multichannel", "studies.multichannel", "multi-channel attention (s = 2, 4) vs parameter-matched MHA across "
+                                             "context length and model size: the gain"),
     ("variants-summary", "studies.variants_summary", "the variants' one table and plot from the two results above"),
     ("hourglass", "studies.hourglass", "hourglass vs GPT at equal parameters, T=2048: time and FLOPs to a loss"),
     ("stability", "studies.stability", "2017 vs modern transformer: speed, and trainable depth from a sweep"),

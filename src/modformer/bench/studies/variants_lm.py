@@ -77,7 +77,8 @@ def base_run(args: argparse.Namespace):
     run.data.seq_len = args.seq_len
     t.steps, t.batch_size, t.warmup_steps, t.lr = args.steps, args.batch, max(1, args.steps // 10), args.lr
     t.eval_every, t.eval_batches, t.log_every = args.steps, args.eval_batches, max(1, args.steps // 20)
-    t.compile, t.device, t.seed, t.progress, t.tensorboard, t.sample_tokens = False, args.device, 0, False, False, 0
+    t.compile, t.device, t.progress, t.tensorboard, t.sample_tokens = False, args.device, False, False, 0
+    t.seed = getattr(args, "seed", 0)          # variants-lm: seed 0; the multichannel study sets its seeds
     t.threads, t.ema_decay = args.threads, 0.0   # the recipe's weight averaging is not part of this comparison
     return run
 
