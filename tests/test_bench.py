@@ -140,6 +140,9 @@ def test_map_cases_in_processes_keeps_order_and_raises(capsys):
 
     items = [5, 3, 7, 1]
     assert map_cases(math.factorial, items, "t", jobs=2) == map_cases(math.factorial, items, "t") == [120, 6, 5040, 1]
+    seen: list[list[int]] = []
+    map_cases(math.factorial, items, "t", jobs=2, on_result=seen.append)   # after each item: those finished so far
+    assert [len(x) for x in seen] == [1, 2, 3, 4] and seen[-1] == [120, 6, 5040, 1]
     with pytest.raises(ValueError, match="math domain error"):
         map_cases(math.sqrt, [4.0, -1.0, 9.0], "t", jobs=2)
     capsys.readouterr()

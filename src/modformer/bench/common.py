@@ -146,21 +146,30 @@ def cases(items: list[Any], label: str, describe: Callable[[Any], str] = str) ->
 
 
 def map_cases(fn: Callable[[Any], Any], items: list[Any], label: str, jobs: int = 1,
-              describe: Callable[[Any], str] = str) -> list[Any]:
+              describe: Callable[[Any], str] = str,
+              on_result: Callable[[list[Any]], None] | None = None) -> list[Any]:
     """``[fn(item) for item in items]`` with progress (as ``cases``). ``jobs`` > 1 runs that many items at once,
     each in its own spawned process (small models leave a GPU idle between kernel launches, so sharing one
     raises a study's throughput; per-run timings are then measured under sharing). ``fn`` and the items must be
     picklable (a module-level function or a ``functools.partial`` of one); results keep the order of ``items``,
-    and the first failure is raised once the running items have finished."""
+    and the first failure is raised once the running items have finished. ``on_result`` is called after each
+    item with the results finished so far, in item order (e.g. to rewrite a partial result file, so a run stopped
+    by a time limit keeps what it finished)."""
     items = list(items)
     if jobs <= 1 or len(items) <= 1:
-        return [fn(item) for item in cases(items, label, describe)]
+        out = []
+        for item in cases(items, label, describe):
+            out.append(fn(item))
+            if on_result:
+                on_result(list(out))
+        return out
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from modformer.train.logging import ProgressDisplay
 
     results: list[Any] = [None] * len(items)
+    finished: list[int] = []
     progress = ProgressDisplay(len(items), 0, True, label=f"bench {label}", unit="case", plain_every_s=0.0)
     try:
         with ProcessPoolExecutor(min(jobs, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -173,6 +182,9 @@ def map_cases(fn: Callable[[Any], Any], items: list[Any], label: str, jobs: int 
                     pool.shutdown(wait=True, cancel_futures=True)     # drop the queued items, keep the error
                     raise
                 progress.update(done, f"finished: {describe(items[i])}")
+                finished.append(i)
+                if on_result:
+                    on_result([results[j] for j in sorted(finished)])
     finally:
         progress.close()
     return results

@@ -170,20 +170,29 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--sizes: {e}")
     if BASELINE not in args.variants:
         p.error(f"--variants must include {BASELINE} (the gains are measured against it)")
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(args.runs_dir or tmp)
-        cells = list(itertools.product(args.sizes, args.seq_lens, args.variants, range(args.seeds)))
-        rows = map_cases(functools.partial(train_cell, args=args, runs=runs), cells, "multichannel", args.jobs,
-                         lambda c: f"{c[0]} T={c[1]} {c[2]} seed {c[3]}")
-    add_gains(rows)
-    summary = summarise(rows)
-    print_table(summary, ["size", "seq_len", "variant", "seeds", "final_val_loss", "gain", "gain_min", "gain_max",
-                          "flops_ratio_vs_mha", "tokens_per_s_ratio_vs_mha"])
-    head = headline(summary, args.sizes, args.seq_lens, args.variants)
+    cells = list(itertools.product(args.sizes, args.seq_lens, args.variants, range(args.seeds)))
     config = {k: getattr(args, k) for k in ("sizes", "seq_lens", "variants", "seeds", "steps", "tokens_per_step",
                                             "lr", "dropout", "eval_batches", "jobs")}
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    path = write_result("multichannel", head, rows, device, args.out, extra={"summary": summary, "config": config})
+
+    def write(rows: list[dict[str, Any]]) -> Path:
+        """The result file from the runs finished so far (rewritten after each run)."""
+        add_gains(rows)
+        summary = summarise(rows)
+        extra = {"summary": summary, "config": config}
+        if len(rows) < len(cells):
+            extra["partial"] = f"{len(rows)} of {len(cells)} runs finished"
+        head = headline(summary, args.sizes, args.seq_lens, args.variants)
+        return write_result("multichannel", head, rows, device, args.out, extra=extra)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(args.runs_dir or tmp)
+        rows = map_cases(functools.partial(train_cell, args=args, runs=runs), cells, "multichannel", args.jobs,
+                         lambda c: f"{c[0]} T={c[1]} {c[2]} seed {c[3]}", on_result=write)
+    path = write(rows)
+    summary = summarise(rows)
+    print_table(summary, ["size", "seq_len", "variant", "seeds", "final_val_loss", "gain", "gain_min", "gain_max",
+                          "flops_ratio_vs_mha", "tokens_per_s_ratio_vs_mha"])
     png = path.with_suffix(".png")
     plot(summary, png)
     print(f"wrote {path} and {png}")

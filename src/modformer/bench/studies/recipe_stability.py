@@ -148,23 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_preset(p, argv, "--tiny", depths=[2, 4], lrs=[3e-3], width=32, heads=2, seq_len=32, batch=16,
                              steps=40, eval_every=10, eval_batches=2, log_every=5, target=3.0)
     device = torch.device(args.device)
+    grid = list(itertools.product(args.recipes, args.depths, args.lrs, range(args.seeds)))
+    config = {k: getattr(args, k) for k in ("depths", "lrs", "width", "heads", "seq_len", "batch", "steps",
+                                            "grad_clip", "eval_every", "log_every", "target")}
+
+    def write(rows: list[dict[str, Any]]) -> Path:
+        """The result file from the runs finished so far (rewritten after each run)."""
+        headline: dict[str, Any] = {"target_loss": args.target, "seeds": args.seeds, "steps": args.steps}
+        for recipe in args.recipes:
+            mine = [r for r in rows if r["recipe"] == recipe]
+            headline[f"{recipe}_nonfinite_share"] = sum(r["nonfinite"] for r in mine) / len(mine) if mine else None
+            headline[f"{recipe}_runs"] = len(mine)
+        extra = {"summary": summarise(rows), "config": config}
+        if len(rows) < len(grid):
+            extra["partial"] = f"{len(rows)} of {len(grid)} runs finished"
+        return write_result("recipe_stability", headline, rows, device, args.out, extra=extra)
+
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs_dir or tmp)
         runs.mkdir(parents=True, exist_ok=True)
-        grid = list(itertools.product(args.recipes, args.depths, args.lrs, range(args.seeds)))
         rows = map_cases(functools.partial(run_cell, args=args, runs=runs), grid, "recipe-stability", args.jobs,
-                         lambda c: f"{c[0]} depth {c[1]} lr {c[2]:g} seed {c[3]}")
-    summary = summarise(rows)
-    print_table(summary)
-    headline: dict[str, Any] = {"target_loss": args.target, "seeds": args.seeds, "steps": args.steps}
-    for recipe in args.recipes:
-        mine = [r for r in rows if r["recipe"] == recipe]
-        headline[f"{recipe}_nonfinite_share"] = sum(r["nonfinite"] for r in mine) / len(mine)
-        headline[f"{recipe}_runs"] = len(mine)
-    config = {k: getattr(args, k) for k in ("depths", "lrs", "width", "heads", "seq_len", "batch", "steps",
-                                            "grad_clip", "eval_every", "log_every", "target")}
-    path = write_result("recipe_stability", headline, rows, device, args.out,
-                        extra={"summary": summary, "config": config})
+                         lambda c: f"{c[0]} depth {c[1]} lr {c[2]:g} seed {c[3]}", on_result=write)
+    print_table(summarise(rows))
+    path = write(rows)
     print(f"wrote {path}")
     return 0
 
