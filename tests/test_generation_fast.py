@@ -131,3 +131,26 @@ def test_generation_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
     rows = {r["variant"]: r for r in result["rows"]}
     assert all(r["agreement_vs_no_cache"] == 1.0 for r in rows.values())
     assert "HF generate (static cache)" in rows and "tokens_per_s_batch1" in capsys.readouterr().out
+
+
+def test_decode_backend_runs_the_decode_steps_only_and_keeps_the_tokens(no_inductor, monkeypatch):
+    """``decode_backend="eager"``: every decode step's attention goes through the eager backend, the prefill
+    keeps the model's sdpa, and a left-padded batch gives the same greedy tokens as the default decoder."""
+    from modformer import registry
+    from modformer.layers.attention import kernels
+    from modformer.models.generation import left_pad
+
+    model = tiny_gpt()
+    idx, mask = left_pad([[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]], pad_id=0)
+    default = model.generate(idx, 12, temperature=0, compile=True, attention_mask=mask)
+    calls: list[int] = []
+    eager = registry.get("attn_backend", "eager")
+    monkeypatch.setitem(registry._REGISTRIES["attn_backend"], "eager",
+                        lambda q, *a, **k: (calls.append(q.shape[2]), eager(q, *a, **k))[1])
+    out = model.generate(idx, 12, temperature=0, compile=True, attention_mask=mask, decode_backend="eager")
+    assert torch.equal(out, default)
+    assert calls and set(calls) == {1}                               # single-query decode steps only
+    assert len(calls) >= 11 * model.cfg.n_layer
+    assert kernels._backend_override is None                         # nothing leaks out of the decoder
+    with pytest.raises(Exception, match="nope"):
+        model.generate(idx, 2, temperature=0, compile=True, decode_backend="nope")

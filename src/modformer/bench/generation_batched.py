@@ -47,6 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 OURS = "modformer static cache + compile"      # the headline variant (static cache, not compiled off GPU)
 HF_STATIC = "HF generate (static cache)"       # the issue's reference
+EAGER_DECODE = "modformer static cache + compile, eager decode attention"   # generate(decode_backend="eager")
 
 
 def make_prompts(n: int, min_len: int, max_len: int, vocab: int, eos: int, seed: int) -> list[list[int]]:
@@ -103,12 +104,15 @@ def variants(model: torch.nn.Module, hf: torch.nn.Module, idx: torch.Tensor, mas
     """The decoding variants, as zero-argument callables (same prompts, mask, EOS and pad on both sides)."""
     ours = dict(temperature=0, attention_mask=mask, eos_token_id=eos, pad_token_id=eos)
     theirs = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    return {
+    fns = {
         OURS: lambda: model.generate(idx, n, static_cache=True, compile=compile_ours, **ours),
         "modformer dynamic cache": lambda: model.generate(idx, n, **ours),
         HF_STATIC: lambda: hf.generate(idx, cache_implementation="static", **theirs),
         "HF generate (dynamic cache)": lambda: hf.generate(idx, **theirs),
     }
+    if compile_ours:        # the decode backend is an option of the compiled decoder only
+        fns[EAGER_DECODE] = lambda: model.generate(idx, n, compile=True, decode_backend="eager", **ours)
+    return fns
 
 
 def fp32_identity(model: torch.nn.Module, prompts: list[list[int]], n: int, eos: int,
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         rows.append(row)
         print_table([row])
-    compiled = {OURS: gpu, HF_STATIC: hasattr(hf, "_compiled_call")}   # HF compiles static-cache decoding itself
+    # HF compiles static-cache decoding itself
+    compiled = {OURS: gpu, EAGER_DECODE: gpu, HF_STATIC: hasattr(hf, "_compiled_call")}
     ref_name = HF_STATIC if HF_STATIC in outputs else "HF generate (dynamic cache)"
     ref = outputs.get(ref_name)
     for row in rows:
@@ -262,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         "divergences_at_near_ties": sum(g <= 2 * err for g in gaps) if err is not None else None,
         "fp32_identical_rows": fp32["identical_rows"], "fp32_identical_rows_diverse": fp32_diverse["identical_rows"],
     }
+    eager = rate(EAGER_DECODE)
+    if eager:
+        headline.update(eager_decode_tokens_per_s=eager, eager_decode_speedup_vs_hf=eager / hf_static if hf_static
+                        else None, eager_decode_identical_rows=next(r.get("identical_rows_vs_hf") for r in rows
+                                                                    if r["variant"] == EAGER_DECODE))
     lengths = [len(p) for p in prompts]
     extra = {"setup": {"preset": "tiny" if args.tiny else "gpt2-124m", "model": args.model, "dtype": str(dtype),
                        "prompts": len(prompts), "prompt_len_min": min(lengths), "prompt_len_max": max(lengths),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modformer.layers.attention.kernels import changing_shapes
+from modformer.layers.attention.kernels import changing_shapes, use_backend
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -97,7 +97,8 @@ class GenerationMixin:
                  top_p: float | None = None, use_cache: bool = True, static_cache: bool = False,
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  compile: bool | str = False, attention_mask: Tensor | None = None,
-                 pad_token_id: int | None = None, graph_steps: int = 1) -> Tensor:
+                 pad_token_id: int | None = None, graph_steps: int = 1,
+                 decode_backend: str | None = None) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + new)``.
 
         ``attention_mask`` ``(B, T)`` 0/1 marks left padding of a batch of prompts of different lengths:
@@ -112,6 +113,8 @@ class GenerationMixin:
         ``compile`` may name an Inductor preset instead of True (``COMPILE_PRESETS``: ``"default"``,
         ``"max-autotune"``); ``graph_steps`` > 1 captures that many decode steps in one graph (fewer
         launches; the last ``(max_new_tokens - 1) % graph_steps`` steps replay a one-step graph).
+        ``decode_backend`` (with ``compile``) names the attention backend of the compiled decode step only
+        (``"eager"``: two matmuls; None: the model's ``attn_backend``); the prefill keeps the model's.
         """
         check_sampling(temperature, top_k, top_p)
         preset = check_compile(compile, graph_steps)
@@ -129,7 +132,7 @@ class GenerationMixin:
         try:
             if compile and use_cache and max_new_tokens > 0:
                 decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, preset,
-                                              graph_steps)
+                                              graph_steps, decode_backend)
                 return decoder.run(idx, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p),
                                    eos_token_id, generator, attention_mask, pad)
             cache = None
@@ -161,18 +164,19 @@ class GenerationMixin:
             self.train(was_training)
 
     def _graph_decoder(self, batch: int, length: int, device: torch.device, preset: str = "default",
-                       graph_steps: int = 1) -> GraphDecoder:
-        """The model's ``GraphDecoder`` for this batch size, total length, compile preset and steps per graph
-        (one kept at a time).
+                       graph_steps: int = 1, decode_backend: str | None = None) -> GraphDecoder:
+        """The model's ``GraphDecoder`` for this batch size, total length, compile preset, steps per graph and
+        decode attention backend (one kept at a time).
 
         A captured graph reads the weights at fixed addresses, so the decoder is rebuilt whenever a tensor
         of the model was replaced (``model.to(...)``, ``load_state_dict(assign=True)``); in-place updates
         such as optimizer steps keep the addresses and reach the graph."""
-        key = (batch, length, device, preset, graph_steps,
+        key = (batch, length, device, preset, graph_steps, decode_backend,
                tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
         dec = getattr(self, "_decoder", None)
         if dec is None or dec.key != key:
-            dec = GraphDecoder(self, batch, length, device, key, COMPILE_PRESETS[preset], graph_steps)
+            dec = GraphDecoder(self, batch, length, device, key, COMPILE_PRESETS[preset], graph_steps,
+                               decode_backend)
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
         return dec
 
@@ -193,8 +197,12 @@ class GraphDecoder:
     sdpa_backends: list | None = None       # SDPA backends for the decode step (None: PyTorch's choice)
 
     def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device,
-                 key: tuple = (), compile_options: dict | None = None, graph_steps: int = 1) -> None:
+                 key: tuple = (), compile_options: dict | None = None, graph_steps: int = 1,
+                 decode_backend: str | None = None) -> None:
+        with use_backend(decode_backend):       # an unknown name fails here, before anything is allocated
+            pass
         self.model, self.device, self.key, self.graph_steps = model, device, key, graph_steps
+        self.decode_backend = decode_backend
         self.cache = model.new_cache(batch, static=True, max_len=length)
         options = compile_options if compile_options is not None else self.compile_options
         # every decoder compiles the same ``_logits`` code for another self: one more dynamo cache entry each;
@@ -216,7 +224,9 @@ class GraphDecoder:
     pad: int | None = None                  # token written after a row's EOS (set by ``run``)
 
     def _step(self, sampling: dict, eos: int | None, generator: torch.Generator | None) -> None:
-        nxt = sample_next(self.logits_fn(self.tok, self.pos), generator=generator, **sampling)
+        with use_backend(self.decode_backend):      # read while tracing: the compiled step keeps it
+            logits = self.logits_fn(self.tok, self.pos)
+        nxt = sample_next(logits, generator=generator, **sampling)
         if eos is not None:
             nxt = nxt.masked_fill(self.finished, self.pad if self.pad is not None else eos)
             self.finished |= nxt == eos

@@ -338,11 +338,34 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     return out, None
 
 
+_backend_override: str | None = None   # set by ``use_backend``
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Inside, every ``attend`` call uses backend ``name`` whatever the model's ``attn_backend`` (None: no
+    override). ``GraphDecoder`` compiles its decode step inside one: a single-query step over a padded batch
+    is a batched matrix-vector product that SDPA's memory-efficient kernel runs with one useful query row
+    per 64-row tile, while the eager path's two matmuls read the cache once."""
+    global _backend_override
+    if name is not None:
+        from modformer import registry
+
+        registry.get("attn_backend", name, field="decode attention backend")      # unknown name: one line
+    saved, _backend_override = _backend_override, name
+    try:
+        yield
+    finally:
+        _backend_override = saved
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, backend: str = "sdpa",
            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Dispatch to a backend; ``need_weights`` forces the eager path and returns probabilities."""
+    """Dispatch to a backend (``use_backend`` overrides it); ``need_weights`` forces the eager path and returns
+    probabilities."""
     from modformer import registry
 
     if need_weights:
         return eager_attention(q, k, v, spec, True)
+    backend = _backend_override or backend
     return registry.get("attn_backend", backend, field="model.attn_backend")(q, k, v, spec, False)
