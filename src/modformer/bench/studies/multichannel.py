@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 4096], help="contexts T")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="attention variants")
     p.add_argument("--seeds", type=int, default=1, help="seeds per cell")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--tokens-per-step", type=int, default=16384, help="tokens per step (batch = this / T)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--dropout", type=float, default=0.2, help="dropout")
