@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device: cpu, cuda, cuda:N")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: a temporary folder)")
+    p.add_argument("--name", default="recipe_stability", help="result file NAME.json (another question, another file)")
     p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
     args = parse_with_preset(p, argv, "--tiny", depths=[2, 4], lrs=[3e-3], width=32, heads=2, seq_len=32, batch=16,
                              steps=40, eval_every=10, eval_batches=2, log_every=5, target=3.0)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"summary": summarise(rows), "config": config}
         if len(rows) < len(grid):
             extra["partial"] = f"{len(rows)} of {len(grid)} runs finished"
-        return write_result("recipe_stability", headline, rows, device, args.out, extra=extra)
+        return write_result(args.name, headline, rows, device, args.out, extra=extra)
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs_dir or tmp)
