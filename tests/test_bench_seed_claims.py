@@ -60,7 +60,8 @@ def test_recipe_stability_counts_non_finite_runs_and_steps_to_target(tmp_path, c
     assert [{k: v for k, v in r.items() if isinstance(v, float)} for r in jobs] == \
         [pytest.approx(f, rel=1e-5) for f in floats]
     # an absurd learning rate without clipping: every run diverges, and the study records it instead of failing
-    nan = ["--recipes", "y2017", "--lrs", "1e4", "--grad-clip", "0", "--name", "diverged", "--out", str(tmp_path / "nan")]
+    nan = ["--recipes", "y2017", "--lrs", "1e4", "--grad-clip", "0", "--name", "diverged",
+           "--out", str(tmp_path / "nan")]
     assert main([*common, *nan]) == 0
     capsys.readouterr()
     data = result(tmp_path / "nan" / "diverged.json")                  # --name: another question, another file
