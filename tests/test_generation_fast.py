@@ -154,3 +154,5 @@ def test_decode_backend_runs_the_decode_steps_only_and_keeps_the_tokens(no_induc
     assert kernels._backend_override is None                         # nothing leaks out of the decoder
     with pytest.raises(Exception, match="nope"):
         model.generate(idx, 2, temperature=0, compile=True, decode_backend="nope")
+    with pytest.raises(ValueError, match="pass compile=True"):
+        model.generate(idx, 2, temperature=0, decode_backend="eager")

@@ -118,6 +118,9 @@ class GenerationMixin:
         """
         check_sampling(temperature, top_k, top_p)
         preset = check_compile(compile, graph_steps)
+        if decode_backend is not None and not compile:
+            raise ValueError(f"decode_backend={decode_backend!r} is an option of the compiled decoder: "
+                             "pass compile=True")
         check_prompt(idx, max_new_tokens, self.cfg.vocab_size, eos_token_id)
         was_training = self.training
         self.eval()
