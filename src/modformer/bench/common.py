@@ -190,6 +190,33 @@ def map_cases(fn: Callable[[Any], Any], items: list[Any], label: str, jobs: int 
     return results
 
 
+def plot_ranges(lines: dict[str, list[tuple[float, float, float, float]]], path: str | Path, xlabel: str,
+                ylabel: str, size: tuple[float, float] = (5.5, 3.6), zero_line: bool = False) -> None:
+    """One line per label of ``(x, median, low, high)`` points, error bars low..high (a study's median and range
+    over seeds), x on a log2 axis; saved as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    for label, pts in lines.items():
+        xs, ys, lo, hi = zip(*pts) if pts else ((), (), (), ())
+        ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]], marker="o",
+                    capsize=3, label=label)
+    if zero_line:
+        ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 RESULT_KEYS = ("benchmark", "command", "device", "torch", "git_commit", "date", "headline", "rows")
 
 

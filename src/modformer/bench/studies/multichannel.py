@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from modformer.bench.common import DEFAULT_OUT, map_cases, parse_with_preset, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, map_cases, parse_with_preset, plot_ranges, print_table, write_result
 from modformer.bench.studies import variants_lm
 from modformer.cli import HelpFormatter
 
@@ -118,28 +118,12 @@ def headline(summary: list[dict[str, Any]], sizes: list[str], seq_lens: list[int
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
     """Gain over MHA vs T (log2), one line per size and channel count; bars: min..max over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.8, 3.8))
-    for size, variant in dict.fromkeys((r["size"], r["variant"]) for r in summary if r["variant"] != BASELINE):
-        pts = [r for r in summary if (r["size"], r["variant"]) == (size, variant) and r["gain"] is not None]
-        ys = [r["gain"] for r in pts]
-        err = [[y - r["gain_min"] for y, r in zip(ys, pts)], [r["gain_max"] - y for y, r in zip(ys, pts)]]
-        ax.errorbar([r["seq_len"] for r in pts], ys, yerr=err, marker="o", capsize=3,
-                    label=f"{variant.replace('multichannel_', '')}, {size}")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context T (tokens)")
-    ax.set_ylabel("val loss of MHA minus multichannel (nats)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    lines = {f"{variant.replace('multichannel_', '')}, {size}":
+             [(r["seq_len"], r["gain"], r["gain_min"], r["gain_max"]) for r in summary
+              if (r["size"], r["variant"]) == (size, variant) and r["gain"] is not None]
+             for size, variant in dict.fromkeys((r["size"], r["variant"]) for r in summary if r["variant"] != BASELINE)}
+    plot_ranges(lines, path, "context T (tokens)", "val loss of MHA minus multichannel (nats)", size=(5.8, 3.8),
+                zero_line=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modformer.bench.common import DEFAULT_OUT, map_cases, parse_with_preset, print_table, write_result
+from modformer.bench.common import DEFAULT_OUT, map_cases, parse_with_preset, plot_ranges, print_table, write_result
 from modformer.cli import HelpFormatter
 from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.data import build_dataset
@@ -122,27 +122,10 @@ def summarise(rows: list[dict[str, Any]], factors: list[int]) -> list[dict[str, 
 
 def plot(summary: list[dict[str, Any]], path: Path, t: int) -> None:
     """Median loss (error bars: min..max over seeds) vs window length, one line per encoding."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for pos in dict.fromkeys(r["position"] for r in summary):
-        pts = [r for r in summary if r["position"] == pos and r["loss_median"] is not None]
-        xs = [r["factor"] * t for r in pts]
-        ys = [r["loss_median"] for r in pts]
-        err = [[y - r["loss_min"] for y, r in zip(ys, pts)], [r["loss_max"] - y for y, r in zip(ys, pts)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=pos)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"evaluation window (trained at T={t})")
-    ax.set_ylabel("val loss, all positions (nats/char)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    lines = {pos: [(r["factor"] * t, r["loss_median"], r["loss_min"], r["loss_max"]) for r in summary
+                   if r["position"] == pos and r["loss_median"] is not None]
+             for pos in dict.fromkeys(r["position"] for r in summary)}
+    plot_ranges(lines, path, f"evaluation window (trained at T={t})", "val loss, all positions (nats/char)")
 
 
 def main(argv: list[str] | None = None) -> int:
