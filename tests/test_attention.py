@@ -24,7 +24,7 @@ def reference(q, k, v, causal, q_offset=0, slopes=None):
     return scores.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "decode"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("alibi", [False, True])
@@ -37,7 +37,7 @@ def test_backends_match_float64_reference(backend, causal, kv_heads, alibi):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "decode"])
 @pytest.mark.parametrize("tq", [1, 5])
 def test_backends_with_query_offset(backend, tq):
     """Decoding with a cache: queries start at position q_offset, keys at 0."""

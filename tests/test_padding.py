@@ -246,9 +246,11 @@ def test_generation_stops_per_row_at_eos():
 
 @pytest.mark.parametrize("kind", ["mha", "mla", "moa", "talking_heads", "multichannel", "sink_window",
                                   "learned_gate", "performer"])
-def test_padded_cache_equals_no_cache(kind):
-    """Prefill a left-padded batch into a cache, decode token by token: the logits equal one masked forward."""
-    model = build(kind, "sdpa", "rope")
+@pytest.mark.parametrize("backend", ["sdpa", "decode"])
+def test_padded_cache_equals_no_cache(kind, backend):
+    """Prefill a left-padded batch into a cache, decode token by token: the logits equal one masked forward
+    (``decode``: the single-token steps take its multiply-and-sum path, the prefill the eager one)."""
+    model = build(kind, backend, "rope")
     idx, mask = pad(seqs(6, 10, seed=6), "left")
     more = torch.randint(0, V, (2, 4))
     full_mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], 1)
