@@ -2,10 +2,11 @@
 
 64 prompts of 16..256 random tokens (seeded) are left-padded into one batch and decoded greedily for 128
 new tokens on the GPT-2-124M shape (random GPT-2-init weights, GPT-2 vocabulary; EOS = pad = 50256), in bf16
-on GPU. modformer decodes with its static cache + compiled CUDA-graph step (``generate(..., compile=True)``)
-and with its growing cache; HF ``GPT2LMHeadModel.generate`` decodes the same weights (``mf.hf.to_hf``) with
-its static cache (``cache_implementation="static"``: transformers compiles the decode forward by itself on
-GPU) and with its default dynamic cache, in the same process. Each variant is called once to warm up
+on GPU. modformer decodes with its static cache + compiled CUDA-graph step (``generate(..., compile=True)``,
+whose decode attention is the ``decode`` backend; a second row takes SDPA there) and with its growing cache;
+HF ``GPT2LMHeadModel.generate`` decodes the same weights (``mf.hf.to_hf``) with its static cache
+(``cache_implementation="static"``: transformers compiles the decode forward by itself on GPU) and with its
+default dynamic cache, in the same process. Each variant is called once to warm up
 (compile, capture), then timed (CUDA-synchronised, median of ``--repeats`` calls); tokens/s = generated
 tokens of all rows (through each row's EOS) / wall seconds.
 
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 OURS = "modformer static cache + compile"      # the headline variant (static cache, not compiled off GPU)
 HF_STATIC = "HF generate (static cache)"       # the reference
-EAGER_DECODE = "modformer static cache + compile, eager decode attention"   # generate(decode_backend="eager")
+SDPA_DECODE = "modformer static cache + compile, SDPA decode attention"   # generate(decode_backend="sdpa")
 
 
 def make_prompts(n: int, min_len: int, max_len: int, vocab: int, eos: int, seed: int) -> list[list[int]]:
@@ -111,7 +112,7 @@ def variants(model: torch.nn.Module, hf: torch.nn.Module, idx: torch.Tensor, mas
         "HF generate (dynamic cache)": lambda: hf.generate(idx, **theirs),
     }
     if compile_ours:        # the decode backend is an option of the compiled decoder only
-        fns[EAGER_DECODE] = lambda: model.generate(idx, n, compile=True, decode_backend="eager", **ours)
+        fns[SDPA_DECODE] = lambda: model.generate(idx, n, compile=True, decode_backend="sdpa", **ours)
     return fns
 
 
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print_table([row])
     # HF compiles static-cache decoding itself
-    compiled = {OURS: gpu, EAGER_DECODE: gpu, HF_STATIC: hasattr(hf, "_compiled_call")}
+    compiled = {OURS: gpu, SDPA_DECODE: gpu, HF_STATIC: hasattr(hf, "_compiled_call")}
     ref_name = HF_STATIC if HF_STATIC in outputs else "HF generate (dynamic cache)"
     ref = outputs.get(ref_name)
     for row in rows:
@@ -267,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         "divergences_at_near_ties": sum(g <= 2 * err for g in gaps) if err is not None else None,
         "fp32_identical_rows": fp32["identical_rows"], "fp32_identical_rows_diverse": fp32_diverse["identical_rows"],
     }
-    eager = rate(EAGER_DECODE)
-    if eager:
-        headline.update(eager_decode_tokens_per_s=eager, eager_decode_speedup_vs_hf=eager / hf_static if hf_static
-                        else None, eager_decode_identical_rows=next(r.get("identical_rows_vs_hf") for r in rows
-                                                                    if r["variant"] == EAGER_DECODE))
+    sdpa = rate(SDPA_DECODE)
+    if sdpa:
+        headline.update(sdpa_decode_tokens_per_s=sdpa, sdpa_decode_speedup_vs_hf=sdpa / hf_static if hf_static
+                        else None, sdpa_decode_identical_rows=next(r.get("identical_rows_vs_hf") for r in rows
+                                                                   if r["variant"] == SDPA_DECODE))
     lengths = [len(p) for p in prompts]
     extra = {"setup": {"preset": "tiny" if args.tiny else "gpt2-124m", "model": args.model, "dtype": str(dtype),
                        "prompts": len(prompts), "prompt_len_min": min(lengths), "prompt_len_max": max(lengths),
