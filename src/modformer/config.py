@@ -39,7 +39,7 @@ class ModelConfig:
     max_seq_len: int = 1024            # size of the learned position table; cache size limit
     model: str = "gpt"
     attention: str = "mha"
-    attn_backend: str = "sdpa"         # sdpa | eager | flex
+    attn_backend: str = "sdpa"         # sdpa | eager | flex | decode
     position: str = "learned"
     rope_base: float = 10000.0
     rope_fraction: float = 1.0         # share of each head's dims that RoPE rotates (GPT-NeoX rotary_pct)
