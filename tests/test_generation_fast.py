@@ -158,23 +158,18 @@ def test_decode_backend_runs_the_decode_steps_only_and_keeps_the_tokens(no_induc
         model.generate(idx, 2, temperature=0, decode_backend="eager")
 
 
-@pytest.mark.parametrize("attn_backend,expected", [("sdpa", "decode"), ("eager", "eager")])
-def test_compiled_decoding_defaults_to_the_decode_backend_on_sdpa_models(no_inductor, monkeypatch, attn_backend,
-                                                                          expected):
-    """No ``decode_backend``: a model on the default sdpa backend decodes through ``decode`` (single-query steps
-    only), one on another backend keeps its own; the greedy tokens equal the uncached path's."""
+def test_decode_backend_decode_takes_the_single_query_steps_and_keeps_the_tokens(no_inductor, monkeypatch):
+    """``decode_backend="decode"``: every decode step's attention goes through its multiply-and-sum path (single
+    queries only) and the greedy tokens of a left-padded batch equal the uncached path's."""
     from modformer import registry
     from modformer.models.generation import left_pad
 
-    model = tiny_gpt(attn_backend=attn_backend)
+    model = tiny_gpt()
     idx, mask = left_pad([[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]], pad_id=0)
     calls: list[int] = []
     real = registry.get("attn_backend", "decode")
     monkeypatch.setitem(registry._REGISTRIES["attn_backend"], "decode",
                         lambda q, *a, **k: (calls.append(q.shape[2]), real(q, *a, **k))[1])
-    out = model.generate(idx, 8, temperature=0, compile=True, attention_mask=mask)
+    out = model.generate(idx, 8, temperature=0, compile=True, attention_mask=mask, decode_backend="decode")
     assert torch.equal(out, model.generate(idx, 8, temperature=0, use_cache=False, attention_mask=mask))
-    if expected == "decode":
-        assert set(calls) == {1} and len(calls) >= 7 * model.cfg.n_layer
-    else:
-        assert calls == []
+    assert set(calls) == {1} and len(calls) >= 7 * model.cfg.n_layer

@@ -114,8 +114,8 @@ class GenerationMixin:
         ``"max-autotune"``); ``graph_steps`` > 1 captures that many decode steps in one graph (fewer
         launches; the last ``(max_new_tokens - 1) % graph_steps`` steps replay a one-step graph).
         ``decode_backend`` (with ``compile``) names the attention backend of the compiled decode step only;
-        the prefill keeps the model's. None: ``"decode"`` (multiply-and-sum over the cache, which Inductor fuses)
-        for a model on the default ``sdpa`` backend, else the model's own ``attn_backend``.
+        the prefill keeps the model's (None: the model's ``attn_backend``; ``"decode"``: multiply-and-sum over the
+        cache, which Inductor fuses; ``"eager"``: two matmuls).
         """
         check_sampling(temperature, top_k, top_p)
         preset = check_compile(compile, graph_steps)
@@ -135,8 +135,6 @@ class GenerationMixin:
             attention_mask = None                        # nothing padded: the unmasked (fast) path
         try:
             if compile and use_cache and max_new_tokens > 0:
-                if decode_backend is None:
-                    decode_backend = "decode" if getattr(self.cfg, "attn_backend", None) == "sdpa" else None
                 decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, preset,
                                               graph_steps, decode_backend)
                 return decoder.run(idx, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p),
