@@ -102,6 +102,36 @@ def test_learned_gate_respects_top_k_and_keeps_the_diagonal() -> None:
     assert torch.equal(p > 0, dense)                                   # kept blocks are attended, no others
 
 
+@pytest.mark.parametrize(("length", "offset"), [(45, 0), (48, 0), (45, 21), (45, 44)])
+def test_learned_gate_scores_equal_a_float64_reference(length: int, offset: int) -> None:
+    """Gate scores from the module doc's definition, block by block in float64: the query summary is the mean
+    query over the ``bs`` positions ending at the block's first token, a key block is [mean; max] of its keys,
+    the scored blocks are the strictly past ones; prefill (offset 0) and cached steps (offset > 0)."""
+    from modformer.layers.attention.gate import LearnedGateAttention
+
+    bs, H, Dh = 8, 2, 6
+    cfg = mf.ModelConfig(vocab_size=V, n_layer=1, n_head=H, d_model=H * Dh, max_seq_len=64)
+    layer = LearnedGateAttention(cfg, 0, block_size=bs, top_k=3, d_gate=5).double()
+    torch.nn.init.normal_(layer.gate_q.weight)
+    torch.nn.init.normal_(layer.gate_k.weight)
+    q, k = torch.randn(2, H, length, Dh, dtype=torch.float64), torch.randn(2, H, length, Dh, dtype=torch.float64)
+    scores, keep, qb, past = layer.gate(q, k, offset, length - offset)
+    nk = math.ceil(length / bs)
+    assert qb.tolist() == list(range(offset // bs, (length - 1) // bs + 1))
+    for i, j in enumerate(qb.tolist()):
+        start = j * bs
+        q_sum = q[:, :, max(0, start - bs + 1):start + 1].mean(2)
+        for b in range(nk):
+            if b >= j:
+                assert scores[:, :, i, b].isneginf().all() and not past[i, b]
+                continue
+            kb = k[:, :, b * bs:(b + 1) * bs]
+            gk = layer.gate_k(torch.cat([kb.mean(2), kb.amax(2)], -1))
+            ref = (layer.gate_q(q_sum) * gk).sum(-1) / math.sqrt(5)
+            torch.testing.assert_close(scores[:, :, i, b], ref.float(), rtol=1e-6, atol=1e-6)
+        assert keep[:, :, i, j].all() and keep[:, :, i].sum(-1).max() <= 3
+
+
 def test_learned_gate_cached_generation_matches_recompute() -> None:
     student = _student(_teacher(), "learned_gate", {"block_size": 4, "top_k": 2})
     idx = torch.randint(0, V, (2, 9))

@@ -63,9 +63,11 @@ def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
     return (z - tau).clamp_min(0) * finite.any(dim, keepdim=True)
 
 
-def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_size: int) -> object:
-    """FlexAttention BlockMask from kept blocks ``(B, H, nq, nk)`` of query blocks ``qb`` (prefill: qb = 0..nq-1):
-    off-diagonal kept blocks full (no mask_mod work), the diagonal block partial with the causal mask_mod."""
+def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_size: int,
+                           first_block: int = 0) -> object:
+    """FlexAttention BlockMask from kept blocks ``(B, H, nq, nk)`` of query blocks ``qb`` (``first_block`` =
+    ``qb[0]``, given so that building the mask never waits for the GPU; prefill: qb = 0..nq-1): off-diagonal
+    kept blocks full (no mask_mod work), the diagonal block partial with the causal mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B, H, nq, nk = keep.shape
@@ -75,7 +77,7 @@ def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_siz
     diag_idx[..., 0] = qb.to(torch.int32)
     ones = torch.ones(B, H, nq, device=keep.device, dtype=torch.int32)
 
-    q0 = int(qb[0])
+    q0 = first_block
 
     def kept_causal(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
         # the block choice is in mask_mod too, so references that only evaluate mask_mod (eager flex on CPU)
@@ -85,6 +87,34 @@ def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_siz
 
     return BlockMask.from_kv_blocks(ones, diag_idx, full.sum(-1).to(torch.int32), full_idx,
                                     BLOCK_SIZE=block_size, mask_mod=kept_causal, seq_lengths=(tq, tk))
+
+
+def _pool_blocks(k: Tensor, bs: int) -> tuple[Tensor, Tensor]:
+    """Mean and max of each ``bs``-token block of ``k`` ``(B, H, L, Dh)`` (the last block may be short), as two
+    reductions over a view: no padded copy of the keys."""
+    B, H, L, Dh = k.shape
+    n_full = L // bs
+    full = k[:, :, :n_full * bs].view(B, H, n_full, bs, Dh)
+    mean, mx = full.sum(3) / bs, full.amax(3)
+    if L > n_full * bs:
+        tail = k[:, :, n_full * bs:]
+        mean = torch.cat([mean, tail.sum(2, keepdim=True) / tail.shape[2]], 2)
+        mx = torch.cat([mx, tail.amax(2, keepdim=True)], 2)
+    return mean, mx
+
+
+def _query_summaries(q: Tensor, bs: int, j0: int, j1: int) -> Tensor:
+    """Float32 mean query over the ``bs`` positions ending at the first token of each block j in [j0, j1) (fewer
+    at the start): block j-1 without its first token, plus block j's first token."""
+    B, H, _, Dh = q.shape
+    firsts = q[:, :, j0 * bs::bs].float()                                          # (B, H, j1 - j0, Dh)
+    lo = max(j0 - 1, 0)
+    inner = q[:, :, lo * bs:(j1 - 1) * bs].view(B, H, j1 - 1 - lo, bs, Dh)[:, :, :, 1:].float().sum(3)
+    counts = torch.full((j1 - j0, 1), float(bs), device=q.device)
+    if j0 == 0:                                                                    # block 0: its first token only
+        inner = F.pad(inner, (0, 0, 1, 0))
+        counts[0] = 1.0
+    return (firsts + inner) / counts
 
 
 @register("attention", "learned_gate")
@@ -125,8 +155,7 @@ class LearnedGateAttention(MultiHeadAttention):
     def gate(self, q_all: Tensor, k: Tensor, offset: int, tq: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Scores ``(B, H, nq, nk)`` over strictly past blocks (-inf elsewhere), kept blocks (bool), the
         absolute query-block indices ``(nq,)`` and the past-block mask ``(nq, nk)``."""
-        bs, L = self.block_size, offset + tq
-        B, H, _, Dh = q_all.shape
+        bs, L, H = self.block_size, offset + tq, q_all.shape[1]
         # the gate reads q/k but never trains them: its losses (gate_loss, STE) update gate_q/gate_k only, as
         # SeerAttention trains the gate with the attention frozen (a gradient into q/k from the gate loss
         # reshaped the attention itself and raised the student's KL 0.08 -> 0.29 in the H100 run)
@@ -134,20 +163,13 @@ class LearnedGateAttention(MultiHeadAttention):
         k = k[:, :, :L]
         if k.shape[1] != H:
             k = k.repeat_interleave(H // k.shape[1], dim=1)
-        nk = -(-L // bs)
-        pad = nk * bs - L
-        kb = F.pad(k, (0, 0, 0, pad)).view(B, H, nk, bs, Dh)
-        counts = torch.full((nk,), bs, device=k.device, dtype=k.dtype)
-        counts[-1] = bs - pad
-        k_mean = kb.sum(3) / counts[:, None]
-        k_max = F.pad(k, (0, 0, 0, pad), value=float("-inf")).view(B, H, nk, bs, Dh).amax(3)
-        qb = torch.arange(offset // bs, (L - 1) // bs + 1, device=k.device)          # (nq,) absolute blocks
-        cs = F.pad(q_all[:, :, :L].float().cumsum(2), (0, 0, 1, 0))                  # (B, H, L + 1, Dh)
-        start = qb * bs
-        lo = (start - bs + 1).clamp_min(0)
-        q_sum = ((cs[:, :, start + 1] - cs[:, :, lo]) / (start + 1 - lo)[:, None].to(cs.dtype)).to(k.dtype)
+        k_mean, k_max = _pool_blocks(k, bs)
+        j0, j1 = offset // bs, (L - 1) // bs + 1                                     # query blocks [j0, j1)
+        qb = torch.arange(j0, j1, device=k.device)                                   # (nq,) absolute blocks
+        q_sum = _query_summaries(q_all[:, :, :L], bs, j0, j1).to(k.dtype)
         gq, gk = self.gate_q(q_sum), self.gate_k(torch.cat([k_mean, k_max], -1))
         scores = (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])      # (B, H, nq, nk)
+        nk = k_mean.shape[2]
         past = torch.arange(nk, device=k.device)[None, :] < qb[:, None]              # (nq, nk)
         scores = scores.masked_fill(~past, float("-inf"))
         if self.select == "topk":

@@ -149,7 +149,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     """Single-query steps (``Tq == 1``, cached decoding) as multiply-and-sum over the cache in >= float32; any
     other call takes the eager path.
 
-    For compiled decoding (``generate(compile=True)``, the default there): Inductor fuses each product into one
+    For compiled decoding (``generate(compile=True, decode_backend="decode")``): Inductor fuses each product into one
     bandwidth-bound reduction, where the eager path's matmuls become one slow batched matrix-vector product per
     row and head (cuBLAS gemv: 40% of a GPT-2-124M fp32 decode step of 64 rows, H100) and SDPA's kernels fill
     a 64-row query tile with one useful row. Uncompiled it materialises ``(B, H, Tk, Dh)`` products: slower."""
