@@ -109,7 +109,7 @@ def _query_summaries(q: Tensor, bs: int, j0: int, j1: int) -> Tensor:
     B, H, _, Dh = q.shape
     firsts = q[:, :, j0 * bs::bs].float()                                          # (B, H, j1 - j0, Dh)
     lo = max(j0 - 1, 0)
-    inner = q[:, :, lo * bs:(j1 - 1) * bs].view(B, H, j1 - 1 - lo, bs, Dh)[:, :, :, 1:].float().sum(3)
+    inner = q[:, :, lo * bs:(j1 - 1) * bs].view(B, H, j1 - 1 - lo, bs, Dh)[:, :, :, 1:].sum(3, dtype=torch.float32)
     counts = torch.full((j1 - j0, 1), float(bs), device=q.device)
     if j0 == 0:                                                                    # block 0: its first token only
         inner = F.pad(inner, (0, 0, 1, 0))
