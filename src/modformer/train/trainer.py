@@ -104,6 +104,8 @@ def compile_kwargs(t: TrainConfig) -> dict[str, str]:
     Inductor's."""
     if t.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
+    if t.compile_scope not in ("model", "blocks"):
+        raise ConfigError(f"train.compile_scope must be model or blocks, got {t.compile_scope!r}")
     return {"backend": "cudagraphs"} if t.compile_mode == "cudagraphs" else {"mode": t.compile_mode}
 
 
@@ -172,12 +174,17 @@ class Trainer:
                               "train.distributed=ddp, not fsdp")
         if self.sharded and t.optimizer == "muon":
             raise ConfigError("train.optimizer=muon needs whole weight matrices; use train.distributed=ddp, not fsdp")
-        if t.compile and self.sharded:   # FSDP2: compile each block (its hooks stay outside the graphs)
+        regional = t.compile and (self.sharded or t.compile_scope == "blocks")
+        if regional and t.compile_scope == "blocks" and not isinstance(getattr(self.raw_model, "blocks", None),
+                                                                       torch.nn.ModuleList):
+            raise ConfigError(f"train.compile_scope=blocks needs a model with a `blocks` list; "
+                              f"{type(self.raw_model).__name__} has none (use compile_scope=model)")
+        if regional:   # FSDP2 (its hooks stay outside the graphs) or compile_scope=blocks: compile each block
             for block in getattr(self.raw_model, "blocks", []):
                 block.compile(**compile_args)
         self.model = wrap_model(self.raw_model, self.world, t.distributed, self.device, self.dtype,
                                 t.grad_reduce_dtype)
-        if t.compile and not self.sharded:
+        if t.compile and not regional:
             self.model = torch.compile(self.model, **compile_args)
         self.optimizer = build_optimizer(self.raw_model, t)
         prune_spec = parse_prune(t.prune, t.steps)
