@@ -250,6 +250,8 @@ def test_compile_scope_blocks_compiles_each_block_once_and_trains_as_eager(tmp_p
     torch._dynamo.reset()
     with pytest.raises(mf.ConfigError, match="train.compile_scope"):
         Trainer(run_cfg(tmp_path, "bad", compile=True, compile_scope="layers"))
+    with pytest.raises(mf.ConfigError, match="without CUDA graphs"):     # one shared CUDA graph: outputs overwritten
+        Trainer(run_cfg(tmp_path, "graphs", compile=True, compile_scope="blocks", compile_mode="reduce-overhead"))
     runs = {}
     for name, kw in (("eager", {}), ("blocks", dict(compile=True, compile_scope="blocks"))):
         cfg = run_cfg(tmp_path, name, steps=4, optimizer_options={}, **kw)

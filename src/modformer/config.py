@@ -262,7 +262,8 @@ class TrainConfig:
                                        # launch-bound models) | max-autotune | max-autotune-no-cudagraphs |
                                        # cudagraphs (CUDA graphs of eager kernels, no Inductor codegen)
     compile_scope: str = "model"       # model (one graph) | blocks (regional: each transformer block compiled,
-                                       # identical blocks share one compiled graph: a shorter cold compile)
+                                       # identical blocks share one compiled graph: a shorter cold compile;
+                                       # compile_mode default or max-autotune-no-cudagraphs only)
     distributed: str = "ddp"           # ddp | fsdp (used when launched by torchrun)
     grad_reduce_dtype: str = "float32"  # float32 | bfloat16: dtype of the data-parallel gradient average
     seed: int = 0

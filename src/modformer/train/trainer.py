@@ -106,6 +106,10 @@ def compile_kwargs(t: TrainConfig) -> dict[str, str]:
         raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
     if t.compile_scope not in ("model", "blocks"):
         raise ConfigError(f"train.compile_scope must be model or blocks, got {t.compile_scope!r}")
+    if t.compile and t.compile_scope == "blocks" and t.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+        # the blocks share one compiled graph: its CUDA graph would overwrite one block's output with the next's
+        raise ConfigError(f"train.compile_scope=blocks needs a compile_mode without CUDA graphs (default or "
+                          f"max-autotune-no-cudagraphs), got {t.compile_mode!r}")
     return {"backend": "cudagraphs"} if t.compile_mode == "cudagraphs" else {"mode": t.compile_mode}
 
 
