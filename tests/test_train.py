@@ -198,8 +198,13 @@ def test_cli_train_eval_generate_list(tmp_path):
     out = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "3")
     assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
     greedy = [cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "4",
-                  "--temperature", "0", *extra) for extra in ([], ["--compile"])]
+                  "--temperature", "0", *extra) for extra in ([], ["--compile"], ["--compile", "--decode-backend",
+                                                                                    "decode"])]
     assert greedy[1].returncode == 0 and greedy[1].stdout == greedy[0].stdout
+    assert greedy[2].returncode == 0 and greedy[2].stdout == greedy[0].stdout, greedy[2].stderr
+    for extra in (["--decode-backend", "decode"], ["--compile", "--decode-backend", "fastest"]):
+        bad = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "2", *extra)
+        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr   # one error line
     out = cli("list")
     assert "attention" in out.stdout and "gqa" in out.stdout and "rope" in out.stdout
     bad = cli("train", str(path), "train.lrr=1")
