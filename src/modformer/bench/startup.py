@@ -1,11 +1,11 @@
 """Start-up cost: where the seconds before a run's first optimizer step go, in a fresh process.
 
-A child process imports torch, then modformer's trainer, builds ``Trainer(CONFIG)`` under cProfile and takes two
-training steps. Rows: wall seconds of each phase (interpreter + ``import torch``, ``import modformer.train.trainer``,
-``Trainer()``, first step (torch.compile's work when compiled), second step) and, inside ``Trainer()``, the
-cumulative seconds of its parts (CUDA set-up, dataset, model build, optimizer construction, the ``torch._dynamo``
-import that PyTorch's optimizers trigger on their first construction, torch.compile wrapping, the metrics logger
-with tensorboard). The cProfile overhead inflates the parts a little; the phases are timed without it.
+A child process imports torch, then modformer's trainer, builds ``Trainer(CONFIG)`` and takes two training steps.
+Rows: wall seconds of each phase (interpreter + ``import torch``, ``import modformer.train.trainer``, ``Trainer()``,
+first step (torch.compile's work when compiled), second step) and, inside ``Trainer()``, the seconds of each of its
+phases as the trainer times them itself (``Trainer.init_seconds``: set-up, dataset, model, wrapping and
+torch.compile -- which imports Dynamo and Inductor --, optimizer, run folder and logger). An earlier version read
+the parts from cProfile, which lost them under Python 3.12 with torch.compile (its rows were empty on the GPU host).
 
     modformer bench startup                                            # configs/shakespeare_char_muon.yaml
     modformer bench startup --config configs/shakespeare_char.yaml --set train.compile=false
@@ -33,13 +33,9 @@ t_torch = time.perf_counter()
 from modformer.config import load_config
 from modformer.train.trainer import Trainer
 t_mf = time.perf_counter()
-import cProfile, pstats
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
-prof = cProfile.Profile()
 t1 = time.perf_counter()
-prof.enable()
 tr = Trainer(cfg, overwrite=True)
-prof.disable()
 t2 = time.perf_counter()
 def sync():
     if tr.device.type == "cuda":
@@ -49,24 +45,10 @@ t3 = time.perf_counter()
 tr.train_step(); sync()
 t4 = time.perf_counter()
 tr.lock.release()
-parts = {}
-for (file, line, func), (cc, nc, tt, ct, callers) in pstats.Stats(prof).stats.items():
-    parts.setdefault(f"{file}:{func}", 0.0)
-    parts[f"{file}:{func}"] = max(parts[f"{file}:{func}"], ct)
 print("STARTUP " + json.dumps({"torch_import": t_torch - t0, "modformer_import": t_mf - t_torch,
                                "trainer_init": t2 - t1, "first_step": t3 - t2, "second_step": t4 - t3,
-                               "parts": parts, "device": str(tr.device)}))
+                               "parts": tr.init_seconds, "device": str(tr.device)}))
 """
-
-# Trainer() parts: (row name, suffix of "file:function" in the profile)
-PARTS = [("cuda set-up (set_device)", "cuda/__init__.py:set_device"),
-         ("dataset (build_dataset)", "data/__init__.py:build_dataset"),
-         ("model build (build_model)", "saving.py:build_model"),
-         ("optimizer (build_optimizer)", "train/optim.py:build_optimizer"),
-         ("  of it: import torch._dynamo", "_dynamo/__init__.py:<module>"),
-         ("torch.compile wrapper", "torch/__init__.py:compile"),
-         ("metrics logger (tensorboard)", "train/logging.py:__init__")]
-
 
 def run_child(config: str, overrides: list[str], env: dict[str, str]) -> tuple[dict, float]:
     """The child's timings and the wall seconds from its launch to its exit."""
@@ -81,11 +63,6 @@ def run_child(config: str, overrides: list[str], env: dict[str, str]) -> tuple[d
         tail = "\n".join((out.stdout + out.stderr).splitlines()[-15:])
         raise SystemExit(f"startup child failed (exit {out.returncode}):\n{tail}")
     return json.loads(line[len("STARTUP "):]), wall
-
-
-def part_seconds(parts: dict[str, float], suffix: str) -> float | None:
-    hits = [v for k, v in parts.items() if k.endswith(suffix)]
-    return max(hits) if hits else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             {"phase": "import torch", "seconds": t["torch_import"]},
             {"phase": "import modformer trainer", "seconds": t["modformer_import"]},
             {"phase": "Trainer()", "seconds": t["trainer_init"]}]
-    rows += [{"phase": f"  Trainer(): {name}", "seconds": part_seconds(t["parts"], suffix)} for name, suffix in PARTS]
+    rows += [{"phase": f"  Trainer(): {name}", "seconds": secs} for name, secs in t["parts"].items()]
     rows += [{"phase": "first train step (compile when compiled)", "seconds": t["first_step"]},
              {"phase": "second train step", "seconds": t["second_step"]}]
     print_table(rows)
-    dynamo = part_seconds(t["parts"], PARTS[4][1])
+    compile_wrap = next((v for k, v in t["parts"].items() if "torch.compile" in k), None)
     headline = {"config": args.config, "overrides": args.set, "device": t["device"],
-                "trainer_init_s": t["trainer_init"], "dynamo_import_s": dynamo,
+                "trainer_init_s": t["trainer_init"], "compile_wrapper_s": compile_wrap,
                 "imports_s": t["torch_import"] + t["modformer_import"], "first_step_s": t["first_step"],
                 "process_wall_s": wall}
     print(f"headline: {headline}")

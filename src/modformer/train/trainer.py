@@ -137,6 +137,8 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.t_start = time.perf_counter()
+        self.init_seconds: dict[str, float] = {}   # wall seconds of each Trainer() phase (`bench startup`)
+        self._lap_at = self.t_start
         if t.compile:                   # before anything imports Inductor (it fixes its cache folder on first use)
             use_persistent_cache()      # kernels survive /tmp cleaning, unless TORCHINDUCTOR_CACHE_DIR is set
         self.world = init_world("cuda" if t.device.startswith("cuda") or (
@@ -161,7 +163,9 @@ class Trainer:
         self.callbacks = callbacks or []
         self.run_dir = cfg.run_dir
         self.lock = RunLock(self.run_dir)      # taken in _prepare_run_dir, released when fit() ends
+        self._lap("set-up (device, precision, profiler)")
         self.data: Dataset = data if data is not None else build_dataset(cfg.data)
+        self._lap("dataset (build_dataset)")
         if model is not None and isinstance(getattr(unwrap(model), "cfg", None), ModelConfig):
             cfg.model = dataclasses.replace(unwrap(model).cfg)   # config.yaml and checkpoints describe it
         self._fill_model_config(check_model=model is None)
@@ -172,6 +176,7 @@ class Trainer:
         if t.init_from and not resume:
             self._init_weights_from(Path(t.init_from))
         self.ema = build_ema(self.raw_model, t, self.sharded)
+        self._lap("model (build, to device, EMA)")
         compile_args = compile_kwargs(t)              # checked even when compile is off: a typo fails early
         if self.sharded and t.precision.startswith("fp8"):
             raise ConfigError(f"train.precision={t.precision} quantises whole weight matrices; use "
@@ -190,6 +195,7 @@ class Trainer:
                                 t.grad_reduce_dtype)
         if t.compile and not regional:
             self.model = torch.compile(self.model, **compile_args)
+        self._lap("wrap and torch.compile (imports Dynamo / Inductor)")
         self.optimizer = build_optimizer(self.raw_model, t)
         prune_spec = parse_prune(t.prune, t.steps)
         self.pruner: TrainingPruner | None = None      # train.prune: gradual magnitude pruning in the loop
@@ -206,6 +212,7 @@ class Trainer:
         self.stop_reason = "steps"
         self._aux_window: dict[str, torch.Tensor] = {}   # aux loss / stats summed since the last log row
         self._aux_steps = 0
+        self._lap("optimizer, schedule, pruner")
         self._prepare_run_dir(resume, overwrite)
         try:
             self.logger = MetricsLogger(self.run_dir, t.tensorboard, enabled=self.world.is_main)
@@ -214,6 +221,12 @@ class Trainer:
         except BaseException:
             self.lock.release()
             raise
+        self._lap("run folder, metrics logger, resume")
+
+    def _lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.init_seconds[phase] = now - self._lap_at
+        self._lap_at = now
 
     # ---- set-up ------------------------------------------------------------------------
     def _init_weights_from(self, path: Path) -> None:
