@@ -5,7 +5,7 @@ Rows: wall seconds of each phase (interpreter + ``import torch``, ``import modfo
 first step (torch.compile's work when compiled), second step) and, inside ``Trainer()``, the seconds of each of its
 phases as the trainer times them itself (``Trainer.init_seconds``: set-up, dataset, model, wrapping and
 torch.compile -- which imports Dynamo and Inductor --, optimizer, run folder and logger). An earlier version read
-the parts from cProfile, which lost them under Python 3.12 with torch.compile (its rows were empty on the GPU host).
+the parts from cProfile, whose rows for the compile parts came back empty on the GPU host.
 
     modformer bench startup                                            # configs/shakespeare_char_muon.yaml
     modformer bench startup --config configs/shakespeare_char.yaml --set train.compile=false
