@@ -100,3 +100,19 @@ def test_divergence_gap_is_the_fp32_logit_difference_of_the_two_tokens():
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 6]]))[0, -1]
     assert gaps == [pytest.approx(abs(float(logits[7] - logits[12])), abs=1e-6)]
+
+
+def test_compiled_variants_include_the_decode_backends_and_the_bucketed_prefill(monkeypatch):
+    """The GPU-only rows (compiled decoder: eager / decode attention, 4 prefill buckets) decode the same greedy
+    tokens as the default compiled row (torch.compile replaced by the identity: the decoder's bookkeeping)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    torch.manual_seed(0)
+    model = mf.build_model(gpt2_config(gb.PRESETS["tiny"]["model"])).eval()
+    prompts = gb.make_prompts(6, 2, 12, vocab=256, eos=255, seed=0)
+    idx, mask = gb.left_pad(prompts, 255)
+    fns = gb.variants(model, mf.hf.to_hf(model).eval(), idx, mask, 6, 255, compile_ours=True)
+    assert {gb.BUCKETED, *gb.DECODE_BACKENDS.values()} <= set(fns)
+    with torch.no_grad():
+        ref = fns[gb.OURS]()
+        for name in (gb.BUCKETED, *gb.DECODE_BACKENDS.values()):
+            assert torch.equal(fns[name](), ref), name

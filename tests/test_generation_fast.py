@@ -173,3 +173,42 @@ def test_decode_backend_decode_takes_the_single_query_steps_and_keeps_the_tokens
     out = model.generate(idx, 8, temperature=0, compile=True, attention_mask=mask, decode_backend="decode")
     assert torch.equal(out, model.generate(idx, 8, temperature=0, use_cache=False, attention_mask=mask))
     assert set(calls) == {1} and len(calls) >= 7 * model.cfg.n_layer
+
+
+@pytest.mark.parametrize("buckets", [2, 3, 5])
+def test_bucketed_prefill_fills_the_cache_as_the_whole_batch_and_keeps_the_tokens(no_inductor, buckets):
+    """``prefill_buckets``: groups of rows prefilled at their own width give the whole-batch prefill's cache (keys,
+    values at every real slot, padding mask, length) and logits to float32 rounding, and the same greedy tokens."""
+    from modformer.models.generation import bucketed_prefill, left_pad
+
+    model = tiny_gpt()
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 10], [11, 12, 13], [5] * 7, [1, 2, 3, 4], [30]]
+    idx, mask = left_pad(prompts, pad_id=0)
+    B, P = idx.shape
+    whole = model.new_cache(B, static=True, max_len=P + 4)
+    ref = model(idx, cache=whole, last_only=True, attention_mask=mask)[:, -1]
+    parts = model.new_cache(B, static=True, max_len=P + 4)
+    got = bucketed_prefill(model, parts, idx, mask, buckets)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    real = mask.bool()
+    for layer in range(model.cfg.n_layer):
+        for a, b in ((whole.keys[layer], parts.keys[layer]), (whole.values[layer], parts.values[layer])):
+            torch.testing.assert_close(b.transpose(1, 2)[:, :P][real], a.transpose(1, 2)[:, :P][real],
+                                       rtol=1e-5, atol=1e-5)
+    assert torch.equal(parts.masks["valid"][:, :P], whole.masks["valid"][:, :P]) and parts.length == whole.length
+    default = model.generate(idx, 10, temperature=0, compile=True, attention_mask=mask)
+    out = model.generate(idx, 10, temperature=0, compile=True, attention_mask=mask, prefill_buckets=buckets)
+    assert torch.equal(out, default)
+
+
+def test_bucketed_prefill_refuses_what_it_cannot_do(no_inductor):
+    from modformer.models.generation import left_pad
+
+    idx, mask = left_pad([[3, 4, 5], [6]], pad_id=0)
+    with pytest.raises(ValueError, match="pass compile=True"):
+        tiny_gpt().generate(idx, 2, temperature=0, attention_mask=mask, prefill_buckets=2)
+    with pytest.raises(ValueError, match="prefill_buckets must be an integer >= 1"):
+        tiny_gpt().generate(idx, 2, temperature=0, compile=True, attention_mask=mask, prefill_buckets=0)
+    mla = tiny_gpt(attention="mla")
+    with pytest.raises(ValueError, match="caches keys and values only"):
+        mla.generate(idx, 2, temperature=0, compile=True, attention_mask=mask, prefill_buckets=2)

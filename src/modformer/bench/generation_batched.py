@@ -3,7 +3,8 @@
 64 prompts of 16..256 random tokens (seeded) are left-padded into one batch and decoded greedily for 128
 new tokens on the GPT-2-124M shape (random GPT-2-init weights, GPT-2 vocabulary; EOS = pad = 50256), in bf16
 on GPU. modformer decodes with its static cache + compiled CUDA-graph step (``generate(..., compile=True)``,
-and again with the ``eager`` and ``decode`` attention backends in the decode step) and with its growing cache;
+again with the ``eager`` and ``decode`` attention backends in the decode step, and with ``decode`` plus a prefill in
+4 groups of rows of similar length, ``prefill_buckets=4``) and with its growing cache;
 HF ``GPT2LMHeadModel.generate`` decodes the same weights (``mf.hf.to_hf``) with its static cache
 (``cache_implementation="static"``: transformers compiles the decode forward by itself on GPU) and with its
 default dynamic cache, in the same process. Each variant is called once to warm up
@@ -50,6 +51,8 @@ OURS = "modformer static cache + compile"      # the headline variant (static ca
 HF_STATIC = "HF generate (static cache)"       # the reference
 DECODE_BACKENDS = {"eager": "modformer static cache + compile, eager decode attention",     # generate(decode_backend=)
                    "decode": "modformer static cache + compile, decode-backend attention"}
+PREFILL_BUCKETS = 4             # generate(prefill_buckets=): the prefill in groups of rows of similar length
+BUCKETED = f"modformer static cache + compile, decode-backend attention, {PREFILL_BUCKETS} prefill buckets"
 
 
 def make_prompts(n: int, min_len: int, max_len: int, vocab: int, eos: int, seed: int) -> list[list[int]]:
@@ -115,6 +118,8 @@ def variants(model: torch.nn.Module, hf: torch.nn.Module, idx: torch.Tensor, mas
     if compile_ours:        # the decode backend is an option of the compiled decoder only
         for backend, name in DECODE_BACKENDS.items():
             fns[name] = lambda b=backend: model.generate(idx, n, compile=True, decode_backend=b, **ours)
+        fns[BUCKETED] = lambda: model.generate(idx, n, compile=True, decode_backend="decode",
+                                               prefill_buckets=PREFILL_BUCKETS, **ours)
     return fns
 
 
@@ -241,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print_table([row])
     # HF compiles static-cache decoding itself
-    compiled = {OURS: gpu, **{name: gpu for name in DECODE_BACKENDS.values()}, HF_STATIC: hasattr(hf, "_compiled_call")}
+    compiled = {OURS: gpu, BUCKETED: gpu, **{name: gpu for name in DECODE_BACKENDS.values()},
+                HF_STATIC: hasattr(hf, "_compiled_call")}
     ref_name = HF_STATIC if HF_STATIC in outputs else "HF generate (dynamic cache)"
     ref = outputs.get(ref_name)
     for row in rows:
@@ -270,13 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         "divergences_at_near_ties": sum(g <= 2 * err for g in gaps) if err is not None else None,
         "fp32_identical_rows": fp32["identical_rows"], "fp32_identical_rows_diverse": fp32_diverse["identical_rows"],
     }
-    for backend, name in DECODE_BACKENDS.items():
+    for key, name in {**{f"{b}_decode": v for b, v in DECODE_BACKENDS.items()}, "bucketed_prefill": BUCKETED}.items():
         tps = rate(name)
         if tps:
-            headline.update({f"{backend}_decode_tokens_per_s": tps,
-                             f"{backend}_decode_speedup_vs_hf": tps / hf_static if hf_static else None,
-                             f"{backend}_decode_identical_rows": next(r.get("identical_rows_vs_hf") for r in rows
-                                                                      if r["variant"] == name)})
+            headline.update({f"{key}_tokens_per_s": tps,
+                             f"{key}_speedup_vs_hf": tps / hf_static if hf_static else None,
+                             f"{key}_identical_rows": next(r.get("identical_rows_vs_hf") for r in rows
+                                                           if r["variant"] == name)})
     lengths = [len(p) for p in prompts]
     extra = {"setup": {"preset": "tiny" if args.tiny else "gpt2-124m", "model": args.model, "dtype": str(dtype),
                        "prompts": len(prompts), "prompt_len_min": min(lengths), "prompt_len_max": max(lengths),

@@ -144,5 +144,15 @@ class StaticKVCache(KVCache):
         self._write(self.values[layer], v)
         return self.keys[layer], self.values[layer]
 
+    def write_rows(self, layer: int, rows: Tensor, start: int, k: Tensor, v: Tensor, batch: int) -> None:
+        """Keys and values ``(len(rows), Hkv, T, Dh)`` of some rows at slots ``[start, start + T)`` (a prefill run
+        in groups of rows); ``batch`` is the cache's row count, for buffers not allocated yet."""
+        if self.keys[layer] is None:
+            self.keys[layer] = self._buffer(k.new_empty(batch, k.shape[1], 1, k.shape[-1]))
+            self.values[layer] = self._buffer(v.new_empty(batch, v.shape[1], 1, v.shape[-1]))
+        t = k.shape[2]
+        self.keys[layer][rows, :, start:start + t] = k.to(self.dtype)
+        self.values[layer][rows, :, start:start + t] = v.to(self.dtype)
+
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)

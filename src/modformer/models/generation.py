@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modformer.layers.attention.kernels import changing_shapes, use_backend
+from modformer.layers.cache import KVCache, StaticKVCache
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -98,7 +99,7 @@ class GenerationMixin:
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  compile: bool | str = False, attention_mask: Tensor | None = None,
                  pad_token_id: int | None = None, graph_steps: int = 1,
-                 decode_backend: str | None = None) -> Tensor:
+                 decode_backend: str | None = None, prefill_buckets: int = 1) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + new)``.
 
         ``attention_mask`` ``(B, T)`` 0/1 marks left padding of a batch of prompts of different lengths:
@@ -115,13 +116,19 @@ class GenerationMixin:
         launches; the last ``(max_new_tokens - 1) % graph_steps`` steps replay a one-step graph).
         ``decode_backend`` (with ``compile``) names the attention backend of the compiled decode step only;
         the prefill keeps the model's (None: the model's ``attn_backend``; ``"decode"``: multiply-and-sum over the
-        cache, which Inductor fuses; ``"eager"``: two matmuls).
+        cache, which Inductor fuses; ``"eager"``: two matmuls). ``prefill_buckets`` > 1 (with ``compile`` and an
+        ``attention_mask``) runs the prefill in that many groups of rows of similar prompt length, each padded only
+        to its own longest prompt (``bucketed_prefill``): less work on left padding, the same tokens.
         """
         check_sampling(temperature, top_k, top_p)
         preset = check_compile(compile, graph_steps)
         if decode_backend is not None and not compile:
             raise ValueError(f"decode_backend={decode_backend!r} is an option of the compiled decoder: "
                              "pass compile=True")
+        if not isinstance(prefill_buckets, int) or isinstance(prefill_buckets, bool) or prefill_buckets < 1:
+            raise ValueError(f"prefill_buckets must be an integer >= 1, got {prefill_buckets!r}")
+        if prefill_buckets > 1 and not compile:
+            raise ValueError("prefill_buckets is an option of the compiled decoder: pass compile=True")
         check_prompt(idx, max_new_tokens, self.cfg.vocab_size, eos_token_id)
         was_training = self.training
         self.eval()
@@ -138,7 +145,7 @@ class GenerationMixin:
                 decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, preset,
                                               graph_steps, decode_backend)
                 return decoder.run(idx, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p),
-                                   eos_token_id, generator, attention_mask, pad)
+                                   eos_token_id, generator, attention_mask, pad, prefill_buckets)
             cache = None
             if use_cache:
                 cache = self.new_cache(idx.shape[0], static=static_cache,
@@ -183,6 +190,39 @@ class GenerationMixin:
                                decode_backend)
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
         return dec
+
+
+def bucketed_prefill(model: torch.nn.Module, cache: StaticKVCache, idx: Tensor, attention_mask: Tensor,
+                     buckets: int) -> Tensor:
+    """Prefill a left-padded batch ``idx (B, P)`` into the empty static ``cache`` in ``buckets`` groups of rows
+    sorted by prompt length, each group cut to its own longest prompt (its leftmost columns are padding only), so
+    the layers compute on fewer padding slots; each group's keys and values land at the slots the whole batch's
+    prefill would give them, with the batch's padding mask. Returns the last tokens' logits ``(B, V)``.
+
+    Every row's result is that of the whole-batch prefill up to the matmuls' summation order (other matrix
+    shapes). Needs attention that caches keys and values only (mha, gqa, ...); rows must hold a real token."""
+    B, P = idx.shape
+    valid = attention_mask.to(torch.bool)
+    lengths = valid.sum(1)
+    logits = None
+    for rows in lengths.argsort(stable=True).tensor_split(buckets):
+        if rows.numel() == 0:
+            continue
+        width = int(lengths[rows].max())
+        part = KVCache(len(cache.keys))
+        out = model(idx[rows, P - width:], cache=part, last_only=True,
+                    attention_mask=attention_mask[rows, P - width:])[:, -1]
+        if part.tensors or any(k is None for k in part.keys):
+            raise ValueError("prefill_buckets needs attention that caches keys and values only (mha, gqa, mqa, "
+                             "sparse patterns); this model caches other tensors")
+        for layer, (k, v) in enumerate(zip(part.keys, part.values)):
+            cache.write_rows(layer, rows, P - width, k, v, B)
+        logits = out.new_empty(B, out.shape[-1]) if logits is None else logits
+        logits[rows] = out
+    cache.positions = torch.arange(P, device=idx.device)
+    cache.update_mask("valid", valid)
+    cache.advance(P)
+    return logits
 
 
 class GraphDecoder:
@@ -274,14 +314,17 @@ class GraphDecoder:
 
     def run(self, idx: Tensor, max_new_tokens: int, sampling: dict, eos: int | None,
             generator: torch.Generator | None, attention_mask: Tensor | None = None,
-            pad: int | None = None) -> Tensor:
+            pad: int | None = None, prefill_buckets: int = 1) -> Tensor:
         """``idx`` followed by ``max_new_tokens`` tokens (fewer if every sequence reached ``eos``); rows of a
         left-padded ``idx`` (``attention_mask``) decode as alone, finished rows continue with ``pad``."""
         prompt_len = idx.shape[1]
         self.cache.length = 0
         self.pad = pad
         # prefill, eager; once the cache holds a padding mask (fixed buffer) later runs keep the masked path
-        logits = self.model(idx, cache=self.cache, last_only=True, attention_mask=attention_mask)[:, -1]
+        if attention_mask is not None and prefill_buckets > 1 and bool(attention_mask.bool().any(1).all()):
+            logits = bucketed_prefill(self.model, self.cache, idx, attention_mask, prefill_buckets)
+        else:
+            logits = self.model(idx, cache=self.cache, last_only=True, attention_mask=attention_mask)[:, -1]
         first = sample_next(logits, generator=generator, **sampling)
         self.finished.copy_(first == eos if eos is not None else torch.zeros_like(self.finished))
         self.out[:, :prompt_len] = idx
