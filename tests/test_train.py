@@ -202,7 +202,12 @@ def test_cli_train_eval_generate_list(tmp_path):
                                                                                     "decode"])]
     assert greedy[1].returncode == 0 and greedy[1].stdout == greedy[0].stdout
     assert greedy[2].returncode == 0 and greedy[2].stdout == greedy[0].stdout, greedy[2].stderr
-    for extra in (["--decode-backend", "decode"], ["--compile", "--decode-backend", "fastest"]):
+    batch = [cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--prompt", "O", "--prompt", "MEO",
+                 "--max-new-tokens", "3", "--temperature", "0", "--compile", *extra)
+             for extra in ([], ["--prefill-buckets", "2"])]
+    assert batch[1].returncode == 0 and batch[1].stdout == batch[0].stdout, batch[1].stderr
+    for extra in (["--decode-backend", "decode"], ["--compile", "--decode-backend", "fastest"],
+                  ["--prefill-buckets", "2"]):
         bad = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "2", *extra)
         assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr   # one error line
     out = cli("list")

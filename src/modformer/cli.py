@@ -126,8 +126,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts += [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
-    if args.decode_backend is not None and not args.compile:
-        raise ConfigError(f"--decode-backend {args.decode_backend} is an option of compiled decoding: add --compile")
+    for name, value, unset in (("--decode-backend", args.decode_backend, None),
+                               ("--prefill-buckets", args.prefill_buckets, 1)):
+        if value != unset and not args.compile:
+            raise ConfigError(f"{name} {value} is an option of compiled decoding: add --compile")
     if args.decode_backend is not None:
         from modformer.layers.attention.kernels import use_backend
 
@@ -153,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=g, use_cache=fits,    # slide the window past the table
                          compile=args.compile and fits, attention_mask=mask,
-                         decode_backend=args.decode_backend if args.compile and fits else None)
+                         decode_backend=args.decode_backend if args.compile and fits else None,
+                         prefill_buckets=args.prefill_buckets if args.compile and fits else 1)
     new = out[:, idx.shape[1]:].tolist()
     texts = [data.decode((i[-max_len:] if max_len else i) + n) for i, n in zip(ids, new)]
     print(texts[0] if len(texts) == 1 else "\n".join(f"### {i}\n{t}" for i, t in enumerate(texts)))
@@ -362,6 +365,8 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
     g.add_argument("--decode-backend", default=None, metavar="NAME",
                    help="with --compile: attention backend of the decode steps (default: the model's); decode = "
                         "multiply-and-sum over the cache (64 fp32 rows, H100: 1.97x HF generate), eager, sdpa")
+    g.add_argument("--prefill-buckets", type=int_in(">= 1"), default=1, metavar="N",
+                   help="with --compile and several prompts: prefill in N groups of similar length (less padding)")
     g.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     g.set_defaults(fn=cmd_generate)
 
