@@ -209,6 +209,8 @@ def test_bucketed_prefill_refuses_what_it_cannot_do(no_inductor):
         tiny_gpt().generate(idx, 2, temperature=0, attention_mask=mask, prefill_buckets=2)
     with pytest.raises(ValueError, match="prefill_buckets must be an integer >= 1"):
         tiny_gpt().generate(idx, 2, temperature=0, compile=True, attention_mask=mask, prefill_buckets=0)
+    with pytest.raises(ValueError, match="needs left padding"):
+        tiny_gpt().generate(idx, 2, temperature=0, compile=True, attention_mask=mask.flip(1), prefill_buckets=2)
     mla = tiny_gpt(attention="mla")
     with pytest.raises(ValueError, match="caches keys and values only"):
         mla.generate(idx, 2, temperature=0, compile=True, attention_mask=mask, prefill_buckets=2)

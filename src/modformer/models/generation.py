@@ -203,6 +203,8 @@ def bucketed_prefill(model: torch.nn.Module, cache: StaticKVCache, idx: Tensor, 
     shapes). Needs attention that caches keys and values only (mha, gqa, ...); rows must hold a real token."""
     B, P = idx.shape
     valid = attention_mask.to(torch.bool)
+    if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+        raise ValueError("prefill_buckets needs left padding (every row's padding before its tokens)")
     lengths = valid.sum(1)
     logits = None
     for rows in lengths.argsort(stable=True).tensor_split(buckets):
