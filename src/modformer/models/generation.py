@@ -78,11 +78,18 @@ COMPILE_PRESETS: dict[str, dict | None] = {
 }
 
 
-def check_compile(compile: bool | str, graph_steps: int) -> str:
+def check_compile(compile: bool | str, graph_steps: int, decode_backend: str | None = None,
+                  prefill_buckets: int = 1) -> str:
     """The compile preset name of ``generate(compile=...)`` (``"default"`` for True/False); ValueError for an
-    unknown name or ``graph_steps`` that is not an integer >= 1."""
-    if not isinstance(graph_steps, int) or isinstance(graph_steps, bool) or graph_steps < 1:
-        raise ValueError(f"graph_steps must be an integer >= 1, got {graph_steps!r}")
+    unknown name, ``graph_steps`` or ``prefill_buckets`` that is not an integer >= 1, or an option of the compiled
+    decoder (``decode_backend``, ``prefill_buckets``) without ``compile``."""
+    for name, value in (("graph_steps", graph_steps), ("prefill_buckets", prefill_buckets)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if decode_backend is not None and not compile:
+        raise ValueError(f"decode_backend={decode_backend!r} is an option of the compiled decoder: pass compile=True")
+    if prefill_buckets > 1 and not compile:
+        raise ValueError("prefill_buckets is an option of the compiled decoder: pass compile=True")
     if isinstance(compile, bool):
         return "default"
     if not isinstance(compile, str) or compile not in COMPILE_PRESETS:
@@ -121,14 +128,7 @@ class GenerationMixin:
         to its own longest prompt (``bucketed_prefill``): less work on left padding, the same tokens.
         """
         check_sampling(temperature, top_k, top_p)
-        preset = check_compile(compile, graph_steps)
-        if decode_backend is not None and not compile:
-            raise ValueError(f"decode_backend={decode_backend!r} is an option of the compiled decoder: "
-                             "pass compile=True")
-        if not isinstance(prefill_buckets, int) or isinstance(prefill_buckets, bool) or prefill_buckets < 1:
-            raise ValueError(f"prefill_buckets must be an integer >= 1, got {prefill_buckets!r}")
-        if prefill_buckets > 1 and not compile:
-            raise ValueError("prefill_buckets is an option of the compiled decoder: pass compile=True")
+        preset = check_compile(compile, graph_steps, decode_backend, prefill_buckets)
         check_prompt(idx, max_new_tokens, self.cfg.vocab_size, eos_token_id)
         was_training = self.training
         self.eval()
