@@ -140,6 +140,53 @@ def test_learned_gate_cached_generation_matches_recompute() -> None:
     assert torch.equal(a, b)
 
 
+GATE_DECODING = [({}, {"block_size": 4, "top_k": 2}),
+                 ({"n_kv_heads": 2, "position": "rope"}, {"block_size": 4, "top_k": 3}),
+                 ({}, {"block_size": 4, "select": "threshold", "threshold": 0.2}),
+                 ({}, {"block_size": 4, "select": "sparsemax"})]
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize(("model", "options"), GATE_DECODING)
+def test_learned_gate_decoding_steps_equal_the_full_forward(model: dict, options: dict, static: bool) -> None:
+    """Cached one-token steps (the KV-block-skipping path: gathered kept blocks, choice kept per query block) give
+    the uncached forward's logits at every position, from a prompt that ends inside a block."""
+    student = _student(_teacher(**model), "learned_gate", options)
+    x = torch.randint(0, V, (2, 30))
+    prompt = 7
+    with torch.no_grad():
+        full = student(x)
+        cache = student.new_cache(2, static=static, max_len=30)
+        steps = [student(x[:, :prompt], cache=cache)[:, -1]]
+        steps += [student(x[:, t:t + 1], cache=cache)[:, -1] for t in range(prompt, 29)]
+    # float32 logits of two layers: the gathered keys change only the summation order of the softmax
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt - 1:29], rtol=1e-5, atol=1e-5)
+
+
+def test_learned_gate_decoding_never_reads_dropped_blocks() -> None:
+    """After the block's first decoded token chose the kept blocks, the cache's dropped blocks are poisoned with NaN:
+    the next step's logits do not change (the dense keep-mask path would multiply the NaN values by zero)."""
+    bs = 4
+    student = _student(_teacher(), "learned_gate", {"block_size": bs, "top_k": 2})
+    x = torch.randint(0, V, (1, 27))
+    outs = []
+    for poison in (False, True):
+        cache = student.new_cache(1)
+        with torch.no_grad():
+            student(x[:, :24], cache=cache)
+            student(x[:, 24:25], cache=cache)                         # block 6's first token: the gate chooses
+            for i, block in enumerate(student.blocks if poison else []):
+                kept = block.attn.last_keep[0, :, 0].any(0)                  # (nk,) kept by some head
+                dropped = [b for b in range(6) if not kept[b]]
+                assert dropped, "top_k=2 of 6 past blocks must drop some"
+                for b in dropped:
+                    cache.keys[i][:, :, b * bs:(b + 1) * bs] = float("nan")
+                    cache.values[i][:, :, b * bs:(b + 1) * bs] = float("nan")
+            outs.append(student(x[:, 25:26], cache=cache))
+    assert outs[1].isfinite().all()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_gate_loss_and_ste_give_gate_gradients() -> None:
     teacher = _teacher()
     for opts in ({"gate_loss": 1.0, "grad": "none"}, {"gate_loss": 0.0, "grad": "ste"}):

@@ -9,6 +9,7 @@ Besides the standard per-layer key/value slots, both caches hold a generic per-l
 ``append(layer, name, x)``, for attention variants that cache something else (MLA's compressed latent
 and shared RoPE key, multichannel's per-channel K/V). Stored tensors have the time axis at ``-2``;
 the static cache allocates each entry (and the standard slots) on first use with ``max_len`` slots.
+``state`` holds per-layer values without a time axis (the learned gate's kept blocks of the current query block).
 ``bytes_per_token()`` reports cache bytes per cached token of one sequence, summed over layers.
 
 Padded batches also keep per-row key masks (``update_mask(name, x)``: ``valid`` padding flags, ``doc``
@@ -29,6 +30,7 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * n_layer
         self.tensors: dict[tuple[int, str], Tensor] = {}   # generic store, time on axis -2
         self.masks: dict[str, Tensor] = {}                  # per-row key masks (B, T): "valid", "doc"
+        self.state: dict[tuple[int, str], object] = {}      # per-layer values with no time axis (crop forgets them)
         self.length = 0   # tokens already cached (= absolute position of the next token)
 
     def update_mask(self, name: str, x: Tensor) -> Tensor:
@@ -68,6 +70,7 @@ class KVCache:
             self.tensors[key] = x[..., :length, :]
         for key, x in self.masks.items():
             self.masks[key] = x[:, :length]
+        self.state.clear()
         self.length = min(self.length, length)
 
     def _all(self) -> list[Tensor]:
@@ -155,4 +158,5 @@ class StaticKVCache(KVCache):
         self.values[layer][rows, :, start:start + t] = v.to(self.dtype)
 
     def crop(self, length: int) -> None:
+        self.state.clear()
         self.length = min(self.length, length)

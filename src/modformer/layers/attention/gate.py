@@ -30,6 +30,10 @@ needs ``block_size`` to be a multiple of 128 (the compiled kernel's tile; smalle
 the H100); other sizes run through the dense keep-mask below.
 Elsewhere a dense keep-mask goes to the eager / SDPA kernel. KV caches store the queries too
 (``cache.append(layer, "gate_q", q)``) for the causal query summaries.
+
+Decoding (one token per cached step, past the first block): the choice for a query block is made once, on its first
+decoded token, and kept in ``cache.state``; each step gathers only the kept blocks' keys and values (plus the
+current block) and attends to them, so the dropped blocks of the cache are never read (KV block skipping).
 """
 
 from __future__ import annotations
@@ -223,6 +227,8 @@ class LearnedGateAttention(MultiHeadAttention):
             k, v = ctx.cache.update(self.layer_idx, k, v)
         if ctx.key_valid is not None:
             return self._forward_rows(q, k, v, ctx, train_gate)
+        if self._skips_kv(ctx, T):
+            return self.merge_heads(self._attend_kept_blocks(q, k, v, ctx), B, T)
         offset, tk = ctx.q_offset, k.shape[2]
         spec = self.attn_spec(q, k, ctx)
         scores, keep, qb, past = self.gate(self._q_all, k, offset, T)
@@ -248,6 +254,54 @@ class LearnedGateAttention(MultiHeadAttention):
             spec.keep = self._dense_keep(keep, qb, offset, T, tk)
             z, _ = attend(q, k, v, spec, self.backend)
         return self.merge_heads(z, B, T)
+
+    def _skips_kv(self, ctx: Context, tq: int) -> bool:
+        """A cached single-token step (decoding) past the first block, with nothing that needs the dense keep-mask:
+        it reads only the kept key/value blocks."""
+        return (tq == 1 and ctx.cache is not None and not self.training and not self.hook_pattern.active
+                and ctx.q_offset >= self.block_size)
+
+    def _kept_past_blocks(self, k: Tensor, ctx: Context) -> tuple[Tensor, Tensor, bool, Tensor]:
+        """The gate's choice for the query block of this decoding step: kept past block indices ``(B, H, n)``,
+        whether each is a real choice ``(B, H, n)`` (rows keeping fewer than n), whether all are, and the block
+        keep-mask ``(B, H, 1, nk)``. The choice depends only on tokens up to the block's first one, so it is made on
+        the block's first decoded token and kept in the cache for the block's other tokens."""
+        j = ctx.q_offset // self.block_size
+        saved = ctx.cache.state.get((self.layer_idx, "gate_blocks"))
+        if saved is not None and saved[0] == j:
+            return saved[1:]
+        _, keep, _, _ = self.gate(self._q_all, k, ctx.q_offset, 1)
+        past = keep[:, :, 0, :j]                                                    # (B, H, j): chosen past blocks
+        n = int(past.sum(-1).max())                                                 # one sync per block of tokens
+        blocks = past.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :n]
+        valid = past.gather(-1, blocks)
+        choice = (blocks, valid, bool(valid.all()), keep)
+        ctx.cache.state[(self.layer_idx, "gate_blocks")] = (j, *choice)
+        return choice
+
+    def _attend_kept_blocks(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+        """Decoding step over the kept blocks only: their keys/values are gathered from the cache (plus the current
+        block up to this token) and attended without a causal mask, so dropped blocks are never read."""
+        B, H, _, _ = q.shape
+        bs, offset = self.block_size, ctx.q_offset
+        j = offset // bs
+        blocks, valid, all_valid, keep = self._kept_past_blocks(k, ctx)
+        self.last_keep = keep
+        heads = torch.arange(H, device=q.device) // (H // k.shape[1])                # query head -> kv head
+
+        def take(x: Tensor) -> Tensor:
+            past = x[:, :, :j * bs].unflatten(2, (j, bs))
+            past = past[torch.arange(B, device=x.device)[:, None, None], heads[None, :, None], blocks]
+            return torch.cat([past.flatten(2, 3), x[:, heads, j * bs:offset + 1]], 2)  # (B, H, n bs + t, Dh)
+
+        keys, vals = take(k), take(v)
+        spec = self.attn_spec(q, keys, ctx)
+        spec.causal = False
+        if not all_valid:
+            current = valid.new_ones(B, H, offset + 1 - j * bs)
+            spec.keep = torch.cat([valid.repeat_interleave(bs, -1), current], -1)[:, :, None]
+        z, _ = attend(q, keys, vals, spec, "sdpa" if self.backend == "flex" else self.backend)
+        return z
 
     def _forward_rows(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, train_gate: bool) -> Tensor:
         """Padded / packed batches: the gate chooses blocks for each row and document alone (blocks counted
