@@ -41,6 +41,8 @@ ENTRIES = _entries(
     ("speedrun", "studies.speedrun", "tokens to Tiny Shakespeare val 1.47: speedrun recipe vs Muon baseline, "
                                      "ablations, lr grid, seeds"),
     ("startup", "startup", "seconds before the first optimizer step, by phase (imports, Trainer() parts, compile)"),
+    ("sparse-decode", "sparse_decode", "decoding at long context: learned sparse mask skipping KV blocks vs dense, "
+                                       "per-token latency"),
     ("fidelity", "fidelity", "sparse student vs dense teacher: KL, top-1, ppl retention, attention MSE, timing"),
     ("wikitext2", "studies.wikitext2", "WikiText-2 word-level test perplexity of the recipe, via train + eval"),
     ("ddp-scaling", "studies.ddp_scaling", "torchrun DDP / FSDP2 on 1..N GPUs: tokens/s and loss-curve identity"),

@@ -1,0 +1,152 @@
+"""Decoding with the learned sparse mask at long context: per-token latency vs dense attention (issue 25).
+
+One random model (``--layers`` x ``--d-model``, RoPE, bf16 on GPU) decodes greedily after a prompt of ``--seq``
+tokens, ``--batch`` rows at a time, as
+
+- ``dense, static cache``: the model as built, eager steps over its preallocated cache;
+- ``dense, compiled graph``: the same with ``generate(compile=True)`` (one CUDA graph per step; GPU only): the
+  strongest ordinary dense decoder we have;
+- ``learned gate, KV blocks skipped``: the same weights with ``learned_gate`` attention (block ``--block``, the
+  largest top-k within ``--density`` of the causal pairs at ``--seq``), eager steps over a static cache. A step reads
+  only the kept key/value blocks (``LearnedGateAttention._attend_kept_blocks``); the gate chooses once per query
+  block, on its first token, so its cost is spread over ``--block`` tokens.
+
+Per-token latency = (generate of ``--new-tokens`` tokens - the same model's prefill forward) / new tokens, median of
+``--repeats`` timed calls after one warm-up (compile, capture). The weights are random (latency does not depend on
+them; the gate keeps exactly top-k blocks whatever it scores). ``--tiny`` runs a small model on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import modformer as mf
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, sync, write_result
+from modformer.cli import HelpFormatter
+from modformer.cli_args import float_in, int_in
+from modformer.layers.attention.density import gate_density, gate_top_k
+
+DENSE, GRAPH, GATE = "dense, static cache", "dense, compiled graph", "learned gate, KV blocks skipped"
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls after one untimed warm-up (device synchronised)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_pair(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, int]:
+    """The dense model and its learned-gate copy (same weights), and the gate's top-k."""
+    from modformer.compress.distill import build_student
+
+    cfg = mf.ModelConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
+                         max_seq_len=max(args.seq) + args.new_tokens + args.block, position="rope",
+                         attn_backend="sdpa")
+    torch.manual_seed(0)
+    dense = mf.build_model(cfg).to(device=device, dtype=dtype).eval()
+    top_k = gate_top_k(max(args.seq), args.block, args.density)
+    # flex on GPU: the long prompt's prefill skips the dropped blocks instead of building a dense (T, T) mask
+    gated = build_student(dense, {"attention": "learned_gate", "attn_backend": "flex" if device.type == "cuda"
+                                  else "sdpa", "attention_options": {"block_size": args.block, "top_k": top_k}})
+    return dense, gated.to(device=device, dtype=dtype).eval(), top_k
+
+
+def latency_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dense, gated, top_k = build_pair(args, device, dtype)
+    n = args.new_tokens
+    rows: list[dict[str, Any]] = []
+    grid = [(t, b) for t in args.seq for b in args.batch]
+    for t, b in cases(grid, "sparse-decode", lambda c: f"next: T {c[0]}, batch {c[1]}"):
+        idx = torch.randint(0, args.vocab, (b, t), device=device, generator=torch.Generator(device).manual_seed(t))
+        variants = {DENSE: (dense, dict(static_cache=True)), GATE: (gated, dict(static_cache=True))}
+        if device.type == "cuda":
+            variants[GRAPH] = (dense, dict(compile=True))
+        for name, (model, kw) in variants.items():
+            row: dict[str, Any] = {"T": t, "batch": b, "variant": name}
+            try:
+                with torch.no_grad():
+                    prefill = median_seconds(lambda m=model, x=idx: m(x, last_only=True), device, args.repeats)
+                    total = median_seconds(lambda m=model, x=idx, kw=kw: m.generate(x, n, temperature=0, **kw),
+                                           device, args.repeats)
+                row.update(prefill_ms=prefill * 1e3, generate_ms=total * 1e3,
+                           per_token_ms=max(total - prefill, 0.0) * 1e3 / n)
+            except Exception as e:  # noqa: BLE001  (one variant's failure is a result)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if name == GATE:
+                row.update(top_k=top_k, density=gate_density(t, args.block, top_k))
+            rows.append(row)
+            print_table([row])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        base = {r["variant"]: r.get("per_token_ms") for r in rows if (r["T"], r["batch"]) == (row["T"], row["batch"])}
+        best_dense = min((x for k, x in base.items() if k != GATE and x), default=None)
+        if row.get("per_token_ms") and best_dense:
+            row["speedup_vs_best_dense"] = best_dense / row["per_token_ms"]
+            row["speedup_vs_dense_eager"] = base[DENSE] / row["per_token_ms"] if base.get(DENSE) else None
+    return rows
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="modformer bench sparse-decode", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
+                                epilog="examples:\n  modformer bench sparse-decode --seq 16384 --batch 1 64")
+    p.add_argument("--tiny", action="store_true", help="small model, T=256, block 16 (CPU, seconds)")
+    p.add_argument("--seq", type=int_in(">= 1"), nargs="+", default=[16384], help="prompt lengths (context)")
+    p.add_argument("--batch", type=int_in(">= 1"), nargs="+", default=[1, 64], help="rows decoded together")
+    p.add_argument("--density", type=float_in("> 0"), default=0.1, help="kept share of the causal pairs at --seq")
+    p.add_argument("--block", type=int_in(">= 1"), default=128, help="the gate's block size")
+    p.add_argument("--new-tokens", type=int_in(">= 1"), default=256, help="tokens decoded per call")
+    p.add_argument("--repeats", type=int_in(">= 1"), default=3, help="timed calls per variant (median)")
+    p.add_argument("--layers", type=int_in(">= 1"), default=6, help="layers (the 4k teacher's shape)")
+    p.add_argument("--heads", type=int_in(">= 1"), default=6, help="attention heads")
+    p.add_argument("--d-model", type=int_in(">= 1"), default=384, help="model width")
+    p.add_argument("--vocab", type=int_in(">= 2"), default=32768, help="vocabulary size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--out", default=DEFAULT_OUT, help="result folder (benchmarks/results: the committed answer)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.seq, args.batch, args.block, args.new_tokens = [256], [2], 16, 8
+        args.layers, args.heads, args.d_model, args.vocab = 2, 2, 32, 64
+    if args.density > 1:
+        p.error(f"--density must be in (0, 1], got {args.density}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    device = torch.device(args.device)
+    rows = latency_rows(args, device)
+    gate = [r for r in rows if r["variant"] == GATE and r.get("speedup_vs_best_dense")]
+    top = max(gate, key=lambda r: (r["T"], r["batch"])) if gate else {}
+    headline = {"seq_len": top.get("T"), "batch": top.get("batch"), "density": top.get("density"),
+                "per_token_ms": top.get("per_token_ms"),
+                "decode_speedup_vs_dense": top.get("speedup_vs_best_dense"),
+                "decode_speedup_vs_dense_eager": top.get("speedup_vs_dense_eager"),
+                "by_batch": {r["batch"]: r["speedup_vs_best_dense"] for r in gate if r["T"] == top.get("T")}}
+    print_table(rows, ["T", "batch", "variant", "prefill_ms", "generate_ms", "per_token_ms", "density",
+                       "speedup_vs_best_dense", "speedup_vs_dense_eager", "error"])
+    print(f"headline: {headline}")
+    setup = {k: getattr(args, k) for k in ("seq", "batch", "density", "block", "new_tokens", "repeats", "layers",
+                                           "heads", "d_model", "vocab", "tiny")}
+    path = write_result("sparse_decode", headline, rows, device, args.out, extra={"setup": setup})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
