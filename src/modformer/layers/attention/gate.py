@@ -31,9 +31,10 @@ the H100); other sizes run through the dense keep-mask below.
 Elsewhere a dense keep-mask goes to the eager / SDPA kernel. KV caches store the queries too
 (``cache.append(layer, "gate_q", q)``) for the causal query summaries.
 
-Decoding (one token per cached step, past the first block): the choice for a query block is made once, on its first
-decoded token, and kept in ``cache.state``; each step gathers only the kept blocks' keys and values (plus the
-current block) and attends to them, so the dropped blocks of the cache are never read (KV block skipping).
+Decoding (one token per cached step, past the first block, batches without padding): the choice for a query
+block is made once, on its first decoded token, and kept in ``cache.state``; each step gathers only the kept blocks'
+keys and values (plus the current block) and attends to them, so the dropped blocks of the cache are never read (KV
+block skipping).
 """
 
 from __future__ import annotations
