@@ -262,45 +262,54 @@ class LearnedGateAttention(MultiHeadAttention):
         return (tq == 1 and ctx.cache is not None and not self.training and not self.hook_pattern.active
                 and ctx.q_offset >= self.block_size)
 
-    def _kept_past_blocks(self, k: Tensor, ctx: Context) -> tuple[Tensor, Tensor, bool, Tensor]:
-        """The gate's choice for the query block of this decoding step: kept past block indices ``(B, H, n)``,
-        whether each is a real choice ``(B, H, n)`` (rows keeping fewer than n), whether all are, and the block
-        keep-mask ``(B, H, 1, nk)``. The choice depends only on tokens up to the block's first one, so it is made on
-        the block's first decoded token and kept in the cache for the block's other tokens."""
-        j = ctx.q_offset // self.block_size
-        saved = ctx.cache.state.get((self.layer_idx, "gate_blocks"))
-        if saved is not None and saved[0] == j:
-            return saved[1:]
-        _, keep, _, _ = self.gate(self._q_all, k, ctx.q_offset, 1)
-        past = keep[:, :, 0, :j]                                                    # (B, H, j): chosen past blocks
-        n = int(past.sum(-1).max())                                                 # one sync per block of tokens
-        blocks = past.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :n]
-        valid = past.gather(-1, blocks)
-        choice = (blocks, valid, bool(valid.all()), keep)
-        ctx.cache.state[(self.layer_idx, "gate_blocks")] = (j, *choice)
+    def _kept_past_blocks(self, k: Tensor, ctx: Context) -> dict:
+        """The gate's choice for the query block of this decoding step, made on the block's first decoded token (it
+        depends only on tokens up to that one) and kept in the cache for the block's other tokens: ``index``
+        ``(B, H * n bs)``, the kept past blocks' token slots in the cache's keys flattened over (kv head, slot)
+        (rebuilt when a growing cache's capacity changes); ``keep`` ``(B, H, n bs)`` or None when every row keeps n
+        blocks; ``blocks`` the block keep-mask ``(B, H, 1, nk)``."""
+        bs, j, cap = self.block_size, ctx.q_offset // self.block_size, k.shape[2]
+        choice = ctx.cache.state.get((self.layer_idx, "gate_blocks"))
+        if choice is None or choice["block"] != j:
+            _, keep, _, _ = self.gate(self._q_all, k, ctx.q_offset, 1)
+            H = keep.shape[1]
+            past = keep[:, :, 0, :j]                                                # (B, H, j): chosen past blocks
+            n = int(past.sum(-1).max())                                             # one sync per block of tokens
+            blocks = past.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :n]   # (B, H, n)
+            valid = past.gather(-1, blocks)
+            choice = {"block": j, "cap": None, "blocks": keep,
+                      "slots": (blocks[..., None] * bs + torch.arange(bs, device=k.device)).flatten(2),
+                      "keep": None if bool(valid.all()) else valid.repeat_interleave(bs, -1),
+                      "kv_head": torch.arange(H, device=k.device) // (H // k.shape[1])}
+            ctx.cache.state[(self.layer_idx, "gate_blocks")] = choice
+        if choice["cap"] != cap:
+            choice["index"] = (choice["slots"] + (choice["kv_head"] * cap)[None, :, None]).flatten(1)
+            choice["cap"] = cap
         return choice
 
     def _attend_kept_blocks(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
-        """Decoding step over the kept blocks only: their keys/values are gathered from the cache (plus the current
-        block up to this token) and attended without a causal mask, so dropped blocks are never read."""
-        B, H, _, _ = q.shape
-        bs, offset = self.block_size, ctx.q_offset
-        j = offset // bs
-        blocks, valid, all_valid, keep = self._kept_past_blocks(k, ctx)
-        self.last_keep = keep
-        heads = torch.arange(H, device=q.device) // (H // k.shape[1])                # query head -> kv head
+        """Decoding step over the kept blocks only: their keys/values are gathered from the cache (one gather each,
+        indices from ``_kept_past_blocks``), the current block up to this token appended, and attended without a
+        causal mask, so dropped blocks are never read."""
+        B, H, _, Dh = q.shape
+        start, offset = ctx.q_offset // self.block_size * self.block_size, ctx.q_offset
+        choice = self._kept_past_blocks(k, ctx)
+        self.last_keep = choice["blocks"]
+        index = choice["index"][..., None].expand(-1, -1, Dh)
+        rep = H // k.shape[1]
 
         def take(x: Tensor) -> Tensor:
-            past = x[:, :, :j * bs].unflatten(2, (j, bs))
-            past = past[torch.arange(B, device=x.device)[:, None, None], heads[None, :, None], blocks]
-            return torch.cat([past.flatten(2, 3), x[:, heads, j * bs:offset + 1]], 2)  # (B, H, n bs + t, Dh)
+            past = x.reshape(B, -1, Dh).gather(1, index).view(B, H, -1, Dh)
+            current = x[:, :, start:offset + 1]
+            if rep > 1:
+                current = current.index_select(1, choice["kv_head"])
+            return torch.cat([past, current], 2)                                   # (B, H, n bs + t, Dh)
 
         keys, vals = take(k), take(v)
         spec = self.attn_spec(q, keys, ctx)
         spec.causal = False
-        if not all_valid:
-            current = valid.new_ones(B, H, offset + 1 - j * bs)
-            spec.keep = torch.cat([valid.repeat_interleave(bs, -1), current], -1)[:, :, None]
+        if choice["keep"] is not None:
+            spec.keep = F.pad(choice["keep"], (0, offset + 1 - start), value=True)[:, :, None]
         z, _ = attend(q, keys, vals, spec, "sdpa" if self.backend == "flex" else self.backend)
         return z
 
