@@ -21,7 +21,7 @@ def test_tiny_run_writes_every_variant_and_the_headline(tmp_path):
     assert [r["variant"] for r in rows] == [sd.DENSE, sd.GATE]                   # no compiled graph on CPU
     for row in rows:
         assert "error" not in row, row
-        assert row["T"] == 256 and row["batch"] == 2 and row["generate_ms"] > 0 and row["per_token_ms"] >= 0
+        assert row["T"] == 256 and row["batch"] == 2 and row["per_token_ms"] > 0
     gate = rows[1]
     assert 0 < gate["density"] <= 0.1 and gate["top_k"] >= 1
     head = result["headline"]
