@@ -21,33 +21,17 @@ model on CPU in seconds.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import modformer as mf
-from modformer.bench.common import DEFAULT_OUT, cases, print_table, sync, write_result
+from modformer.bench.common import DEFAULT_OUT, cases, print_table, time_fn, write_result
 from modformer.cli import HelpFormatter
 from modformer.cli_args import float_in, int_in
 from modformer.layers.attention.density import gate_density, gate_top_k
 
 DENSE, GRAPH, GATE = "dense, static cache", "dense, compiled graph", "learned gate, KV blocks skipped"
-
-
-def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median wall seconds of ``repeats`` calls after one untimed warm-up (device synchronised)."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def step_seconds(model: Any, idx: torch.Tensor, n: int, device: torch.device, repeats: int) -> float:
@@ -63,7 +47,7 @@ def step_seconds(model: Any, idx: torch.Tensor, n: int, device: torch.device, re
         for _ in range(n):
             tok = model(tok, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
 
-    return median_seconds(decode, device, repeats) / n
+    return time_fn(decode, device, 1, repeats) / n
 
 
 def build_pair(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, int]:
@@ -96,9 +80,9 @@ def latency_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
             try:
                 with torch.no_grad():
                     if name == GRAPH:   # the compiled decoder runs inside generate: subtract the prefill
-                        prefill = median_seconds(lambda m=model, x=idx: m(x, last_only=True), device, args.repeats)
-                        total = median_seconds(lambda m=model, x=idx: m.generate(x, n, temperature=0, compile=True),
-                                               device, args.repeats)
+                        prefill = time_fn(lambda m=model, x=idx: m(x, last_only=True), device, 1, args.repeats)
+                        total = time_fn(lambda m=model, x=idx: m.generate(x, n, temperature=0, compile=True),
+                                        device, 1, args.repeats)
                         row.update(prefill_ms=prefill * 1e3, per_token_ms=max(total - prefill, 0.0) * 1e3 / n)
                     else:
                         row["per_token_ms"] = step_seconds(model, idx, n, device, args.repeats) * 1e3
