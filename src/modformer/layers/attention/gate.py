@@ -267,7 +267,7 @@ class LearnedGateAttention(MultiHeadAttention):
         depends only on tokens up to that one) and kept in the cache for the block's other tokens: ``index``
         ``(B, H * n bs)``, the kept past blocks' token slots in the cache's keys flattened over (kv head, slot)
         (rebuilt when a growing cache's capacity changes); ``keep`` ``(B, H, n bs)`` or None when every row keeps n
-        blocks; ``blocks`` the block keep-mask ``(B, H, 1, nk)``."""
+        blocks; ``block_keep`` the block keep-mask ``(B, H, 1, nk)``."""
         bs, j, cap = self.block_size, ctx.q_offset // self.block_size, k.shape[2]
         choice = ctx.cache.state.get((self.layer_idx, "gate_blocks"))
         if choice is None or choice["block"] != j:
@@ -277,7 +277,7 @@ class LearnedGateAttention(MultiHeadAttention):
             n = int(past.sum(-1).max())                                             # one sync per block of tokens
             blocks = past.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :n]   # (B, H, n)
             valid = past.gather(-1, blocks)
-            choice = {"block": j, "cap": None, "blocks": keep,
+            choice = {"block": j, "cap": None, "block_keep": keep,
                       "slots": (blocks[..., None] * bs + torch.arange(bs, device=k.device)).flatten(2),
                       "keep": None if bool(valid.all()) else valid.repeat_interleave(bs, -1),
                       "kv_head": torch.arange(H, device=k.device) // (H // k.shape[1])}
@@ -294,7 +294,7 @@ class LearnedGateAttention(MultiHeadAttention):
         B, H, _, Dh = q.shape
         start, offset = ctx.q_offset // self.block_size * self.block_size, ctx.q_offset
         choice = self._kept_past_blocks(k, ctx)
-        self.last_keep = choice["blocks"]
+        self.last_keep = choice["block_keep"]
         index = choice["index"][..., None].expand(-1, -1, Dh)
         rep = H // k.shape[1]
 
