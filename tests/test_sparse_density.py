@@ -122,12 +122,16 @@ def test_headline_reports_the_gate_against_the_best_fixed_pattern() -> None:
     assert h["peak_mem_reduction_vs_sdpa"] == 0.05 and h["seq_len"] == 4096 and h["attn_mse"] == 1e-5
 
 
-def test_fwd_bwd_speed_runs_on_cpu() -> None:
-    """CPU plumbing of the timing (dense keep-mask reference there): rows per T, densities as tuned."""
+@pytest.mark.parametrize("compile_gate", [False, True])
+def test_fwd_bwd_speed_runs_on_cpu(compile_gate: bool) -> None:
+    """CPU plumbing of the timing (dense keep-mask reference there): rows per T, densities as tuned; the compiled
+    gate is timed beside the eager one."""
     from modformer.bench.sparse_speed import fwd_bwd_speed
 
-    rows = fwd_bwd_speed([64], [0.3], torch.device("cpu"), heads=1, head_dim=8, block=16, tokens=64, iters=1)
+    rows = fwd_bwd_speed([64], [0.3], torch.device("cpu"), heads=1, head_dim=8, block=16, tokens=64, iters=1,
+                         compile_gate=compile_gate)
     gate = rows[1]
+    assert gate["gate_compiled"] is compile_gate and gate["gate_eager_ms"] > 0
     assert gate["density"] == dn.gate_density(64, 16, gate["top_k"]) <= 0.3
     fixed = dn.tune("sink", 64, gate["density"])
     assert [r["mask"] for r in rows] == [f"sink4_window{fixed['window']}", "learned_gate"]

@@ -336,7 +336,8 @@ def headline_of(rows: list[dict[str, Any]], timing: list[dict[str, Any]], memory
     ``grad_cos``, ``peak_mem_reduction_vs_sdpa`` (its training step vs the dense SDPA teacher),
     ``kl_ratio_vs_best_fixed`` (its KL / the lowest KL of the fixed patterns), ``attn_fwd_bwd_speedup_4k`` /
     ``_16k`` (gate + block-sparse flex forward+backward vs dense SDPA, ``speed`` rows) and ``gate_overhead`` (the
-    gate's time / the sparse attention's, at the longest timed T). Earlier keys stay: the lowest-KL student's
+    gate's time / the sparse attention's, at the longest timed T; the compiled gate where ``gate_compiled``, with the
+    eager gate's ``gate_overhead_eager`` and 16k speed-up beside it). Earlier keys stay: the lowest-KL student's
     figures, the largest training peak-memory reduction vs eager and the 16k forward speed-ups."""
     from modformer.layers.attention.sparse import PATTERNS
 
@@ -363,7 +364,9 @@ def headline_of(rows: list[dict[str, Any]], timing: list[dict[str, Any]], memory
             "kl_ratio_vs_best_fixed": head["kl"] / best_fixed["kl"] if gates and best_fixed else None,
             "attn_fwd_bwd_speedup_4k": gate_speed.get(4096, {}).get("speedup"),
             "attn_fwd_bwd_speedup_16k": gate_speed.get(16384, {}).get("speedup"),
-            "gate_overhead": longest.get("gate_overhead"),
+            "gate_overhead": longest.get("gate_overhead"), "gate_compiled": longest.get("gate_compiled"),
+            "gate_overhead_eager": longest.get("gate_overhead_eager"),
+            "attn_fwd_bwd_speedup_16k_eager_gate": gate_speed.get(16384, {}).get("speedup_eager_gate"),
             "lowest_kl": best.get("kl"), "lowest_kl_method": best.get("method", best.get("attention")),
             "attn_mse_kept_min": min(mses) if mses else None,
             "peak_mem_reduction": max(mem) if mem else None, "attn_speedup_16k": max(at16k) if at16k else None,

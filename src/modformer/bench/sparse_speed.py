@@ -8,7 +8,9 @@ FlexAttention whose BlockMask skips the dropped blocks, for
 - ``learned_gate`` (the largest top-k within the density): ``LearnedGateAttention.gate`` (pooled q/k blocks ->
   scores -> top-k) and the BlockMask built from its choice on every call, then the same flex forward + backward.
   ``gate_ms`` is the gate + mask build alone; ``speedup`` = dense / (gate + attention); ``gate_overhead`` = gate /
-  attention.
+  attention. On CUDA the gate's scoring and block indices run compiled (``torch.compile``, as in a training step
+  with ``train.compile: true``; the BlockMask is then assembled eagerly), and the eager gate is kept beside it
+  (``gate_eager_ms``, ``gate_overhead_eager``, ``speedup_eager_gate``): its wall time is mostly kernel launches.
 
 Times are wall-clock medians with the device synchronised (``time_fn``; what a training step pays, Python launch
 overhead included); on CUDA the GPU kernel time is recorded too (``*_kernel_ms``). The gate's *training* loss (the
@@ -28,7 +30,7 @@ from torch import Tensor
 from modformer.bench.common import cases, kernel_time, time_fn
 from modformer.config import ModelConfig
 from modformer.layers.attention.density import gate_density, gate_top_k, pattern_density, tune
-from modformer.layers.attention.gate import LearnedGateAttention, block_mask_from_blocks
+from modformer.layers.attention.gate import LearnedGateAttention, block_mask_from_blocks, kv_block_tensors
 from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention
 from modformer.layers.attention.sparse import PATTERNS, pattern_block_mask
 
@@ -47,20 +49,24 @@ def make_gate(heads: int, head_dim: int, block: int, top_k: int, device: torch.d
 
 
 def fwd_bwd_speed(seqs: list[int], densities: list[float], device: torch.device, heads: int = 16,
-                  head_dim: int = 64, block: int = 128, tokens: int = 65536, iters: int = 10) -> list[dict[str, Any]]:
+                  head_dim: int = 64, block: int = 128, tokens: int = 65536, iters: int = 10,
+                  compile_gate: bool | None = None) -> list[dict[str, Any]]:
     """Two rows per T (sink + window, learned gate): dense SDPA vs block-sparse flex forward + backward at
-    ``densities[i]`` for ``seqs[i]`` (see the module doc)."""
+    ``densities[i]`` for ``seqs[i]`` (see the module doc). ``compile_gate`` (default: on CUDA) also times the gate
+    compiled and makes that the row's ``gate_ms``."""
+    if compile_gate is None:
+        compile_gate = device.type == "cuda"
     rows: list[dict[str, Any]] = []
     for t, dens in cases(list(zip(seqs, densities)), "sparse-speed",
                          lambda s: f"next: T {s[0]}, density {s[1]:g}"):
-        for row in _rows_at(t, dens, device, heads, head_dim, block, tokens, iters):
+        for row in _rows_at(t, dens, device, heads, head_dim, block, tokens, iters, compile_gate):
             print(f"  fwd+bwd T={t} {row['mask']}: {row}", flush=True)
             rows.append(row)
     return rows
 
 
 def _rows_at(t: int, dens: float, device: torch.device, heads: int, head_dim: int, block: int, tokens: int,
-             iters: int) -> list[dict[str, Any]]:
+             iters: int, compile_gate: bool) -> list[dict[str, Any]]:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     b = max(1, tokens // t)
@@ -98,10 +104,16 @@ def _rows_at(t: int, dens: float, device: torch.device, heads: int, head_dim: in
     gate = make_gate(heads, head_dim, block, top_k, device, dtype)
     qd, kd = q.detach(), k.detach()
 
-    def gate_fn() -> object:
+    def gate_parts(qd: Tensor, kd: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        _, keep, qb, _ = gate.gate(qd, kd, 0, t)
+        return keep, qb, kv_block_tensors(keep, qb)
+
+    def gate_fn(parts_fn: Any = gate_parts) -> object:
         with torch.no_grad():
-            _, keep, qb, _ = gate.gate(qd, kd, 0, t)
-        return block_mask_from_blocks(keep, qb, t, t, block) if cuda else gate._dense_keep(keep, qb, 0, t, t)
+            keep, qb, parts = parts_fn(qd, kd)
+        if cuda:
+            return block_mask_from_blocks(keep, qb, t, t, block, parts=parts)
+        return gate._dense_keep(keep, qb, 0, t, t)
 
     mask = gate_fn()
 
@@ -110,11 +122,18 @@ def _rows_at(t: int, dens: float, device: torch.device, heads: int, head_dim: in
             return attend(q, k, v, AttnSpec(block_mask=mask), "flex")[0]
         return eager_attention(q, k, v, AttnSpec(keep=mask))[0]
 
-    gate_ms, gate_k = timed(gate_fn)
+    eager_ms, eager_k = timed(gate_fn)
     attn_ms, attn_k = timed(lambda: _fwd_bwd(gated_attn, q, k, v, grad))
-    rows.append({"T": t, "batch": b, "mask": "learned_gate", "top_k": top_k, "density": gate_density(t, block, top_k),
-                 "dense_sdpa_ms": dense_ms, "sparse_ms": attn_ms, "gate_ms": gate_ms,
-                 "speedup": dense_ms / (gate_ms + attn_ms), "gate_overhead": gate_ms / attn_ms,
-                 "dense_sdpa_kernel_ms": dense_k, "sparse_kernel_ms": attn_k, "gate_kernel_ms": gate_k,
-                 "speedup_kernel": dense_k / (attn_k + gate_k) if cuda else None, "block_skipping": cuda})
+    row = {"T": t, "batch": b, "mask": "learned_gate", "top_k": top_k, "density": gate_density(t, block, top_k),
+           "dense_sdpa_ms": dense_ms, "sparse_ms": attn_ms, "gate_eager_ms": eager_ms,
+           "gate_overhead_eager": eager_ms / attn_ms, "dense_sdpa_kernel_ms": dense_k, "sparse_kernel_ms": attn_k,
+           "gate_eager_kernel_ms": eager_k, "block_skipping": cuda, "gate_compiled": compile_gate}
+    gate_ms, gate_k = eager_ms, eager_k
+    if compile_gate:                     # as a compiled training step runs it (train.compile: true)
+        compiled = torch.compile(gate_parts, dynamic=False)
+        gate_ms, gate_k = timed(lambda: gate_fn(compiled))
+    row.update({"gate_ms": gate_ms, "gate_kernel_ms": gate_k, "gate_overhead": gate_ms / attn_ms,
+                "speedup": dense_ms / (gate_ms + attn_ms), "speedup_eager_gate": dense_ms / (eager_ms + attn_ms),
+                "speedup_kernel": dense_k / (attn_k + gate_k) if cuda else None})
+    rows.append(row)
     return rows

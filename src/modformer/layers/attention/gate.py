@@ -68,20 +68,28 @@ def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
     return (z - tau).clamp_min(0) * finite.any(dim, keepdim=True)
 
 
-def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_size: int,
-                           first_block: int = 0) -> object:
-    """FlexAttention BlockMask from kept blocks ``(B, H, nq, nk)`` of query blocks ``qb`` (``first_block`` =
-    ``qb[0]``, given so that building the mask never waits for the GPU; prefill: qb = 0..nq-1): off-diagonal
-    kept blocks full (no mask_mod work), the diagonal block partial with the causal mask_mod."""
-    from torch.nn.attention.flex_attention import BlockMask
-
+def kv_block_tensors(keep: Tensor, qb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four index tensors of a FlexAttention ``BlockMask`` from kept blocks ``(B, H, nq, nk)`` of query blocks
+    ``qb``: one partial block per query block (the diagonal, causal inside), then the off-diagonal kept blocks, full.
+    Plain tensor ops (no host sync), so a compiled gate can produce them."""
     B, H, nq, nk = keep.shape
     full = (keep & (torch.arange(nk, device=keep.device)[None, :] != qb[:, None])).to(torch.int32)
     full_idx = full.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
     diag_idx = torch.zeros_like(full_idx)
     diag_idx[..., 0] = qb.to(torch.int32)
     ones = torch.ones(B, H, nq, device=keep.device, dtype=torch.int32)
+    return ones, diag_idx, full.sum(-1).to(torch.int32), full_idx
 
+
+def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_size: int,
+                           first_block: int = 0, parts: tuple[Tensor, ...] | None = None) -> object:
+    """FlexAttention BlockMask from kept blocks ``(B, H, nq, nk)`` of query blocks ``qb`` (``first_block`` =
+    ``qb[0]``, given so that building the mask never waits for the GPU; prefill: qb = 0..nq-1): off-diagonal
+    kept blocks full (no mask_mod work), the diagonal block partial with the causal mask_mod. ``parts``: the
+    ``kv_block_tensors`` of ``keep``, when already made."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H = keep.shape[:2]
     q0 = first_block
 
     def kept_causal(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
@@ -90,8 +98,8 @@ def block_mask_from_blocks(keep: Tensor, qb: Tensor, tq: int, tk: int, block_siz
         bi, hi = (b if B > 1 else 0), (h if H > 1 else 0)
         return keep[bi, hi, q_idx // block_size - q0, kv_idx // block_size] & (q_idx >= kv_idx)
 
-    return BlockMask.from_kv_blocks(ones, diag_idx, full.sum(-1).to(torch.int32), full_idx,
-                                    BLOCK_SIZE=block_size, mask_mod=kept_causal, seq_lengths=(tq, tk))
+    return BlockMask.from_kv_blocks(*(parts or kv_block_tensors(keep, qb)), BLOCK_SIZE=block_size,
+                                    mask_mod=kept_causal, seq_lengths=(tq, tk))
 
 
 def _pool_blocks(k: Tensor, bs: int) -> tuple[Tensor, Tensor]:
