@@ -366,6 +366,29 @@ def test_flex_block_masks_match_the_dense_reference() -> None:
     assert torch.allclose(flex, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset_blocks", [0, 3])
+def test_gate_block_mask_backward_indices_equal_torchs_transpose(offset_blocks: int) -> None:
+    """The gate's BlockMask builds its backward (query-block) indices itself: they equal the ones
+    BlockMask.from_kv_blocks derives from the same forward indices, for a prefill and a later chunk of queries."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from modformer.layers.attention.gate import block_mask_from_blocks, block_mask_tensors
+
+    nq, nk = 5, 5 + offset_blocks
+    qb = torch.arange(offset_blocks, nk)
+    g = torch.Generator().manual_seed(offset_blocks)
+    causal = torch.arange(nk)[None, :] <= qb[:, None]
+    keep = (torch.rand(2, 3, nq, nk, generator=g) < 0.5) & causal
+    keep |= torch.arange(nk)[None, :] == qb[:, None]
+    parts = block_mask_tensors(keep, qb)
+    ref = BlockMask.from_kv_blocks(parts["kv_num_blocks"], parts["kv_indices"], parts["full_kv_num_blocks"],
+                                   parts["full_kv_indices"], BLOCK_SIZE=16)
+    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(parts[name], getattr(ref, name)), name
+    bm = block_mask_from_blocks(keep, qb, nq * 16, nk * 16, 16, first_block=offset_blocks)
+    assert torch.equal(bm.q_indices, ref.q_indices) and torch.equal(bm.full_kv_indices, ref.full_kv_indices)
+
+
 def test_timing_masks_keep_their_layouts() -> None:
     """The attention-speed masks: the student layout (4 sinks + window) keeps exactly its pairs, and the
     synthetic ~10% layouts keep every diagonal block and no future block."""

@@ -30,7 +30,7 @@ from torch import Tensor
 from modformer.bench.common import cases, kernel_time, time_fn
 from modformer.config import ModelConfig
 from modformer.layers.attention.density import gate_density, gate_top_k, pattern_density, tune
-from modformer.layers.attention.gate import LearnedGateAttention, block_mask_from_blocks, kv_block_tensors
+from modformer.layers.attention.gate import LearnedGateAttention, block_mask_from_blocks, block_mask_tensors
 from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention
 from modformer.layers.attention.sparse import PATTERNS, pattern_block_mask
 
@@ -104,9 +104,9 @@ def _rows_at(t: int, dens: float, device: torch.device, heads: int, head_dim: in
     gate = make_gate(heads, head_dim, block, top_k, device, dtype)
     qd, kd = q.detach(), k.detach()
 
-    def gate_parts(qd: Tensor, kd: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    def gate_parts(qd: Tensor, kd: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         _, keep, qb, _ = gate.gate(qd, kd, 0, t)
-        return keep, qb, kv_block_tensors(keep, qb)
+        return keep, qb, block_mask_tensors(keep, qb)
 
     def gate_fn(parts_fn: Any = gate_parts) -> object:
         with torch.no_grad():
