@@ -8,9 +8,10 @@ FlexAttention whose BlockMask skips the dropped blocks, for
 - ``learned_gate`` (the largest top-k within the density): ``LearnedGateAttention.gate`` (pooled q/k blocks ->
   scores -> top-k) and the BlockMask built from its choice on every call, then the same flex forward + backward.
   ``gate_ms`` is the gate + mask build alone; ``speedup`` = dense / (gate + attention); ``gate_overhead`` = gate /
-  attention. On CUDA the gate's scoring and block indices run compiled (``torch.compile``, as in a training step
-  with ``train.compile: true``; the BlockMask is then assembled eagerly), and the eager gate is kept beside it
-  (``gate_eager_ms``, ``gate_overhead_eager``, ``speedup_eager_gate``): its wall time is mostly kernel launches.
+  attention. On CUDA the gate's scoring and block indices (``gate.block_mask_tensors``, both directions) also run
+  compiled (``torch.compile``, as in a training step with ``train.compile: true``; the BlockMask object is then
+  assembled from them), and that is the row's ``gate_ms``; the eager gate stays beside it (``gate_eager_ms``,
+  ``gate_overhead_eager``, ``speedup_eager_gate``).
 
 Times are wall-clock medians with the device synchronised (``time_fn``; what a training step pays, Python launch
 overhead included); on CUDA the GPU kernel time is recorded too (``*_kernel_ms``). The gate's *training* loss (the
