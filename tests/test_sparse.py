@@ -198,6 +198,28 @@ def test_gate_loss_and_ste_give_gate_gradients() -> None:
         assert g is not None and g.abs().sum() > 0, opts
 
 
+@pytest.mark.parametrize("chunk", [None, 3 * 8 * 30])
+def test_gate_target_block_mass_equals_a_float64_reference(chunk: int | None, monkeypatch) -> None:
+    """The gate's training target, computed a few query blocks at a time (``chunk``: 24 rows of 30 keys per chunk,
+    the last chunk short, T not a multiple of the block), equals the pooled float64 causal attention map."""
+    from modformer.layers.attention import gate as gate_mod
+
+    if chunk is not None:
+        monkeypatch.setattr(gate_mod, "TARGET_CHUNK", chunk)
+    student = _student(_teacher(), "learned_gate", {"block_size": 8, "top_k": 2})
+    attn = student.blocks[0].attn
+    B, H, T, Dh, bs = 2, 4, 30, 8, 8
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, H, T, Dh, generator=g), torch.randn(B, H, T, Dh, generator=g)
+    s = (q.double() @ k.double().transpose(-2, -1)) / Dh ** 0.5
+    probs = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    nb = -(-T // bs)
+    block = torch.arange(T) // bs
+    onehot = torch.nn.functional.one_hot(block, nb).double()                   # (T, nb)
+    want = onehot.T @ probs @ onehot                                          # (B, H, nq, nk)
+    torch.testing.assert_close(attn._block_mass(q, k).double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_gate_loss_trains_only_the_gate() -> None:
     """The gate's own loss must not reach q/k/v (it would reshape the attention the student is distilled for)."""
     student = _student(_teacher(), "learned_gate", {"block_size": 8, "top_k": 2, "gate_loss": 1.0}).train()

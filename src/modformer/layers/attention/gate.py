@@ -53,6 +53,8 @@ from modformer.layers.attention.sparse import FLEX_TILE, use_flex
 from modformer.layers.context import Context
 from modformer.registry import ConfigError, register
 
+TARGET_CHUNK = 1 << 22        # query rows x keys of the dense map the gate's training target holds at once
+
 
 def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
     """Euclidean projection onto the simplex along ``dim`` (-inf entries get 0; all -inf rows give 0)."""
@@ -215,15 +217,32 @@ class LearnedGateAttention(MultiHeadAttention):
         qpos = torch.arange(offset, offset + tq, device=keep.device)
         return self._expand_blocks(keep, qb, offset, tq, tk) & (qpos[:, None] >= torch.arange(tk, device=keep.device))
 
+    def _block_mass(self, q: Tensor, k: Tensor) -> Tensor:
+        """The dense causal attention's mass per (query block, key block), summed over each query block's rows:
+        ``(B, H, nq, nk)``. Computed a few query blocks at a time (``TARGET_CHUNK`` query rows x keys per batch row
+        and head at most), so the full ``(B, H, T, T)`` map never exists: at T=4096 it was 805 MB of float32 per
+        layer for a batch of 2 x 6 heads."""
+        B, H, T, _ = q.shape
+        bs = self.block_size
+        nk = -(-T // bs)
+        rows = max(bs, TARGET_CHUNK // T // bs * bs)
+        chunks = []
+        for r0 in range(0, T, rows):
+            r1 = min(T, r0 + rows)
+            keys = k[:, :, :r1]
+            # values of width 1: only the probabilities are wanted, not their product with V
+            _, probs = eager_attention(q[:, :, r0:r1], keys, keys[..., :1], AttnSpec(causal=True, q_offset=r0),
+                                       need_weights=True)                           # (B, H, r, r1)
+            nkc, nqc = -(-r1 // bs), -(-(r1 - r0) // bs)
+            mass = F.pad(probs, (0, nkc * bs - r1)).view(B, H, r1 - r0, nkc, bs).sum(-1)
+            mass = F.pad(mass, (0, 0, 0, nqc * bs - (r1 - r0))).view(B, H, nqc, bs, nkc).sum(3)
+            chunks.append(F.pad(mass, (0, nk - nkc)))
+        return torch.cat(chunks, 2)
+
     def _gate_target_loss(self, q: Tensor, k: Tensor, scores: Tensor, past: Tensor) -> Tensor:
         """KL(pooled dense attention || softmax gate) over past blocks (SeerAttention's gate distillation)."""
         with torch.no_grad():
-            _, probs = eager_attention(q, k, k, AttnSpec(causal=True), need_weights=True)  # (B, H, T, T)
-            B, H, T, _ = probs.shape
-            bs, nq, nk = self.block_size, scores.shape[2], scores.shape[3]
-            mass = F.pad(probs, (0, nk * bs - T)).view(B, H, T, nk, bs).sum(-1)        # (B, H, T, nk)
-            mass = F.pad(mass, (0, 0, 0, nq * bs - T)).view(B, H, nq, bs, nk).sum(3)
-            target = mass.masked_fill(~past, 0.0)
+            target = self._block_mass(q, k).masked_fill(~past, 0.0)
             has = target.sum(-1, keepdim=True) > 0
             target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
         logp = torch.log_softmax(scores, -1).masked_fill(~past, 0.0)
