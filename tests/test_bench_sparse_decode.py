@@ -29,6 +29,28 @@ def test_tiny_run_writes_every_variant_and_the_headline(tmp_path):
     assert head["decode_speedup_vs_dense"] == gate["speedup_vs_best_dense"]
 
 
+def test_compiled_variants_run_and_the_headline_takes_the_faster_gate(tmp_path, monkeypatch):
+    """``--compiled`` on CPU (torch.compile -> identity here): both compiled decoders run, and the headline is the
+    faster of the two gate variants against the best dense one."""
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    args = ["--tiny", "--device", "cpu", "--repeats", "1", "--compiled", "--out", str(tmp_path)]
+    assert registry.run("sparse-decode", args) == 0
+    result = json.loads((tmp_path / "sparse_decode.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {sd.DENSE, sd.GATE, sd.GRAPH, sd.GATE_GRAPH}
+    assert all("error" not in r and r["per_token_ms"] >= 0 for r in rows.values()), rows
+    # a compiled row is (generate - prefill) / steps: on a loaded CPU it may come out 0, and then has no ratio
+    timed = [rows[v] for v in sd.GATES if rows[v].get("speedup_vs_best_dense")]
+    assert timed, rows
+    fastest = max(timed, key=lambda r: r["speedup_vs_best_dense"])
+    best_dense = min(x for x in (rows[sd.DENSE]["per_token_ms"], rows[sd.GRAPH]["per_token_ms"]) if x)
+    assert fastest["speedup_vs_best_dense"] == best_dense / fastest["per_token_ms"]
+    assert result["headline"]["variant"] == fastest["variant"]
+    assert result["headline"]["decode_speedup_vs_dense"] == fastest["speedup_vs_best_dense"]
+
+
 def test_density_above_one_is_one_error_line(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "sparse-decode", "--tiny", "--density", "1.5"])

@@ -163,6 +163,60 @@ def test_learned_gate_decoding_steps_equal_the_full_forward(model: dict, options
     torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt - 1:29], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("model", "options"), [c for c in GATE_DECODING if c[1].get("select", "topk") == "topk"])
+def test_learned_gate_graph_steps_equal_the_full_forward(model: dict, options: dict) -> None:
+    """Steps at tensor positions over a static cache (what the compiled CUDA-graph decoder runs: fixed shapes, the
+    choice recomputed each step from the pooled-summary buffer) give the uncached forward's logits at every position,
+    from a prompt that ends inside a block and one shorter than top_k blocks (the pool then comes from the dense
+    prefill)."""
+    student = _student(_teacher(**model), "learned_gate", options)
+    x = torch.randint(0, V, (2, 30))
+    with torch.no_grad():
+        full = student(x)
+        for prompt in (3, 7):
+            cache = student.new_cache(2, static=True, max_len=30)
+            steps = [student(x[:, :prompt], cache=cache)[:, -1]]
+            steps += [student(x[:, t:t + 1], cache=cache, pos=torch.tensor([t]))[:, -1] for t in range(prompt, 29)]
+            torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt - 1:29], rtol=1e-5, atol=1e-5)
+
+
+def test_learned_gate_graph_steps_read_only_chosen_blocks() -> None:
+    """At a tensor position the step gathers only the chosen blocks: NaN in every other block of the static cache
+    leaves its logits unchanged; padding, other selections and a growing cache fail with one line."""
+    bs = 4
+    student = _student(_teacher(), "learned_gate", {"block_size": bs, "top_k": 2})
+    x = torch.randint(0, V, (1, 27))
+    outs = []
+    for poison in (False, True):
+        cache = student.new_cache(1, static=True, max_len=27)
+        with torch.no_grad():
+            student(x[:, :25], cache=cache)
+            ref = student(x[:, :26])                                   # which blocks the dense path keeps at 25
+            if poison:
+                for i, block in enumerate(student.blocks):
+                    kept = block.attn.last_keep[0, :, 6].any(0)              # query block 6, (nk,) kept by a head
+                    for b in range(6):
+                        if not kept[b]:
+                            cache.keys[i][:, :, b * bs:(b + 1) * bs] = float("nan")
+                            cache.values[i][:, :, b * bs:(b + 1) * bs] = float("nan")
+            outs.append(student(x[:, 25:26], cache=cache, pos=torch.tensor([25])))
+    assert outs[1].isfinite().all()
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][:, -1], ref[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="static cache"):
+        student(x[:, :1], cache=student.new_cache(1), pos=torch.tensor([0]))
+
+
+def test_learned_gate_compiled_generation_equals_the_uncached_tokens(monkeypatch) -> None:
+    """``generate(compile=True)`` (the GraphDecoder: eager prefill, then steps at tensor positions) decodes a
+    learned-gate model to the uncached path's greedy tokens (torch.compile -> identity: seconds on a CPU)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    student = _student(_teacher(), "learned_gate", {"block_size": 4, "top_k": 2})
+    prompt = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    slow = student.generate(prompt, 20, temperature=0, use_cache=False)
+    assert torch.equal(student.generate(prompt, 20, temperature=0, compile=True), slow)
+
+
 def test_learned_gate_decoding_never_reads_dropped_blocks() -> None:
     """After the block's first decoded token chose the kept blocks, the cache's dropped blocks are poisoned with NaN:
     the next step's logits do not change (the dense keep-mask path would multiply the NaN values by zero)."""

@@ -50,6 +50,7 @@ from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention
 from modformer.layers.attention.masks import segments
 from modformer.layers.attention.mha import MultiHeadAttention
 from modformer.layers.attention.sparse import FLEX_TILE, use_flex
+from modformer.layers.cache import StaticKVCache
 from modformer.layers.context import Context
 from modformer.registry import ConfigError, register
 
@@ -257,17 +258,22 @@ class LearnedGateAttention(MultiHeadAttention):
 
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         B, T, _ = x.shape
-        if ctx.q_offset is None:
-            raise ValueError("learned_gate does not support tensor positions (compiled decoding)")
         self.aux_loss, self.last_keep = None, None
+        if ctx.q_offset is None:
+            return self._graph_step(x, ctx)
         train_gate = self.training and self.gate_loss > 0 and ctx.q_offset == 0
         if self._keeps_all(-(-(ctx.q_offset + T) // self.block_size)) and not train_gate:
-            return super().forward(x, ctx)                                   # sparsity 0: exactly mha
+            out = super().forward(x, ctx)                                    # sparsity 0: exactly mha
+            if isinstance(ctx.cache, StaticKVCache) and ctx.key_valid is None:   # later compiled steps read it
+                self._write_pool(ctx.cache, ctx.cache.keys[self.layer_idx], ctx.q_offset, ctx.q_offset + T)
+            return out
         q, k, v = self.project_qkv(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
         if ctx.key_valid is not None:
             return self._forward_rows(q, k, v, ctx, train_gate)
+        if isinstance(ctx.cache, StaticKVCache):
+            self._write_pool(ctx.cache, k, ctx.q_offset, ctx.q_offset + T)
         if self._skips_kv(ctx, T):
             return self.merge_heads(self._attend_kept_blocks(q, k, v, ctx), B, T)
         offset, tk = ctx.q_offset, k.shape[2]
@@ -352,6 +358,75 @@ class LearnedGateAttention(MultiHeadAttention):
             spec.keep = F.pad(choice["keep"], (0, offset + 1 - start), value=True)[:, :, None]
         z, _ = attend(q, keys, vals, spec, "sdpa" if self.backend == "flex" else self.backend)
         return z
+
+    def _pool_buffer(self, cache: StaticKVCache, k: Tensor) -> Tensor:
+        """The static cache's pooled key summaries ``(B, Hkv, n blocks, 2 Dh)`` ([mean; max] per block), allocated at
+        a fixed address on first use: what compiled decoding scores without reading the whole key cache."""
+        key = (self.layer_idx, "gate_pool")
+        buf = cache.tensors.get(key)
+        if buf is None:
+            B, Hkv, _, Dh = k.shape
+            buf = torch.zeros(B, Hkv, -(-cache.max_len // self.block_size), 2 * Dh, device=k.device, dtype=k.dtype)
+            torch._dynamo.mark_static_address(buf)
+            cache.tensors[key] = buf
+        return buf
+
+    def _write_pool(self, cache: StaticKVCache, k: Tensor, start: int, end: int) -> None:
+        """Pooled summaries of the blocks that cached slots ``[start, end)`` touch (eager calls: prefill, steps)."""
+        bs = self.block_size
+        j0 = start // bs
+        mean, mx = _pool_blocks(k[:, :, j0 * bs:end], bs)
+        self._pool_buffer(cache, k)[:, :, j0:j0 + mean.shape[2]] = torch.cat([mean, mx], -1)
+
+    def _graph_step(self, x: Tensor, ctx: Context) -> Tensor:
+        """A one-token step at a tensor position (compiled decoding, ``generate(compile=True)``: one CUDA graph per
+        step), every shape fixed: the current block's pooled summary is rewritten, the gate scores every past block
+        from the pooled buffer, and only the ``top_k - 1`` chosen blocks' keys and values plus the current block are
+        gathered and attended to. The choice is recomputed each step from the same inputs (the block's query summary
+        and complete past blocks), so it equals the choice the eager path keeps for the block."""
+        B, T, _ = x.shape
+        cache = ctx.cache
+        if (T != 1 or not isinstance(cache, StaticKVCache) or ctx.key_valid is not None or self.select != "topk"
+                or self.training or self.hook_pattern.active):
+            raise ValueError("learned_gate at tensor positions (compiled decoding) needs one-token steps over a "
+                             "static cache, no padding, select: topk and no attention hook")
+        if self._keeps_all(-(-cache.max_len // self.block_size)):
+            return super().forward(x, ctx)                                   # sparsity 0: exactly mha
+        q, k, v = self.project_qkv(x, ctx)
+        k, v = cache.update(self.layer_idx, k, v)
+        bs, (_, H, _, Dh), (_, Hkv, cap, _) = self.block_size, q.shape, k.shape
+        dev = q.device
+        p = ctx.pos.reshape(-1)[-1]
+        j = torch.div(p, bs, rounding_mode="floor")
+        ar = torch.arange(bs, device=dev)
+        cur, cur_ok = (j * bs + ar).clamp(max=cap - 1), j * bs + ar <= p         # this block's slots up to p
+        kc = k.index_select(2, cur)
+        n_cur = cur_ok.sum()
+        mean = (kc * cur_ok[:, None].to(kc.dtype)).sum(2) / n_cur
+        mx = kc.masked_fill(~cur_ok[:, None], float("-inf")).amax(2)
+        pool = self._pool_buffer(cache, k)
+        pool.index_copy_(2, j.view(1), torch.cat([mean, mx], -1)[:, :, None].to(pool.dtype))
+        qi = j * bs - (bs - 1) + ar                               # the bs queries ending at the block's first token
+        q_ok = qi >= 0
+        qs = self._q_all.index_select(2, qi.clamp(min=0)).float()
+        q_sum = ((qs * q_ok[:, None]).sum(2, keepdim=True) / q_ok.sum()).to(k.dtype)        # (B, H, 1, Dh)
+        pk = pool if Hkv == H else pool.repeat_interleave(H // Hkv, dim=1)
+        gq, gk = self.gate_q(q_sum), self.gate_k(pk)
+        scores = (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])        # (B, H, 1, n blocks)
+        nk = scores.shape[-1]
+        scores = scores.masked_fill(torch.arange(nk, device=dev) >= j, float("-inf"))
+        top = scores.topk(min(self.top_k - 1, nk), dim=-1)
+        blocks, ok = top.indices[:, :, 0], top.values[:, :, 0].isfinite()           # (B, H, k)
+        slots = torch.cat([(blocks[..., None] * bs + ar).flatten(2).clamp(max=cap - 1), cur.expand(B, H, bs)], 2)
+        keep = torch.cat([ok[..., None].expand(-1, -1, -1, bs).flatten(2), cur_ok.expand(B, H, bs)], 2)
+        kv_head = torch.arange(H, device=dev) // (H // Hkv)
+        index = (slots + (kv_head * cap)[None, :, None]).flatten(1)[..., None].expand(-1, -1, Dh)
+        keys = k.reshape(B, Hkv * cap, Dh).gather(1, index).view(B, H, -1, Dh)
+        vals = v.reshape(B, Hkv * cap, Dh).gather(1, index).view(B, H, -1, Dh)
+        spec = self.attn_spec(q, keys, ctx)
+        spec.causal, spec.keep = False, keep[:, :, None]
+        z, _ = attend(q, keys, vals, spec, "sdpa" if self.backend == "flex" else self.backend)
+        return self.merge_heads(z, B, T)
 
     def _forward_rows(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, train_gate: bool) -> Tensor:
         """Padded / packed batches: the gate chooses blocks for each row and document alone (blocks counted
