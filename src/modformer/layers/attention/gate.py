@@ -34,7 +34,10 @@ Elsewhere a dense keep-mask goes to the eager / SDPA kernel. KV caches store the
 Decoding (one token per cached step, past the first block, batches without padding): the choice for a query
 block is made once, on its first decoded token, and kept in ``cache.state``; each step gathers only the kept blocks'
 keys and values (plus the current block) and attends to them, so the dropped blocks of the cache are never read (KV
-block skipping).
+block skipping). At tensor positions (the compiled CUDA-graph decoder, ``generate(compile=True)``; static cache, top-k,
+no padding) every shape is fixed instead: each step rewrites its block's pooled key summary in a buffer the static
+cache keeps (filled at prefill), rescores the past blocks from that buffer and gathers the ``top_k - 1`` chosen blocks
+plus the current one; the same inputs give the same choice at every token of a block.
 """
 
 from __future__ import annotations
