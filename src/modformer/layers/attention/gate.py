@@ -149,6 +149,18 @@ def _query_summaries(q: Tensor, bs: int, j0: int, j1: int) -> Tensor:
     return (firsts + inner) / counts
 
 
+def _flat_slots(slots: Tensor, kv_head: Tensor, cap: int) -> Tensor:
+    """Cache slots ``(B, H, n)`` per query head as indices into the keys flattened over (kv head, slot): ``(B, H n)``;
+    ``kv_head`` ``(H,)`` is each query head's kv head, ``cap`` the cache's slots."""
+    return (slots + (kv_head * cap)[None, :, None]).flatten(1)
+
+
+def _gather_slots(x: Tensor, index: Tensor, heads: int) -> Tensor:
+    """Keys or values ``(B, Hkv, cap, Dh)`` at the ``_flat_slots`` ``index``: ``(B, heads, n, Dh)``, one gather."""
+    B, _, _, Dh = x.shape
+    return x.reshape(B, -1, Dh).gather(1, index[..., None].expand(-1, -1, Dh)).view(B, heads, -1, Dh)
+
+
 @register("attention", "learned_gate")
 class LearnedGateAttention(MultiHeadAttention):
     """``mha`` attending, per query block, to the key blocks a small learned gate picks (see module doc)."""
@@ -332,7 +344,7 @@ class LearnedGateAttention(MultiHeadAttention):
                       "kv_head": torch.arange(H, device=k.device) // (H // k.shape[1])}
             ctx.cache.state[(self.layer_idx, "gate_blocks")] = choice
         if choice["cap"] != cap:
-            choice["index"] = (choice["slots"] + (choice["kv_head"] * cap)[None, :, None]).flatten(1)
+            choice["index"] = _flat_slots(choice["slots"], choice["kv_head"], cap)
             choice["cap"] = cap
         return choice
 
@@ -340,15 +352,14 @@ class LearnedGateAttention(MultiHeadAttention):
         """Decoding step over the kept blocks only: their keys/values are gathered from the cache (one gather each,
         indices from ``_kept_past_blocks``), the current block up to this token appended, and attended without a
         causal mask, so dropped blocks are never read."""
-        B, H, _, Dh = q.shape
+        H = q.shape[1]
         start, offset = ctx.q_offset // self.block_size * self.block_size, ctx.q_offset
         choice = self._kept_past_blocks(k, ctx)
         self.last_keep = choice["block_keep"]
-        index = choice["index"][..., None].expand(-1, -1, Dh)
         rep = H // k.shape[1]
 
         def take(x: Tensor) -> Tensor:
-            past = x.reshape(B, -1, Dh).gather(1, index).view(B, H, -1, Dh)
+            past = _gather_slots(x, choice["index"], H)
             current = x[:, :, start:offset + 1]
             if rep > 1:
                 current = current.index_select(1, choice["kv_head"])
@@ -397,7 +408,7 @@ class LearnedGateAttention(MultiHeadAttention):
             return super().forward(x, ctx)                                   # sparsity 0: exactly mha
         q, k, v = self.project_qkv(x, ctx)
         k, v = cache.update(self.layer_idx, k, v)
-        bs, (_, H, _, Dh), (_, Hkv, cap, _) = self.block_size, q.shape, k.shape
+        bs, H, (_, Hkv, cap, _) = self.block_size, q.shape[1], k.shape
         dev = q.device
         p = ctx.pos.reshape(-1)[-1]
         j = torch.div(p, bs, rounding_mode="floor")
@@ -423,9 +434,8 @@ class LearnedGateAttention(MultiHeadAttention):
         slots = torch.cat([(blocks[..., None] * bs + ar).flatten(2).clamp(max=cap - 1), cur.expand(B, H, bs)], 2)
         keep = torch.cat([ok[..., None].expand(-1, -1, -1, bs).flatten(2), cur_ok.expand(B, H, bs)], 2)
         kv_head = torch.arange(H, device=dev) // (H // Hkv)
-        index = (slots + (kv_head * cap)[None, :, None]).flatten(1)[..., None].expand(-1, -1, Dh)
-        keys = k.reshape(B, Hkv * cap, Dh).gather(1, index).view(B, H, -1, Dh)
-        vals = v.reshape(B, Hkv * cap, Dh).gather(1, index).view(B, H, -1, Dh)
+        index = _flat_slots(slots, kv_head, cap)
+        keys, vals = _gather_slots(k, index, H), _gather_slots(v, index, H)
         spec = self.attn_spec(q, keys, ctx)
         spec.causal, spec.keep = False, keep[:, :, None]
         z, _ = attend(q, keys, vals, spec, "sdpa" if self.backend == "flex" else self.backend)
