@@ -180,6 +180,27 @@ def test_learned_gate_graph_steps_equal_the_full_forward(model: dict, options: d
             torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt - 1:29], rtol=1e-5, atol=1e-5)
 
 
+def test_learned_gate_pool_lives_in_the_per_block_store_and_survives_a_crop() -> None:
+    """The pooled key summaries sit in the static cache's per-block store: ``bytes_per_token`` counts one
+    ``(B, Hkv, block, 2 Dh)`` row per ``block_size`` slots (not per slot), and after a crop back into the prompt the
+    graph steps still give the uncached forward's logits (the crop keeps the summaries; steps rewrite their block)."""
+    bs = 4
+    student = _student(_teacher(), "learned_gate", {"block_size": bs, "top_k": 2})
+    x = torch.randint(0, V, (2, 30))
+    with torch.no_grad():
+        full = student(x)
+        cache = student.new_cache(2, static=True, max_len=32)
+        student(x[:, :20], cache=cache)
+        n_layer, hkv, dh = len(cache.keys), cache.keys[0].shape[1], cache.keys[0].shape[-1]
+        assert {name for _, name in cache.blocks} == {"gate_pool"} and len(cache.blocks) == n_layer
+        assert all(name != "gate_pool" for _, name in cache.tensors)
+        per_slot = sum(t[0].numel() / 32 for t in cache.tensors.values()) + n_layer * 2 * hkv * dh   # one row
+        assert cache.bytes_per_token() == pytest.approx((per_slot + n_layer * hkv * 2 * dh / bs) * 4, rel=1e-12)
+        cache.crop(9)
+        steps = [student(x[:, t:t + 1], cache=cache, pos=torch.tensor([t]))[:, -1] for t in range(9, 29)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 9:29], rtol=1e-5, atol=1e-5)
+
+
 def test_learned_gate_graph_steps_read_only_chosen_blocks() -> None:
     """At a tensor position the step gathers only the chosen blocks: NaN in every other block of the static cache
     leaves its logits unchanged; padding, other selections and a growing cache fail with one line."""

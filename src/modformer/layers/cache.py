@@ -9,7 +9,10 @@ Besides the standard per-layer key/value slots, both caches hold a generic per-l
 ``append(layer, name, x)``, for attention variants that cache something else (MLA's compressed latent
 and shared RoPE key, multichannel's per-channel K/V). Stored tensors have the time axis at ``-2``;
 the static cache allocates each entry (and the standard slots) on first use with ``max_len`` slots.
-``state`` holds per-layer values without a time axis (the learned gate's kept blocks of the current query block).
+``blocks`` holds per-layer tensors indexed by key block on axis ``-2`` (the learned gate's pooled key summaries,
+one row per block of ``block_size`` slots); ``crop`` keeps them, since every block a later step reads is rewritten
+from the cached keys before use. ``state`` holds per-layer values without a time axis (the learned gate's kept
+blocks of the current query block); ``crop`` forgets them.
 ``bytes_per_token()`` reports cache bytes per cached token of one sequence, summed over layers.
 
 Padded batches also keep per-row key masks (``update_mask(name, x)``: ``valid`` padding flags, ``doc``
@@ -30,6 +33,7 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * n_layer
         self.tensors: dict[tuple[int, str], Tensor] = {}   # generic store, time on axis -2
         self.masks: dict[str, Tensor] = {}                  # per-row key masks (B, T): "valid", "doc"
+        self.blocks: dict[tuple[int, str], tuple[Tensor, int]] = {}   # per-block tensors and their block size
         self.state: dict[tuple[int, str], object] = {}      # per-layer values with no time axis (crop forgets them)
         self.length = 0   # tokens already cached (= absolute position of the next token)
 
@@ -57,6 +61,17 @@ class KVCache:
         self.tensors[(layer, name)] = x
         return x
 
+    def block_buffer(self, layer: int, name: str, shape: tuple[int, ...], block_size: int,
+                     like: Tensor) -> Tensor:
+        """Per-block store: entry ``name`` of ``layer``, ``shape`` with blocks of ``block_size`` slots on axis -2,
+        zero-filled at a fixed address on first use (compiled steps write it in place); the same tensor after."""
+        entry = self.blocks.get((layer, name))
+        if entry is None:
+            buf = torch.zeros(shape, device=like.device, dtype=like.dtype)
+            torch._dynamo.mark_static_address(buf)
+            entry = self.blocks[(layer, name)] = (buf, block_size)
+        return entry[0]
+
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer has been updated with ``n`` tokens."""
         self.length += n
@@ -77,11 +92,15 @@ class KVCache:
         return [t for t in self.keys + self.values + list(self.tensors.values()) if t is not None]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._all())
+        tensors = self._all() + [t for t, _ in self.blocks.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def bytes_per_token(self) -> float:
-        """Bytes per cached token (slot) of one sequence, all layers: ``(B, ..., T, d)`` -> numel / (B * T)."""
-        return sum(t.numel() * t.element_size() / (t.shape[0] * t.shape[-2]) for t in self._all())
+        """Bytes per cached token (slot) of one sequence, all layers: ``(B, ..., T, d)`` -> numel / (B * T); a
+        per-block tensor counts ``1 / block_size`` of a row per token."""
+        per_slot = sum(t.numel() * t.element_size() / (t.shape[0] * t.shape[-2]) for t in self._all())
+        return per_slot + sum(t.numel() * t.element_size() / (t.shape[0] * t.shape[-2] * bs)
+                              for t, bs in self.blocks.values())
 
 
 class StaticKVCache(KVCache):

@@ -374,16 +374,11 @@ class LearnedGateAttention(MultiHeadAttention):
         return z
 
     def _pool_buffer(self, cache: StaticKVCache, k: Tensor) -> Tensor:
-        """The static cache's pooled key summaries ``(B, Hkv, n blocks, 2 Dh)`` ([mean; max] per block), allocated at
-        a fixed address on first use: what compiled decoding scores without reading the whole key cache."""
-        key = (self.layer_idx, "gate_pool")
-        buf = cache.tensors.get(key)
-        if buf is None:
-            B, Hkv, _, Dh = k.shape
-            buf = torch.zeros(B, Hkv, -(-cache.max_len // self.block_size), 2 * Dh, device=k.device, dtype=k.dtype)
-            torch._dynamo.mark_static_address(buf)
-            cache.tensors[key] = buf
-        return buf
+        """The static cache's pooled key summaries ``(B, Hkv, n blocks, 2 Dh)`` ([mean; max] per block), in its
+        per-block store: what compiled decoding scores without reading the whole key cache."""
+        B, Hkv, _, Dh = k.shape
+        shape = (B, Hkv, -(-cache.max_len // self.block_size), 2 * Dh)
+        return cache.block_buffer(self.layer_idx, "gate_pool", shape, self.block_size, k)
 
     def _write_pool(self, cache: StaticKVCache, k: Tensor, start: int, end: int) -> None:
         """Pooled summaries of the blocks that cached slots ``[start, end)`` touch (eager calls: prefill, steps)."""
