@@ -175,6 +175,26 @@ def test_decode_backend_decode_takes_the_single_query_steps_and_keeps_the_tokens
     assert set(calls) == {1} and len(calls) >= 7 * model.cfg.n_layer
 
 
+def test_decode_linear_matvec_takes_the_step_linears_and_keeps_the_tokens(no_inductor, monkeypatch):
+    """``decode_linear="matvec"``: the decode steps' linears (one row each) run as ``matvec``, the prefill's
+    (several rows) as F.linear, and the greedy tokens equal the uncached path's; bad values fail with one line."""
+    from modformer.layers import matvec as mv
+
+    model = tiny_gpt()
+    idx = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    rows: list[int] = []
+    real = mv.matvec
+    monkeypatch.setattr(mv, "matvec", lambda x, *a: (rows.append(x.numel() // x.shape[-1]), real(x, *a))[1])
+    out = model.generate(idx, 10, temperature=0, compile=True, decode_linear="matvec")
+    assert torch.equal(out, model.generate(idx, 10, temperature=0, use_cache=False))
+    per_step = 4 * model.cfg.n_layer + 1                                # qkv, out, fc, proj per block + head
+    assert set(rows) == {1} and len(rows) >= 9 * per_step
+    with pytest.raises(ValueError, match="decode_linear must be one of"):
+        model.generate(idx, 2, temperature=0, compile=True, decode_linear="gemv")
+    with pytest.raises(ValueError, match="pass compile=True"):
+        model.generate(idx, 2, temperature=0, decode_linear="matvec")
+
+
 @pytest.mark.parametrize("buckets", [2, 3, 5])
 def test_bucketed_prefill_fills_the_cache_as_the_whole_batch_and_keeps_the_tokens(no_inductor, buckets):
     """``prefill_buckets``: groups of rows prefilled at their own width give the whole-batch prefill's cache (keys,

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from modformer.layers.attention.kernels import changing_shapes, use_backend
 from modformer.layers.cache import KVCache, StaticKVCache
+from modformer.layers.matvec import matvec_linears
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -78,11 +79,15 @@ COMPILE_PRESETS: dict[str, dict | None] = {
 }
 
 
+DECODE_LINEARS = ("gemm", "matvec")       # generate(decode_linear=): how the compiled step runs its linears
+
+
 def check_compile(compile: bool | str, graph_steps: int, decode_backend: str | None = None,
-                  prefill_buckets: int = 1) -> str:
+                  prefill_buckets: int = 1, decode_linear: str | None = None) -> str:
     """The compile preset name of ``generate(compile=...)`` (``"default"`` for True/False); ValueError for an
-    unknown name, ``graph_steps`` or ``prefill_buckets`` that is not an integer >= 1, or an option of the compiled
-    decoder (``decode_backend``, ``prefill_buckets``) without ``compile``."""
+    unknown name, ``graph_steps`` or ``prefill_buckets`` that is not an integer >= 1, an unknown ``decode_linear``,
+    or an option of the compiled decoder (``decode_backend``, ``prefill_buckets``, ``decode_linear``) without
+    ``compile``."""
     for name, value in (("graph_steps", graph_steps), ("prefill_buckets", prefill_buckets)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -90,6 +95,11 @@ def check_compile(compile: bool | str, graph_steps: int, decode_backend: str | N
         raise ValueError(f"decode_backend={decode_backend!r} is an option of the compiled decoder: pass compile=True")
     if prefill_buckets > 1 and not compile:
         raise ValueError("prefill_buckets is an option of the compiled decoder: pass compile=True")
+    if decode_linear is not None:
+        if decode_linear not in DECODE_LINEARS:
+            raise ValueError(f"decode_linear must be one of {', '.join(DECODE_LINEARS)}; got {decode_linear!r}")
+        if not compile:
+            raise ValueError(f"decode_linear={decode_linear!r} is an option of the compiled decoder: pass compile=True")
     if isinstance(compile, bool):
         return "default"
     if not isinstance(compile, str) or compile not in COMPILE_PRESETS:
@@ -106,7 +116,8 @@ class GenerationMixin:
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  compile: bool | str = False, attention_mask: Tensor | None = None,
                  pad_token_id: int | None = None, graph_steps: int = 1,
-                 decode_backend: str | None = None, prefill_buckets: int = 1) -> Tensor:
+                 decode_backend: str | None = None, prefill_buckets: int = 1,
+                 decode_linear: str | None = None) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; returns ``(B, T + new)``.
 
         ``attention_mask`` ``(B, T)`` 0/1 marks left padding of a batch of prompts of different lengths:
@@ -126,9 +137,12 @@ class GenerationMixin:
         cache, which Inductor fuses; ``"eager"``: two matmuls). ``prefill_buckets`` > 1 (with ``compile`` and an
         ``attention_mask``) runs the prefill in that many groups of rows of similar prompt length, each padded only
         to its own longest prompt (``bucketed_prefill``): less work on left padding, the same tokens.
+        ``decode_linear="matvec"`` (with ``compile``) runs the step's linears on at most 4 rows as float32
+        matrix-vector reductions that Inductor fuses with their epilogues (``layers.matvec``) instead of cuBLAS GEMMs
+        (None or ``"gemm"``).
         """
         check_sampling(temperature, top_k, top_p)
-        preset = check_compile(compile, graph_steps, decode_backend, prefill_buckets)
+        preset = check_compile(compile, graph_steps, decode_backend, prefill_buckets, decode_linear)
         check_prompt(idx, max_new_tokens, self.cfg.vocab_size, eos_token_id)
         was_training = self.training
         self.eval()
@@ -143,7 +157,7 @@ class GenerationMixin:
         try:
             if compile and use_cache and max_new_tokens > 0:
                 decoder = self._graph_decoder(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, preset,
-                                              graph_steps, decode_backend)
+                                              graph_steps, decode_backend, decode_linear)
                 return decoder.run(idx, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p),
                                    eos_token_id, generator, attention_mask, pad, prefill_buckets)
             cache = None
@@ -175,19 +189,20 @@ class GenerationMixin:
             self.train(was_training)
 
     def _graph_decoder(self, batch: int, length: int, device: torch.device, preset: str = "default",
-                       graph_steps: int = 1, decode_backend: str | None = None) -> GraphDecoder:
+                       graph_steps: int = 1, decode_backend: str | None = None,
+                       decode_linear: str | None = None) -> GraphDecoder:
         """The model's ``GraphDecoder`` for this batch size, total length, compile preset, steps per graph and
         decode attention backend (one kept at a time).
 
         A captured graph reads the weights at fixed addresses, so the decoder is rebuilt whenever a tensor
         of the model was replaced (``model.to(...)``, ``load_state_dict(assign=True)``); in-place updates
         such as optimizer steps keep the addresses and reach the graph."""
-        key = (batch, length, device, preset, graph_steps, decode_backend,
+        key = (batch, length, device, preset, graph_steps, decode_backend, decode_linear,
                tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
         dec = getattr(self, "_decoder", None)
         if dec is None or dec.key != key:
             dec = GraphDecoder(self, batch, length, device, key, COMPILE_PRESETS[preset], graph_steps,
-                               decode_backend)
+                               decode_backend, decode_linear)
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
         return dec
 
@@ -244,11 +259,12 @@ class GraphDecoder:
 
     def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device,
                  key: tuple = (), compile_options: dict | None = None, graph_steps: int = 1,
-                 decode_backend: str | None = None) -> None:
+                 decode_backend: str | None = None, decode_linear: str | None = None) -> None:
         with use_backend(decode_backend):       # an unknown name fails here, before anything is allocated
             pass
         self.model, self.device, self.key, self.graph_steps = model, device, key, graph_steps
         self.decode_backend = decode_backend
+        self.matvec = decode_linear == "matvec"
         self.cache = model.new_cache(batch, static=True, max_len=length)
         options = compile_options if compile_options is not None else self.compile_options
         # every decoder compiles the same ``_logits`` code for another self: one more dynamo cache entry each;
@@ -264,7 +280,8 @@ class GraphDecoder:
     def _logits(self, tok: Tensor, pos: Tensor) -> Tensor:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext():
+        with (sdpa_kernel(self.sdpa_backends) if self.sdpa_backends else contextlib.nullcontext(),
+              matvec_linears() if self.matvec else contextlib.nullcontext()):
             return self.model(tok, cache=self.cache, pos=pos, last_only=True)[:, -1]
 
     pad: int | None = None                  # token written after a row's EOS (set by ``run``)
