@@ -139,3 +139,20 @@ def test_cudnn_is_left_out_only_where_inference_shapes_keep_changing(monkeypatch
     seen.clear()
     model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=0)
     assert seen == [(True, 0), (False, 0)]
+
+
+def test_static_cache_writes_keys_and_values_into_one_buffer_at_tensor_positions():
+    """At tensor positions (compiled decoding) a layer's keys and values land in one ``(2, B, Hkv, T, Dh)`` buffer
+    (one scatter kernel), at the given slots only; ``keys``/``values`` are views of it. Values of another head size
+    get their own buffer."""
+    from modformer.layers.cache import StaticKVCache
+
+    cache = StaticKVCache(2, batch=2, n_kv_heads=None, max_len=8, head_dim=None)
+    k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    cache.positions = torch.tensor([5, 6])
+    keys, values = cache.update(0, k, v)
+    assert keys.data_ptr() == cache.kv[0].data_ptr() and values.data_ptr() == cache.kv[0][1].data_ptr()
+    assert torch.equal(keys[:, :, 5:7], k) and torch.equal(values[:, :, 5:7], v)
+    assert not keys[:, :, :5].any() and not values[:, :, 7:].any()
+    keys, values = cache.update(1, k, torch.randn(2, 3, 2, 6))
+    assert cache.kv[1] is None and values.shape == (2, 3, 8, 6) and torch.equal(keys[:, :, 5:7], k)

@@ -115,10 +115,11 @@ class StaticKVCache(KVCache):
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(n_layer)
         self.max_len, self.device, self.dtype = max_len, device, dtype
+        self.kv: list[Tensor | None] = [None] * n_layer     # (2, B, Hkv, max_len, Dh): keys[i], values[i] are views
         if n_kv_heads is not None and head_dim is not None:
-            shape = (batch, n_kv_heads, max_len, head_dim)
-            self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-            self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+            like = torch.empty(batch, n_kv_heads, 1, head_dim, device=device, dtype=dtype)
+            for layer in range(n_layer):
+                self._alloc_kv(layer, like)
 
     # Writes go to the absolute positions in ``self.positions`` (a (T,) tensor the model sets before
     # each forward) with index_copy_, so no Python int that changes per step enters a compiled graph.
@@ -129,10 +130,20 @@ class StaticKVCache(KVCache):
             raise ValueError(f"static KV cache holds {self.max_len} tokens; "
                              f"cannot add {t} after {self.length}")
 
-    def _buffer(self, like: Tensor) -> Tensor:
-        buf = torch.zeros((*like.shape[:-2], self.max_len, like.shape[-1]), device=self.device, dtype=self.dtype)
+    def _buffer(self, like: Tensor, lead: tuple[int, ...] = ()) -> Tensor:
+        buf = torch.zeros((*lead, *like.shape[:-2], self.max_len, like.shape[-1]), device=self.device,
+                          dtype=self.dtype)
         torch._dynamo.mark_static_address(buf)   # fixed address: CUDA graphs may capture in-place writes
         return buf
+
+    def _alloc_kv(self, layer: int, k: Tensor, v: Tensor | None = None) -> None:
+        """One buffer for a layer's keys and values of the same shape, so a compiled step writes both with one
+        scatter kernel (values of another head size get their own buffer)."""
+        if v is not None and v.shape[1:] != k.shape[1:]:
+            self.keys[layer], self.values[layer] = self._buffer(k), self._buffer(v)
+            return
+        kv = self.kv[layer] = self._buffer(k, (2,))
+        self.keys[layer], self.values[layer] = kv[0], kv[1]
 
     def _write(self, buf: Tensor, x: Tensor) -> None:
         t = x.shape[-2]
@@ -161,17 +172,20 @@ class StaticKVCache(KVCache):
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._check(k.shape[2])
         if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = self._buffer(k), self._buffer(v)
-        self._write(self.keys[layer], k)
-        self._write(self.values[layer], v)
+            self._alloc_kv(layer, k, v)
+        if self.positions is not None and self.kv[layer] is not None:
+            self._write(self.kv[layer], torch.stack([k, v]))
+        else:
+            self._write(self.keys[layer], k)
+            self._write(self.values[layer], v)
         return self.keys[layer], self.values[layer]
 
     def write_rows(self, layer: int, rows: Tensor, start: int, k: Tensor, v: Tensor, batch: int) -> None:
         """Keys and values ``(len(rows), Hkv, T, Dh)`` of some rows at slots ``[start, start + T)`` (a prefill run
         in groups of rows); ``batch`` is the cache's row count, for buffers not allocated yet."""
         if self.keys[layer] is None:
-            self.keys[layer] = self._buffer(k.new_empty(batch, k.shape[1], 1, k.shape[-1]))
-            self.values[layer] = self._buffer(v.new_empty(batch, v.shape[1], 1, v.shape[-1]))
+            self._alloc_kv(layer, k.new_empty(batch, k.shape[1], 1, k.shape[-1]),
+                           v.new_empty(batch, v.shape[1], 1, v.shape[-1]))
         t = k.shape[2]
         self.keys[layer][rows, :, start:start + t] = k.to(self.dtype)
         self.values[layer][rows, :, start:start + t] = v.to(self.dtype)

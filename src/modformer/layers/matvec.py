@@ -12,7 +12,6 @@ The sum runs in float32 as cuBLAS's does, so the result differs from ``F.linear`
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
