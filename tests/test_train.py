@@ -198,8 +198,9 @@ def test_cli_train_eval_generate_list(tmp_path):
     out = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "3")
     assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
     greedy = [cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "4",
-                  "--temperature", "0", *extra) for extra in ([], ["--compile"], ["--compile", "--decode-backend",
-                                                                                    "decode"])]
+                  "--temperature", "0", *extra)
+              for extra in ([], ["--compile"],
+                            ["--compile", "--decode-backend", "decode", "--decode-linear", "matvec"])]
     assert greedy[1].returncode == 0 and greedy[1].stdout == greedy[0].stdout
     assert greedy[2].returncode == 0 and greedy[2].stdout == greedy[0].stdout, greedy[2].stderr
     batch = [cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--prompt", "O", "--prompt", "MEO",
@@ -207,7 +208,7 @@ def test_cli_train_eval_generate_list(tmp_path):
              for extra in ([], ["--prefill-buckets", "2"])]
     assert batch[1].returncode == 0 and batch[1].stdout == batch[0].stdout, batch[1].stderr
     for extra in (["--decode-backend", "decode"], ["--compile", "--decode-backend", "fastest"],
-                  ["--prefill-buckets", "2"]):
+                  ["--prefill-buckets", "2"], ["--decode-linear", "matvec"], ["--compile", "--decode-linear", "gemv"]):
         bad = cli("generate", str(tmp_path / "cli"), "--prompt", "ROMEO:", "--max-new-tokens", "2", *extra)
         assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr   # one error line
     out = cli("list")

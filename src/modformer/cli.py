@@ -127,9 +127,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
     for name, value, unset in (("--decode-backend", args.decode_backend, None),
+                               ("--decode-linear", args.decode_linear, None),
                                ("--prefill-buckets", args.prefill_buckets, 1)):
         if value != unset and not args.compile:
             raise ConfigError(f"{name} {value} is an option of compiled decoding: add --compile")
+    if args.decode_linear is not None:
+        from modformer.models.generation import DECODE_LINEARS
+
+        if args.decode_linear not in DECODE_LINEARS:
+            raise ConfigError(f"--decode-linear must be one of {', '.join(DECODE_LINEARS)}; got {args.decode_linear!r}")
     if args.decode_backend is not None:
         from modformer.layers.attention.kernels import use_backend
 
@@ -156,6 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          top_p=args.top_p, generator=g, use_cache=fits,    # slide the window past the table
                          compile=args.compile and fits, attention_mask=mask,
                          decode_backend=args.decode_backend if args.compile and fits else None,
+                         decode_linear=args.decode_linear if args.compile and fits else None,
                          prefill_buckets=args.prefill_buckets if args.compile and fits else 1)
     new = out[:, idx.shape[1]:].tolist()
     texts = [data.decode((i[-max_len:] if max_len else i) + n) for i, n in zip(ids, new)]
@@ -365,6 +372,9 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
     g.add_argument("--decode-backend", default=None, metavar="NAME",
                    help="with --compile: attention backend of the decode steps (default: the model's); decode = "
                         "multiply-and-sum over the cache (64 fp32 rows, H100: 1.97x HF generate), eager, sdpa")
+    g.add_argument("--decode-linear", default=None, metavar="NAME",
+                   help="with --compile: the decode steps' linears as cuBLAS GEMMs (default) or, for 1-4 prompts, "
+                        "Inductor matrix-vector reductions (matvec)")
     g.add_argument("--prefill-buckets", type=int_in(">= 1"), default=1, metavar="N",
                    help="with --compile and several prompts: prefill in N groups of similar length (less padding)")
     g.add_argument("--device", type=device, default=None, help="auto | cpu | cuda | cuda:N | mps (default cpu)")
