@@ -138,7 +138,7 @@ class StaticKVCache(KVCache):
 
     def _alloc_kv(self, layer: int, k: Tensor, v: Tensor | None = None) -> None:
         """One buffer for a layer's keys and values of the same shape, so a compiled step writes both with one
-        scatter kernel (values of another head size get their own buffer)."""
+        ``index_copy_`` (one scatter for Inductor to emit, not two); values of another head size get their own."""
         if v is not None and v.shape[1:] != k.shape[1:]:
             self.keys[layer], self.values[layer] = self._buffer(k), self._buffer(v)
             return
