@@ -132,10 +132,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if value != unset and not args.compile:
             raise ConfigError(f"{name} {value} is an option of compiled decoding: add --compile")
     if args.decode_linear is not None:
-        from modformer.models.generation import DECODE_LINEARS
+        from modformer.models.generation import check_compile
 
-        if args.decode_linear not in DECODE_LINEARS:
-            raise ConfigError(f"--decode-linear must be one of {', '.join(DECODE_LINEARS)}; got {args.decode_linear!r}")
+        check_compile(True, 1, decode_linear=args.decode_linear)     # an unknown name: one line, before any work
     if args.decode_backend is not None:
         from modformer.layers.attention.kernels import use_backend
 

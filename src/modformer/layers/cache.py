@@ -25,6 +25,13 @@ import torch
 from torch import Tensor
 
 
+def fixed_zeros(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """A zero buffer marked as a static address: compiled steps and CUDA graphs write it in place."""
+    buf = torch.zeros(shape, device=device, dtype=dtype)
+    torch._dynamo.mark_static_address(buf)
+    return buf
+
+
 class KVCache:
     """Per-layer growing key/value tensors ``(B, Hkv, T, Dh)``."""
 
@@ -67,9 +74,7 @@ class KVCache:
         zero-filled at a fixed address on first use (compiled steps write it in place); the same tensor after."""
         entry = self.blocks.get((layer, name))
         if entry is None:
-            buf = torch.zeros(shape, device=like.device, dtype=like.dtype)
-            torch._dynamo.mark_static_address(buf)
-            entry = self.blocks[(layer, name)] = (buf, block_size)
+            entry = self.blocks[(layer, name)] = (fixed_zeros(shape, like.device, like.dtype), block_size)
         return entry[0]
 
     def advance(self, n: int) -> None:
@@ -131,10 +136,7 @@ class StaticKVCache(KVCache):
                              f"cannot add {t} after {self.length}")
 
     def _buffer(self, like: Tensor, lead: tuple[int, ...] = ()) -> Tensor:
-        buf = torch.zeros((*lead, *like.shape[:-2], self.max_len, like.shape[-1]), device=self.device,
-                          dtype=self.dtype)
-        torch._dynamo.mark_static_address(buf)   # fixed address: CUDA graphs may capture in-place writes
-        return buf
+        return fixed_zeros((*lead, *like.shape[:-2], self.max_len, like.shape[-1]), self.device, self.dtype)
 
     def _alloc_kv(self, layer: int, k: Tensor, v: Tensor | None = None) -> None:
         """One buffer for a layer's keys and values of the same shape, so a compiled step writes both with one
@@ -164,8 +166,7 @@ class StaticKVCache(KVCache):
         self._check(x.shape[-1])
         buf = self.masks.get(name)
         if buf is None:
-            buf = self.masks[name] = torch.zeros(x.shape[0], self.max_len, device=self.device, dtype=x.dtype)
-            torch._dynamo.mark_static_address(buf)
+            buf = self.masks[name] = fixed_zeros((x.shape[0], self.max_len), self.device, x.dtype)
         self._write(buf[..., None], x[..., None])
         return buf
 

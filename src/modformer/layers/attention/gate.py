@@ -196,6 +196,13 @@ class LearnedGateAttention(MultiHeadAttention):
         return (self.select == "topk" and self.top_k >= n_kblocks) or (self.select == "threshold"
                                                                        and self.threshold <= 0)
 
+    def _block_scores(self, q_sum: Tensor, pooled: Tensor) -> Tensor:
+        """Float32 gate logits ``(B, H, nq, nk)`` of query summaries ``(B, H, nq, Dh)`` against pooled key blocks
+        ``(B, H, nk, 2 Dh)`` ([mean; max]); the one formula of the eager gate and the compiled step, so both choose
+        alike."""
+        gq, gk = self.gate_q(q_sum), self.gate_k(pooled)
+        return (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])
+
     def gate(self, q_all: Tensor, k: Tensor, offset: int, tq: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Scores ``(B, H, nq, nk)`` over strictly past blocks (-inf elsewhere), kept blocks (bool), the
         absolute query-block indices ``(nq,)`` and the past-block mask ``(nq, nk)``."""
@@ -211,8 +218,7 @@ class LearnedGateAttention(MultiHeadAttention):
         j0, j1 = offset // bs, (L - 1) // bs + 1                                     # query blocks [j0, j1)
         qb = torch.arange(j0, j1, device=k.device)                                   # (nq,) absolute blocks
         q_sum = _query_summaries(q_all[:, :, :L], bs, j0, j1).to(k.dtype)
-        gq, gk = self.gate_q(q_sum), self.gate_k(torch.cat([k_mean, k_max], -1))
-        scores = (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])      # (B, H, nq, nk)
+        scores = self._block_scores(q_sum, torch.cat([k_mean, k_max], -1))          # (B, H, nq, nk)
         nk = k_mean.shape[2]
         past = torch.arange(nk, device=k.device)[None, :] < qb[:, None]              # (nq, nk)
         scores = scores.masked_fill(~past, float("-inf"))
@@ -420,8 +426,7 @@ class LearnedGateAttention(MultiHeadAttention):
         qs = self._q_all.index_select(2, qi.clamp(min=0)).float()
         q_sum = ((qs * q_ok[:, None]).sum(2, keepdim=True) / q_ok.sum()).to(k.dtype)        # (B, H, 1, Dh)
         pk = pool if Hkv == H else pool.repeat_interleave(H // Hkv, dim=1)
-        gq, gk = self.gate_q(q_sum), self.gate_k(pk)
-        scores = (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])        # (B, H, 1, n blocks)
+        scores = self._block_scores(q_sum, pk)                                       # (B, H, 1, n blocks)
         nk = scores.shape[-1]
         scores = scores.masked_fill(torch.arange(nk, device=dev) >= j, float("-inf"))
         top = scores.topk(min(self.top_k - 1, nk), dim=-1)
