@@ -203,23 +203,26 @@ class LearnedGateAttention(MultiHeadAttention):
         gq, gk = self.gate_q(q_sum), self.gate_k(pooled)
         return (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])
 
-    def gate(self, q_all: Tensor, k: Tensor, offset: int, tq: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def gate(self, q_all: Tensor, k: Tensor, offset: int, tq: int,
+             pooled: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Scores ``(B, H, nq, nk)`` over strictly past blocks (-inf elsewhere), kept blocks (bool), the
-        absolute query-block indices ``(nq,)`` and the past-block mask ``(nq, nk)``."""
+        absolute query-block indices ``(nq,)`` and the past-block mask ``(nq, nk)``. ``pooled`` ``(B, Hkv, nk,
+        2 Dh)``: the keys' block summaries where the static cache already holds them (else pooled from ``k``)."""
         bs, L, H = self.block_size, offset + tq, q_all.shape[1]
         # the gate reads q/k but never trains them: its losses (gate_loss, STE) update gate_q/gate_k only, as
         # SeerAttention trains the gate with the attention frozen (a gradient into q/k from the gate loss
         # reshaped the attention itself and raised the student's KL 0.08 -> 0.29 in the H100 run)
-        q_all, k = q_all.detach(), k.detach()
-        k = k[:, :, :L]
-        if k.shape[1] != H:
-            k = k.repeat_interleave(H // k.shape[1], dim=1)
-        k_mean, k_max = _pool_blocks(k, bs)
+        q_all = q_all.detach()
+        if pooled is None:                                   # pooled on the kv heads, then shared by their queries
+            pooled = torch.cat(_pool_blocks(k.detach()[:, :, :L], bs), -1)
+        pooled = pooled.detach()
+        if pooled.shape[1] != H:
+            pooled = pooled.repeat_interleave(H // pooled.shape[1], dim=1)
         j0, j1 = offset // bs, (L - 1) // bs + 1                                     # query blocks [j0, j1)
         qb = torch.arange(j0, j1, device=k.device)                                   # (nq,) absolute blocks
         q_sum = _query_summaries(q_all[:, :, :L], bs, j0, j1).to(k.dtype)
-        scores = self._block_scores(q_sum, torch.cat([k_mean, k_max], -1))          # (B, H, nq, nk)
-        nk = k_mean.shape[2]
+        scores = self._block_scores(q_sum, pooled)                                   # (B, H, nq, nk)
+        nk = pooled.shape[2]
         past = torch.arange(nk, device=k.device)[None, :] < qb[:, None]              # (nq, nk)
         scores = scores.masked_fill(~past, float("-inf"))
         if self.select == "topk":
@@ -293,13 +296,13 @@ class LearnedGateAttention(MultiHeadAttention):
             k, v = ctx.cache.update(self.layer_idx, k, v)
         if ctx.key_valid is not None:
             return self._forward_rows(q, k, v, ctx, train_gate)
-        if isinstance(ctx.cache, StaticKVCache):
-            self._write_pool(ctx.cache, k, ctx.q_offset, ctx.q_offset + T)
+        offset, tk = ctx.q_offset, k.shape[2]
+        if isinstance(ctx.cache, StaticKVCache):            # written once: the gate below scores this same pool
+            self._write_pool(ctx.cache, k, offset, offset + T)
         if self._skips_kv(ctx, T):
             return self.merge_heads(self._attend_kept_blocks(q, k, v, ctx), B, T)
-        offset, tk = ctx.q_offset, k.shape[2]
         spec = self.attn_spec(q, k, ctx)
-        scores, keep, qb, past = self.gate(self._q_all, k, offset, T)
+        scores, keep, qb, past = self.gate(self._q_all, k, offset, T, self._cached_pool(ctx, k, offset + T))
         self.last_keep = keep.detach()
         if train_gate:
             self.aux_loss = self.gate_loss * self._gate_target_loss(q.detach(), k.detach(), scores, past)
@@ -338,7 +341,7 @@ class LearnedGateAttention(MultiHeadAttention):
         bs, j, cap = self.block_size, ctx.q_offset // self.block_size, k.shape[2]
         choice = ctx.cache.state.get((self.layer_idx, "gate_blocks"))
         if choice is None or choice["block"] != j:
-            _, keep, _, _ = self.gate(self._q_all, k, ctx.q_offset, 1)
+            _, keep, _, _ = self.gate(self._q_all, k, ctx.q_offset, 1, self._cached_pool(ctx, k, ctx.q_offset + 1))
             H = keep.shape[1]
             past = keep[:, :, 0, :j]                                                # (B, H, j): chosen past blocks
             n = int(past.sum(-1).max())                                             # one sync per block of tokens
@@ -385,6 +388,12 @@ class LearnedGateAttention(MultiHeadAttention):
         B, Hkv, _, Dh = k.shape
         shape = (B, Hkv, -(-cache.max_len // self.block_size), 2 * Dh)
         return cache.block_buffer(self.layer_idx, "gate_pool", shape, self.block_size, k)
+
+    def _cached_pool(self, ctx: Context, k: Tensor, length: int) -> Tensor | None:
+        """The static cache's summaries of the blocks of the first ``length`` slots (None without a static cache)."""
+        if not isinstance(ctx.cache, StaticKVCache):
+            return None
+        return self._pool_buffer(ctx.cache, k)[:, :, :-(-length // self.block_size)]
 
     def _write_pool(self, cache: StaticKVCache, k: Tensor, start: int, end: int) -> None:
         """Pooled summaries of the blocks that cached slots ``[start, end)`` touch (eager calls: prefill, steps)."""
