@@ -73,9 +73,12 @@ def check_prompt(idx: Tensor, max_new_tokens: int, vocab_size: int, eos_token_id
 # CUDA graph wraps the step, so Inductor's cudagraphs stay off. "max-autotune" times Triton GEMM templates
 # against cuBLAS for each projection (batch-1 decoding is 48 GEMVs per token on GPT-2-124M) and fuses bias /
 # activation / residual epilogues into the chosen template; it compiles for minutes, not seconds.
+# "coordinate-descent" times only the block sizes of Inductor's own Triton kernels (no GEMM templates): what the
+# matrix-vector reductions of ``decode_linear="matvec"`` are made of; it compiles in seconds to a minute.
 COMPILE_PRESETS: dict[str, dict | None] = {
     "default": None,
     "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "triton.cudagraphs": False},
+    "coordinate-descent": {"coordinate_descent_tuning": True, "triton.cudagraphs": False},
 }
 
 
