@@ -179,3 +179,19 @@ def test_float8_linear_traces_into_one_graph():
     compiled.backward()
     assert torch.equal(compiled, eager)
     assert all(torch.equal(p.grad, g) for p, g in zip(mlp.parameters(), grads))
+
+
+def test_tensorwise_backward_reuses_one_quantisation_of_each_operand():
+    """Tensorwise, the saved FP8 copies give the gradients the per-matmul quantisation gives (one scale per tensor,
+    whatever the contraction dimension): the backward need not re-quantise ``x`` and ``w``."""
+    r = RECIPES["tensorwise"]
+    x, w = operands(32, 64, 48, seed=3)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    y = float8_linear(x, w, None, r)
+    g = torch.randn(32, 48, generator=torch.Generator().manual_seed(4))
+    y.backward(g)
+    xd, wd = x.detach(), w.detach()
+    assert torch.equal(y.detach(), fp8_mm(xd, wd, E4M3, E4M3, False, torch.float32))
+    assert torch.equal(x.grad, fp8_mm(g, wd.t(), r.grad_dtype, E4M3, False, torch.float32))
+    assert torch.equal(w.grad, fp8_mm(g.t(), xd.t(), r.grad_dtype, E4M3, False, torch.float32))

@@ -64,23 +64,38 @@ def fp8_mm(a: Tensor, b: Tensor, a_dtype: torch.dtype, b_dtype: torch.dtype, row
 
 
 class _Float8Matmul(torch.autograd.Function):
-    """``x @ w.T`` with all three matmuls in FP8; ``x`` (M, K) in the compute dtype, ``w`` (N, K) the master weight."""
+    """``x @ w.T`` with all three matmuls in FP8; ``x`` (M, K) in the compute dtype, ``w`` (N, K) the master weight.
+
+    Tensorwise, one scale serves every contraction dimension, so ``x``, ``w`` and the gradient are each quantised
+    once and the backward reads the saved FP8 copies (transposed in FP8, one byte per element); rowwise, each
+    matmul quantises its operands along its own contraction dimension from the saved high-precision ``x``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, recipe: Float8Recipe) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, w)
-        ctx.recipe = recipe
-        return fp8_mm(x, w, E4M3, E4M3, recipe.scaling == "rowwise", x.dtype)
+        ctx.recipe, ctx.dtypes = recipe, (x.dtype, w.dtype)
+        if recipe.scaling == "rowwise":
+            ctx.save_for_backward(x, w)
+            return fp8_mm(x, w, E4M3, E4M3, True, x.dtype)
+        qx, sx = quantize(x, E4M3, False)
+        qw, sw = quantize(w, E4M3, False)
+        ctx.save_for_backward(qx, sx, qw, sw)
+        return torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw, out_dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN001
-        x, w = ctx.saved_tensors
-        r = ctx.recipe
-        rowwise = r.scaling == "rowwise"
+        r, (x_dtype, w_dtype) = ctx.recipe, ctx.dtypes
         g = g.contiguous()
-        gx = fp8_mm(g, w.t(), r.grad_dtype, E4M3, rowwise, x.dtype)            # (M, N) @ (N, K)
-        gw = fp8_mm(g.t(), x.t(), r.grad_dtype, E4M3, rowwise, x.dtype)        # (N, M) @ (M, K)
-        return gx, gw.to(w.dtype), None
+        if r.scaling == "rowwise":
+            x, w = ctx.saved_tensors
+            gx = fp8_mm(g, w.t(), r.grad_dtype, E4M3, True, x_dtype)            # (M, N) @ (N, K)
+            gw = fp8_mm(g.t(), x.t(), r.grad_dtype, E4M3, True, x_dtype)        # (N, M) @ (M, K)
+            return gx, gw.to(w_dtype), None
+        qx, sx, qw, sw = ctx.saved_tensors
+        qg, sg = quantize(g, r.grad_dtype, False)
+        # _scaled_mm takes a row-major first and a column-major second operand
+        gx = torch._scaled_mm(qg, qw.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=x_dtype)
+        gw = torch._scaled_mm(qg.t().contiguous(), qx.t().contiguous().t(), scale_a=sg, scale_b=sx, out_dtype=x_dtype)
+        return gx, gw.to(w_dtype), None
 
 
 def float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, recipe: Float8Recipe) -> Tensor:
