@@ -18,6 +18,7 @@ from modformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig, sa
 from modformer.train import checkpoint as ckpt
 from modformer.train.grokfast import GrokfastEMA
 from modformer.train.logging import read_metrics
+from modformer.train.loss import COMPILED_LOSS_MIN_VOCAB, lm_loss
 from modformer.train.optim import param_groups
 from modformer.train.schedule import lr_schedule
 from modformer.train.trainer import Trainer, TrainingError
@@ -257,14 +258,15 @@ def assert_same_weights_up_to_reduction_order(run_a: Path, run_b: Path, cfg: Run
 
 def test_compile_scope_blocks_compiles_each_block_once_and_trains_as_eager(tmp_path):
     """Regional compilation: every block is compiled (one shared graph), the model itself is not wrapped, and the
-    losses equal the uncompiled run's (no dropout: compiled dropout draws other random numbers)."""
+    losses equal the uncompiled run's (no dropout: compiled dropout draws other random numbers), with the loss
+    compiled apart (compile_loss=on: Inductor's fused cross-entropy instead of the chunked one)."""
     torch._dynamo.reset()
     with pytest.raises(mf.ConfigError, match="train.compile_scope"):
         Trainer(run_cfg(tmp_path, "bad", compile=True, compile_scope="layers"))
     with pytest.raises(mf.ConfigError, match="without CUDA graphs"):     # one shared CUDA graph: outputs overwritten
         Trainer(run_cfg(tmp_path, "graphs", compile=True, compile_scope="blocks", compile_mode="reduce-overhead"))
     runs = {}
-    for name, kw in (("eager", {}), ("blocks", dict(compile=True, compile_scope="blocks"))):
+    for name, kw in (("eager", {}), ("blocks", dict(compile=True, compile_scope="blocks", compile_loss="on"))):
         cfg = run_cfg(tmp_path, name, steps=4, optimizer_options={}, **kw)
         cfg.model.n_layer, cfg.model.dropout = 2, 0.0
         trainer = Trainer(cfg)
@@ -272,6 +274,7 @@ def test_compile_scope_blocks_compiles_each_block_once_and_trains_as_eager(tmp_p
         trainer.fit()
     compiled = runs["blocks"]
     assert compiled.model is compiled.raw_model                          # no whole-model wrapper
+    assert compiled.loss_fn is not lm_loss                               # the compiled loss took the steps
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in compiled.raw_model.blocks)
     a, b = (strip(read_metrics(tmp_path / n / "metrics.jsonl")) for n in ("eager", "blocks"))
     losses = [(x["loss"], y["loss"]) for x, y in zip(a, b) if "loss" in x]
@@ -367,18 +370,26 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
 def test_compile_mode_is_checked_and_passed_to_torch_compile(tmp_path, monkeypatch):
     with pytest.raises(mf.ConfigError, match="train.compile_mode"):
         Trainer(run_cfg(tmp_path, "bad", compile_mode="fast"))
-    seen = {}
+    with pytest.raises(mf.ConfigError, match="train.compile_loss"):
+        Trainer(run_cfg(tmp_path, "bad", compile_loss="yes"))
+    seen = []
 
-    def fake_compile(model, **kw):
-        seen.update(kw)
-        return model
+    def fake_compile(fn, **kw):
+        seen.append((fn, kw))
+        return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    Trainer(run_cfg(tmp_path, "ok", compile=True, compile_mode="reduce-overhead"))
-    assert seen == {"mode": "reduce-overhead"}
+    trainer = Trainer(run_cfg(tmp_path, "ok", compile=True, compile_mode="reduce-overhead", compile_loss="on"))
+    # the model in the configured mode; the loss apart, in Inductor's default mode (fused cross-entropy)
+    assert seen == [(trainer.raw_model, {"mode": "reduce-overhead"}), (lm_loss, {"dynamic": False})]
     seen.clear()
-    Trainer(run_cfg(tmp_path, "graphs", compile=True, compile_mode="cudagraphs"))
-    assert seen == {"backend": "cudagraphs"}                 # torch.compile's backend, not an Inductor mode
+    trainer = Trainer(run_cfg(tmp_path, "auto", compile=True))     # auto: a small vocabulary keeps the eager loss
+    assert trainer.cfg.model.vocab_size < COMPILED_LOSS_MIN_VOCAB
+    assert seen == [(trainer.raw_model, {"mode": "default"})] and trainer.loss_fn is lm_loss
+    seen.clear()
+    trainer = Trainer(run_cfg(tmp_path, "graphs", compile=True, compile_mode="cudagraphs"))
+    assert seen == [(trainer.raw_model, {"backend": "cudagraphs"})]   # torch.compile's backend, no Inductor:
+    assert trainer.loss_fn is lm_loss                                  # the loss stays eager
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None

@@ -261,6 +261,10 @@ class TrainConfig:
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs: for small,
                                        # launch-bound models) | max-autotune | max-autotune-no-cudagraphs |
                                        # cudagraphs (CUDA graphs of eager kernels, no Inductor codegen)
+    compile_loss: str = "auto"         # auto | on | off, with compile: the loss compiled apart from the model
+                                       # (train/loss.py lm_loss; fused cross-entropy). auto: on for vocabularies
+                                       # of >= 1024 entries (a character vocabulary's loss costs less than the
+                                       # loss graph's cold compile)
     compile_scope: str = "model"       # model (one graph) | blocks (regional: each transformer block compiled,
                                        # identical blocks share one compiled graph: a shorter cold compile;
                                        # compile_mode default or max-autotune-no-cudagraphs only)
@@ -292,6 +296,7 @@ class TrainConfig:
         "log_every": ">= 1", "checkpoint_every": [">= 0", "0 = only at the end"], "early_stop_mode": ("max", "min"),
         "device": DEVICE, "dtype": ("auto", "float32", "bfloat16", "float16"),
         "precision": ("auto", "bf16", "fp8", "fp8_rowwise"), "loss_chunk_size": [">= 0", "0 = automatic"],
+        "compile_loss": ("auto", "on", "off"),
         "distributed": ("ddp", "fsdp"),
         "grad_reduce_dtype": ("float32", "bfloat16"), "seed": ">= 0", "threads": ">= 1", "sample_tokens": ">= 0",
         "keep_checkpoints": ">= 1"}

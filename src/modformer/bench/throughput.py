@@ -2,8 +2,8 @@
 
 Both models get the same GPT-2-shaped config and weights (``mf.hf.to_hf``), the same batch, the
 same fused AdamW and the same loss. Rows are cumulative techniques for modformer (fp32 -> bf16
-autocast -> fused AdamW -> torch.compile -> CUDA graphs, the last on GPU), the trainer's loss path (compiled
-model, chunked cross-entropy outside it), FP8 linear layers (``train.precision: fp8``; GPUs of compute
+autocast -> fused AdamW -> torch.compile -> CUDA graphs, the last on GPU), the trainer's path (compiled
+model, its ``lm_loss`` compiled apart), FP8 linear layers (``train.precision: fp8``; GPUs of compute
 capability >= 8.9) with tensorwise and rowwise scaling, and the HF peer with and without compile.
 
 ``--peer-nanogpt PATH`` adds nanoGPT's own model (its checkout's ``model.py``, imported from the path, never copied)
@@ -47,7 +47,7 @@ from modformer.bench.fp8_gap import fp8_loss_gap
 from modformer.bench.nanogpt_peer import build_peer_model, checkout, load_model_module
 from modformer.cli import HelpFormatter
 from modformer.train.fp8 import convert_to_float8, fp8_supported
-from modformer.train.loss import chunked_cross_entropy
+from modformer.train.loss import lm_loss
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(model=dict(vocab_size=50304, n_layer=12, d_model=768, n_head=12, max_seq_len=1024),
@@ -70,8 +70,8 @@ def measure(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor,
 
     ``kind``: modformer | hf | nanogpt (its forward returns the loss; its own ``configure_optimizers``).
     ``compile_model`` is False, True (default mode) or a torch.compile mode name; ``loss``: ``compiled`` (the
-    cross-entropy inside the compiled region) or ``chunked`` (the trainer's path: only the model compiled,
-    ``chunked_cross_entropy`` outside it); ``profile_to`` writes the step's top GPU kernels (torch.profiler)."""
+    cross-entropy inside the compiled region) or ``trainer`` (the trainer's path: the model compiled, and the
+    trainer's ``lm_loss`` compiled apart from it); ``profile_to`` writes the step's top GPU kernels (torch.profiler)."""
     if kind == "nanogpt":
         opt = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
                                          device_type=device.type)
@@ -79,18 +79,19 @@ def measure(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor,
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     mode = compile_model if isinstance(compile_model, str) else None
-    net = torch.compile(model, mode=mode) if compile_model and loss == "chunked" else model
+    net = torch.compile(model, mode=mode) if compile_model and loss == "trainer" else model
+    trainer_loss = torch.compile(lm_loss, dynamic=False) if compile_model else lm_loss
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with amp:
             if kind == "nanogpt":
                 return net(x, y)[1]
             logits = net(input_ids=x).logits if kind == "hf" else net(x)
-            if loss == "chunked":
-                return chunked_cross_entropy(logits.flatten(0, 1), y.flatten()) / y.numel()
+            if loss == "trainer":
+                return trainer_loss(logits.flatten(0, 1), y.flatten())[1] / y.numel()
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-    compile_all = compile_model and loss != "chunked"
+    compile_all = compile_model and loss != "trainer"
     fwd = torch.compile(loss_fn, mode=mode) if compile_all else loss_fn   # same compiled region for every model
 
     def step() -> None:
@@ -140,7 +141,7 @@ def variants(device: torch.device, with_hf: bool, compile_ok: bool, peer: bool) 
            v("modformer +fused AdamW")]
     if compile_ok:
         out.append(v("modformer +torch.compile", comp=True))
-        out.append(v("modformer +compile, chunked CE outside (trainer's loss path)", comp=True, loss="chunked"))
+        out.append(v("modformer +compile, loss compiled apart (trainer's path)", comp=True, loss="trainer"))
         if gpu:
             out.append(v("modformer +CUDA graphs (reduce-overhead)", comp="reduce-overhead"))
         if fp8_supported(device)[0] and gpu:

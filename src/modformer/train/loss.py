@@ -7,14 +7,24 @@ chunk at a time, and keeps only the logits and one float32 log-sum-exp per row f
 writes the gradient ``softmax - onehot`` chunk by chunk straight into a tensor of the logits' dtype. The value is
 the same sum of per-row ``logsumexp(z) - z[y]`` in the upcast dtype (float32, or float64 for float64 logits),
 so it is exact up to the order of floating-point additions.
+
+:func:`lm_loss` is the trainer's whole loss step (summed NLL, the objective with optional label smoothing, the
+correct-prediction count) in one function. Eager, it takes the chunked path above. Under ``torch.compile``
+(``train.compile``) the plain float32 cross-entropy is written instead: Inductor fuses the upcast into its
+log-sum-exp and gradient kernels, so no float32 copy is materialised either, and the loss and the argmax read the
+logits in a few fused passes instead of a Python loop of chunks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 26      # automatic chunk: about 64M logits (256 MB as float32)
+# train.compile_loss=auto compiles lm_loss from this vocabulary size up. Measured where it pays: GPT-2's 50,304
+# (H100, trainer step 43.8 -> 29.3 ms); a 65-character vocabulary's eager loss costs less than the compile.
+COMPILED_LOSS_MIN_VOCAB = 1024
 
 
 def chunk_rows(n_rows: int, vocab: int, chunk_size: int = 0) -> int:
@@ -62,3 +72,19 @@ def chunked_cross_entropy(logits: Tensor, target: Tensor, chunk_size: int = 0, i
                          f"{tuple(target.shape)}")
     return _ChunkedCrossEntropy.apply(logits, target, chunk_rows(logits.shape[0], logits.shape[1], chunk_size),
                                       ignore_index)
+
+
+def lm_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
+            chunk_size: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(nll, objective, correct)`` of ``logits`` (N, V) against ``target`` (N,) (-100 ignored): the summed NLL, the
+    summed training objective (the NLL, or the label-smoothed cross-entropy) and the number of targets the argmax
+    predicts. Eager: ``chunked_cross_entropy`` (``chunk_size`` rows per chunk); traced by ``torch.compile``: the same
+    sums as one fused float32 cross-entropy."""
+    if torch.compiler.is_compiling():
+        nll = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+    else:
+        nll = chunked_cross_entropy(logits, target, chunk_size)
+    objective = nll if not label_smoothing else F.cross_entropy(
+        logits.float(), target, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing)
+    correct = ((logits.argmax(-1) == target) & (target != -100)).sum()
+    return nll, objective, correct

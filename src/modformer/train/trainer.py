@@ -31,7 +31,7 @@ from modformer.train.ema import build_ema, update_ema
 from modformer.train.fp8 import check_fp8, convert_to_float8
 from modformer.train.grokfast import build_grad_filter
 from modformer.train.logging import MetricsLogger, ProgressDisplay, run_banner
-from modformer.train.loss import chunked_cross_entropy
+from modformer.train.loss import COMPILED_LOSS_MIN_VOCAB, lm_loss
 from modformer.train.optim import build_optimizer
 from modformer.train.profiling import StepProfiler
 from modformer.train.pruning import TrainingPruner, check_prune_compatible, parse_prune
@@ -195,6 +195,7 @@ class Trainer:
                                 t.grad_reduce_dtype)
         if t.compile and not regional:
             self.model = torch.compile(self.model, **compile_args)
+        self.loss_fn = torch.compile(lm_loss, dynamic=False) if self._compiles_loss() else lm_loss
         self._lap("wrap and torch.compile (imports Dynamo / Inductor)")
         self.optimizer = build_optimizer(self.raw_model, t)
         prune_spec = parse_prune(t.prune, t.steps)
@@ -388,6 +389,15 @@ class Trainer:
 
             print(line, file=sys.stderr, flush=True)
 
+    def _compiles_loss(self) -> bool:
+        """``train.compile_loss``: the loss compiled apart from the model (the same under every wrapper), where
+        Inductor fuses the cross-entropy and argmax over the logits (default mode: a few kernels). ``auto``: for
+        vocabularies of >= 1024 entries; never with the cudagraphs backend (it runs no Inductor)."""
+        t = self.cfg.train
+        if not t.compile or t.compile_mode == "cudagraphs" or t.compile_loss == "off":
+            return False
+        return t.compile_loss == "on" or self.cfg.model.vocab_size >= COMPILED_LOSS_MIN_VOCAB
+
     # ---- one optimisation step ---------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -423,10 +433,8 @@ class Trainer:
             sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
                 logits = self.model(x, **self.data.batch_kwargs(x, y))  # document_ids / attention_mask
-                flat_logits, flat_y = logits.flatten(0, 1), y.flatten()
-                nll = chunked_cross_entropy(flat_logits, flat_y, t.loss_chunk_size)   # no float32 logits copy
-                objective = nll if not t.label_smoothing else F.cross_entropy(
-                    flat_logits.float(), flat_y, ignore_index=-100, reduction="sum", label_smoothing=t.label_smoothing)
+                nll, objective, n_correct = self.loss_fn(logits.flatten(0, 1), y.flatten(), t.label_smoothing,
+                                                         t.loss_chunk_size)   # no float32 logits copy
                 loss = objective * (self.world.size / max(n_targets, 1))   # exact global mean after DDP's average
                 aux = getattr(unwrap(self.model), "aux_loss", None)
                 if aux is not None:
@@ -436,7 +444,7 @@ class Trainer:
                     self._track_aux(key, value.detach())   # e.g. moe_overflow, moe_assignments
             self.scaler.scale(loss).backward()
             loss_sum += nll.detach()
-            correct += ((logits.argmax(-1) == y) & (y != -100)).sum()
+            correct += n_correct
         if self.pruner is not None:
             self.pruner.mask_grads()
         if self.grad_filter is not None:
