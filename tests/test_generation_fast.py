@@ -235,3 +235,17 @@ def test_bucketed_prefill_refuses_what_it_cannot_do(no_inductor):
     mla = tiny_gpt(attention="mla")
     with pytest.raises(ValueError, match="caches keys and values only"):
         mla.generate(idx, 2, temperature=0, compile=True, attention_mask=mask, prefill_buckets=2)
+
+
+@pytest.mark.parametrize("decode_linear", [None, "matvec"])
+def test_uncaptured_steps_reuse_the_compiled_step_outside_no_grad(decode_linear):
+    """What ``profile_step`` times: direct steps of the warm compiled forward, called outside ``no_grad`` (as the
+    bench does), run the same compiled code without a retrace and put ``pos`` back."""
+    model = tiny_gpt()
+    prompt = torch.randint(0, 37, (1, 3), generator=torch.Generator().manual_seed(5))
+    model.generate(prompt, 8, temperature=0, compile=True, decode_linear=decode_linear)
+    decoder = model._decoder
+    pos = int(decoder.pos)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        decoder.uncaptured_steps(3)
+    assert int(decoder.pos) == pos

@@ -5,9 +5,10 @@ modformer decodes (a) without a cache (the uncached path: the whole context re-r
 growing cache, eager, and (c) with its static cache and the decode step compiled and captured as a CUDA graph
 (``generate(..., compile=True)``), in the decoder settings named by ``--decoders``: ``graph`` (one step per
 graph, default Inductor), ``graph16`` (16 steps per graph), ``decode16`` (16 steps per graph and the
-Inductor-fused decode attention, ``decode_backend="decode"``), ``matvec16`` (that, with the linears as Inductor
-matrix-vector reductions, ``decode_linear="matvec"``), ``matvec16cd`` (that, with Inductor's
-coordinate-descent tuning of the reduction kernels' block sizes), ``autotune`` / ``autotune16`` (Inductor
+Inductor-fused decode attention, ``decode_backend="decode"``), ``matvec16`` (16 steps per graph, the linears as
+Inductor matrix-vector reductions, ``decode_linear="matvec"``), ``matvec16cd`` (that, with Inductor's
+coordinate-descent tuning of the reduction kernels' block sizes), ``decode_matvec16cd`` (that, with the decode
+attention), ``autotune`` / ``autotune16`` (Inductor
 max-autotune GEMMs; compiles for minutes). The peer is HF ``GPT2LMHeadModel.generate`` on the same weights
 (``mf.hf.to_hf``) with its static cache (``cache_implementation="static"``: transformers compiles the decode
 forward itself on GPU), and with ``--hf-dynamic`` its dynamic cache. Fast paths are timed ``--repeats`` times
@@ -51,11 +52,13 @@ DECODERS: dict[str, tuple[str, dict[str, Any]]] = {
     "graph16": ("modformer static cache + compile, 16 steps/graph", dict(compile=True, graph_steps=16)),
     "decode16": ("modformer static cache + compile, 16 steps/graph, decode attention",
                  dict(compile=True, graph_steps=16, decode_backend="decode")),
-    "matvec16": ("modformer static cache + compile, 16 steps/graph, decode attention, matvec linears",
-                 dict(compile=True, graph_steps=16, decode_backend="decode", decode_linear="matvec")),
-    "matvec16cd": ("modformer static cache + compile coordinate-descent, 16 steps/graph, decode attention, "
-                   "matvec linears", dict(compile="coordinate-descent", graph_steps=16, decode_backend="decode",
-                                          decode_linear="matvec")),
+    "matvec16": ("modformer static cache + compile, 16 steps/graph, matvec linears",
+                 dict(compile=True, graph_steps=16, decode_linear="matvec")),
+    "matvec16cd": ("modformer static cache + compile coordinate-descent, 16 steps/graph, matvec linears",
+                   dict(compile="coordinate-descent", graph_steps=16, decode_linear="matvec")),
+    "decode_matvec16cd": ("modformer static cache + compile coordinate-descent, 16 steps/graph, decode attention, "
+                          "matvec linears", dict(compile="coordinate-descent", graph_steps=16,
+                                                 decode_backend="decode", decode_linear="matvec")),
     "autotune": ("modformer static cache + compile max-autotune", dict(compile="max-autotune")),
     "autotune16": ("modformer static cache + compile max-autotune, 16 steps/graph",
                    dict(compile="max-autotune", graph_steps=16)),

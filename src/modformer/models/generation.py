@@ -379,25 +379,30 @@ class GraphDecoder:
         prof = self.profile_step(steps)
         return prof["kernels"] if prof is not None else None
 
+    @torch.no_grad()    # as in generate: another grad mode would fail the compiled step's guards and retrace it
+    def uncaptured_steps(self, steps: int) -> None:
+        """Run ``steps`` greedy decode steps of the compiled forward directly (not a graph replay) over the last
+        ``steps`` slots, so every write stays in bounds; ``pos`` is put back, and the slots the steps write are
+        overwritten by the next run. Call after ``run`` (the decoder must be warm)."""
+        start = int(self.pos)
+        self.pos.fill_(self.out.shape[1] - 1 - steps)
+        self._steps(steps, dict(temperature=0, top_k=None, top_p=None), None, None)
+        self.pos.fill_(start)
+
     def profile_step(self, steps: int = 8, top: int = 8) -> dict | None:
         """One decode step's CUDA kernels, profiled with torch.profiler over ``steps`` direct, uncaptured steps
         of the compiled forward (greedy): ``kernels`` per step, their summed ``device_us`` per step, and the
         ``top`` kernels as ``[name, calls per step, share of device time]``; None off CUDA. Call after ``run``
-        (the decoder must be warm); ``pos`` is put back, and the slots the steps write are overwritten by the
-        next run."""
+        (``uncaptured_steps``)."""
         if self.device.type != "cuda":
             return None
         from torch.profiler import ProfilerActivity, profile
 
-        start, length = int(self.pos), self.out.shape[1]
-        steps = max(1, min(steps, length - 1))
-        self.pos.fill_(length - 1 - steps)          # the last ``steps`` slots: every write stays in bounds
-        sampling = dict(temperature=0, top_k=None, top_p=None)
+        steps = max(1, min(steps, self.out.shape[1] - 1))
         torch.cuda.synchronize(self.device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            self._steps(steps, sampling, None, None)
+            self.uncaptured_steps(steps)
             torch.cuda.synchronize(self.device)
-        self.pos.fill_(start)
         # kernel rows carry device time of their own; CPU-side ops (aten::mm, cudaLaunchKernel) carry none
         kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0
                    and not e.key.startswith(("Memcpy", "Memset"))]
