@@ -8,6 +8,7 @@ with or without Inductor; ``tests/test_model.py`` covers the compiled forward it
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -249,3 +250,21 @@ def test_uncaptured_steps_reuse_the_compiled_step_outside_no_grad(decode_linear)
     with torch._dynamo.config.patch(error_on_recompile=True):
         decoder.uncaptured_steps(3)
     assert int(decoder.pos) == pos
+
+
+def test_compiled_step_writes_the_kv_cache_in_place():
+    """The compiled step writes a layer's K/V buffer in place: Inductor's code allocates nothing of the buffer's
+    size (a step that copied the whole cache each token made compiled decoding at batch 64 x 16k 3x slower than
+    eager). Aliased inputs caused it: the cache must hand the step only the one buffer, not its views too."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_gpt(n_layer=1)
+    prompt = torch.randint(0, 37, (1, 3), generator=torch.Generator().manual_seed(6))
+    model.generate(prompt, 4, temperature=0, compile=True)
+    decoder = model._decoder
+    torch._dynamo.reset()
+    with torch.no_grad():                                                   # as generate runs it
+        _, code = run_and_get_code(decoder.logits_fn, decoder.tok, decoder.pos)
+    shape = str(tuple(decoder.cache.kv[0].shape))
+    assert code and any(shape in c for c in code)                          # the buffer is an input of the step
+    assert not any(re.search(r"empty_strided_\w+\(" + re.escape(shape), c) for c in code)

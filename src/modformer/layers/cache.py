@@ -172,13 +172,17 @@ class StaticKVCache(KVCache):
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._check(k.shape[2])
-        if self.keys[layer] is None:
+        kv = self.kv[layer]
+        if kv is None and self.keys[layer] is None:
             self._alloc_kv(layer, k, v)
-        if self.positions is not None and self.kv[layer] is not None:
-            self._write(self.kv[layer], torch.stack([k, v]))
-        else:
-            self._write(self.keys[layer], k)
-            self._write(self.values[layer], v)
+            kv = self.kv[layer]
+        if kv is not None and self.positions is not None:
+            # write and return views of the one buffer: ``keys[i]`` / ``values[i]`` would enter a compiled step as
+            # further inputs aliasing it, and a mutated input with aliases is copied whole on every step
+            self._write(kv, torch.stack([k, v]))
+            return kv[0], kv[1]
+        self._write(self.keys[layer], k)
+        self._write(self.values[layer], v)
         return self.keys[layer], self.values[layer]
 
     def write_rows(self, layer: int, rows: Tensor, start: int, k: Tensor, v: Tensor, batch: int) -> None:
