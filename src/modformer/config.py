@@ -263,8 +263,7 @@ class TrainConfig:
                                        # cudagraphs (CUDA graphs of eager kernels, no Inductor codegen)
     compile_loss: str = "auto"         # auto | on | off, with compile: the loss compiled apart from the model
                                        # (train/loss.py lm_loss; fused cross-entropy). auto: on for vocabularies
-                                       # of >= 1024 entries (a character vocabulary's loss costs less than the
-                                       # loss graph's cold compile)
+                                       # of >= 1024 entries (train/loss.py COMPILED_LOSS_MIN_VOCAB says why)
     compile_scope: str = "model"       # model (one graph) | blocks (regional: each transformer block compiled,
                                        # identical blocks share one compiled graph: a shorter cold compile;
                                        # compile_mode default or max-autotune-no-cudagraphs only)
