@@ -198,8 +198,11 @@ class LearnedGateAttention(MultiHeadAttention):
 
     def _block_scores(self, q_sum: Tensor, pooled: Tensor) -> Tensor:
         """Float32 gate logits ``(B, H, nq, nk)`` of query summaries ``(B, H, nq, Dh)`` against pooled key blocks
-        ``(B, H, nk, 2 Dh)`` ([mean; max]); the one formula of the eager gate and the compiled step, so both choose
-        alike."""
+        ``(B, Hkv, nk, 2 Dh)`` ([mean; max], shared by each kv head's queries); the one formula of the eager gate and
+        the compiled step, so both choose alike."""
+        H = q_sum.shape[1]
+        if pooled.shape[1] != H:
+            pooled = pooled.repeat_interleave(H // pooled.shape[1], dim=1)
         gq, gk = self.gate_q(q_sum), self.gate_k(pooled)
         return (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])
 
@@ -208,7 +211,7 @@ class LearnedGateAttention(MultiHeadAttention):
         """Scores ``(B, H, nq, nk)`` over strictly past blocks (-inf elsewhere), kept blocks (bool), the
         absolute query-block indices ``(nq,)`` and the past-block mask ``(nq, nk)``. ``pooled`` ``(B, Hkv, nk,
         2 Dh)``: the keys' block summaries where the static cache already holds them (else pooled from ``k``)."""
-        bs, L, H = self.block_size, offset + tq, q_all.shape[1]
+        bs, L = self.block_size, offset + tq
         # the gate reads q/k but never trains them: its losses (gate_loss, STE) update gate_q/gate_k only, as
         # SeerAttention trains the gate with the attention frozen (a gradient into q/k from the gate loss
         # reshaped the attention itself and raised the student's KL 0.08 -> 0.29 in the H100 run)
@@ -216,8 +219,6 @@ class LearnedGateAttention(MultiHeadAttention):
         if pooled is None:                                   # pooled on the kv heads, then shared by their queries
             pooled = torch.cat(_pool_blocks(k.detach()[:, :, :L], bs), -1)
         pooled = pooled.detach()
-        if pooled.shape[1] != H:
-            pooled = pooled.repeat_interleave(H // pooled.shape[1], dim=1)
         j0, j1 = offset // bs, (L - 1) // bs + 1                                     # query blocks [j0, j1)
         qb = torch.arange(j0, j1, device=k.device)                                   # (nq,) absolute blocks
         q_sum = _query_summaries(q_all[:, :, :L], bs, j0, j1).to(k.dtype)
@@ -434,8 +435,7 @@ class LearnedGateAttention(MultiHeadAttention):
         q_ok = qi >= 0
         qs = self._q_all.index_select(2, qi.clamp(min=0)).float()
         q_sum = ((qs * q_ok[:, None]).sum(2, keepdim=True) / q_ok.sum()).to(k.dtype)        # (B, H, 1, Dh)
-        pk = pool if Hkv == H else pool.repeat_interleave(H // Hkv, dim=1)
-        scores = self._block_scores(q_sum, pk)                                       # (B, H, 1, n blocks)
+        scores = self._block_scores(q_sum, pool)                                     # (B, H, 1, n blocks)
         nk = scores.shape[-1]
         scores = scores.masked_fill(torch.arange(nk, device=dev) >= j, float("-inf"))
         top = scores.topk(min(self.top_k - 1, nk), dim=-1)
