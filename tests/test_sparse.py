@@ -201,9 +201,14 @@ def test_learned_gate_pool_lives_in_the_per_block_store_and_survives_a_crop() ->
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 9:29], rtol=1e-5, atol=1e-5)
 
 
-def test_learned_gate_graph_steps_read_only_chosen_blocks() -> None:
+@pytest.mark.parametrize("backend", [None, "decode"])
+def test_learned_gate_graph_steps_read_only_chosen_blocks(backend) -> None:
     """At a tensor position the step gathers only the chosen blocks: NaN in every other block of the static cache
-    leaves its logits unchanged; padding, other selections and a growing cache fail with one line."""
+    leaves its logits unchanged, and they equal the uncached forward's, with the model's attention over the gathered
+    blocks or the decode attention (``use_backend``, as ``generate(decode_backend="decode")``); padding, other
+    selections and a growing cache fail with one line."""
+    from modformer.layers.attention.kernels import use_backend
+
     bs = 4
     student = _student(_teacher(), "learned_gate", {"block_size": bs, "top_k": 2})
     x = torch.randint(0, V, (1, 27))
@@ -220,7 +225,8 @@ def test_learned_gate_graph_steps_read_only_chosen_blocks() -> None:
                         if not kept[b]:
                             cache.keys[i][:, :, b * bs:(b + 1) * bs] = float("nan")
                             cache.values[i][:, :, b * bs:(b + 1) * bs] = float("nan")
-            outs.append(student(x[:, 25:26], cache=cache, pos=torch.tensor([25])))
+            with use_backend(backend):
+                outs.append(student(x[:, 25:26], cache=cache, pos=torch.tensor([25])))
     assert outs[1].isfinite().all()
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     torch.testing.assert_close(outs[0][:, -1], ref[:, -1], rtol=1e-5, atol=1e-5)
@@ -228,14 +234,17 @@ def test_learned_gate_graph_steps_read_only_chosen_blocks() -> None:
         student(x[:, :1], cache=student.new_cache(1), pos=torch.tensor([0]))
 
 
-def test_learned_gate_compiled_generation_equals_the_uncached_tokens(monkeypatch) -> None:
+@pytest.mark.parametrize("decode_backend", [None, "decode"])
+def test_learned_gate_compiled_generation_equals_the_uncached_tokens(monkeypatch, decode_backend) -> None:
     """``generate(compile=True)`` (the GraphDecoder: eager prefill, then steps at tensor positions) decodes a
-    learned-gate model to the uncached path's greedy tokens (torch.compile -> identity: seconds on a CPU)."""
+    learned-gate model to the uncached path's greedy tokens, with the model's attention over the gathered blocks and
+    with the decode attention's multiply-and-sum (torch.compile -> identity: seconds on a CPU)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     student = _student(_teacher(), "learned_gate", {"block_size": 4, "top_k": 2})
     prompt = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
     slow = student.generate(prompt, 20, temperature=0, use_cache=False)
-    assert torch.equal(student.generate(prompt, 20, temperature=0, compile=True), slow)
+    fast = student.generate(prompt, 20, temperature=0, compile=True, decode_backend=decode_backend)
+    assert torch.equal(fast, slow)
 
 
 def test_learned_gate_decoding_never_reads_dropped_blocks() -> None:

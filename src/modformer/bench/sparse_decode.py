@@ -12,7 +12,11 @@ tokens, ``--batch`` rows at a time, as
   block, on its first token, so its cost is spread over ``--block`` tokens;
 - ``learned gate, compiled graph``: the gate model with ``generate(compile=True)`` (as the dense one): fixed-shape steps
   (``LearnedGateAttention._graph_step``: the choice recomputed each step from pooled block summaries, the chosen
-  blocks gathered) captured as CUDA graphs like the dense decoder's.
+  blocks gathered) captured as CUDA graphs like the dense decoder's;
+- ``..., compiled graph, decode attention``: both compiled decoders again with ``decode_backend="decode"``: the
+  step's attention as a multiply-and-sum that Inductor lowers to reductions over the keys, split across the GPU
+  when batch x heads is small (a single-query SDPA kernel at batch 1 runs one thread block per head over all 16k
+  keys). The dense one may be the stronger baseline at batch 1; every ratio is against the best dense row.
 
 Per-token latency: for the eager variants, the median over ``--repeats`` timed calls (after one warm-up) of
 ``--new-tokens`` greedy steps from a cache holding the prefilled prompt, divided by the steps; for the compiled graph
@@ -37,7 +41,10 @@ from modformer.layers.attention.density import gate_density, gate_top_k
 
 DENSE, GRAPH, GATE = "dense, static cache", "dense, compiled graph", "learned gate, KV blocks skipped"
 GATE_GRAPH = "learned gate, compiled graph"
-GATES = (GATE, GATE_GRAPH)
+DECODE = ", decode attention"
+GRAPH_DECODE, GATE_GRAPH_DECODE = GRAPH + DECODE, GATE_GRAPH + DECODE
+GATES = (GATE, GATE_GRAPH, GATE_GRAPH_DECODE)
+COMPILED = (GRAPH, GATE_GRAPH, GRAPH_DECODE, GATE_GRAPH_DECODE)
 
 
 def step_seconds(model: Any, idx: torch.Tensor, n: int, device: torch.device, repeats: int) -> float:
@@ -80,15 +87,18 @@ def latency_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
     grid = [(t, b) for t in args.seq for b in args.batch]
     for t, b in cases(grid, "sparse-decode", lambda c: f"next: T {c[0]}, batch {c[1]}"):
         idx = torch.randint(0, args.vocab, (b, t), device=device, generator=torch.Generator(device).manual_seed(t))
-        variants = {DENSE: dense, GATE: gated, **({GRAPH: dense, GATE_GRAPH: gated} if args.compiled else {})}
+        variants = {DENSE: dense, GATE: gated}
+        if args.compiled:
+            variants.update({GRAPH: dense, GATE_GRAPH: gated, GRAPH_DECODE: dense, GATE_GRAPH_DECODE: gated})
         for name, model in variants.items():
             row: dict[str, Any] = {"T": t, "batch": b, "variant": name}
             try:
                 with torch.no_grad():
-                    if name in (GRAPH, GATE_GRAPH):   # the compiled decoder runs inside generate: minus the prefill
+                    if name in COMPILED:   # the compiled decoder runs inside generate: minus the prefill
+                        backend = "decode" if name.endswith(DECODE) else None
                         prefill = time_fn(lambda m=model, x=idx: m(x, last_only=True), device, 1, args.repeats)
-                        total = time_fn(lambda m=model, x=idx: m.generate(x, n, temperature=0, compile=True),
-                                        device, 1, args.repeats)
+                        total = time_fn(lambda m=model, x=idx, be=backend: m.generate(
+                            x, n, temperature=0, compile=True, decode_backend=be), device, 1, args.repeats)
                         row.update(prefill_ms=prefill * 1e3, per_token_ms=max(total - prefill, 0.0) * 1e3 / n)
                     else:
                         row["per_token_ms"] = step_seconds(model, idx, n, device, args.repeats) * 1e3
