@@ -15,8 +15,8 @@ tokens, ``--batch`` rows at a time, as
   blocks gathered) captured as CUDA graphs like the dense decoder's;
 - ``..., compiled graph, decode attention``: both compiled decoders again with ``decode_backend="decode"``: the
   step's attention as a multiply-and-sum that Inductor lowers to reductions over the keys, split across the GPU
-  when batch x heads is small (a single-query SDPA kernel at batch 1 runs one thread block per head over all 16k
-  keys). The dense one may be the stronger baseline at batch 1; every ratio is against the best dense row.
+  when batch x heads is small (a single-query SDPA kernel without a split over the keys has only batch x heads
+  rows of work). The dense one may be the stronger baseline at batch 1; every ratio is against the best dense row.
 
 Per-token latency: for the eager variants, the median over ``--repeats`` timed calls (after one warm-up) of
 ``--new-tokens`` greedy steps from a cache holding the prefilled prompt, divided by the steps; for the compiled graph
