@@ -200,10 +200,9 @@ class LearnedGateAttention(MultiHeadAttention):
         """Float32 gate logits ``(B, H, nq, nk)`` of query summaries ``(B, H, nq, Dh)`` against pooled key blocks
         ``(B, Hkv, nk, 2 Dh)`` ([mean; max], shared by each kv head's queries); the one formula of the eager gate and
         the compiled step, so both choose alike."""
-        H = q_sum.shape[1]
-        if pooled.shape[1] != H:
-            pooled = pooled.repeat_interleave(H // pooled.shape[1], dim=1)
-        gq, gk = self.gate_q(q_sum), self.gate_k(pooled)
+        gq, gk = self.gate_q(q_sum), self.gate_k(pooled)           # gate_k on the kv heads, then repeated
+        if gk.shape[1] != gq.shape[1]:
+            gk = gk.repeat_interleave(gq.shape[1] // gk.shape[1], dim=1)
         return (gq @ gk.transpose(-2, -1)).float() / math.sqrt(gq.shape[-1])
 
     def gate(self, q_all: Tensor, k: Tensor, offset: int, tq: int,
