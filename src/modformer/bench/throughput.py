@@ -79,8 +79,9 @@ def measure(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor,
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
     amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     mode = compile_model if isinstance(compile_model, str) else None
-    net = torch.compile(model, mode=mode) if compile_model and loss == "trainer" else model
-    trainer_loss = torch.compile(lm_loss, dynamic=False) if compile_model else lm_loss
+    apart = compile_model and loss == "trainer"         # the trainer's path: model and loss compiled apart
+    net = torch.compile(model, mode=mode) if apart else model
+    trainer_loss = torch.compile(lm_loss, dynamic=False) if apart else lm_loss
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with amp:
@@ -91,7 +92,7 @@ def measure(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor,
                 return trainer_loss(logits.flatten(0, 1), y.flatten())[1] / y.numel()
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-    compile_all = compile_model and loss != "trainer"
+    compile_all = compile_model and not apart
     fwd = torch.compile(loss_fn, mode=mode) if compile_all else loss_fn   # same compiled region for every model
 
     def step() -> None:
