@@ -35,14 +35,18 @@ def run_cfg(tmp_path: Path, name: str = "r", **train) -> RunConfig:
                      train=TrainConfig(**t))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "muon_grouped"])
 def test_resume_after_kill_reproduces_metrics_exactly(tmp_path, optimizer):
-    full = Trainer(run_cfg(tmp_path, "full", optimizer=optimizer)).fit()
+    extra = {}
+    if optimizer == "muon_grouped":        # GroupedMuon (train/muon.py): its state must resume exactly too
+        optimizer, extra = "muon", {"optimizer_options": {"grokfast": {"kind": "ema", "alpha": 0.9, "lamb": 1.0},
+                                                          "muon_grouped": True}}
+    full = Trainer(run_cfg(tmp_path, "full", optimizer=optimizer, **extra)).fit()
     with pytest.raises(Kill):
-        Trainer(run_cfg(tmp_path, "broken", optimizer=optimizer), callbacks=[kill_at(6)]).fit()
+        Trainer(run_cfg(tmp_path, "broken", optimizer=optimizer, **extra), callbacks=[kill_at(6)]).fit()
     rows_before = read_metrics(tmp_path / "broken" / "metrics.jsonl")
     assert max(r["step"] for r in rows_before) == 6             # rows after checkpoint 4 exist ...
-    resumed = Trainer(run_cfg(tmp_path, "broken", optimizer=optimizer), resume=True).fit()
+    resumed = Trainer(run_cfg(tmp_path, "broken", optimizer=optimizer, **extra), resume=True).fit()
     a = strip(read_metrics(tmp_path / "full" / "metrics.jsonl"))
     b = strip(read_metrics(tmp_path / "broken" / "metrics.jsonl"))
     assert a == b                                                # ... and are replaced, not duplicated
