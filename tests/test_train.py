@@ -39,8 +39,8 @@ def run_cfg(tmp_path: Path, name: str = "r", **train) -> RunConfig:
 def test_resume_after_kill_reproduces_metrics_exactly(tmp_path, optimizer):
     extra = {}
     if optimizer == "muon_grouped":        # GroupedMuon (train/muon.py): its state must resume exactly too
-        optimizer, extra = "muon", {"optimizer_options": {"grokfast": {"kind": "ema", "alpha": 0.9, "lamb": 1.0},
-                                                          "muon_grouped": True}}
+        options = {**run_cfg(tmp_path).train.optimizer_options, "muon_grouped": True}
+        optimizer, extra = "muon", {"optimizer_options": options}
     full = Trainer(run_cfg(tmp_path, "full", optimizer=optimizer, **extra)).fit()
     with pytest.raises(Kill):
         Trainer(run_cfg(tmp_path, "broken", optimizer=optimizer, **extra), callbacks=[kill_at(6)]).fit()
