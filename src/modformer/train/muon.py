@@ -2,7 +2,7 @@
 
 ``torch.optim.Muon`` orthogonalises one matrix at a time (momentum, normalisation, 5 Newton–Schulz iterations of 3
 matmuls, the update): on the speedrun config's 24 hidden matrices one optimizer step dispatches 698 aten ops, each a
-kernel launch on a GPU (where an eager training step of a small model is launch-bound). ``GroupedMuon`` is
+kernel launch on a GPU. ``GroupedMuon`` is
 ``torch.optim.Muon`` (same constructor, parameter groups, state and ``state_dict``) whose ``step`` stacks the
 matrices that share a shape once oriented wide (rows <= columns: a (1536, 384) and a (384, 1536) weight share one
 batch when their learning rates agree), runs the same iteration with batched matmuls and updates the parameters
