@@ -160,3 +160,33 @@ def test_student_spec_matches_every_family_to_the_gate_density() -> None:
     assert student_spec("window", {"window": 5}, base, t, None, block)["attention_options"] == {
         "block_size": block, "window": 5}
     assert student_spec("performer", {}, base, t, 0.25, block)["attention_options"] == {}
+
+
+def test_density_curve_is_saved_point_by_point_and_resumed(tmp_path, monkeypatch) -> None:
+    """A curve cut off after its first point keeps that point in the JSON; ``--resume`` measures only the rest."""
+    import json
+
+    from modformer.bench.studies import sparse_density as sd
+    from modformer.bench.studies import sparse_fidelity
+
+    argv = ["--quick", "--methods", "window", "--teacher-steps", "10", "--distill-steps", "1", "--curve", "0.25",
+            "0.5", "--set", "eval_batches=1", "--out", str(tmp_path)]
+    real, calls = sd.spec_density, []
+
+    def cut_off(spec: dict, seq_len: int) -> float | None:
+        calls.append(spec)
+        if len(calls) == 3:                 # 1: the distilled window student, 2: curve point 0.25, 3: point 0.5
+            raise RuntimeError("cut off")
+        return real(spec, seq_len)
+
+    monkeypatch.setattr(sd, "spec_density", cut_off)
+    sparse_fidelity.main(argv)
+    first = json.loads((tmp_path / "sparse_fidelity.json").read_text())["density_curve"]
+    assert [r.get("target") for r in first] == [0.25, None] and "cut off" in first[1]["error"]
+
+    monkeypatch.setattr(sd, "spec_density", real)
+    sparse_fidelity.main([*argv, "--resume"])
+    second = json.loads((tmp_path / "sparse_fidelity.json").read_text())["density_curve"]
+    assert [r["target"] for r in second] == [0.25, 0.5]
+    assert second[0] == first[0]            # kept, not measured again
+    assert 0.4 < second[1]["density"] <= 0.5

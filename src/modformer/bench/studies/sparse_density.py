@@ -15,6 +15,7 @@ without a kernel compile per mask). ``plot_curve`` draws KL against density, one
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +68,19 @@ def spec_density(spec: dict[str, Any], seq_len: int) -> float | None:
 
 
 def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities: list[float], teacher: Any,
-                  data: Any, out: Path, steps: int = 0, gate_block: int = 128) -> list[dict[str, Any]]:
-    """KL etc. of every (family, density) student; ``cfg`` is the base DistillConfig (data, batch, lr, trainable)."""
+                  data: Any, out: Path, steps: int = 0, gate_block: int = 128, done: list[dict[str, Any]] | None = None,
+                  on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """KL etc. of every (family, density) student; ``cfg`` is the base DistillConfig (data, batch, lr, trainable).
+
+    ``done`` rows (an earlier call's, same ``steps``) are kept and not measured again; ``on_row`` gets the rows so far
+    after each new point, so a run cut off by a time limit keeps what it measured."""
     from modformer.bench import fidelity
     from modformer.bench.common import cases
     from modformer.compress.distill import Distiller
 
     seq_len = cfg.data.seq_len
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(done or [])
+    measured = {(r["family"], r["target"], r["steps"]) for r in rows}
     for method, overrides in cases(methods, "sparse-density", lambda m: f"next: {m[0]} curve"):
         if method == "performer":
             continue
@@ -86,6 +92,8 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
             if key in seen:                 # e.g. the gate's top_k is the same at two low densities
                 continue
             seen.add(key)
+            if (method, d, steps) in measured:
+                continue
             name = f"curve_{method}_{d:g}".replace(".", "p")
             point = dataclasses.replace(cfg, name=name, out_dir=str(out), student=spec, steps=max(steps, 1),
                                         progress=False)
@@ -99,6 +107,8 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
                          "options": spec["attention_options"], "steps": steps, **res})
             print(f"  curve {method} density {rows[-1]['density']:.3f}: KL {res['kl']:.4g}", flush=True)
             del dist
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 

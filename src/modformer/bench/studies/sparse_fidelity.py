@@ -31,6 +31,7 @@ import dataclasses
 import json
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +204,10 @@ def gate_block(args: argparse.Namespace) -> int:
     return int(student.get("attention_options", {}).get("block_size", 64))
 
 
-def run_curve(args: argparse.Namespace, teacher_dir: Path, out: Path, device: torch.device) -> list[dict[str, Any]]:
-    """KL vs density per family (``--curve``), with the gate config's data and batch; plot next to the JSON."""
+def run_curve(args: argparse.Namespace, teacher_dir: Path, out: Path, device: torch.device,
+              done: list[dict[str, Any]], on_row: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """KL vs density per family (``--curve``), with the gate config's data and batch; plot next to the JSON.
+    Points in ``done`` are kept; ``on_row`` saves the rows after each new point."""
     from modformer.data import build_dataset
 
     methods = [parse_method(m) for m in args.methods]
@@ -214,7 +217,7 @@ def run_curve(args: argparse.Namespace, teacher_dir: Path, out: Path, device: to
     cfg = base_config("gate", args, over)
     teacher, _ = load_teacher(teacher_dir, device)
     rows = sd.density_curve(cfg, methods, args.curve, teacher, build_dataset(cfg.data), out, args.curve_steps,
-                         args.gate_block)
+                            args.gate_block, done, on_row)
     title = f"T={cfg.data.seq_len}; lines: " + (f"{args.curve_steps} distillation steps" if args.curve_steps
                                                 else "no fine-tuning (gate: identity init)")
     title += f"\nstars: the students distilled {args.distill_steps or 'config'} steps"
@@ -259,9 +262,10 @@ def previous(out: Path) -> dict[str, Any]:
         return {}
     data = json.loads(path.read_text())
     keep = {"methods": [r for r in data.get("methods", []) if "error" not in r]}
-    for key in ("attention_timing", "attention_fwd_bwd", "density_curve"):
+    for key in ("attention_timing", "attention_fwd_bwd"):
         rows = data.get(key) or []
         keep[key] = rows if rows and not any("error" in r for r in rows) else []
+    keep["density_curve"] = [r for r in data.get("density_curve") or [] if "error" not in r]   # point by point
     return keep
 
 
@@ -404,15 +408,20 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"method": method, "error": f"{type(e).__name__}: {e}"[:500]})
         write_all(records, timing, args, out, device, teacher_info, speed, curve)
         log(f"wrote {out / 'sparse_fidelity.json'} ({time.perf_counter() - t_start:.0f}s so far)")
-    if args.curve and not curve and args.budget_s and time.perf_counter() - t_start > args.budget_s:
+    if args.curve and args.budget_s and time.perf_counter() - t_start > args.budget_s:
         log(f"curve: skipped, past the --budget-s {args.budget_s:.0f}s (run again with --resume)")
-    elif args.curve and not curve:
-        log(f"=== KL vs density at {args.curve} ===")
+    elif args.curve:
+        log(f"=== KL vs density at {args.curve} ({len(curve)} points kept) ===")
+
+        def save(rows: list[dict[str, Any]]) -> None:
+            curve[:] = rows
+            write_all(records, timing, args, out, device, teacher_info, speed, curve)
+
         try:
-            curve = run_curve(args, teacher_dir, out, device)
+            curve = run_curve(args, teacher_dir, out, device, list(curve), save)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            curve = [{"error": f"{type(e).__name__}: {e}"[:500]}]
+            curve = curve + [{"error": f"{type(e).__name__}: {e}"[:500]}]
         write_all(records, timing, args, out, device, teacher_info, speed, curve)
     rows = flat_rows(records)
     print_table(rows, COLUMNS)
