@@ -186,7 +186,23 @@ def test_density_curve_is_saved_point_by_point_and_resumed(tmp_path, monkeypatch
 
     monkeypatch.setattr(sd, "spec_density", real)
     sparse_fidelity.main([*argv, "--resume"])
-    second = json.loads((tmp_path / "sparse_fidelity.json").read_text())["density_curve"]
+    saved = json.loads((tmp_path / "sparse_fidelity.json").read_text())
+    second = saved["density_curve"]
     assert [r["target"] for r in second] == [0.25, 0.5]
+    assert saved["curve_gate_vs_best_fixed"] == []          # a window-only curve has no gate to compare
     assert second[0] == first[0]            # kept, not measured again
     assert 0.4 < second[1]["density"] <= 0.5
+
+
+def test_gate_vs_best_fixed_divides_by_the_lowest_fixed_kl_at_each_target() -> None:
+    from modformer.bench.studies.sparse_density import gate_vs_best_fixed
+
+    rows = [{"family": "gate", "target": 0.25, "density": 0.21, "kl": 0.02},
+            {"family": "window", "target": 0.25, "density": 0.25, "kl": 0.05},
+            {"family": "dilated", "target": 0.25, "density": 0.25, "kl": 0.04},
+            {"family": "performer", "target": 0.25, "density": None, "kl": 0.001},    # not a fixed mask family
+            {"family": "window", "target": 0.5, "density": 0.5, "kl": 0.01},       # no gate point: left out
+            {"family": "gate", "target": 0.75, "density": 0.73, "kl": 0.002}]       # no fixed point: left out
+    (row,) = gate_vs_best_fixed(rows)
+    assert row["target"] == 0.25 and row["best_fixed"] == "dilated"
+    assert row["kl_ratio"] == 0.02 / 0.04 and row["gate_density"] == 0.21

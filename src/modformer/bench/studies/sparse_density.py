@@ -112,6 +112,24 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
     return rows
 
 
+def gate_vs_best_fixed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per ``--curve`` target: the gate's KL / the lowest KL of the fixed families at that target. The gate keeps at
+    most the target (whole blocks), the fixed families keep the target itself, so a ratio < 1 is not bought with
+    density. Targets without a gate point or a fixed one are left out."""
+    out = []
+    for target in sorted({r["target"] for r in rows if "target" in r}):
+        at = [r for r in rows if r.get("target") == target and r.get("kl") is not None]
+        gate = next((r for r in at if r["family"] == "gate"), None)
+        fixed = [r for r in at if r["family"] in dn.FAMILIES]
+        if gate is None or not fixed:
+            continue
+        best = min(fixed, key=lambda r: r["kl"])
+        out.append({"target": target, "gate_density": gate["density"], "gate_kl": gate["kl"],
+                    "best_fixed": best["family"], "best_fixed_density": best["density"], "best_fixed_kl": best["kl"],
+                    "kl_ratio": gate["kl"] / best["kl"]})
+    return out
+
+
 def plot_curve(rows: list[dict[str, Any]], path: Path, title: str = "",
                distilled: list[dict[str, Any]] | None = None) -> Path | None:
     """KL vs density (log-log), one line per family, and each distilled student (``family``, ``density``, ``kl``)

@@ -220,7 +220,8 @@ def run_curve(args: argparse.Namespace, teacher_dir: Path, out: Path, device: to
                             args.gate_block, done, on_row)
     title = f"T={cfg.data.seq_len}; lines: " + (f"{args.curve_steps} distillation steps" if args.curve_steps
                                                 else "no fine-tuning (gate: identity init)")
-    title += f"\nstars: the students distilled {args.distill_steps or 'config'} steps"
+    stars = args.distill_steps or "the config's"
+    title += f"\nstars: the students distilled {stars} steps"
     path = sd.plot_curve(rows, out / "sparse_density.png", title, distilled_points(prev_records(out)))
     if path:
         log(f"curve plot: {path}")
@@ -278,7 +279,8 @@ def write_all(records: list[dict[str, Any]], timing: list[dict[str, Any]], args:
     seq_len = next((r["seq_len"] for r in records if "seq_len" in r), None)
     headline = fidelity.headline_of(after, timing, memory, speed, seq_len)
     extra = {"mode": "quick (CPU)" if args.quick else "full", "teacher": teacher, "methods": records,
-             "attention_timing": timing, "attention_fwd_bwd": speed or [], "density_curve": curve or []}
+             "attention_timing": timing, "attention_fwd_bwd": speed or [], "density_curve": curve or [],
+             "curve_gate_vs_best_fixed": sd.gate_vs_best_fixed(curve or [])}
     write_result("sparse_fidelity", headline, rows, device, out, extra)
     if args.results:
         write_result("sparse_fidelity", headline, rows, device, args.results, extra)
@@ -432,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                             "gate_overhead"])
     if curve:
         print_table(curve, ["family", "target", "density", "kl", "top1_agree", "ppl_retention"])
+        print_table(sd.gate_vs_best_fixed(curve), ["target", "gate_density", "gate_kl", "best_fixed",
+                                                   "best_fixed_kl", "kl_ratio"])
     log(f"done in {time.perf_counter() - t_start:.0f}s; results: {out / 'sparse_fidelity.json'}")
     return 0
 
