@@ -206,3 +206,26 @@ def test_gate_vs_best_fixed_divides_by_the_lowest_fixed_kl_at_each_target() -> N
     (row,) = gate_vs_best_fixed(rows)
     assert row["target"] == 0.25 and row["best_fixed"] == "dilated"
     assert row["kl_ratio"] == 0.02 / 0.04 and row["gate_density"] == 0.21
+
+
+def test_memory_steps_measure_inference_in_eval_mode(monkeypatch) -> None:
+    """The inference peak is an eval-mode forward (no gate target computed); the training step runs the target."""
+    from modformer.bench.studies.sparse_fidelity import memory_steps
+    from modformer.layers.attention.gate import LearnedGateAttention
+
+    student = _model("learned_gate", {"block_size": 16, "top_k": 2}, t=64).train()
+    targets = []
+    real = LearnedGateAttention._gate_target_loss
+
+    def spy(self, *args):
+        targets.append(self.training)
+        return real(self, *args)
+
+    monkeypatch.setattr(LearnedGateAttention, "_gate_target_loss", spy)
+    x = torch.randint(0, V, (2, 64))
+    step, infer = memory_steps(student, x, x)
+    infer()
+    assert targets == [] and student.training            # eval forward, train mode restored
+    step()
+    assert targets == [True]
+    assert all(p.grad is None for p in student.parameters())    # the step leaves no gradients behind

@@ -89,6 +89,30 @@ def train_teacher(args: argparse.Namespace, out: Path) -> Path:
     return hf_dir
 
 
+def memory_steps(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None],
+                                                                             Callable[[], None]]:
+    """The two steps ``memory_rows`` measures: a bf16 training step (train mode: a gate computes its target) and an
+    inference forward in eval mode (as a user runs it: no gate target), the module's mode restored after."""
+
+    def step() -> None:
+        m.train()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+
+    def infer() -> None:
+        was = m.training
+        m.eval()
+        try:
+            with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+                m(x)
+        finally:
+            m.train(was)
+
+    return step, infer
+
+
 def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, batch: int,
                 device: torch.device, method: str = "") -> list[dict[str, Any]]:
     """Peak CUDA memory of inference and of a training step: student vs dense eager / SDPA teacher."""
@@ -98,18 +122,7 @@ def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, b
               "teacher_sdpa": build_student(teacher, {"attn_backend": "sdpa"}), "student": student}
     rows = []
     for name, m in models.items():
-        m.train()
-
-        def step(m: torch.nn.Module = m) -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1).float(), y.flatten())
-            loss.backward()
-            m.zero_grad(set_to_none=True)
-
-        def infer(m: torch.nn.Module = m) -> None:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                m(x)
-
+        step, infer = memory_steps(m, x, y)
         step()                                   # compile / warm up outside the measurement
         rows.append({"model": name, "train_peak_mb": fidelity.peak_memory(step, device) / 2 ** 20,
                      "infer_peak_mb": fidelity.peak_memory(infer, device) / 2 ** 20})
