@@ -193,6 +193,10 @@ def test_density_curve_is_saved_point_by_point_and_resumed(tmp_path, monkeypatch
     assert second[0] == first[0]            # kept, not measured again
     assert 0.4 < second[1]["density"] <= 0.5
 
+    sparse_fidelity.main([*argv, "--resume", "--curve-steps", "1"])      # other steps: measured anew, not mixed
+    third = json.loads((tmp_path / "sparse_fidelity.json").read_text())["density_curve"]
+    assert [(r["target"], r["steps"]) for r in third] == [(0.25, 1), (0.5, 1)]
+
 
 def test_gate_vs_best_fixed_divides_by_the_lowest_fixed_kl_at_each_target() -> None:
     from modformer.bench.studies.sparse_density import gate_vs_best_fixed

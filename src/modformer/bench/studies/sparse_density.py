@@ -72,15 +72,15 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
                   on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """KL etc. of every (family, density) student; ``cfg`` is the base DistillConfig (data, batch, lr, trainable).
 
-    ``done`` rows (an earlier call's, same ``steps``) are kept and not measured again; ``on_row`` gets the rows so far
-    after each new point, so a run cut off by a time limit keeps what it measured."""
+    ``done`` rows (an earlier call's) with the same ``steps`` are kept and not measured again, other rows dropped;
+    ``on_row`` gets the rows so far after each new point, so a run cut off by a time limit keeps what it measured."""
     from modformer.bench import fidelity
     from modformer.bench.common import cases
     from modformer.compress.distill import Distiller
 
     seq_len = cfg.data.seq_len
-    rows: list[dict[str, Any]] = list(done or [])
-    measured = {(r["family"], r["target"], r["steps"]) for r in rows}
+    rows = [r for r in done or [] if r.get("steps") == steps]
+    measured = {(r["family"], r["target"]) for r in rows}
     for method, overrides in cases(methods, "sparse-density", lambda m: f"next: {m[0]} curve"):
         if method == "performer":
             continue
@@ -92,7 +92,7 @@ def density_curve(cfg: Any, methods: list[tuple[str, dict[str, Any]]], densities
             if key in seen:                 # e.g. the gate's top_k is the same at two low densities
                 continue
             seen.add(key)
-            if (method, d, steps) in measured:
+            if (method, d) in measured:
                 continue
             name = f"curve_{method}_{d:g}".replace(".", "p")
             point = dataclasses.replace(cfg, name=name, out_dir=str(out), student=spec, steps=max(steps, 1),
