@@ -8,7 +8,7 @@ graph, default Inductor), ``graph16`` (16 steps per graph), ``decode16`` (16 ste
 Inductor-fused decode attention, ``decode_backend="decode"``), ``matvec16`` (16 steps per graph, the linears as
 Inductor matrix-vector reductions, ``decode_linear="matvec"``), ``matvec16cd`` (that, with Inductor's
 coordinate-descent tuning of the reduction kernels' block sizes), ``decode_matvec16cd`` (that, with the decode
-attention), ``autotune`` / ``autotune16`` (Inductor max-autotune GEMMs; compiles for minutes). The peer is HF
+attention), ``flex_matvec16cd`` (that, with FlexAttention's split-KV decoding kernel, ``decode_backend="flex"``), ``autotune`` / ``autotune16`` (Inductor max-autotune GEMMs; compiles for minutes). The peer is HF
 ``GPT2LMHeadModel.generate`` on the same weights (``mf.hf.to_hf``) with its static cache
 (``cache_implementation="static"``: transformers compiles the decode forward itself on GPU), and with
 ``--hf-dynamic`` its dynamic cache. Fast paths are timed ``--repeats`` times
@@ -59,6 +59,9 @@ DECODERS: dict[str, tuple[str, dict[str, Any]]] = {
     "decode_matvec16cd": ("modformer static cache + compile coordinate-descent, 16 steps/graph, decode attention, "
                           "matvec linears", dict(compile="coordinate-descent", graph_steps=16,
                                                  decode_backend="decode", decode_linear="matvec")),
+    "flex_matvec16cd": ("modformer static cache + compile coordinate-descent, 16 steps/graph, flex-decoding "
+                        "attention, matvec linears", dict(compile="coordinate-descent", graph_steps=16,
+                                                          decode_backend="flex", decode_linear="matvec")),
     "autotune": ("modformer static cache + compile max-autotune", dict(compile="max-autotune")),
     "autotune16": ("modformer static cache + compile max-autotune, 16 steps/graph",
                    dict(compile="max-autotune", graph_steps=16)),

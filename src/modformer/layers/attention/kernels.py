@@ -5,7 +5,8 @@ Backends (registry kind ``attn_backend``):
 - ``eager``: explicit softmax in float32; the only backend that returns probabilities, used
   for analysis (hook_pattern) and as the test reference.
 - ``flex``: FlexAttention with a BlockMask (compiled on GPU; forward-only reference on CPU);
-  structured and learned sparsity plug in through ``block_mask``.
+  structured and learned sparsity plug in through ``block_mask``; compiled single-query decode steps take
+  the flex-decoding (split-KV) kernel.
 - ``decode``: single-query steps as a multiply-and-sum over the cache (compiled decoding's default), else eager.
 
 All backends take q ``(B, H, Tq, Dh)`` and k, v ``(B, Hkv, Tk, Dh)`` with ``H % Hkv == 0``
@@ -323,6 +324,36 @@ def dense_from_block_mask(block_mask: object, tq: int, tk: int) -> Tensor:
     return dense & create_mask(block_mask.mask_mod, b, h, tq, tk, device=dense.device)
 
 
+def decode_block_mask(spec: AttnSpec, tk: int, device: torch.device, block: int = 128) -> object:
+    """Causal BlockMask of one query at the tensor position ``spec.q_pos[0]`` over a static cache of ``tk`` slots.
+
+    Built from tensors in the graph, so one compiled decode step serves every position: the key blocks before the
+    query's are full (no mask evaluated), its own block is partial (``kv_idx <= pos``) and later blocks are never
+    visited. Compiled, a single query takes Inductor's flex-decoding kernel, which splits the keys over the SMs
+    (FlashDecoding), where one fused reduction per head leaves most SMs idle at batch 1. Built once per forward
+    (``spec.memo``) for all layers."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    key = ("decode_block_mask", tk, block, str(device))
+    if spec.memo is not None and key in spec.memo:
+        return spec.memo[key]
+    n = -(-tk // block)
+    pos = spec.q_pos.to(device).reshape(-1)[:1]
+    own = (pos // block).to(torch.int32)                                         # (1,) the query's key block
+    order = torch.arange(n, device=device, dtype=torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+        return kv_idx <= pos[0]
+
+    mask = BlockMask.from_kv_blocks(
+        torch.ones(1, 1, 1, device=device, dtype=torch.int32), ((order + own) % n).view(1, 1, 1, n),
+        full_kv_num_blocks=own.view(1, 1, 1), full_kv_indices=order.view(1, 1, 1, n),
+        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(1, tk), compute_q_blocks=False)
+    if spec.memo is not None:
+        spec.memo[key] = mask
+    return mask
+
+
 _compiled_flex: Callable | None = None
 
 
@@ -349,8 +380,11 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
     block_mask = spec.block_mask
-    if spec.q_offset is None:
-        return sdpa_attention(q, k, v, spec)          # tensor positions (compiled decoding): dense path
+    if spec.q_offset is None:                         # tensor positions (compiled decoding)
+        if not (Tq == 1 and spec.causal and block_mask is None and spec.key_valid is None
+                and spec.alibi_slopes is None):
+            return sdpa_attention(q, k, v, spec)
+        block_mask = decode_block_mask(spec, Tk, q.device)
     if spec.key_valid is not None:
         block_mask = row_block_mask(spec, B, Tq, Tk, q.device)
     elif block_mask is None and spec.causal:
