@@ -48,6 +48,28 @@ def test_backends_with_query_offset(backend, tq):
     torch.testing.assert_close(out.double(), reference(q, k, v, True, off), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pos", [0, 31, 32, 33, 95, 299])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_flex_decode_step_at_a_tensor_position_matches_the_reference(pos, kv_heads):
+    """Compiled decoding passes the query position as a tensor over a static cache: the flex backend's decode
+    BlockMask (full blocks before the query's, its own block masked, later blocks skipped) must equal causal
+    attention at that position, whatever the unwritten slots hold, at and around block boundaries (32 here)."""
+    from modformer.layers.attention.kernels import decode_block_mask, flex_attention_backend
+
+    tk = 300
+    q = torch.randn(2, 4, 1, 8, dtype=torch.float64)
+    k, v = torch.randn(2, kv_heads, tk, 8, dtype=torch.float64), torch.randn(2, kv_heads, tk, 8, dtype=torch.float64)
+    k[:, :, pos + 1:], v[:, :, pos + 1:] = 1e4, -1e4                   # stale slots past the query: no weight
+    spec = AttnSpec(causal=True, q_offset=None, q_pos=torch.tensor([pos]), memo={})
+    mask = decode_block_mask(spec, tk, q.device, block=32)
+    assert mask.kv_num_blocks.item() == 1 and mask.full_kv_num_blocks.item() == pos // 32
+    assert mask.kv_indices[0, 0, 0, 0].item() == pos // 32
+    spec.memo[("decode_block_mask", tk, 128, "cpu")] = mask         # the backend reuses the forward's mask
+    out, _ = flex_attention_backend(q, k, v, spec)
+    ref = reference(q, k[:, :, :pos + 1], v[:, :, :pos + 1], True, pos)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
 def test_static_cache_slots_after_query_are_hidden():
     """Keys beyond the query position (unwritten static-cache slots) get zero weight."""
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)

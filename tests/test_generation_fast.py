@@ -177,6 +177,38 @@ def test_decode_backend_decode_takes_the_single_query_steps_and_keeps_the_tokens
     assert set(calls) == {1} and len(calls) >= 7 * model.cfg.n_layer
 
 
+def test_decode_backend_flex_builds_one_decode_mask_per_step_and_keeps_the_tokens(no_inductor, monkeypatch):
+    """``decode_backend="flex"``: each unpadded decode step builds one position-tensor BlockMask shared by every
+    layer (``decode_block_mask``) and decodes the uncached path's greedy tokens; a left-padded batch (a per-row
+    mask) keeps the dense path and its tokens too."""
+    from modformer.layers.attention import kernels
+    from modformer.models.generation import left_pad
+
+    model = tiny_gpt()
+    built: list[int] = []
+    real = kernels.decode_block_mask
+    monkeypatch.setattr(kernels, "decode_block_mask", lambda spec, tk, *a, **k: (built.append(tk),
+                                                                                 real(spec, tk, *a, **k))[1])
+    idx = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    out = model.generate(idx, 12, temperature=0, compile=True, decode_backend="flex")
+    assert torch.equal(out, model.generate(idx, 12, temperature=0, use_cache=False))
+    assert len(built) >= 11 and set(built) == {18}                 # one per step (not per layer), whole cache
+    built.clear()
+    idx, mask = left_pad([[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]], pad_id=0)
+    out = model.generate(idx, 8, temperature=0, compile=True, attention_mask=mask, decode_backend="flex")
+    assert torch.equal(out, model.generate(idx, 8, temperature=0, use_cache=False, attention_mask=mask))
+    assert not built
+
+
+def test_decode_backend_flex_compiled_by_inductor_keeps_the_tokens():
+    """The flex decode step through real Inductor (CPU): the BlockMask built from the position tensor inside the
+    compiled graph gives the uncached path's greedy tokens at every step, across a 128-slot key block."""
+    model = tiny_gpt(max_seq_len=160)
+    prompt = torch.randint(0, 37, (1, 120), generator=torch.Generator().manual_seed(4))
+    slow = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert torch.equal(model.generate(prompt, 20, temperature=0, compile=True, decode_backend="flex"), slow)
+
+
 def test_decode_linear_matvec_takes_the_step_linears_and_keeps_the_tokens(no_inductor, monkeypatch):
     """``decode_linear="matvec"``: the decode steps' linears (one row each) run as ``matvec``, the prefill's
     (several rows) as F.linear, and the greedy tokens equal the uncached path's; bad values fail with one line."""
