@@ -8,11 +8,12 @@ graph, default Inductor), ``graph16`` (16 steps per graph), ``decode16`` (16 ste
 Inductor-fused decode attention, ``decode_backend="decode"``), ``matvec16`` (16 steps per graph, the linears as
 Inductor matrix-vector reductions, ``decode_linear="matvec"``), ``matvec16cd`` (that, with Inductor's
 coordinate-descent tuning of the reduction kernels' block sizes), ``decode_matvec16cd`` (that, with the decode
-attention), ``flex_matvec16cd`` (that, with FlexAttention's split-KV decoding kernel, ``decode_backend="flex"``), ``autotune`` / ``autotune16`` (Inductor max-autotune GEMMs; compiles for minutes). The peer is HF
+attention), ``flex_matvec16cd`` (that, with FlexAttention's split-KV decoding kernel, ``decode_backend="flex"``),
+``autotune`` / ``autotune16`` (Inductor max-autotune GEMMs; compiles for minutes). The peer is HF
 ``GPT2LMHeadModel.generate`` on the same weights (``mf.hf.to_hf``) with its static cache
 (``cache_implementation="static"``: transformers compiles the decode forward itself on GPU), and with
-``--hf-dynamic`` its dynamic cache. Fast paths are timed ``--repeats`` times
-after one untimed warm-up call (compile, capture); the median is reported.
+``--hf-dynamic`` its dynamic cache. Fast paths are timed ``--repeats`` times after one untimed warm-up call
+(compile, capture); the median is reported.
 
 Kernels per token: the CUDA kernels one decode step launches (= one graph replay per token), counted with
 torch.profiler (``GraphDecoder.profile_step``), with their device µs per token (against the wall µs per token:
