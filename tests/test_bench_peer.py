@@ -76,6 +76,22 @@ def test_peer_process_times_to_the_first_val_below_target_and_stops_it(tmp_path)
     assert headline(rows, 1.47, "muon", cold=False)["seconds_to_target_cold"] is None
 
 
+def test_headline_takes_the_median_over_the_headline_runs_seed_repeats():
+    """``NAME``, ``NAME_seed1``, ``NAME_seed2`` make the median and its ratio to nanoGPT; other runs (a longer name
+    sharing the prefix) stay out, and a repeat that missed the target leaves no median."""
+    rows = [{"name": "fast", "seconds_to_target": 30.0}, {"name": "fast_seed1", "seconds_to_target": 40.0},
+            {"name": "fast_seed2", "seconds_to_target": 34.0}, {"name": "fast_seedless", "seconds_to_target": 1.0},
+            {"name": "fast_grouped_seed1", "seconds_to_target": 2.0},
+            {"name": "nanogpt", "seconds_to_target": 68.0, "steps_to_target": 1750, "best_val_loss": 1.46}]
+    head = headline(rows, 1.47, "fast")
+    assert head["seed_runs"] == ["fast", "fast_seed1", "fast_seed2"]
+    assert head["median_seconds_to_target"] == 34.0 and head["median_speedup_vs_nanogpt"] == 2.0
+    assert head["seconds_to_target"] == 30.0                          # the headline run itself, as before
+    rows[1]["seconds_to_target"] = None
+    assert headline(rows, 1.47, "fast")["median_seconds_to_target"] is None
+    assert "median_seconds_to_target" not in headline(rows[-1:] + rows[:1], 1.47, "fast")
+
+
 def test_peer_process_that_never_reaches_the_target(tmp_path):
     (tmp_path / "train.py").write_text("print('step 0: train loss 4.0, val loss 4.1')\n")
     run = PeerTrainProcess(tmp_path, [], 1.47, dict(os.environ), max_seconds=30).run()

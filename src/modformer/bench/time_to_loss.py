@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -66,7 +67,21 @@ def headline(rows: list[dict], target: float, headline_run: str, cold: bool = Tr
                    nanogpt_best_val_loss=peer["best_val_loss"],
                    speedup_vs_nanogpt=peer["seconds_to_target"] / out["seconds_to_target"]
                    if peer["seconds_to_target"] and out["seconds_to_target"] else None)
+    out.update(seed_summary(by, headline_run, out.get("nanogpt_seconds_to_target")))
     return out
+
+
+def seed_summary(by: dict[str, dict], headline_run: str, nanogpt_seconds: float | None) -> dict:
+    """Median and spread over the headline run and its seed repeats (runs named ``<headline>_seed<N>``), with the
+    median ratio to nanoGPT; empty without repeats. A run that missed the target makes the median None."""
+    names = [headline_run] + sorted(n for n in by if n.startswith(f"{headline_run}_seed")
+                                    and n[len(headline_run) + 5:].isdigit())
+    if len(names) < 2 or headline_run not in by:
+        return {}
+    secs = [by[n]["seconds_to_target"] for n in names]
+    med = statistics.median(secs) if all(s is not None for s in secs) else None
+    return {"seed_runs": names, "seeds_seconds_to_target": secs, "median_seconds_to_target": med,
+            "median_speedup_vs_nanogpt": nanogpt_seconds / med if med and nanogpt_seconds else None}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a run (repeatable; default: nanogpt_like and muon)")
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="override for every run")
     p.add_argument("--target", type=float, default=1.47, help="target val loss")
-    p.add_argument("--headline", default="muon", help="run whose figures make the headline")
+    p.add_argument("--headline", default="muon",
+                   help="run whose figures make the headline; its repeats NAME_seed1, NAME_seed2, ... add the median")
     p.add_argument("--device", default=None, help="train.device of every run (default: the configs')")
     p.add_argument("--warm-cache", action="store_true", help="reuse torch.compile caches between runs")
     p.add_argument("--max-seconds", type=float, default=None, help="kill a run after this many seconds")
