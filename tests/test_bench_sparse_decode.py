@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from modformer.bench import registry
 from modformer.bench import sparse_decode as sd
@@ -30,9 +31,9 @@ def test_tiny_run_writes_every_variant_and_the_headline(tmp_path):
 
 
 def test_compiled_variants_run_and_the_headline_takes_the_faster_gate(tmp_path, monkeypatch):
-    """``--compiled`` on CPU (torch.compile -> identity here): the four compiled decoders (dense and gate, each with
-    the model's and the decode attention) run, and the headline is the fastest gate variant against the best dense
-    one."""
+    """``--compiled`` on CPU (torch.compile -> identity here): the six compiled decoders (dense and gate, each with
+    the model's attention, the decode attention and flex decoding) run, and the headline is the fastest gate variant
+    against the best dense one."""
     import torch
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
@@ -46,7 +47,8 @@ def test_compiled_variants_run_and_the_headline_takes_the_faster_gate(tmp_path, 
     timed = [rows[v] for v in sd.GATES if rows[v].get("speedup_vs_best_dense")]
     assert timed, rows
     fastest = max(timed, key=lambda r: r["speedup_vs_best_dense"])
-    best_dense = min(x for x in (rows[v]["per_token_ms"] for v in (sd.DENSE, sd.GRAPH, sd.GRAPH_DECODE)) if x)
+    best_dense = min(x for x in (rows[v]["per_token_ms"] for v in (sd.DENSE, sd.GRAPH, sd.GRAPH_DECODE, sd.GRAPH_FLEX))
+                     if x)
     assert fastest["speedup_vs_best_dense"] == best_dense / fastest["per_token_ms"]
     assert result["headline"]["variant"] == fastest["variant"]
     assert result["headline"]["decode_speedup_vs_dense"] == fastest["speedup_vs_best_dense"]
@@ -56,3 +58,16 @@ def test_density_above_one_is_one_error_line(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "sparse-decode", "--tiny", "--density", "1.5"])
     assert "--density must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_each_case_is_handed_over_as_it_finishes():
+    """``latency_rows(on_case=...)`` sees the rows after every (T, batch) case, ratios included: what ``main`` writes
+    so that a run cut off by a time limit keeps its finished cases."""
+    args = sd.parse(["--tiny", "--device", "cpu", "--repeats", "1"])
+    args.batch = [1, 2]
+    seen: list[list[tuple[int, str, bool]]] = []
+    sd.latency_rows(args, torch.device("cpu"),
+                    on_case=lambda rows: seen.append([(r["batch"], r["variant"], "speedup_vs_best_dense" in r)
+                                                      for r in rows]))
+    assert [len(s) for s in seen] == [2, 4]
+    assert seen[0] == [(1, sd.DENSE, True), (1, sd.GATE, True)] and seen[1][:2] == seen[0]

@@ -201,12 +201,13 @@ def test_learned_gate_pool_lives_in_the_per_block_store_and_survives_a_crop() ->
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 9:29], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [None, "decode"])
+@pytest.mark.parametrize("backend", [None, "decode", "flex"])
 def test_learned_gate_graph_steps_read_only_chosen_blocks(backend) -> None:
-    """At a tensor position the step gathers only the chosen blocks: NaN in every other block of the static cache
+    """At a tensor position the step reads only the chosen blocks: poison in every other block of the static cache
     leaves its logits unchanged, and they equal the uncached forward's, with the model's attention over the gathered
-    blocks or the decode attention (``use_backend``, as ``generate(decode_backend="decode")``); padding, other
-    selections and a growing cache fail with one line."""
+    blocks, the decode attention (``use_backend``, as ``generate(decode_backend="decode")``) or FlexAttention over the
+    cache with the chosen blocks as its BlockMask (poison 1e4 there, not NaN: eager flex on the CPU is a dense
+    reference, 0 x NaN = NaN); padding, other selections and a growing cache fail with one line."""
     from modformer.layers.attention.kernels import use_backend
 
     bs = 4
@@ -223,8 +224,8 @@ def test_learned_gate_graph_steps_read_only_chosen_blocks(backend) -> None:
                     kept = block.attn.last_keep[0, :, 6].any(0)              # query block 6, (nk,) kept by a head
                     for b in range(6):
                         if not kept[b]:
-                            cache.keys[i][:, :, b * bs:(b + 1) * bs] = float("nan")
-                            cache.values[i][:, :, b * bs:(b + 1) * bs] = float("nan")
+                            cache.keys[i][:, :, b * bs:(b + 1) * bs] = 1e4 if backend == "flex" else float("nan")
+                            cache.values[i][:, :, b * bs:(b + 1) * bs] = -1e4 if backend == "flex" else float("nan")
             with use_backend(backend):
                 outs.append(student(x[:, 25:26], cache=cache, pos=torch.tensor([25])))
     assert outs[1].isfinite().all()
@@ -234,7 +235,7 @@ def test_learned_gate_graph_steps_read_only_chosen_blocks(backend) -> None:
         student(x[:, :1], cache=student.new_cache(1), pos=torch.tensor([0]))
 
 
-@pytest.mark.parametrize("decode_backend", [None, "decode"])
+@pytest.mark.parametrize("decode_backend", [None, "decode", "flex"])
 def test_learned_gate_compiled_generation_equals_the_uncached_tokens(monkeypatch, decode_backend) -> None:
     """``generate(compile=True)`` (the GraphDecoder: eager prefill, then steps at tensor positions) decodes a
     learned-gate model to the uncached path's greedy tokens, with the model's attention over the gathered blocks and
@@ -245,6 +246,15 @@ def test_learned_gate_compiled_generation_equals_the_uncached_tokens(monkeypatch
     slow = student.generate(prompt, 20, temperature=0, use_cache=False)
     fast = student.generate(prompt, 20, temperature=0, compile=True, decode_backend=decode_backend)
     assert torch.equal(fast, slow)
+
+
+def test_learned_gate_flex_decoding_compiled_by_inductor_equals_the_uncached_tokens() -> None:
+    """``decode_backend="flex"`` through real Inductor (CPU): the step's BlockMask, built in the graph from the gate's
+    top-k blocks and the position tensor, gives the uncached path's greedy tokens."""
+    student = _student(_teacher("sdpa"), "learned_gate", {"block_size": 4, "top_k": 2})
+    prompt = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    slow = student.generate(prompt, 20, temperature=0, use_cache=False)
+    assert torch.equal(student.generate(prompt, 20, temperature=0, compile=True, decode_backend="flex"), slow)
 
 
 def test_learned_gate_compiled_step_writes_its_cache_and_pool_in_place() -> None:

@@ -16,7 +16,10 @@ tokens, ``--batch`` rows at a time, as
 - ``..., compiled graph, decode attention``: both compiled decoders again with ``decode_backend="decode"``: the
   step's attention as a multiply-and-sum that Inductor lowers to reductions over the keys, split across the GPU
   when batch x heads is small (a single-query SDPA kernel without a split over the keys has only batch x heads
-  rows of work). The dense one may be the stronger baseline at batch 1; every ratio is against the best dense row.
+  rows of work). The dense one may be the stronger baseline at batch 1; every ratio is against the best dense row;
+- ``..., compiled graph, flex decoding``: both again with ``decode_backend="flex"``: FlexAttention over the cache in
+  place, its BlockMask built in the graph from the position (dense: every block up to it; the gate: its chosen
+  blocks, ``gate.step_block_mask``, no gather), run by Inductor's split-KV flex-decoding kernel.
 
 Per-token latency: for the eager variants, the median over ``--repeats`` timed calls (after one warm-up) of
 ``--new-tokens`` greedy steps from a cache holding the prefilled prompt, divided by the steps; for the compiled graph
@@ -29,6 +32,8 @@ model on CPU in seconds.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,10 +46,11 @@ from modformer.layers.attention.density import gate_density, gate_top_k
 
 DENSE, GRAPH, GATE = "dense, static cache", "dense, compiled graph", "learned gate, KV blocks skipped"
 GATE_GRAPH = "learned gate, compiled graph"
-DECODE = ", decode attention"
+DECODE, FLEX = ", decode attention", ", flex decoding"
 GRAPH_DECODE, GATE_GRAPH_DECODE = GRAPH + DECODE, GATE_GRAPH + DECODE
-GATES = (GATE, GATE_GRAPH, GATE_GRAPH_DECODE)
-COMPILED = (GRAPH, GATE_GRAPH, GRAPH_DECODE, GATE_GRAPH_DECODE)
+GRAPH_FLEX, GATE_GRAPH_FLEX = GRAPH + FLEX, GATE_GRAPH + FLEX
+GATES = (GATE, GATE_GRAPH, GATE_GRAPH_DECODE, GATE_GRAPH_FLEX)
+COMPILED = (GRAPH, GATE_GRAPH, GRAPH_DECODE, GATE_GRAPH_DECODE, GRAPH_FLEX, GATE_GRAPH_FLEX)
 
 
 def step_seconds(model: Any, idx: torch.Tensor, n: int, device: torch.device, repeats: int) -> float:
@@ -79,7 +85,10 @@ def build_pair(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     return dense, gated.to(device=device, dtype=dtype).eval(), top_k
 
 
-def latency_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def latency_rows(args: argparse.Namespace, device: torch.device,
+                 on_case: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every variant's row for each (T, batch) case, with its ratios; ``on_case(rows)`` after each case (the rows so
+    far), so a cut-off run keeps what it measured."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dense, gated, top_k = build_pair(args, device, dtype)
     n = args.new_tokens
@@ -89,13 +98,14 @@ def latency_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
         idx = torch.randint(0, args.vocab, (b, t), device=device, generator=torch.Generator(device).manual_seed(t))
         variants = {DENSE: dense, GATE: gated}
         if args.compiled:
-            variants.update({GRAPH: dense, GATE_GRAPH: gated, GRAPH_DECODE: dense, GATE_GRAPH_DECODE: gated})
+            variants.update({GRAPH: dense, GATE_GRAPH: gated, GRAPH_DECODE: dense, GATE_GRAPH_DECODE: gated,
+                             GRAPH_FLEX: dense, GATE_GRAPH_FLEX: gated})
         for name, model in variants.items():
             row: dict[str, Any] = {"T": t, "batch": b, "variant": name}
             try:
                 with torch.no_grad():
                     if name in COMPILED:   # the compiled decoder runs inside generate: minus the prefill
-                        backend = "decode" if name.endswith(DECODE) else None
+                        backend = "decode" if name.endswith(DECODE) else "flex" if name.endswith(FLEX) else None
                         prefill = time_fn(lambda m=model, x=idx: m(x, last_only=True), device, 1, args.repeats)
                         total = time_fn(lambda m=model, x=idx, be=backend: m.generate(
                             x, n, temperature=0, compile=True, decode_backend=be), device, 1, args.repeats)
@@ -110,13 +120,20 @@ def latency_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
             print_table([row])
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        add_ratios(rows)
+        if on_case is not None:
+            on_case(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's speed-up over the best dense row and the eager dense row of its (T, batch) case."""
     for row in rows:
         base = {r["variant"]: r.get("per_token_ms") for r in rows if (r["T"], r["batch"]) == (row["T"], row["batch"])}
         best_dense = min((x for k, x in base.items() if k not in GATES and x), default=None)
         if row.get("per_token_ms") and best_dense:
             row["speedup_vs_best_dense"] = best_dense / row["per_token_ms"]
             row["speedup_vs_dense_eager"] = base[DENSE] / row["per_token_ms"] if base.get(DENSE) else None
-    return rows
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -149,10 +166,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    device = torch.device(args.device)
-    rows = latency_rows(args, device)
+def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest gate variant of the largest case against the best dense row, and its ratio at each batch."""
     best: dict[tuple[int, int], dict[str, Any]] = {}          # the faster gate variant of each case
     for r in rows:
         if r["variant"] in GATES and r.get("speedup_vs_best_dense"):
@@ -160,18 +175,27 @@ def main(argv: list[str] | None = None) -> int:
             if case not in best or r["speedup_vs_best_dense"] > best[case]["speedup_vs_best_dense"]:
                 best[case] = r
     top = best[max(best)] if best else {}
-    headline = {"seq_len": top.get("T"), "batch": top.get("batch"), "density": top.get("density"),
-                "variant": top.get("variant"), "per_token_ms": top.get("per_token_ms"),
-                "decode_speedup_vs_dense": top.get("speedup_vs_best_dense"),
-                "decode_speedup_vs_dense_eager": top.get("speedup_vs_dense_eager"),
-                "by_batch": {b: r["speedup_vs_best_dense"] for (t, b), r in best.items() if t == top.get("T")}}
-    print_table(rows, ["T", "batch", "variant", "per_token_ms", "density",
-                       "speedup_vs_best_dense", "speedup_vs_dense_eager", "error"])
-    print(f"headline: {headline}")
+    return {"seq_len": top.get("T"), "batch": top.get("batch"), "density": top.get("density"),
+            "variant": top.get("variant"), "per_token_ms": top.get("per_token_ms"),
+            "decode_speedup_vs_dense": top.get("speedup_vs_best_dense"),
+            "decode_speedup_vs_dense_eager": top.get("speedup_vs_dense_eager"),
+            "by_batch": {b: r["speedup_vs_best_dense"] for (t, b), r in best.items() if t == top.get("T")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    device = torch.device(args.device)
     setup = {k: getattr(args, k) for k in ("seq", "batch", "density", "block", "new_tokens", "repeats", "layers",
                                            "heads", "d_model", "vocab", "tiny", "compiled")}
-    path = write_result("sparse_decode", headline, rows, device, args.out, extra={"setup": setup})
-    print(f"wrote {path}")
+
+    def save(rows: list[dict[str, Any]]) -> Path:
+        return write_result("sparse_decode", headline(rows), rows, device, args.out, extra={"setup": setup})
+
+    rows = latency_rows(args, device, on_case=save)
+    print_table(rows, ["T", "batch", "variant", "per_token_ms", "density",
+                       "speedup_vs_best_dense", "speedup_vs_dense_eager", "error"])
+    print(f"headline: {headline(rows)}")
+    print(f"wrote {save(rows)}")
     return 0
 
 

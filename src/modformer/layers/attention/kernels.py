@@ -380,11 +380,11 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
     block_mask = spec.block_mask
-    if spec.q_offset is None:                         # tensor positions (compiled decoding)
-        if not (Tq == 1 and spec.causal and block_mask is None and spec.key_valid is None
-                and spec.alibi_slopes is None):
+    if spec.q_offset is None:       # tensor positions (compiled decoding): a given block_mask is built for them
+        if Tq != 1 or spec.key_valid is not None or spec.alibi_slopes is not None or not (spec.causal or block_mask):
             return sdpa_attention(q, k, v, spec)
-        block_mask = decode_block_mask(spec, Tk, q.device)
+        if block_mask is None:
+            block_mask = decode_block_mask(spec, Tk, q.device)
     if spec.key_valid is not None:
         block_mask = row_block_mask(spec, B, Tq, Tk, q.device)
     elif block_mask is None and spec.causal:
@@ -425,6 +425,11 @@ def use_backend(name: str | None) -> Iterator[None]:
         _backend_override = saved
 
 
+def active_backend(backend: str) -> str:
+    """The backend ``attend`` will use for a layer whose own is ``backend`` (``use_backend`` overrides it)."""
+    return _backend_override or backend
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, backend: str = "sdpa",
            need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
     """Dispatch to a backend (``use_backend`` overrides it); ``need_weights`` forces the eager path and returns
@@ -433,5 +438,5 @@ def attend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, backend: str = "sdpa
 
     if need_weights:
         return eager_attention(q, k, v, spec, True)
-    backend = _backend_override or backend
+    backend = active_backend(backend)
     return registry.get("attn_backend", backend, field="model.attn_backend")(q, k, v, spec, False)
