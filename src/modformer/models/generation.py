@@ -204,6 +204,7 @@ class GenerationMixin:
                tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
         dec = getattr(self, "_decoder", None)
         if dec is None or dec.key != key:
+            object.__setattr__(self, "_decoder", None)    # free the old cache and graphs before allocating new ones
             dec = GraphDecoder(self, batch, length, device, key, COMPILE_PRESETS[preset], graph_steps,
                                decode_backend, decode_linear)
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
