@@ -111,8 +111,9 @@ def muon(model: nn.Module, cfg: TrainConfig) -> MuonAdamW:
     """Muon for hidden matrices + AdamW for the rest (``train.betas``); Muon's momentum is
     ``train.optimizer_options.muon_momentum`` (default 0.95, Nesterov). ``optimizer_options.muon_grouped: true``
     uses ``GroupedMuon`` (``train/muon.py``): torch's Muon with the Newton–Schulz iteration batched over same-shape
-    matrices, 218 instead of 698 aten ops per Muon step on the speedrun config; opt-in: two one-seed H100 runs so far
-    (docs/studies/lm_recipes.md), and on the 2-core CPU, where the step is compute-bound, it is not faster."""
+    matrices, 218 instead of 698 aten ops per Muon step on the speedrun config. Off by default; the speedrun config
+    sets it (faster to val 1.47 on an H100 in 5 of 5 runs, docs/studies/lm_recipes.md); on the 2-core CPU, where the
+    step is compute-bound, it is not faster."""
     if not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"train.optimizer=muon needs torch.optim.Muon (PyTorch >= 2.9), not {torch.__version__}")
     hidden, rest = muon_split(model)
