@@ -23,7 +23,8 @@ tokens, ``--batch`` rows at a time, as
 
 Per-token latency: for the eager variants, the median over ``--repeats`` timed calls (after one warm-up) of
 ``--new-tokens`` greedy steps from a cache holding the prefilled prompt, divided by the steps; for the compiled graph
-(its loop is inside ``generate``), (generate - the model's prefill forward) / new tokens. The headline takes the
+(its loop is inside ``generate``), (generate - the model's prefill forward) / new tokens, with its kernels, their device
+µs and the top kernels of one step (``GraphDecoder.profile_step``, on CUDA). The headline takes the
 faster gate variant of the largest case against the best dense one. The weights are random
 (latency does not depend on them; the gate keeps exactly top-k blocks whatever it scores). ``--tiny`` runs a small
 model on CPU in seconds.
@@ -111,6 +112,10 @@ def latency_rows(args: argparse.Namespace, device: torch.device,
                         total = time_fn(lambda m=model, x=idx, be=backend: m.generate(
                             x, n, temperature=0, compile=True, decode_backend=be), device, 1, args.repeats)
                         row.update(prefill_ms=prefill * 1e3, per_token_ms=max(total - prefill, 0.0) * 1e3 / n)
+                        prof = model._decoder.profile_step(top=4)      # None off CUDA
+                        if prof is not None:
+                            row.update(kernels_per_token=prof["kernels"], kernel_us_per_token=prof["device_us"],
+                                       top_kernels=prof["top"])
                     else:
                         row["per_token_ms"] = step_seconds(model, idx, n, device, args.repeats) * 1e3
             except Exception as e:  # noqa: BLE001  (one variant's failure is a result)
@@ -118,7 +123,7 @@ def latency_rows(args: argparse.Namespace, device: torch.device,
             if name in GATES:
                 row.update(top_k=top_k, density=gate_density(t, args.block, top_k))
             rows.append(row)
-            print_table([row])
+            print_table([{k: v for k, v in row.items() if k != "top_kernels"}])
             object.__setattr__(model, "_decoder", None)     # its cache (10 GB at batch 64 x 16k) and graphs
             gc.collect()
             if device.type == "cuda":
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return write_result("sparse_decode", headline(rows), rows, device, args.out, extra={"setup": setup})
 
     rows = latency_rows(args, device, on_case=save)
-    print_table(rows, ["T", "batch", "variant", "per_token_ms", "density",
+    print_table(rows, ["T", "batch", "variant", "per_token_ms", "kernels_per_token", "kernel_us_per_token", "density",
                        "speedup_vs_best_dense", "speedup_vs_dense_eager", "error"])
     print(f"headline: {headline(rows)}")
     print(f"wrote {save(rows)}")
