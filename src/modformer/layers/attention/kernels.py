@@ -381,7 +381,8 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
     Tk = k.shape[2]
     block_mask = spec.block_mask
     if spec.q_offset is None:       # tensor positions (compiled decoding): a given block_mask is built for them
-        if Tq != 1 or spec.key_valid is not None or spec.alibi_slopes is not None or not (spec.causal or block_mask):
+        if (Tq != 1 or spec.key_valid is not None or spec.alibi_slopes is not None
+                or (block_mask is None and not spec.causal)):
             return sdpa_attention(q, k, v, spec)
         if block_mask is None:
             block_mask = decode_block_mask(spec, Tk, q.device)
