@@ -34,8 +34,6 @@ def test_compiled_variants_run_and_the_headline_takes_the_faster_gate(tmp_path, 
     """``--compiled`` on CPU (torch.compile -> identity here): the six compiled decoders (dense and gate, each with
     the model's attention, the decode attention and flex decoding) run, and the headline is the fastest gate variant
     against the best dense one."""
-    import torch
-
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     args = ["--tiny", "--device", "cpu", "--repeats", "1", "--compiled", "--out", str(tmp_path)]
     assert registry.run("sparse-decode", args) == 0
@@ -71,3 +69,38 @@ def test_each_case_is_handed_over_as_it_finishes():
                                                       for r in rows]))
     assert [len(s) for s in seen] == [2, 4]
     assert seen[0] == [(1, sd.DENSE, True), (1, sd.GATE, True)] and seen[1][:2] == seen[0]
+
+
+def test_prefill_timed_is_the_one_generate_runs(monkeypatch):
+    """The compiled rows subtract the prefill ``generate(compile=True)`` runs (the prompt into a static cache of the
+    decoder's length), not the plain forward: both calls reach the model with the same input and cache shape."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    args = sd.parse(["--tiny", "--device", "cpu"])
+    dense, _, _ = sd.build_pair(args, torch.device("cpu"), torch.float32)
+    seen: list[tuple] = []
+    real = type(dense).forward
+
+    def spy(self, idx, *a, cache=None, **kw):
+        if idx.shape[1] > 1:                                         # prefills only, not the decode steps
+            seen.append((tuple(idx.shape), type(cache).__name__, getattr(cache, "max_len", None)))
+        return real(self, idx, *a, cache=cache, **kw)
+
+    monkeypatch.setattr(type(dense), "forward", spy)
+    idx = torch.randint(0, args.vocab, (1, 40))
+    with torch.no_grad():
+        dense.generate(idx, 5, temperature=0, compile=True)
+        sd.prefill_seconds(dense, idx, 5, torch.device("cpu"), 1)
+    assert len(seen) >= 2 and set(seen) == {((1, 40), "StaticKVCache", 45)}
+
+
+def test_kernel_time_ratio_is_against_the_fastest_compiled_dense_decoder():
+    rows = [{"T": 8, "batch": 1, "variant": sd.DENSE, "per_token_ms": 5.0},
+            {"T": 8, "batch": 1, "variant": sd.GRAPH, "per_token_ms": 4.0, "kernel_us_per_token": 300.0},
+            {"T": 8, "batch": 1, "variant": sd.GRAPH_FLEX, "per_token_ms": 4.5, "kernel_us_per_token": 200.0},
+            {"T": 8, "batch": 1, "variant": sd.GATE_GRAPH, "per_token_ms": 2.0, "kernel_us_per_token": 50.0},
+            {"T": 8, "batch": 2, "variant": sd.GATE_GRAPH, "per_token_ms": 2.0, "kernel_us_per_token": 10.0}]
+    sd.add_ratios(rows)
+    assert rows[3]["kernel_speedup_vs_best_compiled_dense"] == 4.0          # 200 / 50, not 300 / 50
+    assert rows[3]["speedup_vs_best_dense"] == 2.0                           # wall: 4.0 / 2.0
+    assert "kernel_speedup_vs_best_compiled_dense" not in rows[4]           # no dense row of its own case
+    assert sd.headline(rows)["kernel_speedup_vs_best_compiled_dense"] == 4.0    # the case with a ratio
