@@ -116,18 +116,51 @@ def test_flex_block_mask_is_cached_and_causal():
 
 
 def test_causal_mask_bias_is_built_once_per_forward(monkeypatch):
-    """A static-cache prefill needs a mask bias (keys beyond the queries); all layers share one, via Context.memo."""
+    """An eager static-cache prefill needs a mask bias (keys beyond the queries); all layers share one, via
+    Context.memo."""
     from modformer.layers.attention import kernels
 
     calls = []
     real = kernels._positions
     monkeypatch.setattr(kernels, "_positions", lambda *a: calls.append(1) or real(*a))
-    model = mf.build_model(mf.ModelConfig(vocab_size=17, n_layer=3, d_model=32, n_head=4, max_seq_len=16)).eval()
+    model = mf.build_model(mf.ModelConfig(vocab_size=17, n_layer=3, d_model=32, n_head=4, max_seq_len=16,
+                                          attn_backend="eager")).eval()
     idx = torch.randint(0, 17, (2, 5))
     with torch.no_grad():
         out = model(idx, cache=model.new_cache(2, static=True, max_len=16))
     assert len(calls) == 1
     torch.testing.assert_close(out, model(idx))
+
+
+def test_sdpa_static_cache_prefill_is_plain_causal_over_the_written_keys(monkeypatch):
+    """A prefill into a static cache (keys outnumber queries, the rest unwritten) reaches SDPA as plain causal
+    attention over the queries' own keys (flash-eligible, no mask), whatever the unwritten slots hold, and equals the
+    uncached forward; a later chunk (query offset > 0) still gets its mask."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((q.shape[2], k.shape[2], attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = mf.build_model(mf.ModelConfig(vocab_size=17, n_layer=2, d_model=32, n_head=4, max_seq_len=16)).eval()
+    idx = torch.randint(0, 17, (2, 7))
+    with torch.no_grad():
+        ref = model(idx)
+        seen.clear()
+        cache = model.new_cache(2, static=True, max_len=16)
+        model(idx[:, :5], cache=cache)                              # allocates the buffers
+        for layer in range(2):                                      # stale slots past the prompt
+            cache.keys[layer][:, :, 5:], cache.values[layer][:, :, 5:] = 1e4, -1e4
+        cache.crop(0)
+        seen.clear()
+        out = model(idx[:, :5], cache=cache)
+        assert seen == [(5, 5, True, True)] * 2
+        torch.testing.assert_close(out, ref[:, :5])
+        seen.clear()
+        torch.testing.assert_close(model(idx[:, 5:], cache=cache), ref[:, 5:], rtol=1e-5, atol=1e-5)
+        assert [s[:3] for s in seen] == [(2, 16, False)] * 2
 
 
 def test_cudnn_is_left_out_only_where_inference_shapes_keep_changing(monkeypatch):
