@@ -90,9 +90,10 @@ def build_pair(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
 def prefill_seconds(model: Any, idx: torch.Tensor, n: int, device: torch.device, repeats: int) -> float:
     """Median seconds of the prefill ``generate(compile=True)`` runs before its decode loop: the prompt into a static
-    cache of the decoder's length (prompt + ``n``). That prefill is not the plain causal forward (its keys outnumber
-    its queries, so SDPA takes a masked kernel), and subtracting the plain forward's time instead overstated the
-    compiled dense decoders' per-token time at batch 64 x 16k by ~2.8x (their kernel time per token was 3.4 ms)."""
+    cache of the decoder's length (prompt + ``n``), which need not cost what the plain forward does. Subtracting the
+    plain forward's time instead left the compiled dense decoders at batch 64 x 16k with a wall time per token ~2.8x
+    their device time (9.6 vs 3.4 ms; H100, sparse_decode.json): their prefill then ran SDPA through a mask over the
+    whole cache (since made plain causal, ``kernels.sdpa_attention``)."""
     cache = model.new_cache(idx.shape[0], static=True, max_len=idx.shape[1] + n)
 
     def prefill() -> torch.Tensor:
