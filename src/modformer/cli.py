@@ -370,7 +370,8 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
                    help="compiled decoding with a static cache (one CUDA graph per token on GPU)")
     g.add_argument("--decode-backend", default=None, metavar="NAME",
                    help="with --compile: attention backend of the decode steps (default: the model's); decode = "
-                        "multiply-and-sum over the cache (64 fp32 rows, H100: 1.97x HF generate), eager, sdpa")
+                        "multiply-and-sum over the cache (64 fp32 rows, H100: 1.97x HF generate), flex = split-KV "
+                        "flex decoding (batch 1, H100: 1.17x decode), eager, sdpa")
     g.add_argument("--decode-linear", default=None, metavar="NAME",
                    help="with --compile: the decode steps' linears as cuBLAS GEMMs (default) or, for 1-4 prompts, "
                         "Inductor matrix-vector reductions (matvec)")
