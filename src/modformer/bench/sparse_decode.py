@@ -144,8 +144,6 @@ def latency_rows(args: argparse.Namespace, device: torch.device,
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         add_ratios(rows)
         if on_case is not None:
             on_case(rows)
