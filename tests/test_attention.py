@@ -64,6 +64,7 @@ def test_flex_decode_step_at_a_tensor_position_matches_the_reference(pos, kv_hea
     mask = decode_block_mask(spec, tk, q.device, block=32)
     assert mask.kv_num_blocks.item() == 1 and mask.full_kv_num_blocks.item() == pos // 32
     assert mask.kv_indices[0, 0, 0, 0].item() == pos // 32
+    assert mask.to_dense().flatten().tolist() == [int(b <= pos // 32) for b in range(-(-tk // 32))]
     spec.memo[("decode_block_mask", tk, 128, "cpu")] = mask         # the backend reuses the forward's mask
     out, _ = flex_attention_backend(q, k, v, spec)
     ref = reference(q, k[:, :, :pos + 1], v[:, :, :pos + 1], True, pos)

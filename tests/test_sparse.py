@@ -248,6 +248,25 @@ def test_learned_gate_compiled_generation_equals_the_uncached_tokens(monkeypatch
     assert torch.equal(fast, slow)
 
 
+def test_step_block_mask_visits_the_valid_chosen_blocks_and_the_current_one() -> None:
+    """The step's BlockMask, as compiled kernels read it (block counts and indices, ``to_dense``): per head the valid
+    top-k picks (full) and the current block (partial, up to the position), nothing else; its mask_mod agrees."""
+    from modformer.layers.attention.gate import step_block_mask
+    from modformer.layers.attention.kernels import dense_from_block_mask
+
+    blocks = torch.tensor([[[2, 0, 7], [1, 6, 5]]])                    # top-k order: invalid picks (>= j) last
+    ok = torch.tensor([[[True, True, False], [True, False, False]]])
+    mask = step_block_mask(blocks, ok, torch.tensor(5), torch.tensor(22), cap=32, block_size=4)
+    want = torch.zeros(1, 2, 1, 8, dtype=torch.int32)
+    want[0, 0, 0, [0, 2, 5]] = 1
+    want[0, 1, 0, [1, 5]] = 1
+    assert torch.equal(mask.to_dense(), want)
+    assert mask.full_kv_num_blocks.flatten().tolist() == [2, 1] and mask.kv_num_blocks.flatten().tolist() == [1, 1]
+    keys = dense_from_block_mask(mask, 1, 32)[0, :, 0]                 # (H, 32) slots
+    assert keys[0].nonzero().flatten().tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 20, 21, 22]
+    assert keys[1].nonzero().flatten().tolist() == [4, 5, 6, 7, 20, 21, 22]
+
+
 def test_learned_gate_flex_decoding_compiled_by_inductor_equals_the_uncached_tokens() -> None:
     """``decode_backend="flex"`` through real Inductor (CPU): the step's BlockMask, built in the graph from the gate's
     top-k blocks and the position tensor, gives the uncached path's greedy tokens."""
