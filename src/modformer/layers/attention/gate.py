@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modformer.config import ModelConfig
-from modformer.layers.attention.kernels import AttnSpec, active_backend, attend, eager_attention
+from modformer.layers.attention.kernels import AttnSpec, active_backend, attend, eager_attention, position_block_mask
 from modformer.layers.attention.masks import segments
 from modformer.layers.attention.mha import MultiHeadAttention
 from modformer.layers.attention.sparse import FLEX_TILE, use_flex
@@ -150,28 +150,16 @@ def _query_summaries(q: Tensor, bs: int, j0: int, j1: int) -> Tensor:
 
 
 def step_block_mask(blocks: Tensor, ok: Tensor, j: Tensor, p: Tensor, cap: int, block_size: int) -> object:
-    """BlockMask of one decoding step at the tensor position ``p`` (in block ``j``) over a static cache of ``cap``
-    slots: the chosen past blocks ``blocks`` ``(B, H, k)`` where ``ok`` (top-k order: the valid ones first) as full
-    blocks, the current block partial (``kv_idx <= p``). FlexAttention then reads only those blocks of the cache, in
-    place: no gather, and a single query takes the split-KV decoding kernel when compiled."""
-    from torch.nn.attention.flex_attention import BlockMask
-
+    """``kernels.position_block_mask`` of one decoding step at the tensor position ``p`` (in block ``j``): the chosen
+    past blocks ``blocks`` ``(B, H, k)`` where ``ok`` (top-k order: the valid ones first) as full blocks, the current
+    block partial. FlexAttention then reads only those blocks of the cache, in place: no gather, and a single query
+    takes the split-KV decoding kernel when compiled."""
     B, H, k = blocks.shape
     n = -(-cap // block_size)
-    order = torch.arange(n, device=blocks.device, dtype=torch.int32)
-    # the choice in mask_mod too (compiled kernels evaluate it only in the partial current block; references that
-    # evaluate only mask_mod, as eager flex on the CPU, then see the same mask)
+    order = torch.arange(n, device=blocks.device)
     kept = blocks.new_zeros(B, H, n, dtype=torch.bool).scatter(2, blocks, ok) | (order == j)   # invalid picks are >= j
-
-    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
-        return (kv_idx <= p) & kept[b, h, kv_idx // block_size]
-
-    return BlockMask.from_kv_blocks(
-        torch.ones(B, H, 1, device=blocks.device, dtype=torch.int32),
-        ((order + j.to(torch.int32)) % n).expand(B, H, 1, n),
-        full_kv_num_blocks=ok.sum(-1, keepdim=True).to(torch.int32),
-        full_kv_indices=F.pad(blocks.to(torch.int32), (0, n - k))[:, :, None],
-        BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(1, cap), compute_q_blocks=False)
+    return position_block_mask(p, cap, block_size, ok.sum(-1, keepdim=True).to(torch.int32),
+                               F.pad(blocks.to(torch.int32), (0, n - k))[:, :, None], kept)
 
 
 def _flat_slots(slots: Tensor, kv_head: Tensor, cap: int) -> Tensor:

@@ -330,31 +330,43 @@ def dense_from_block_mask(block_mask: object, tq: int, tk: int) -> Tensor:
     return dense & create_mask(block_mask.mask_mod, b, h, tq, tk, device=dense.device)
 
 
-def decode_block_mask(spec: AttnSpec, tk: int, device: torch.device, block: int = 128) -> object:
-    """Causal BlockMask of one query at the tensor position ``spec.q_pos[0]`` over a static cache of ``tk`` slots.
-
-    Built from tensors in the graph, so one compiled decode step serves every position: the key blocks before the
-    query's are full (no mask evaluated), its own block is partial (``kv_idx <= pos``) and later blocks are never
-    visited. Compiled, a single query takes Inductor's flex-decoding kernel, which splits the keys over the SMs
-    (FlashDecoding), where one fused reduction per head leaves most SMs idle at batch 1. Built once per forward
-    (``spec.memo``) for all layers."""
+def position_block_mask(pos: Tensor, cap: int, block: int, full_num: Tensor, full_idx: Tensor,
+                        kept: Tensor | None = None) -> object:
+    """BlockMask of one query at the tensor position ``pos`` (one element) over a static cache of ``cap`` slots,
+    built from tensors in the graph, so one compiled decode step serves every position: the ``full_num`` ``(B, H, 1)``
+    key blocks listed first in ``full_idx`` ``(B, H, 1, n)`` are full (no mask evaluated), the query's own block is
+    partial (``kv_idx <= pos``) and no other block is visited. ``kept`` ``(B, H, n)`` bool, when the full blocks are a
+    choice (learned gate), puts that choice in ``mask_mod`` too: compiled kernels evaluate it only in the partial
+    block, while references that evaluate only ``mask_mod`` (eager flex on the CPU) then see the same mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    B, H = full_num.shape[:2]
+    n = -(-cap // block)
+    p = pos.reshape(())
+    own = (p // block).to(torch.int32)
+    order = torch.arange(n, device=full_num.device, dtype=torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+        keep = kv_idx <= p
+        return keep if kept is None else keep & kept[b, h, kv_idx // block]
+
+    return BlockMask.from_kv_blocks(
+        torch.ones(B, H, 1, device=full_num.device, dtype=torch.int32), ((order + own) % n).expand(B, H, 1, n),
+        full_kv_num_blocks=full_num, full_kv_indices=full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+        seq_lengths=(1, cap), compute_q_blocks=False)
+
+
+def decode_block_mask(spec: AttnSpec, tk: int, device: torch.device, block: int = 128) -> object:
+    """Causal ``position_block_mask`` of one query at ``spec.q_pos[0]``: every key block before the query's is full.
+    Compiled, a single query takes Inductor's flex-decoding kernel, which splits the keys over the SMs
+    (FlashDecoding), where one fused reduction per head leaves most SMs idle at batch 1. Built once per forward
+    (``spec.memo``) for all layers."""
     key = ("decode_block_mask", tk, block, str(device))
     if spec.memo is not None and key in spec.memo:
         return spec.memo[key]
-    n = -(-tk // block)
     pos = spec.q_pos.to(device).reshape(-1)[:1]
-    own = (pos // block).to(torch.int32)                                         # (1,) the query's key block
-    order = torch.arange(n, device=device, dtype=torch.int32)
-
-    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
-        return kv_idx <= pos[0]
-
-    mask = BlockMask.from_kv_blocks(
-        torch.ones(1, 1, 1, device=device, dtype=torch.int32), ((order + own) % n).view(1, 1, 1, n),
-        full_kv_num_blocks=own.view(1, 1, 1), full_kv_indices=order.view(1, 1, 1, n),
-        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(1, tk), compute_q_blocks=False)
+    order = torch.arange(-(-tk // block), device=device, dtype=torch.int32)
+    mask = position_block_mask(pos, tk, block, (pos // block).to(torch.int32).view(1, 1, 1), order.view(1, 1, 1, -1))
     if spec.memo is not None:
         spec.memo[key] = mask
     return mask
