@@ -91,11 +91,11 @@ def decoder_kw(name: str, compiled: bool) -> dict[str, Any]:
     return dict(DECODERS[name][1]) if compiled else dict(static_cache=True)
 
 
-def step_profile(model: torch.nn.Module) -> dict[str, Any] | None:
-    """Kernels, device µs and top kernels of one decode step of the model's current graph decoder (None off GPU
-    or without one)."""
+def step_profile(model: torch.nn.Module, top: int = 8) -> dict[str, Any] | None:
+    """Kernels, device µs and the ``top`` kernels of one decode step of the model's current graph decoder (None off
+    GPU or without one)."""
     decoder = getattr(model, "_decoder", None)      # the GraphDecoder the last compiled generate() used
-    return decoder.profile_step() if decoder is not None else None
+    return decoder.profile_step(top=top) if decoder is not None else None
 
 
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:

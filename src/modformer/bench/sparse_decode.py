@@ -43,6 +43,7 @@ import torch
 
 import modformer as mf
 from modformer.bench.common import DEFAULT_OUT, cases, print_table, time_fn, write_result
+from modformer.bench.generation import step_profile
 from modformer.cli import HelpFormatter
 from modformer.cli_args import float_in, int_in
 from modformer.layers.attention.density import gate_density, gate_top_k
@@ -128,7 +129,7 @@ def latency_rows(args: argparse.Namespace, device: torch.device,
                         total = time_fn(lambda m=model, x=idx, be=backend: m.generate(
                             x, n, temperature=0, compile=True, decode_backend=be), device, 1, args.repeats)
                         row.update(prefill_ms=prefill * 1e3, per_token_ms=max(total - prefill, 0.0) * 1e3 / n)
-                        prof = model._decoder.profile_step(top=4)      # None off CUDA
+                        prof = step_profile(model, top=4)              # None off CUDA
                         if prof is not None:
                             row.update(kernels_per_token=prof["kernels"], kernel_us_per_token=prof["device_us"],
                                        top_kernels=prof["top"])
@@ -140,7 +141,7 @@ def latency_rows(args: argparse.Namespace, device: torch.device,
                 row.update(top_k=top_k, density=gate_density(t, args.block, top_k))
             rows.append(row)
             print_table([{k: v for k, v in row.items() if k != "top_kernels"}])
-            object.__setattr__(model, "_decoder", None)     # its cache (10 GB at batch 64 x 16k) and graphs
+            model.release_decoder()                         # its cache (10 GB at batch 64 x 16k) and graphs
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -191,6 +191,11 @@ class GenerationMixin:
         finally:
             self.train(was_training)
 
+    def release_decoder(self) -> None:
+        """Drop the graph decoder the last compiled ``generate`` kept (its static cache and CUDA graphs); the next
+        compiled call builds a new one."""
+        object.__setattr__(self, "_decoder", None)
+
     def _graph_decoder(self, batch: int, length: int, device: torch.device, preset: str = "default",
                        graph_steps: int = 1, decode_backend: str | None = None,
                        decode_linear: str | None = None) -> GraphDecoder:
@@ -204,7 +209,7 @@ class GenerationMixin:
                tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
         dec = getattr(self, "_decoder", None)
         if dec is None or dec.key != key:
-            object.__setattr__(self, "_decoder", None)    # free the old cache and graphs before allocating new ones
+            self.release_decoder()                        # free the old cache and graphs before allocating new ones
             dec = GraphDecoder(self, batch, length, device, key, COMPILE_PRESETS[preset], graph_steps,
                                decode_backend, decode_linear)
             object.__setattr__(self, "_decoder", dec)     # not a submodule: keep it out of state_dict
