@@ -200,14 +200,14 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
         return eager_attention(q, k, v, spec, need_weights)
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
-    if (Tk > Tq and spec.causal and spec.q_offset == 0 and spec.alibi_slopes is None and spec.keep is None
-            and spec.key_valid is None and spec.bias is None):
+    causal_only = (spec.causal and spec.q_offset == 0 and spec.alibi_slopes is None and spec.keep is None
+                   and spec.key_valid is None and spec.bias is None)
+    if causal_only and Tk > Tq:
         # a prefill into a static cache: the slots past the queries are unwritten and causally hidden, so the
         # queries' own keys (a view) make it plain causal, flash-eligible, instead of a masked kernel (at 64 x 16k
         # the masked prefill made generate(compile=True) ~6 ms a token slower, counted over 256 new tokens)
         k, v, Tk = k[:, :, :Tq], v[:, :, :Tq], Tq
-    plain_causal = spec.causal and spec.q_offset == 0 and Tq == Tk and spec.alibi_slopes is None
-    plain_causal = plain_causal and spec.keep is None and spec.key_valid is None and spec.bias is None
+    plain_causal = causal_only and Tq == Tk
     if spec.key_valid is not None:
         mask = row_keep(spec, Tq, Tk, q.device)
         if spec.alibi_slopes is not None:
