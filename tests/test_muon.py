@@ -50,15 +50,18 @@ def test_orthogonalize_batch_equals_each_matrix_in_float64():
     assert s.min() > 0.3 and s.max() < 1.5
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True])
 @pytest.mark.parametrize("fn", ["match_rms_adamw", "original"])
-def test_grouped_muon_matches_the_algorithm_in_float64(fn):
+def test_grouped_muon_matches_the_algorithm_in_float64(fn, tensor_lr):
     """Three steps on mixed shapes (tall, wide, square, repeated): the batched step equals the per-matrix
-    float64 reference, so stacking, transposes, per-shape learning rates and weight decay are right."""
+    float64 reference, so stacking, transposes, per-shape learning rates and weight decay are right. With a tensor
+    learning rate (train.cuda_graph writes it in place) the step reads it from the tensor and equals the same."""
     torch.manual_seed(1)
     weights = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
     grads = [[torch.randn(s, dtype=torch.float64) for s in SHAPES] for _ in range(3)]
     params = [torch.nn.Parameter(w.clone()) for w in weights]
-    opt = GroupedMuon(params, lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn=fn)
+    opt = GroupedMuon(params, lr=0.5, weight_decay=0.1, momentum=0.95, adjust_lr_fn=fn)
+    opt.param_groups[0]["lr"] = torch.tensor(0.02, dtype=torch.float64) if tensor_lr else 0.02
     opt.ns_dtype = torch.float64
     for step_grads in grads:
         for p, g in zip(params, step_grads):

@@ -267,6 +267,9 @@ class TrainConfig:
     compile_scope: str = "model"       # model (one graph) | blocks (regional: each transformer block compiled,
                                        # identical blocks share one compiled graph: a shorter cold compile;
                                        # compile_mode default or max-autotune-no-cudagraphs only)
+    cuda_graph: bool = False           # CUDA: the whole training step (forward, backward, clipping, optimizer)
+                                       # captured once as a CUDA graph and replayed (train/step_graph.py): for
+                                       # small, launch-bound models; optimizer adamw or muon with muon_grouped
     distributed: str = "ddp"           # ddp | fsdp (used when launched by torchrun)
     grad_reduce_dtype: str = "float32"  # float32 | bfloat16: dtype of the data-parallel gradient average
     seed: int = 0

@@ -6,7 +6,8 @@ kernel launch on a GPU. ``GroupedMuon`` is
 ``torch.optim.Muon`` (same constructor, parameter groups, state and ``state_dict``) whose ``step`` stacks the
 matrices that share a shape once oriented wide (rows <= columns: a (1536, 384) and a (384, 1536) weight share one
 batch when their learning rates agree), runs the same iteration with batched matmuls and updates the parameters
-with foreach ops: 218 aten ops on that config (2-core CPU count, ``optimizer_options.muon_grouped: true``).
+with foreach ops: 218 aten ops on that config (2-core CPU count, ``optimizer_options.muon_grouped: true``). A tensor
+learning rate is read on the device only, so the step can be captured in a CUDA graph (``train.cuda_graph``).
 
 The iteration is Muon's (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), with
 torch's defaults: the quintic coefficients (3.4445, -4.775, 2.0315), 5 steps in bfloat16, Frobenius
@@ -65,21 +66,28 @@ class GroupedMuon(torch.optim.Muon):
                 continue
             if any(g.ndim != 2 for g in grads):
                 raise ValueError("Muon updates 2-D matrices only; got a gradient of another rank")
-            momentum, lr = group["momentum"], float(group["lr"])
+            momentum, lr = group["momentum"], group["lr"]
+            on_device = isinstance(lr, Tensor)   # train.cuda_graph: read on the device, never by the host
+            if not on_device:
+                lr = float(lr)
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
             batches: dict[tuple, list[int]] = defaultdict(list)     # one batch per wide shape and step size
             for i, p in enumerate(params):
                 rows, cols = p.shape
-                step_lr = adjusted_lr(lr, group["adjust_lr_fn"], (rows, cols))
-                batches[(min(rows, cols), max(rows, cols), p.device, p.dtype, step_lr)].append(i)
+                step = adjusted_lr(1.0 if on_device else lr, group["adjust_lr_fn"], (rows, cols))
+                batches[(min(rows, cols), max(rows, cols), p.device, p.dtype, step)].append(i)
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            for (*_, dtype, step_lr), idx in batches.items():
+            for (*_, dtype, step), idx in batches.items():
                 tall = [params[i].shape[0] > params[i].shape[1] for i in idx]
                 g = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(idx, tall)])
                 x = orthogonalize(g, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
                 x = x.to(dtype)
                 outs = [x[j].mT if t else x[j] for j, t in enumerate(tall)]
-                torch._foreach_add_([params[i] for i in idx], outs, alpha=-step_lr)
+                targets = [params[i] for i in idx]
+                if on_device:                 # step is the shape's factor; the learning rate multiplies in here
+                    torch._foreach_add_(targets, torch._foreach_mul(outs, -step * lr))
+                else:
+                    torch._foreach_add_(targets, outs, alpha=-step)
         return loss

@@ -34,12 +34,18 @@ def _fused_ok(model: nn.Module) -> bool:
     return p is not None and p.device.type == "cuda"
 
 
+def _adamw_extra(model: nn.Module, cfg: TrainConfig) -> dict[str, bool]:
+    """Fused AdamW on CUDA; ``capturable`` (its step count and learning rate read on the device) for
+    ``train.cuda_graph``, whose captured step replays the optimizer."""
+    extra = {"fused": True} if _fused_ok(model) and "fused" in inspect.signature(torch.optim.AdamW).parameters \
+        else {}
+    return {**extra, "capturable": True} if cfg.cuda_graph else extra
+
+
 @register("optimizer", "adamw")
 def adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
-    extra = {"fused": True} if _fused_ok(model) and "fused" in inspect.signature(torch.optim.AdamW).parameters \
-        else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **extra)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **_adamw_extra(model, cfg))
 
 
 @register("optimizer", "adam")
@@ -120,7 +126,6 @@ def muon(model: nn.Module, cfg: TrainConfig) -> MuonAdamW:
     keep = {id(p) for p in rest}
     groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]}
               for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings)]
-    extra = {"fused": True} if _fused_ok(model) else {}
     momentum = float(cfg.optimizer_options.get("muon_momentum", 0.95))
     grouped = cfg.optimizer_options.get("muon_grouped", False)
     if not isinstance(grouped, bool):
@@ -131,7 +136,7 @@ def muon(model: nn.Module, cfg: TrainConfig) -> MuonAdamW:
     return MuonAdamW(muon_cls(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=momentum,
                               adjust_lr_fn="match_rms_adamw"),
                      torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
-                                       eps=cfg.eps, **extra))
+                                       eps=cfg.eps, **_adamw_extra(model, cfg)))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -38,6 +38,7 @@ from modformer.train.pruning import TrainingPruner, check_prune_compatible, pars
 from modformer.train.report import plot_metrics, write_report, write_summary
 from modformer.train.runlock import LOCK_NAME, RunInUseError, RunLock
 from modformer.train.schedule import lr_schedule
+from modformer.train.step_graph import StepGraph, check_graphable, set_lr
 
 
 class TrainingError(RuntimeError):
@@ -144,6 +145,7 @@ class Trainer:
         self.world = init_world("cuda" if t.device.startswith("cuda") or (
             t.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(t.device, self.world)
+        check_graphable(t, self.device, self.world.size)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -178,6 +180,7 @@ class Trainer:
         self.ema = build_ema(self.raw_model, t, self.sharded)
         self._lap("model (build, to device, EMA)")
         compile_args = compile_kwargs(t)              # checked even when compile is off: a typo fails early
+        self.step_graph: StepGraph | None = None      # train.cuda_graph: built at the first step
         if self.sharded and t.precision.startswith("fp8"):
             raise ConfigError(f"train.precision={t.precision} quantises whole weight matrices; use "
                               "train.distributed=ddp, not fsdp")
@@ -402,7 +405,8 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # a CUDA graph must not keep autocast's cast-weight cache from its capture (CUDA graphs docs)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not self.cfg.train.cuda_graph)
 
     def _micro_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
         """Draw the global batch (same on every rank) and return this rank's micro-batches."""
@@ -415,19 +419,36 @@ class Trainer:
         return [(xs[i], ys[i]) for i in mine], n_targets, x.numel()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Forward/backward over the micro-batches, filter, clip, step.
+        """Forward/backward over the micro-batches, filter, clip, step (``_step_body``): eagerly, or replayed as
+        one CUDA graph with ``train.cuda_graph`` (``train/step_graph.py``).
 
         Returns this rank's summed NLL and correct count (device tensors, no sync) and the
         global batch's token and target counts.
         """
-        t = self.cfg.train
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         micro, n_targets, n_tokens = self._micro_batches()
+        lr, loss_scale = self.lr_at(self.step), self.world.size / max(n_targets, 1)  # exact mean after DDP's average
+        self.model.train()
+        if self.cfg.train.cuda_graph:
+            if self.step_graph is None:    # built at the first step: after a resume has loaded the optimizer
+                self.step_graph = StepGraph(self._step_body, self.optimizer, self.device)
+            loss_sum, correct = self.step_graph(micro, lr, loss_scale)
+        else:
+            set_lr(self.optimizer, lr)
+            loss_sum, correct = self._step_body(micro, loss_scale)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            update_ema(self.ema, self.raw_model, self.step, self.cfg.train.ema_start)
+        self._aux_steps += 1
+        return loss_sum, correct, n_tokens, n_targets
+
+    def _step_body(self, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                   loss_scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step without zeroing the gradients: (summed NLL, correct count) as device tensors. It never syncs
+        with the host, so ``train.cuda_graph`` can capture it (``loss_scale`` is then a device tensor)."""
+        t = self.cfg.train
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        self.model.train()
         for i, (x, y) in enumerate(micro):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
@@ -435,12 +456,16 @@ class Trainer:
                 logits = self.model(x, **self.data.batch_kwargs(x, y))  # document_ids / attention_mask
                 nll, objective, n_correct = self.loss_fn(logits.flatten(0, 1), y.flatten(), t.label_smoothing,
                                                          t.loss_chunk_size)   # no float32 logits copy
-                loss = objective * (self.world.size / max(n_targets, 1))   # exact global mean after DDP's average
-                aux = getattr(unwrap(self.model), "aux_loss", None)
+                loss = objective * loss_scale
+                core = unwrap(self.model)
+                aux, stats = getattr(core, "aux_loss", None), getattr(core, "aux_stats", {})
+                if t.cuda_graph and (aux is not None or stats):
+                    raise ConfigError("train.cuda_graph does not support models with an auxiliary loss or "
+                                      "statistics (mixture-of-experts); set train.cuda_graph: false")
                 if aux is not None:
                     loss = loss + aux / len(micro)
                     self._track_aux("aux_loss", aux.detach() / len(micro))
-                for key, value in getattr(unwrap(self.model), "aux_stats", {}).items():
+                for key, value in stats.items():
                     self._track_aux(key, value.detach())   # e.g. moe_overflow, moe_assignments
             self.scaler.scale(loss).backward()
             loss_sum += nll.detach()
@@ -456,12 +481,7 @@ class Trainer:
         self.scaler.update()
         if self.pruner is not None:
             self.pruner.apply()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if self.ema is not None:
-            update_ema(self.ema, self.raw_model, self.step, t.ema_start)
-        self._aux_steps += 1
-        return loss_sum, correct, n_tokens, n_targets
+        return loss_sum, correct
 
     def _track_aux(self, key: str, value: torch.Tensor) -> None:
         self._aux_window[key] = self._aux_window[key] + value if key in self._aux_window else value
