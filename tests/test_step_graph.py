@@ -1,6 +1,6 @@
 """train.cuda_graph (train/step_graph.py): the whole training step captured as one CUDA graph and replayed.
 
-The CPU tests check the settings it refuses and the in-place learning rate; the CUDA tests (run on a GPU host) train
+The CPU tests check the settings it refuses; the CUDA tests (run on a GPU host) train
 the same run eagerly and through the graph and compare the losses and weights."""
 
 from pathlib import Path
@@ -13,7 +13,7 @@ import modformer as mf
 from modformer.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.train import checkpoint as ckpt
 from modformer.train.logging import read_metrics
-from modformer.train.step_graph import check_graphable, set_lr
+from modformer.train.step_graph import check_graphable
 from modformer.train.trainer import Trainer
 
 GROUPED = {"muon_grouped": True}
@@ -55,16 +55,6 @@ def test_trainer_on_cpu_refuses_cuda_graph_before_building_anything(tmp_path):
     with pytest.raises(ConfigError, match="train.cuda_graph needs a CUDA device, not cpu"):
         Trainer(cfg)
     assert not (tmp_path / "cpu").exists()
-
-
-def test_set_lr_writes_tensor_learning_rates_in_place():
-    p = torch.nn.Parameter(torch.ones(2))
-    opt = torch.optim.AdamW([{"params": [p]}, {"params": [], "lr": 0.5}], lr=0.1)
-    held = torch.tensor(0.1)
-    opt.param_groups[0]["lr"] = held
-    set_lr(opt, 0.25)
-    assert opt.param_groups[0]["lr"] is held and held.item() == 0.25      # the graph's tensor, updated
-    assert opt.param_groups[1]["lr"] == 0.25
 
 
 def _train(tmp_path: Path, name: str, **train) -> tuple[list[dict], dict[str, torch.Tensor], Trainer]:

@@ -56,15 +56,6 @@ def check_graphable(t: TrainConfig, device: torch.device, world_size: int) -> No
             raise ConfigError(f"train.cuda_graph {why}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group's learning rate to ``lr``: in place where it is a tensor a CUDA graph reads."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
 class StepGraph:
     """``body(micro_batches, loss_scale) -> output tensors`` run eagerly for ``warmup`` steps, then captured as a
     CUDA graph and replayed (module doc). ``body`` must not sync with the host, must leave the gradients for the
@@ -82,7 +73,8 @@ class StepGraph:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
     def __call__(self, micro: Sequence[Batch], lr: float, loss_scale: float) -> tuple[Tensor, ...]:
-        set_lr(self.optimizer, lr)
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)
         self.scale.fill_(loss_scale)
         if self.graph is None and self.calls < self.warmup:
             out = self._eager(micro)

@@ -38,7 +38,7 @@ from modformer.train.pruning import TrainingPruner, check_prune_compatible, pars
 from modformer.train.report import plot_metrics, write_report, write_summary
 from modformer.train.runlock import LOCK_NAME, RunInUseError, RunLock
 from modformer.train.schedule import lr_schedule
-from modformer.train.step_graph import StepGraph, check_graphable, set_lr
+from modformer.train.step_graph import StepGraph, check_graphable
 
 
 class TrainingError(RuntimeError):
@@ -433,7 +433,8 @@ class Trainer:
                 self.step_graph = StepGraph(self._step_body, self.optimizer, self.device)
             loss_sum, correct = self.step_graph(micro, lr, loss_scale)
         else:
-            set_lr(self.optimizer, lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr           # a float (a graph-run checkpoint may have left a tensor here)
             loss_sum, correct = self._step_body(micro, loss_scale)
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
