@@ -68,9 +68,12 @@ def _train(tmp_path: Path, name: str, **train) -> tuple[list[dict], dict[str, to
 @pytest.mark.parametrize("optimizer, options, accum", [("adamw", {}, 1), ("muon", GROUPED, 1), ("muon", GROUPED, 2)])
 def test_graph_replays_train_like_the_eager_step(tmp_path, optimizer, options, accum):
     """10 float32 steps (warm-up, capture, replays; a cosine schedule with warm-up, so the learning rate changes
-    every step): the losses and final weights equal the eager run's within float32 rounding (the graph reads the
-    learning rate from a tensor, the eager step from a Python float)."""
+    every step): the losses and final weights equal the eager run's. The graph multiplies Muon's update by a tensor
+    learning rate where the eager step passes a float ``alpha``: one float32 rounding apart, which the bfloat16
+    Newton-Schulz iteration can turn into a flipped bfloat16 rounding (2^-8 of an update element, at most
+    ~1.2 lr = 3.4e-3 per step) in the following steps: 10 steps x 3.4e-3 x 2^-8 ~ 1.3e-4 bounds the drift."""
     kw = dict(optimizer=optimizer, optimizer_options=options, grad_accum=accum)
+    muon = optimizer == "muon"
     eager_rows, eager_w, _ = _train(tmp_path, "eager", **kw)
     graph_rows, graph_w, trainer = _train(tmp_path, "graph", cuda_graph=True, **kw)
     assert trainer.step_graph is not None and trainer.step_graph.graph is not None    # captured, then replayed
@@ -79,9 +82,9 @@ def test_graph_replays_train_like_the_eager_step(tmp_path, optimizer, options, a
         assert a.keys() == b.keys() and a["step"] == b["step"]
         for key in ("loss", "lr"):
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=1e-3 if muon else 1e-5, abs=1e-6), (a["step"], key)
     for k in eager_w:
-        torch.testing.assert_close(graph_w[k], eager_w[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(graph_w[k], eager_w[k], rtol=0, atol=2e-4 if muon else 1e-5, msg=k)
 
 
 @cuda
