@@ -43,18 +43,24 @@ def run_cfg(tmp_path: Path, name: str, dropout: float = 0.0, **train) -> RunConf
 def test_settings_the_graph_cannot_capture_are_refused_by_name(settings, names):
     t = TrainConfig(cuda_graph=True, **settings)
     with pytest.raises(ConfigError, match=names):
-        check_graphable(t, torch.device("cuda"), world_size=1)
+        check_graphable(t, world_size=1)
     with pytest.raises(ConfigError, match="one process"):
-        check_graphable(TrainConfig(cuda_graph=True), torch.device("cuda"), world_size=2)
-    check_graphable(TrainConfig(cuda_graph=True, optimizer="muon", optimizer_options=GROUPED), torch.device("cuda"), 1)
-    check_graphable(TrainConfig(cuda_graph=False, **settings), torch.device("cpu"), 1)   # off: nothing checked
+        check_graphable(TrainConfig(cuda_graph=True), world_size=2)
+    check_graphable(TrainConfig(cuda_graph=True, optimizer="muon", optimizer_options=GROUPED), 1)
+    check_graphable(TrainConfig(cuda_graph=False, **settings), 1)   # off: nothing checked
 
 
-def test_trainer_on_cpu_refuses_cuda_graph_before_building_anything(tmp_path):
-    cfg = run_cfg(tmp_path, "cpu", cuda_graph=True, device="cpu")
-    with pytest.raises(ConfigError, match="train.cuda_graph needs a CUDA device, not cpu"):
-        Trainer(cfg)
-    assert not (tmp_path / "cpu").exists()
+def test_without_cuda_the_step_runs_eagerly_and_says_so(tmp_path, capsys):
+    """A shipped GPU config (cuda_graph: true) still trains on a CPU: the trainer prints one line and runs the
+    eager step, with the same metrics as the same run without the setting; config.yaml records what ran."""
+    graphed = Trainer(run_cfg(tmp_path, "graphed", cuda_graph=True, device="cpu", steps=4))
+    assert "train.cuda_graph: no CUDA device (cpu); the training step runs eagerly" in capsys.readouterr().err
+    graphed.fit()
+    Trainer(run_cfg(tmp_path, "eager", device="cpu", steps=4)).fit()
+    assert graphed.step_graph is None and graphed.cfg.train.cuda_graph is False
+    assert "cuda_graph: false" in (tmp_path / "graphed" / "config.yaml").read_text()
+    assert strip(read_metrics(tmp_path / "graphed" / "metrics.jsonl")) == \
+        strip(read_metrics(tmp_path / "eager" / "metrics.jsonl"))
 
 
 def _train(tmp_path: Path, name: str, **train) -> tuple[list[dict], dict[str, torch.Tensor], Trainer]:

@@ -10,9 +10,11 @@ graph reads: the batch, the learning rate of every parameter group (written in p
 learning rates) and the loss scale (1 / the batch's target count). Dropout draws fresh numbers on every replay (the
 capture registers the CUDA generator).
 
-What the captured step needs, checked by ``check_graphable``: a CUDA device, one process, an optimizer whose step
+What the captured step needs, checked by ``check_graphable``: one process, an optimizer whose step
 reads its learning rate on the device (``adamw``, or ``muon`` with ``muon_grouped``), no gradient filter, pruning,
-float16 loss scaling or FP8, no torch.compile mode that makes its own CUDA graphs, and batches of one shape.
+float16 loss scaling or FP8, no torch.compile mode that makes its own CUDA graphs, and batches of one shape. Without a
+CUDA device the trainer says so and runs the step eagerly (as torch.compile's CUDA-graph modes do on a CPU), so a
+shipped GPU config still runs on a laptop.
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ StepBody = Callable[[Sequence[Batch], Tensor], tuple[Tensor, ...]]
 GRAPHED_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
-def check_graphable(t: TrainConfig, device: torch.device, world_size: int) -> None:
+def check_graphable(t: TrainConfig, world_size: int) -> None:
     """ConfigError naming the first setting that keeps ``train.cuda_graph`` from capturing the step."""
     if not t.cuda_graph:
         return
     grouped = t.optimizer_options.get("muon_grouped", False) is True
     reasons = [
-        (device.type != "cuda", f"needs a CUDA device, not {device.type}"),
         (world_size > 1, "runs in one process; under torchrun use train.compile_mode=reduce-overhead"),
         (t.optimizer not in ("adamw", "muon") or (t.optimizer == "muon" and not grouped),
          f"needs an optimizer that reads its learning rate on the device: adamw, or muon with "

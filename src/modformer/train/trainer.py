@@ -145,7 +145,10 @@ class Trainer:
         self.world = init_world("cuda" if t.device.startswith("cuda") or (
             t.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(t.device, self.world)
-        check_graphable(t, self.device, self.world.size)
+        if t.cuda_graph and self.device.type != "cuda":
+            self._warn(f"train.cuda_graph: no CUDA device ({self.device}); the training step runs eagerly")
+            t = cfg.train = dataclasses.replace(t, cuda_graph=False)
+        check_graphable(t, self.world.size)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
