@@ -31,7 +31,7 @@ from modformer.registry import ConfigError
 Batch = tuple[Tensor, Tensor]
 StepBody = Callable[[Sequence[Batch], Tensor], tuple[Tensor, ...]]
 
-GRAPHED_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_MODES_WITHOUT_CUDA_GRAPHS = ("default", "max-autotune-no-cudagraphs")   # also compile_scope=blocks' rule
 
 
 def check_graphable(t: TrainConfig, world_size: int) -> None:
@@ -45,8 +45,9 @@ def check_graphable(t: TrainConfig, world_size: int) -> None:
          f"needs an optimizer that reads its learning rate on the device: adamw, or muon with "
          f"optimizer_options.muon_grouped: true (got {t.optimizer}"
          f"{' without muon_grouped' if t.optimizer == 'muon' else ''})"),
-        (t.compile and t.compile_mode not in GRAPHED_COMPILE_MODES,
-         f"captures the step itself; use compile_mode {' or '.join(GRAPHED_COMPILE_MODES)}, not {t.compile_mode!r}"),
+        (t.compile and t.compile_mode not in COMPILE_MODES_WITHOUT_CUDA_GRAPHS,
+         f"captures the step itself; use compile_mode {' or '.join(COMPILE_MODES_WITHOUT_CUDA_GRAPHS)}, "
+         f"not {t.compile_mode!r}"),
         (t.dtype == "float16", "does not capture float16 loss scaling; use dtype bfloat16"),
         (t.precision.startswith("fp8"), f"is not supported with precision {t.precision} yet"),
         (bool(t.prune), "is not supported with train.prune (the masks change between steps)"),

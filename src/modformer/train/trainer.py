@@ -38,7 +38,7 @@ from modformer.train.pruning import TrainingPruner, check_prune_compatible, pars
 from modformer.train.report import plot_metrics, write_report, write_summary
 from modformer.train.runlock import LOCK_NAME, RunInUseError, RunLock
 from modformer.train.schedule import lr_schedule
-from modformer.train.step_graph import StepGraph, check_graphable
+from modformer.train.step_graph import COMPILE_MODES_WITHOUT_CUDA_GRAPHS, StepGraph, check_graphable
 
 
 class TrainingError(RuntimeError):
@@ -107,7 +107,7 @@ def compile_kwargs(t: TrainConfig) -> dict[str, str]:
         raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
     if t.compile_scope not in ("model", "blocks"):
         raise ConfigError(f"train.compile_scope must be model or blocks, got {t.compile_scope!r}")
-    if t.compile and t.compile_scope == "blocks" and t.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+    if t.compile and t.compile_scope == "blocks" and t.compile_mode not in COMPILE_MODES_WITHOUT_CUDA_GRAPHS:
         # the blocks share one compiled graph: its CUDA graph would overwrite one block's output with the next's
         raise ConfigError(f"train.compile_scope=blocks needs a compile_mode without CUDA graphs (default or "
                           f"max-autotune-no-cudagraphs), got {t.compile_mode!r}")
