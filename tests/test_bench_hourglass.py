@@ -13,6 +13,7 @@ from modformer.bench.studies import hourglass as hg
 from modformer.bench.studies.hourglass_profile import parts
 from modformer.cli import main
 from modformer.config import ModelConfig
+from modformer.layers.context import Context
 from modformer.saving import build_model
 
 
@@ -77,7 +78,8 @@ def test_profiled_components_chain_back_to_the_models_loss(position):
                                                         "decoder_layers": [2]})
     model = build_model(cfg).double().eval()
     idx, targets = torch.randint(11, (2, 32)), torch.randint(11, (2, 32))
-    p = {name: f for name, (f, _) in parts(model, idx, targets).items()}
+    layers, components = parts(model, idx, targets)
+    p = {name: f for name, (f, _) in components.items()}
     x = model.tok_emb(idx) + (model.position.embed_arange(torch.arange(32)) if position == "learned" else 0)
     skip = p["token_layers_before"](x)
     lat = p["compression"](skip)
@@ -88,6 +90,13 @@ def test_profiled_components_chain_back_to_the_models_loss(position):
         up = up + model.position.embed_arange(torch.arange(32))
     loss = p["head_and_loss"](p["token_layers_after"](up))
     assert torch.allclose(loss, model.loss(idx, targets), rtol=1e-12, atol=0)
+    # one layer of each kind on its own input: the local one on groups of 4 folded into the batch
+    (f_local, (x_local,)), (f_global, (x_global,)) = layers["local_layer"], layers["global_layer"]
+    assert x_local.shape == (2 * 8, 4, 16) and x_global.shape == (2, 32, 16)
+    torch.testing.assert_close(f_local(x_local), model.encoders[0].blocks[0](
+        x_local, Context(pos=torch.arange(4), position=model.position)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f_global(x_global), model.encoders[0].blocks[1](
+        x_global, Context(pos=torch.arange(32), position=model.position, q_offset=0)), rtol=1e-12, atol=1e-12)
 
 
 def test_tiny_study_through_the_registry_writes_sweep_seed_rows_and_a_profile(tmp_path):
@@ -110,6 +119,9 @@ def test_tiny_study_through_the_registry_writes_sweep_seed_rows_and_a_profile(tm
     assert list(comps) == ["token_layers_before", "compression", "latent_stack", "upsampling",
                            "token_layers_after", "head_and_loss", "other"]
     assert all(comps[name]["wall_ms"] > 0 for name in list(comps)[:-1])
+    prof = result["profile"]
+    assert set(prof["hourglass"]["layers"]) == {"local_layer", "global_layer"}
+    assert (prof["hourglass"]["local_backend"], prof["hourglass_local_eager"]["local_backend"]) == ("sdpa", "eager")
     # a second call adds an lr to the sweep: the earlier runs are kept, not rerun
     again = tmp_path / "hg2.json"
     assert main(["bench", "hourglass", "--tiny", "--steps", "2", "--lrs", "1e-3,2e-3", "--seeds", "2",

@@ -73,6 +73,8 @@ EXTRAS = {
     "three_levels": ({"levels": 3, "group_len": [2, 2, 2], "n_latents": [1, 2, 1], "encoder_layers": 1,
                       "decoder_layers": [1, 2, 1], "upsampling": "attention"}, {"position": "learned"}),
     "g_equals_k": ({"group_len": 2, "n_latents": 2, "compression": "last_k"}, {}),
+    "local_eager": ({"local_backend": "eager", "schedule": "alternate", "encoder_layers": 2, "levels": 2,
+                     "group_len": [4, 2], "n_latents": [2, 1]}, {}),
     "rmsnorm_untied": ({"encoder_layers": 0, "decoder_layers": 0}, {"norm": "rmsnorm", "tie_embeddings": False}),
 }
 
@@ -155,6 +157,7 @@ def test_run_with_cache_exposes_latents_per_level():
     ({"latent_loss": -1}, "latent_loss"),
     ({"latent_block": {"vocab_size": 3}}, "latent_block"),
     ({"skip": "yes"}, "skip"),
+    ({"local_backend": "fast"}, "local_backend: unknown attn_backend 'fast'"),
 ])
 def test_bad_options_raise_config_errors(options, match):
     with pytest.raises(mf.ConfigError, match=match):
@@ -346,6 +349,28 @@ def test_training_path_matches_float64_reference(name, length):
         assert (a is None) == (b is None), pname
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=pname)
+
+
+@pytest.mark.parametrize("compression", ["perceiver", "last_k"])
+def test_local_backend_computes_the_same_function(compression):
+    """``local_backend: eager`` (local layers and the compressor attend through the eager path) gives the default
+    SDPA model's logits and gradients with the same weights, in float64, in training mode."""
+    opts = {"schedule": "alternate", "encoder_layers": [2, 1], "decoder_layers": [2], "compression": compression,
+            "levels": 1, "group_len": 4, "n_latents": 2}
+    sdpa = mf.build_model(hourglass(opts, position="rope")).double().train()
+    eager = mf.build_model(hourglass({**opts, "local_backend": "eager"}, position="rope")).double().train()
+    eager.load_state_dict(sdpa.state_dict())
+    local = [b.attn.backend for s in eager.encoders for b, kind in zip(s.blocks, s.kinds) if kind == "local"]
+    assert local == ["eager", "eager"] and eager.encoders[0].blocks[1].attn.backend == "sdpa"   # token, latent
+    compress = eager.shorten[0].compress
+    assert (compress.backend if compression == "perceiver" else compress.block.attn.backend) == "eager"
+    idx = torch.randint(0, V, (2, 19))
+    a, b = sdpa(idx), eager(idx)
+    torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(a.square().mean(), list(sdpa.parameters()))
+    for (name, _), g, ref in zip(eager.named_parameters(),
+                                 torch.autograd.grad(b.square().mean(), list(eager.parameters())), grads):
+        torch.testing.assert_close(g, ref, atol=1e-12, rtol=1e-12, msg=name)
 
 
 def test_training_forward_traces_as_one_graph():

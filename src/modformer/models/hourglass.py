@@ -34,6 +34,9 @@ Encoder/decoder layers follow ``schedule``: ``alternate`` (local, global, local,
   and the (detached, LayerNorm-ed) input latents of group i + 1; added to ``model.aux_loss``
 - ``latent_block``: ModelConfig overrides for latent-stack blocks, e.g. ``{attention: multichannel,
   attn_only: true, attention_options: {n_channels: 2}}``
+- ``local_backend`` [model.attn_backend]: attention backend of the layers that attend within one group (local
+  token and latent layers, the compressor). ``eager`` computes a group's g x g scores directly, where SDPA's fused
+  kernels give every group of g (4) elements a whole query/key tile of 64-128 rows; the same function either way
 
 Position embeddings: resolution r > 0 gets its own module of kind ``model.position`` (a learned table
 sized for that resolution, sinusoidal, or RoPE/ALiBi applied inside attention at that resolution's
@@ -83,7 +86,7 @@ from modformer.registry import ConfigError
 
 OPTIONS = {"levels", "group_len", "n_latents", "compression", "upsampling", "encoder_layers", "decoder_layers",
            "latent_layers", "schedule", "skip", "denseformer", "dwa_dilation", "dwa_period", "latent_loss",
-           "latent_block"}
+           "latent_block", "local_backend"}
 COMPRESSIONS = ("perceiver", "last_k")
 UPSAMPLINGS = ("repeat", "attention")
 SCHEDULES = ("alternate", "local_first", "global", "local")
@@ -117,6 +120,7 @@ class HourglassOptions:
     dwa_period: int
     latent_loss: float
     latent_block: dict
+    local_backend: str
 
     @classmethod
     def parse(cls, cfg: ModelConfig) -> HourglassOptions:
@@ -160,13 +164,15 @@ class HourglassOptions:
             bad = sorted(set(block) - LATENT_BLOCK_FIELDS) if isinstance(block, dict) else block
             raise ConfigError(f"model.model_options.latent_block: {bad!r} not allowed; it maps model fields "
                               f"({', '.join(sorted(LATENT_BLOCK_FIELDS))}) to values for the latent stack")
+        local_backend = opts.get("local_backend", cfg.attn_backend)
+        registry.get("attn_backend", local_backend, field="model.model_options.local_backend")
         for key in ("skip", "denseformer"):
             if not isinstance(opts.get(key, key == "skip"), bool):
                 raise ConfigError(f"model.model_options.{key} must be true or false, got {opts[key]!r}")
         return cls(H, g, k, opts.get("compression", "perceiver"), opts.get("upsampling", "repeat"), enc, dec,
                    latent_layers, opts.get("schedule", "alternate"), opts.get("skip", True),
                    opts.get("denseformer", False), int(opts.get("dwa_dilation", 1)), int(opts.get("dwa_period", 1)),
-                   float(weight), dict(block))
+                   float(weight), dict(block), local_backend)
 
 
 def run_block(block: nn.Module, x: Tensor, ctx: Context, ckpt: bool) -> Tensor:
@@ -184,13 +190,15 @@ def layer_kinds(n: int, schedule: str) -> list[str]:
 
 class Stage(nn.Module):
     """Encoder or decoder layers at one resolution. Local layers fold windows of ``window`` elements
-    into the batch (causal at resolution 0, bidirectional within a group's latents above it)."""
+    into the batch (causal at resolution 0, bidirectional within a group's latents above it) and attend
+    with ``local_backend``."""
 
-    def __init__(self, cfg: ModelConfig, n: int, schedule: str, window: int, resolution: int, first: int) -> None:
+    def __init__(self, cfg: ModelConfig, n: int, schedule: str, window: int, resolution: int, first: int,
+                 local_backend: str) -> None:
         super().__init__()
         self.kinds = layer_kinds(n, schedule)
         self.window = window
-        local_cfg = cfg if resolution == 0 else dataclasses.replace(cfg, causal=False)
+        local_cfg = dataclasses.replace(cfg, causal=resolution == 0, attn_backend=local_backend)
         self.blocks = nn.ModuleList(Block(local_cfg if kind == "local" else cfg, first + i)
                                     for i, kind in enumerate(self.kinds))
 
@@ -266,8 +274,9 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
 
         windows = [o.group_len[0]] + o.n_latents      # local attention: g tokens at resolution 0, K latents above
         self.encoders = nn.ModuleList(Stage(cfg, o.encoder_layers[r], o.schedule, windows[r], r,
-                                            first(o.encoder_layers[r])) for r in range(o.levels + 1))
-        self.shorten = nn.ModuleList(Shorten(cfg, o.group_len[r], o.n_latents[r], o.compression, first(1))
+                                            first(o.encoder_layers[r]), o.local_backend) for r in range(o.levels + 1))
+        group_cfg = dataclasses.replace(cfg, attn_backend=o.local_backend)    # the compressor attends within a group
+        self.shorten = nn.ModuleList(Shorten(group_cfg, o.group_len[r], o.n_latents[r], o.compression, first(1))
                                      for r in range(o.levels))
         latent_cfg = dataclasses.replace(cfg, **o.latent_block) if o.latent_block else cfg
         if o.latent_block:
@@ -281,7 +290,7 @@ class Hourglass(HookedMixin, GenerationMixin, AuxLossMixin, nn.Module):
         self.upsample_attn = nn.ModuleList(AttentionUpsample(cfg) for _ in range(o.levels)) \
             if o.upsampling == "attention" else None
         self.decoders = nn.ModuleList(Stage(cfg, o.decoder_layers[r], o.schedule, windows[r], r,
-                                            first(o.decoder_layers[r])) for r in range(o.levels))
+                                            first(o.decoder_layers[r]), o.local_backend) for r in range(o.levels))
         if o.latent_loss:
             self.latent_norm = build_norm(cfg)
             self.latent_head = nn.Linear(D, D, bias=cfg.bias)

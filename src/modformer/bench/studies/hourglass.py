@@ -68,6 +68,7 @@ ABLATIONS: dict[str, dict] = {
     "g2": {"group_len": 2},
     "latent_loss": {"latent_loss": 0.1},
     "denseformer": {"denseformer": True},
+    "local_eager": {"local_backend": "eager"},
 }
 TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=2", "train.eval_batches=2", "train.log_every=1",
         "train.device=cpu", "train.threads=1", "train.compile=false", "train.warmup_steps=1"]
@@ -202,12 +203,15 @@ def summarise(rows: list[dict], lrs: list[float]) -> tuple[dict, list[dict]]:
 
 
 def profile(config: Path, overrides: list[str], runs_dir: Path, gpt_config: Path) -> dict:
-    """The hourglass's per-component forward + backward times at the study's batch, and the GPT's total."""
+    """The hourglass's per-component forward + backward times at the study's batch (as configured and with the
+    ``local_eager`` variant's local attention), and the GPT's total."""
     from modformer.bench.studies.hourglass_profile import component_split, total_time
 
     out: dict = {}
-    for arm, path in (("hourglass", config), ("gpt", gpt_config)):
-        cfg = load_config(path, [*overrides, "train.compile=false"])
+    eager_local = [f"model.model_options.{k}={v}" for k, v in ABLATIONS["local_eager"].items()]
+    for arm, path, extra in (("hourglass", config, []), ("hourglass_local_eager", config, eager_local),
+                             ("gpt", gpt_config, [])):
+        cfg = load_config(path, [*overrides, *extra, "train.compile=false"])
         cfg.name, cfg.out_dir = f"profile_{arm}", str(runs_dir)
         trainer = Trainer(cfg, overwrite=True)
         trainer.lock.release()
@@ -216,7 +220,7 @@ def profile(config: Path, overrides: list[str], runs_dir: Path, gpt_config: Path
         batch = torch.randint(cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1), generator=gen)
         batch = batch.to(trainer.device)
         idx, targets = batch[:, :-1], batch[:, 1:]
-        out[arm] = (component_split(model, idx, targets, trainer._autocast) if arm == "hourglass"
+        out[arm] = (component_split(model, idx, targets, trainer._autocast) if arm != "gpt"
                     else {"total": total_time(model, idx, targets, trainer._autocast), "batch": list(idx.shape)})
     return out
 

@@ -7,7 +7,8 @@ forward pass (captured by hooks), eager, under the trainer's autocast, in traini
 twice: GPU kernel time from ``torch.profiler`` (``bench.common.kernel_time``: what the device did) and wall time
 (``time_fn``: kernels plus launch overhead); the whole model's forward + backward is timed the same way, and
 its excess over the components' sum is ``other`` (embedding, dropout, position tables, glue). On the CPU both
-figures are wall time.
+figures are wall time. ``layers`` times one token layer of each kind (local, global) of the encoder alone, on
+its own input: where the local layers' cost goes against a global one's (not part of the components' sum).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ Parts = dict[str, tuple[Callable[..., Tensor], list[Tensor]]]
 
 
 def parts(model: nn.Module, idx: Tensor, targets: Tensor,
-          autocast: Callable[[], Any] = contextlib.nullcontext) -> Parts:
-    """The one-level hourglass's components as ``name -> (f, inputs)``, ``inputs`` captured (detached) by hooks
-    in one forward of ``idx`` in the model's current mode: ``f(*inputs)`` recomputes that component's output.
-    In order: token_layers_before, compression, latent_stack, upsampling, token_layers_after, head_and_loss."""
+          autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[Parts, Parts]:
+    """(layers, components) of a one-level hourglass as ``name -> (f, inputs)``, ``inputs`` captured (detached)
+    by hooks in one forward of ``idx`` in the model's current mode: ``f(*inputs)`` recomputes that part's output.
+    Components, in order: token_layers_before, compression, latent_stack, upsampling, token_layers_after,
+    head_and_loss; layers: the encoder's first ``local_layer`` and ``global_layer`` (those it has)."""
     if model.opts.levels != 1:
         raise ValueError("the component split takes a one-level hourglass")
     g, k = model.opts.group_len[0], model.opts.n_latents[0]
@@ -73,7 +75,11 @@ def parts(model: nn.Module, idx: Tensor, targets: Tensor,
             caught[name] = out.detach()
         return hook
 
-    handles = [model.encoders[0].register_forward_pre_hook(keep_input("encoder"), with_kwargs=True),
+    enc = model.encoders[0]
+    first_of = {kind: enc.blocks[enc.kinds.index(kind)] for kind in ("local", "global") if kind in enc.kinds}
+    handles = [block.register_forward_pre_hook(keep_input(f"{kind}_layer"), with_kwargs=True)
+               for kind, block in first_of.items()]
+    handles += [model.encoders[0].register_forward_pre_hook(keep_input("encoder"), with_kwargs=True),
                model.shorten[0].register_forward_pre_hook(keep_input("shorten"), with_kwargs=True),
                model.hook_latent_in.register_forward_pre_hook(keep_input("latent"), with_kwargs=True),
                model.decoders[0].register_forward_pre_hook(keep_input("decoder"), with_kwargs=True),
@@ -94,7 +100,9 @@ def parts(model: nn.Module, idx: Tensor, targets: Tensor,
     sh_args = caught["shorten"][0]
     lat_x = caught["latent"][0][0]
     lat_pos = torch.arange(lat_x.shape[1], device=idx.device)
-    return {
+    layers = {f"{kind}_layer": (stage(f"{kind}_layer", block), [caught[f"{kind}_layer"][0][0]])
+              for kind, block in first_of.items()}
+    return layers, {
         "token_layers_before": (stage("encoder", model.encoders[0]), [caught["encoder"][0][0]]),
         "compression": (lambda x: model.shorten[0](x, *sh_args[1:]), [sh_args[0]]),
         "latent_stack": (lambda x: model._latent_stack(model.encoders[1](x, model.positions[0]), False, lat_pos)[1],
@@ -110,12 +118,14 @@ def component_split(model: nn.Module, idx: Tensor, targets: Tensor, autocast: Ca
                     iters: int = 10) -> dict:
     """Per-component forward + backward times of a one-level hourglass on the batch ``idx`` (see module doc),
     in training mode. ``autocast``: a zero-argument callable giving the trainer's autocast context. Returns
-    ``{"components": {name: {kernel_ms, wall_ms, kernel_share}}, "total": {...}, "batch": [B, T]}``."""
+    ``{"components": {name: {kernel_ms, wall_ms, kernel_share}}, "layers": {name: {kernel_ms, wall_ms}},
+    "total": {...}, "batch": [B, T], "local_backend": ...}``."""
     device = idx.device
     model.train()
-    pieces = parts(model, idx, targets, autocast)
+    layer_pieces, pieces = parts(model, idx, targets, autocast)
     out: dict[str, dict[str, float]] = {}
     with autocast():
+        layers = {name: _measure(_fwd_bwd(f, inputs), device, iters) for name, (f, inputs) in layer_pieces.items()}
         for name, (f, inputs) in pieces.items():
             out[name] = _measure(_fwd_bwd(f, inputs), device, iters)
 
@@ -128,7 +138,8 @@ def component_split(model: nn.Module, idx: Tensor, targets: Tensor, autocast: Ca
     out["other"] = {key: total[key] - summed[key] for key in summed}
     for v in out.values():
         v["kernel_share"] = v["kernel_ms"] / total["kernel_ms"] if total["kernel_ms"] else None
-    return {"components": out, "total": total, "batch": list(idx.shape)}
+    return {"components": out, "layers": layers, "total": total, "batch": list(idx.shape),
+            "local_backend": model.opts.local_backend}
 
 
 def total_time(model: nn.Module, idx: Tensor, targets: Tensor, autocast: Any, iters: int = 10) -> dict:
