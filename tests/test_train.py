@@ -151,6 +151,14 @@ def test_schedule_and_param_groups():
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     lin = lr_schedule(TrainConfig(lr=1.0, min_lr=0.0, steps=100, schedule="linear"))
     assert lin(50) == pytest.approx(0.5)
+    # warmup-stable-decay: 10 warm-up steps, flat at lr, then linear to min_lr over the last 25% of 100 steps
+    w = lr_schedule(TrainConfig(lr=1.0, min_lr=0.2, warmup_steps=10, steps=100, schedule="wsd", cooldown=0.25))
+    assert w(4) == pytest.approx(0.5) and w(10) == w(74) == 1.0
+    assert w(75) == pytest.approx(1.0) and w(80) == pytest.approx(1.0 - 0.8 * 5 / 25) and w(100) == pytest.approx(0.2)
+    assert [w(s) for s in range(75, 101)] == sorted([w(s) for s in range(75, 101)], reverse=True)
+    assert lr_schedule(TrainConfig(lr=1.0, steps=100, schedule="wsd", cooldown=0.0))(99) == 1.0
+    with pytest.raises(mf.ConfigError, match="train.cooldown"):
+        TrainConfig(schedule="wsd", cooldown=1.5).validate()
     model = mf.build_model(ModelConfig(vocab_size=10, n_layer=1, d_model=16, n_head=2))
     decay, no_decay = param_groups(model, 0.1, decay_embeddings=False)
     decayed = {id(p) for p in decay["params"]}

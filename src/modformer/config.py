@@ -235,8 +235,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     decay_embeddings: bool = False     # apply weight decay to embeddings too
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. grokfast settings
-    schedule: str = "cosine"           # constant | cosine | linear
+    schedule: str = "cosine"           # constant | cosine | linear | wsd (warmup, constant, linear cool-down)
     warmup_steps: int = 0
+    cooldown: float = 0.2              # wsd: share of train.steps in the final linear decay to min_lr
     grad_clip: float = 1.0             # 0 disables
     label_smoothing: float = 0.0       # training loss only; evaluation reports the plain NLL
     ema_decay: float = 0.0             # EMA of the weights for eval/samples/saved model; 0 = off, e.g. 0.999
@@ -292,7 +293,8 @@ class TrainConfig:
         "steps": ">= 1", "batch_size": [">= 0", "0 = the whole training split, for tasks"], "grad_accum": ">= 1",
         "lr": [">= 0", "0 = no update, weights kept"], "min_lr": ">= 0", "betas": "[0, 1)", "eps": "> 0",
         "weight_decay": ">= 0",
-        "warmup_steps": ">= 0", "grad_clip": [">= 0", "0 disables clipping"], "label_smoothing": "[0, 1)",
+        "warmup_steps": ">= 0", "cooldown": ["[0, 1]", "wsd only"],
+        "grad_clip": [">= 0", "0 disables clipping"], "label_smoothing": "[0, 1)",
         "ema_decay": ["[0, 1)", "0 disables, typical 0.999"], "ema_start": ">= 0", "eval_every": ">= 1",
         "eval_batches": [">= 0", "0 = the full split"], "eval_batch_size": ">= 1", "eval_stride": ">= 0",
         "log_every": ">= 1", "checkpoint_every": [">= 0", "0 = only at the end"], "early_stop_mode": ("max", "min"),

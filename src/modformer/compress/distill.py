@@ -70,7 +70,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 0
-    schedule: str = "constant"           # constant | cosine | linear (after warm-up, to min_lr)
+    schedule: str = "constant"           # constant | cosine | linear | wsd (after warm-up, to min_lr)
     min_lr: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0

@@ -1,4 +1,6 @@
-"""Learning-rate schedules (registry kind ``schedule``): linear warmup then constant/cosine/linear decay."""
+"""Learning-rate schedules (registry kind ``schedule``): linear warmup then constant/cosine/linear decay, or
+``wsd`` (warmup-stable-decay: constant, then a linear cool-down over the last ``train.cooldown`` of the steps;
+Hägele et al. 2024, the modded-nanogpt speedrun's schedule)."""
 
 from __future__ import annotations
 
@@ -39,6 +41,18 @@ def linear(step: int, cfg: TrainConfig) -> float:
     if w is not None:
         return w
     return cfg.lr + (cfg.min_lr - cfg.lr) * _progress(step, cfg)
+
+
+@register("schedule", "wsd")
+def wsd(step: int, cfg: TrainConfig) -> float:
+    w = _warmup(step, cfg)
+    if w is not None:
+        return w
+    decay = cfg.cooldown * cfg.steps
+    start = max(cfg.steps - decay, cfg.warmup_steps)
+    if step < start or decay <= 0:
+        return cfg.lr
+    return cfg.lr + (cfg.min_lr - cfg.lr) * min((step - start) / max(cfg.steps - start, 1e-9), 1.0)
 
 
 def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
