@@ -233,3 +233,25 @@ def test_memory_steps_measure_inference_in_eval_mode(monkeypatch) -> None:
     step()
     assert targets == [True]
     assert all(p.grad is None for p in student.parameters())    # the step leaves no gradients behind
+
+
+def test_saved_for_backward_attributes_bytes_to_where_they_were_saved() -> None:
+    """The eager backend saves its (B, H, T, T) probabilities inside the attention module's own forward; the loss
+    saves its float32 log-softmax outside the model; frozen weights drop out of ``trainable_params``. The hooks are
+    removed afterwards and no HookPoint is switched on (which would change the attention path)."""
+    model = _model(t=64).train()                    # eager attention, 1 layer, 2 heads, float32
+    x = torch.randint(0, V, (3, 64))
+
+    def forward() -> None:
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+
+    saved = fidelity.saved_for_backward(model, forward)
+    assert saved["attention_core"] >= 3 * 2 * 64 * 64 * 4                 # the probabilities, float32
+    assert saved["outside"] >= 3 * 64 * V * 4                              # log-softmax of the logits
+    assert saved["attention_projections"] > 0 and saved["other_modules"] > 0
+    assert saved["trainable_params"] == sum(p.numel() * 4 for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    for p in model.blocks[0].mlp.parameters():
+        p.requires_grad_(False)
+    frozen = sum(p.numel() * 4 for p in model.blocks[0].mlp.parameters())
+    assert fidelity.saved_for_backward(model, forward)["trainable_params"] == saved["trainable_params"] - frozen

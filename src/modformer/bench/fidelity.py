@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from modformer.bench.common import DEFAULT_OUT, cases, kernel_time, print_table, time_fn, write_result
 from modformer.cli import HelpFormatter
+from modformer.layers.hooks import HookPoint
 
 
 # ---- metric functions ----------------------------------------------------------------------
@@ -91,6 +92,56 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def saved_for_backward(model: nn.Module, forward: Callable[[], Any]) -> dict[str, int]:
+    """Bytes of the tensors autograd saves for the backward pass while ``forward()`` runs, by where they were saved:
+    ``attention_core`` (in the forward of a module named ``attn`` / ``*.attn`` itself: the attention kernel's
+    inputs and outputs, rotations, masks, a gate), ``attention_projections`` (in its submodules: q/k/v/out
+    projections, q/k norms), ``other_modules`` (any other module of ``model``), ``outside`` (outside its modules:
+    the loss), plus ``trainable_params`` (the bytes their gradients will take). Each storage counts once, for the
+    first module that saves it; the parameters themselves are not counted.
+
+    Device-independent: it bounds the share of a training step's memory that a sparse attention kernel can change."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where: list[str] = []
+    seen: dict[int, tuple[str, int]] = {}
+
+    def is_attn(name: str) -> bool:
+        return name == "attn" or name.endswith(".attn")
+
+    def group() -> str:
+        if not where:
+            return "outside"
+        if is_attn(where[-1]):
+            return "attention_core"
+        return "attention_projections" if any(map(is_attn, where)) else "other_modules"
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = (group(), t.untyped_storage().nbytes())
+        return t
+
+    def leave(*_: Any) -> None:             # a forward hook must return None (a value replaces the output)
+        where.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name and not isinstance(module, HookPoint):    # a hooked HookPoint turns on eager attention patterns
+            hooks.append(module.register_forward_pre_hook(lambda *_, n=name: where.append(n)))
+            hooks.append(module.register_forward_hook(leave))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = dict.fromkeys(("attention_core", "attention_projections", "other_modules", "outside"), 0)
+    for g, nbytes in seen.values():
+        out[g] += nbytes
+    out["trainable_params"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return out
 
 
 def _attn_grads(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -89,16 +89,20 @@ def train_teacher(args: argparse.Namespace, out: Path) -> Path:
     return hf_dir
 
 
+def train_loss(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training step's forward: bf16 autocast cross-entropy in train mode (a gate computes its target)."""
+    m.train()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        return torch.nn.functional.cross_entropy(m(x).flatten(0, 1).float(), y.flatten())
+
+
 def memory_steps(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None],
                                                                              Callable[[], None]]:
     """The two steps ``memory_rows`` measures: a bf16 training step (train mode: a gate computes its target) and an
     inference forward in eval mode (as a user runs it: no gate target), the module's mode restored after."""
 
     def step() -> None:
-        m.train()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1).float(), y.flatten())
-        loss.backward()
+        train_loss(m, x, y).backward()
         m.zero_grad(set_to_none=True)
 
     def infer() -> None:
@@ -115,7 +119,8 @@ def memory_steps(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, batch: int,
                 device: torch.device, method: str = "") -> list[dict[str, Any]]:
-    """Peak CUDA memory of inference and of a training step: student vs dense eager / SDPA teacher."""
+    """Peak CUDA memory of inference and of a training step: student vs dense eager / SDPA teacher; with the bytes
+    each saves for the backward pass by where (``fidelity.saved_for_backward``: what attention can change at all)."""
     x, y = data.get_batch("train", batch, torch.Generator().manual_seed(0))
     x, y = x.to(device), y.to(device)
     models = {"teacher_eager": build_student(teacher, {"attn_backend": "eager"}),
@@ -124,8 +129,10 @@ def memory_rows(teacher: torch.nn.Module, student: torch.nn.Module, data: Any, b
     for name, m in models.items():
         step, infer = memory_steps(m, x, y)
         step()                                   # compile / warm up outside the measurement
+        saved = fidelity.saved_for_backward(m, lambda m=m: train_loss(m, x, y))
         rows.append({"model": name, "train_peak_mb": fidelity.peak_memory(step, device) / 2 ** 20,
-                     "infer_peak_mb": fidelity.peak_memory(infer, device) / 2 ** 20})
+                     "infer_peak_mb": fidelity.peak_memory(infer, device) / 2 ** 20,
+                     "saved_for_backward_mb": {k: v / 2 ** 20 for k, v in saved.items()}})
     ref, sdpa = rows[0], rows[1]
     for r in rows:
         r["method"] = method
