@@ -113,6 +113,7 @@ def test_headline_reports_the_gate_against_the_best_fixed_pattern() -> None:
             {"method": "performer", "attention": "performer", "kl": 0.005}]
     speed = [{"T": 4096, "mask": "learned_gate", "speedup": 2.0, "gate_overhead": 0.3},
              {"T": 16384, "mask": "learned_gate", "speedup": 5.0, "gate_overhead": 0.1},
+             {"T": 16384, "mask": "learned_gate", "speedup": 4.0, "gate_overhead": 0.2},   # another flex mode
              {"T": 16384, "mask": "sink4_window829", "speedup": 7.0}]
     memory = [{"model": "student", "method": "gate", "train_reduction_vs_sdpa": 0.05, "peak_mem_reduction": 0.4}]
     h = fidelity.headline_of(rows, [], memory, speed, seq_len=4096)
@@ -129,7 +130,9 @@ def test_fwd_bwd_speed_runs_on_cpu(compile_gate: bool) -> None:
     from modformer.bench.sparse_speed import fwd_bwd_speed
 
     rows = fwd_bwd_speed([64], [0.3], torch.device("cpu"), heads=1, head_dim=8, block=16, tokens=64, iters=1,
-                         compile_gate=compile_gate)
+                         compile_gate=compile_gate, flex_modes=("default", "max-autotune-no-cudagraphs"))
+    assert [r["flex_mode"] for r in rows] == ["default"] * 2 + ["max-autotune-no-cudagraphs"] * 2
+    rows = rows[:2]
     gate = rows[1]
     assert gate["gate_compiled"] is compile_gate and gate["gate_eager_ms"] > 0
     assert gate["density"] == dn.gate_density(64, 16, gate["top_k"]) <= 0.3
@@ -255,3 +258,27 @@ def test_saved_for_backward_attributes_bytes_to_where_they_were_saved() -> None:
         p.requires_grad_(False)
     frozen = sum(p.numel() * 4 for p in model.blocks[0].mlp.parameters())
     assert fidelity.saved_for_backward(model, forward)["trainable_params"] == saved["trainable_params"] - frozen
+
+
+def test_flex_compile_mode_selects_one_compiled_flex_per_mode(monkeypatch) -> None:
+    """Inside ``flex_compile_mode(m)`` CUDA flex calls go through ``torch.compile(flex_attention, mode=m)``, one
+    wrapper per mode kept for later calls; the mode is restored on exit; an unknown mode fails by name; the CPU
+    keeps the uncompiled reference."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from modformer.layers.attention import kernels
+
+    made = []
+    monkeypatch.setattr(kernels, "_compiled_flex", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: made.append((fn, kw)) or ("compiled", kw["mode"]))
+    cuda = torch.device("cuda")
+    assert kernels._flex_fn(cuda) == ("compiled", None) == kernels._flex_fn(cuda)
+    with kernels.flex_compile_mode("max-autotune-no-cudagraphs"):
+        assert kernels._flex_fn(cuda) == ("compiled", "max-autotune-no-cudagraphs") == kernels._flex_fn(cuda)
+    assert kernels._flex_fn(cuda) == ("compiled", None) and kernels._flex_mode == "default"
+    assert [(fn, kw["mode"], kw["dynamic"]) for fn, kw in made] == [(flex_attention, None, False),
+                                                                   (flex_attention, "max-autotune-no-cudagraphs",
+                                                                    False)]
+    assert kernels._flex_fn(torch.device("cpu")) is flex_attention
+    with pytest.raises(ValueError, match="unknown 'fast'"), kernels.flex_compile_mode("fast"):
+        pass

@@ -22,6 +22,7 @@ plumbing, not the speed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from modformer.bench.common import cases, kernel_time, time_fn
 from modformer.config import ModelConfig
 from modformer.layers.attention.density import gate_density, gate_top_k, pattern_density, tune
 from modformer.layers.attention.gate import LearnedGateAttention, block_mask_from_blocks, block_mask_tensors
-from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention
+from modformer.layers.attention.kernels import AttnSpec, attend, eager_attention, flex_compile_mode
 from modformer.layers.attention.sparse import PATTERNS, pattern_block_mask
 
 
@@ -51,18 +52,21 @@ def make_gate(heads: int, head_dim: int, block: int, top_k: int, device: torch.d
 
 def fwd_bwd_speed(seqs: list[int], densities: list[float], device: torch.device, heads: int = 16,
                   head_dim: int = 64, block: int = 128, tokens: int = 65536, iters: int = 10,
-                  compile_gate: bool | None = None) -> list[dict[str, Any]]:
-    """Two rows per T (sink + window, learned gate): dense SDPA vs block-sparse flex forward + backward at
-    ``densities[i]`` for ``seqs[i]`` (see the module doc). ``compile_gate`` (default: on CUDA) also times the gate
-    compiled and makes that the row's ``gate_ms``."""
+                  compile_gate: bool | None = None, flex_modes: Sequence[str] = ("default",)) -> list[dict[str, Any]]:
+    """Two rows per T and flex compile mode (sink + window, learned gate): dense SDPA vs block-sparse flex forward +
+    backward at ``densities[i]`` for ``seqs[i]`` (see the module doc). ``compile_gate`` (default: on CUDA) also
+    times the gate compiled and makes that the row's ``gate_ms``. ``flex_modes``: ``kernels.flex_compile_mode``
+    values (``max-autotune-no-cudagraphs`` autotunes the flex kernels); each row records its ``flex_mode``."""
     if compile_gate is None:
         compile_gate = device.type == "cuda"
     rows: list[dict[str, Any]] = []
-    for t, dens in cases(list(zip(seqs, densities)), "sparse-speed",
-                         lambda s: f"next: T {s[0]}, density {s[1]:g}"):
-        for row in _rows_at(t, dens, device, heads, head_dim, block, tokens, iters, compile_gate):
-            print(f"  fwd+bwd T={t} {row['mask']}: {row}", flush=True)
-            rows.append(row)
+    for t, dens, mode in cases([(t, d, m) for t, d in zip(seqs, densities) for m in flex_modes], "sparse-speed",
+                               lambda s: f"next: T {s[0]}, density {s[1]:g}, flex {s[2]}"):
+        with flex_compile_mode(mode):
+            for row in _rows_at(t, dens, device, heads, head_dim, block, tokens, iters, compile_gate):
+                row["flex_mode"] = mode
+                print(f"  fwd+bwd T={t} {row['mask']}: {row}", flush=True)
+                rows.append(row)
     return rows
 
 

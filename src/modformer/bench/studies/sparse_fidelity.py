@@ -43,6 +43,7 @@ from modformer.bench.studies import sparse_density as sd
 from modformer.cli import HelpFormatter
 from modformer.compress.distill import Distiller, build_student, load_distill_config, load_teacher
 from modformer.config import DataConfig, load_config
+from modformer.layers.attention.kernels import FLEX_COMPILE_MODES
 
 METHODS = tuple(sd.KIND)      # window, sink, block_local, strided, dilated, gate, performer
 QUICK_TEACHER = [
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="attention forward+backward timing, gate included, vs dense SDPA at these lengths")
     p.add_argument("--speed-density", type=float, nargs="*", default=None,
                    help="density per --speed-seq length (default 0.25 up to T=4096, 0.1 above)")
+    p.add_argument("--flex-modes", nargs="+", default=["default"], choices=list(FLEX_COMPILE_MODES),
+                   help="flex compile modes timed by --speed-seq (max-autotune-no-cudagraphs: autotuned kernels); "
+                        "the headline takes the fastest")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: the config's)")
     p.add_argument("--distill-steps", type=int, default=None,
                    help="distillation steps per student (default: the config's)")
@@ -398,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from modformer.bench.sparse_speed import fwd_bwd_speed
 
-            speed = fwd_bwd_speed(args.speed_seq, speed_density, device, **small)
+            speed = fwd_bwd_speed(args.speed_seq, speed_density, device, flex_modes=args.flex_modes, **small)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             speed = [{"error": f"{type(e).__name__}: {e}"[:500]}]

@@ -372,21 +372,40 @@ def decode_block_mask(spec: AttnSpec, tk: int, device: torch.device, block: int 
     return mask
 
 
-_compiled_flex: Callable | None = None
+FLEX_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+_compiled_flex: dict[str, Callable] = {}      # compile mode -> torch.compile(flex_attention, mode)
+_flex_mode = "default"                        # set by ``flex_compile_mode``
+
+
+@contextlib.contextmanager
+def flex_compile_mode(mode: str) -> Iterator[None]:
+    """Inside, CUDA flex attention called eagerly (not inside a compiled model) runs through
+    ``torch.compile(flex_attention, mode=mode)``: ``max-autotune-no-cudagraphs`` benchmarks the Triton kernels' tile
+    sizes and stages for each shape (forward and backward) and keeps the fastest, at the price of a slower first
+    call; ``default`` uses the built-in heuristics."""
+    global _flex_mode
+    if mode not in FLEX_COMPILE_MODES:
+        raise ValueError(f"flex compile mode: unknown {mode!r}; allowed: {', '.join(FLEX_COMPILE_MODES)}")
+    saved, _flex_mode = _flex_mode, mode
+    try:
+        yield
+    finally:
+        _flex_mode = saved
 
 
 def _flex_fn(device: torch.device) -> Callable:
-    global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return flex_attention
-    if _compiled_flex is None:
+    fn = _compiled_flex.get(_flex_mode)
+    if fn is None:
         # one specialised kernel per shape; the default recompile limit (8) would silently fall
         # back to the unfused reference after a few sequence lengths
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+        mode = None if _flex_mode == "default" else _flex_mode
+        fn = _compiled_flex[_flex_mode] = torch.compile(flex_attention, dynamic=False, mode=mode)
+    return fn
 
 
 @register("attn_backend", "flex")
