@@ -69,6 +69,7 @@ ABLATIONS: dict[str, dict] = {
     "latent_loss": {"latent_loss": 0.1},
     "denseformer": {"denseformer": True},
     "local_eager": {"local_backend": "eager"},
+    "local_tokens_eager": {"schedule": "local", "local_backend": "eager"},   # every token layer local, cheap
 }
 TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=2", "train.eval_batches=2", "train.log_every=1",
         "train.device=cpu", "train.threads=1", "train.compile=false", "train.warmup_steps=1"]
