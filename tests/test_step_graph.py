@@ -13,7 +13,7 @@ import modformer as mf
 from modformer.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from modformer.train import checkpoint as ckpt
 from modformer.train.logging import read_metrics
-from modformer.train.step_graph import check_graphable
+from modformer.train.step_graph import check_graphable, eager_fallback
 from modformer.train.trainer import Trainer
 
 GROUPED = {"muon_grouped": True}
@@ -43,11 +43,17 @@ def run_cfg(tmp_path: Path, name: str, dropout: float = 0.0, **train) -> RunConf
 def test_settings_the_graph_cannot_capture_are_refused_by_name(settings, names):
     t = TrainConfig(cuda_graph=True, **settings)
     with pytest.raises(ConfigError, match=names):
-        check_graphable(t, world_size=1)
-    with pytest.raises(ConfigError, match="one process"):
-        check_graphable(TrainConfig(cuda_graph=True), world_size=2)
-    check_graphable(TrainConfig(cuda_graph=True, optimizer="muon", optimizer_options=GROUPED), 1)
-    check_graphable(TrainConfig(cuda_graph=False, **settings), 1)   # off: nothing checked
+        check_graphable(t)
+    check_graphable(TrainConfig(cuda_graph=True, optimizer="muon", optimizer_options=GROUPED))
+    check_graphable(TrainConfig(cuda_graph=False, **settings))   # off: nothing checked
+
+
+def test_the_step_runs_eagerly_without_cuda_or_under_torchrun():
+    """The graph captures one process's step on a CUDA device; elsewhere the trainer runs the eager step and says
+    why in one line (a shipped GPU config still runs on a CPU or under torchrun)."""
+    assert eager_fallback(torch.device("cpu"), 1) == "no CUDA device (cpu)"
+    assert eager_fallback(torch.device("cuda", 0), 2).startswith("2 processes")
+    assert eager_fallback(torch.device("cuda", 0), 1) is None
 
 
 def test_without_cuda_the_step_runs_eagerly_and_says_so(tmp_path, capsys):

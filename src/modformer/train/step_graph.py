@@ -10,11 +10,11 @@ graph reads: the batch, the learning rate of every parameter group (written in p
 learning rates) and the loss scale (1 / the batch's target count). Dropout draws fresh numbers on every replay (the
 capture registers the CUDA generator).
 
-What the captured step needs, checked by ``check_graphable``: one process, an optimizer whose step
-reads its learning rate on the device (``adamw``, or ``muon`` with ``muon_grouped``), no gradient filter, pruning,
-float16 loss scaling or FP8, no torch.compile mode that makes its own CUDA graphs, and batches of one shape. Without a
-CUDA device the trainer says so and runs the step eagerly (as torch.compile's CUDA-graph modes do on a CPU), so a
-shipped GPU config still runs on a laptop.
+What the captured step needs, checked by ``check_graphable``: an optimizer whose step reads its learning rate on
+the device (``adamw``, or ``muon`` with ``muon_grouped``), no gradient filter, pruning, float16 loss scaling or FP8,
+no torch.compile mode that makes its own CUDA graphs, and batches of one shape. Without a CUDA device, or with
+several processes (torchrun), the trainer says so in one line and runs the step eagerly (``eager_fallback``), so a
+shipped GPU config still runs on a laptop or under torchrun.
 """
 
 from __future__ import annotations
@@ -34,13 +34,22 @@ StepBody = Callable[[Sequence[Batch], Tensor], tuple[Tensor, ...]]
 COMPILE_MODES_WITHOUT_CUDA_GRAPHS = ("default", "max-autotune-no-cudagraphs")   # also compile_scope=blocks' rule
 
 
-def check_graphable(t: TrainConfig, world_size: int) -> None:
+def eager_fallback(device: torch.device, world_size: int) -> str | None:
+    """Why a ``train.cuda_graph`` run takes the eager step on this machine, or None: a shipped GPU config still runs
+    on a CPU or under torchrun (the trainer prints the reason in one line)."""
+    if device.type != "cuda":
+        return f"no CUDA device ({device})"
+    if world_size > 1:
+        return f"{world_size} processes (the graph captures one; under torchrun try train.compile_mode=reduce-overhead)"
+    return None
+
+
+def check_graphable(t: TrainConfig) -> None:
     """ConfigError naming the first setting that keeps ``train.cuda_graph`` from capturing the step."""
     if not t.cuda_graph:
         return
     grouped = t.optimizer_options.get("muon_grouped", False) is True
     reasons = [
-        (world_size > 1, "runs in one process; under torchrun use train.compile_mode=reduce-overhead"),
         (t.optimizer not in ("adamw", "muon") or (t.optimizer == "muon" and not grouped),
          f"needs an optimizer that reads its learning rate on the device: adamw, or muon with "
          f"optimizer_options.muon_grouped: true (got {t.optimizer}"

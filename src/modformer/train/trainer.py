@@ -38,7 +38,7 @@ from modformer.train.pruning import TrainingPruner, check_prune_compatible, pars
 from modformer.train.report import plot_metrics, write_report, write_summary
 from modformer.train.runlock import LOCK_NAME, RunInUseError, RunLock
 from modformer.train.schedule import lr_schedule
-from modformer.train.step_graph import COMPILE_MODES_WITHOUT_CUDA_GRAPHS, StepGraph, check_graphable
+from modformer.train.step_graph import COMPILE_MODES_WITHOUT_CUDA_GRAPHS, StepGraph, check_graphable, eager_fallback
 
 
 class TrainingError(RuntimeError):
@@ -145,10 +145,11 @@ class Trainer:
         self.world = init_world("cuda" if t.device.startswith("cuda") or (
             t.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(t.device, self.world)
-        if t.cuda_graph and self.device.type != "cuda":
-            self._warn(f"train.cuda_graph: no CUDA device ({self.device}); the training step runs eagerly")
+        fallback = eager_fallback(self.device, self.world.size) if t.cuda_graph else None
+        if fallback:
+            self._warn(f"train.cuda_graph: {fallback}; the training step runs eagerly")
             t = cfg.train = dataclasses.replace(t, cuda_graph=False)
-        check_graphable(t, self.world.size)
+        check_graphable(t)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
