@@ -36,7 +36,7 @@ Encoder/decoder layers follow ``schedule``: ``alternate`` (local, global, local,
   attn_only: true, attention_options: {n_channels: 2}}``
 - ``local_backend`` [model.attn_backend]: attention backend of the layers that attend within one group (local
   token and latent layers, the compressor). ``eager`` computes a group's g x g scores directly, where SDPA's fused
-  kernels give every group of g (4) elements a whole query/key tile of 64-128 rows; the same function either way
+  kernels give every group of g (4) elements a whole query/key tile of 64-128 rows; the same function either way.
 
 Position embeddings: resolution r > 0 gets its own module of kind ``model.position`` (a learned table
 sized for that resolution, sinusoidal, or RoPE/ALiBi applied inside attention at that resolution's
