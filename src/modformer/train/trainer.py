@@ -109,8 +109,8 @@ def compile_kwargs(t: TrainConfig) -> dict[str, str]:
         raise ConfigError(f"train.compile_scope must be model or blocks, got {t.compile_scope!r}")
     if t.compile and t.compile_scope == "blocks" and t.compile_mode not in COMPILE_MODES_WITHOUT_CUDA_GRAPHS:
         # the blocks share one compiled graph: its CUDA graph would overwrite one block's output with the next's
-        raise ConfigError(f"train.compile_scope=blocks needs a compile_mode without CUDA graphs (default or "
-                          f"max-autotune-no-cudagraphs), got {t.compile_mode!r}")
+        raise ConfigError(f"train.compile_scope=blocks needs a compile_mode without CUDA graphs "
+                          f"({' or '.join(COMPILE_MODES_WITHOUT_CUDA_GRAPHS)}), got {t.compile_mode!r}")
     return {"backend": "cudagraphs"} if t.compile_mode == "cudagraphs" else {"mode": t.compile_mode}
 
 
